@@ -1,0 +1,946 @@
+"""tinytpu: train a small GPT from scratch with pure JAX, on a TPU, a GPU or a laptop CPU.
+
+One file, read top to bottom: config -> model -> loss -> optimizer -> data -> checkpoints ->
+train step -> train loop -> sampling -> command line. Three commands to try:
+
+    python prepare.py shakespeare --tokenizer=byte       # 1.1 MB of Shakespeare as byte tokens
+    python tinytpu.py --preset=cpu                       # train a 0.8M-parameter model (~1 min)
+    python tinytpu.py sample --preset=cpu --prompt="ROMEO:"
+
+Dimension names used in einsum strings and comments (as in picodo):
+    B batch, T time (query positions), S key positions, D d_model, N query heads,
+    K key/value heads, G query heads per K head (N = K*G), H head dim, F MLP hidden,
+    V padded vocabulary, L layers.
+"""
+
+import dataclasses
+import glob
+import json
+import math
+import os
+import queue
+import shutil
+import sys
+import threading
+import time
+from dataclasses import dataclass, field
+from functools import partial
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+from jax.sharding import Mesh, NamedSharding, PartitionSpec as P
+
+# ----------------------------------------------------------------------------------------------
+# Config: every setting in one frozen dataclass. `--name=value` overrides a field, a preset sets
+# a group of fields, and explicit flags win over the preset. Frozen so it can be a static jit arg.
+
+
+def _f(default, help):
+    return field(default=default, metadata={'help': help})
+
+
+@dataclass(frozen=True)
+class Config:
+    preset: str = _f('', "named group of settings (cpu, gpt2, tpu); '' picks one for the backend")
+    data: str = _f('data/shakespeare_byte', 'directory with train_*.bin, val_*.bin, meta.json')
+    out: str = _f('out/shakespeare_byte', 'directory for checkpoints and log.jsonl')
+    # model shape
+    n_layer: int = _f(4, 'transformer blocks')
+    d_model: int = _f(128, 'residual stream width')
+    n_head: int = _f(4, 'query heads')
+    n_kv_head: int = _f(4, 'key/value heads (1 = multi-query, n_head = multi-head)')
+    d_head: int = _f(0, 'per-head width; 0 = d_model // n_head')
+    d_ff: int = _f(0, 'MLP hidden width; 0 = 4*d_model for relu2, 3*d_model for swiglu')
+    mlp: str = _f('relu2', 'MLP type: relu2 (2 matrices, squared ReLU) or swiglu (3, gated)')
+    vocab_size: int = _f(257, "tokens in the vocabulary (taken from the data's meta.json)")
+    context: int = _f(64, 'longest sequence the model is built for (sampling stops there)')
+    tie_embed: bool = _f(True, 'share the input embedding with the output projection')
+    logit_softcap: float = _f(30.0, 'cap logits smoothly at +-this value (0 = off)')
+    rope_theta: float = _f(10000.0, 'RoPE base frequency')
+    scan_layers: bool = _f(False, 'run the blocks with lax.scan (fast compile) instead of unrolled')
+    # training
+    steps: int = _f(2000, 'optimizer steps in the whole run')
+    batch_size: int = _f(12, 'sequences per optimizer step')
+    grad_accum: int = _f(1, 'microbatches per step (batch_size must divide evenly)')
+    seq_len: int = _f(64, 'tokens per training sequence (at most context)')
+    lr: float = _f(2e-3, 'peak learning rate')
+    min_lr_frac: float = _f(0.1, 'learning rate at the end of the warmdown, as a fraction of lr')
+    warmup_steps: int = _f(100, 'linear warmup steps from 0 to lr')
+    warmdown_frac: float = _f(0.5, 'fraction of steps at the end that decay lr to min_lr')
+    warmdown: str = _f('cosine', 'warmdown shape: linear or cosine')
+    weight_decay: float = _f(0.1, 'decoupled AdamW weight decay, matrices only')
+    beta1: float = _f(0.9, 'AdamW beta1')
+    beta2: float = _f(0.99, 'AdamW beta2')
+    eps: float = _f(1e-8, 'AdamW epsilon')
+    grad_clip: float = _f(1.0, 'clip gradients to this global norm (0 = off)')
+    dtype: str = _f('auto', 'matmul dtype: auto (bfloat16 on TPU/GPU, float32 on CPU), float32, bfloat16')
+    cpu_devices: int = _f(2, 'CPU only: virtual devices to split each batch over (data parallel)')
+    seed: int = _f(1337, 'seed for initialization, data order and sampling')
+    # logging, eval, checkpoints
+    log_every: int = _f(100, 'print and log a progress line every this many steps')
+    eval_every: int = _f(500, 'validation loss every this many steps (and at the end)')
+    eval_batches: int = _f(40, 'batches in the fixed validation set')
+    ckpt_every: int = _f(1000, 'write a checkpoint every this many steps (and at the end)')
+    keep_ckpts: int = _f(2, 'checkpoints to keep; older ones are deleted')
+    # sampling
+    prompt: str = _f('\n', 'text to continue (sample)')
+    max_new_tokens: int = _f(500, 'tokens to generate (sample)')
+    temperature: float = _f(0.8, 'sampling temperature; 0 = greedy (sample)')
+    top_k: int = _f(0, 'sample from the k most likely tokens; 0 = all (sample)')
+    top_p: float = _f(1.0, 'sample from the smallest set with this much probability (sample)')
+
+
+# Presets override the defaults above. `cpu` is nanoGPT's CPU demo size on byte-level Shakespeare;
+# `gpt2` is GPT-2 small (124M) on FineWeb; `tpu` is a 130M model shaped for a TPU's 128/256-wide
+# matrix units (head_dim 256, one KV head, dims multiples of 256).
+PRESETS = {
+    'cpu': {},
+    'gpt2': dict(data='data/fineweb10B', out='out/gpt2', n_layer=12, d_model=768, n_head=12,
+                 n_kv_head=12, vocab_size=50257, context=1024, seq_len=1024, batch_size=64,
+                 grad_accum=8, steps=10000, lr=1e-3, warmup_steps=250, warmdown_frac=0.3,
+                 eval_every=500, eval_batches=20, log_every=10, ckpt_every=1000),
+    'tpu': dict(data='data/fineweb10B', out='out/tpu', n_layer=8, d_model=1024, n_head=4,
+                n_kv_head=1, d_head=256, mlp='swiglu', d_ff=3072, vocab_size=50257,
+                context=2048, seq_len=2048, batch_size=64, grad_accum=1, steps=10000, lr=1e-3,
+                warmup_steps=250, warmdown_frac=0.3, eval_every=500, eval_batches=20,
+                log_every=10, ckpt_every=1000, scan_layers=True),
+}
+DEFAULT_PRESET = {'cpu': 'cpu', 'gpu': 'gpt2', 'tpu': 'tpu'}  # backend -> preset when none given
+MODEL_FIELDS = ('n_layer', 'd_model', 'n_head', 'n_kv_head', 'd_head', 'd_ff', 'mlp', 'vocab_size',
+                'tie_embed')  # what a checkpoint's arrays depend on
+
+
+class UserError(Exception):
+    """A mistake the user can fix: printed as one line, exit code 2."""
+
+
+def parse_flags(argv):
+    """['--lr=1e-3', ...] -> ({'lr': 0.001, ...}), converting each value to its field's type."""
+    types = {f.name: f.type.__name__ for f in dataclasses.fields(Config)}
+    flags = {}
+    for arg in argv:
+        name, eq, value = arg.removeprefix('--').partition('=')
+        if not arg.startswith('--') or name not in types:
+            raise UserError(f'unknown flag {arg!r} (python tinytpu.py --help lists them)')
+        kind = types[name]
+        if kind == 'bool':
+            if not eq or value.lower() in ('1', 'true', 'yes'):
+                flags[name] = True
+            elif value.lower() in ('0', 'false', 'no'):
+                flags[name] = False
+            else:
+                raise UserError(f'--{name}={value}: expected true or false')
+        else:
+            if not eq:
+                raise UserError(f'--{name} needs a value: --{name}=...')
+            try:
+                flags[name] = {'int': int, 'float': float, 'str': str}[kind](value)
+            except ValueError:
+                raise UserError(f'--{name}={value}: expected {"an" if kind == "int" else "a"} {kind}')
+    return flags
+
+
+def make_config(flags, backend=None):
+    """Defaults <- preset <- explicit flags. With no --preset, the backend's default preset."""
+    preset = flags.get('preset') or DEFAULT_PRESET.get(backend or jax.default_backend(), 'cpu')
+    if preset not in PRESETS:
+        raise UserError(f'--preset={preset}: unknown preset (choose from {", ".join(PRESETS)})')
+    return Config(**{**PRESETS[preset], **flags, 'preset': preset})
+
+
+def validate(c):
+    """Reject impossible settings with one line, before anything is compiled."""
+    checks = [
+        (c.n_layer >= 1 and c.d_model >= 1 and c.n_head >= 1 and c.n_kv_head >= 1,
+         '--n_layer, --d_model, --n_head and --n_kv_head must be positive'),
+        (c.d_head > 0 or c.d_model % c.n_head == 0,
+         f'--d_model={c.d_model} is not divisible by --n_head={c.n_head} (or set --d_head)'),
+        (c.n_head % c.n_kv_head == 0,
+         f'--n_head={c.n_head} is not a multiple of --n_kv_head={c.n_kv_head}'),
+        (head_dim(c) % 2 == 0, f'head dim {head_dim(c)} must be even for RoPE'),
+        (c.mlp in ('relu2', 'swiglu'), f'--mlp={c.mlp}: choose relu2 or swiglu'),
+        (c.vocab_size >= 2, f'--vocab_size={c.vocab_size} must be at least 2'),
+        (1 <= c.seq_len <= c.context,
+         f'--seq_len={c.seq_len} must be between 1 and the model context (--context={c.context})'),
+        (c.steps >= 1, f'--steps={c.steps} must be at least 1'),
+        (c.batch_size >= 1 and c.grad_accum >= 1 and c.batch_size % c.grad_accum == 0,
+         f'--batch_size={c.batch_size} must be a positive multiple of --grad_accum={c.grad_accum}'),
+        (c.lr > 0, f'--lr={c.lr} must be positive'),
+        (0 <= c.min_lr_frac <= 1, f'--min_lr_frac={c.min_lr_frac} must be in [0, 1]'),
+        (c.warmup_steps >= 0, f'--warmup_steps={c.warmup_steps} must be >= 0'),
+        (0 <= c.warmdown_frac <= 1, f'--warmdown_frac={c.warmdown_frac} must be in [0, 1]'),
+        (c.warmdown in ('linear', 'cosine'), f'--warmdown={c.warmdown}: choose linear or cosine'),
+        (c.weight_decay >= 0 and c.grad_clip >= 0 and c.eps > 0,
+         '--weight_decay and --grad_clip must be >= 0, --eps > 0'),
+        (0 <= c.beta1 < 1 and 0 <= c.beta2 < 1, '--beta1 and --beta2 must be in [0, 1)'),
+        (c.dtype in ('auto', 'float32', 'bfloat16'),
+         f'--dtype={c.dtype}: choose auto, float32 or bfloat16'),
+        (min(c.log_every, c.eval_every, c.eval_batches, c.ckpt_every, c.keep_ckpts) >= 1,
+         '--log_every, --eval_every, --eval_batches, --ckpt_every, --keep_ckpts must be >= 1'),
+        (c.temperature >= 0 and c.top_k >= 0 and 0 < c.top_p <= 1,
+         '--temperature and --top_k must be >= 0, --top_p in (0, 1]'),
+        (c.max_new_tokens >= 0, f'--max_new_tokens={c.max_new_tokens} must be >= 0'),
+        (c.cpu_devices >= 1, f'--cpu_devices={c.cpu_devices} must be at least 1'),
+    ]
+    for ok, message in checks:
+        if not ok:
+            raise UserError(message)
+    return c
+
+
+def head_dim(c):
+    return c.d_head or c.d_model // c.n_head
+
+
+def ff_dim(c):
+    return c.d_ff or (4 if c.mlp == 'relu2' else 3) * c.d_model
+
+
+def padded_vocab(c):
+    # A multiple of 128 keeps the output matmul on full matrix-unit tiles; the extra logits
+    # are masked to -inf, so they take no probability in the loss or in sampling.
+    return -(-c.vocab_size // 128) * 128
+
+
+def compute_dtype(c):
+    if c.dtype == 'auto':  # bf16 matmuls are native on TPU/GPU, emulated (slow) on CPU
+        return jnp.float32 if jax.default_backend() == 'cpu' else jnp.bfloat16
+    return jnp.dtype(c.dtype)
+
+
+# ----------------------------------------------------------------------------------------------
+# Model: a decoder-only transformer, params as a nested dict of fp32 arrays. Block weights are
+# stacked on a leading L axis, so one layer's weights are `layers[name][l]`.
+#   - RMSNorm (no mean, no bias): cheaper than LayerNorm, as good in practice (Llama, Gemma).
+#   - RoPE: relative positions by rotating q and k; no learned position table, any length.
+#   - QK-norm: RMSNorm on q and k keeps attention logits bounded, so higher lrs stay stable.
+#   - Grouped-query attention: K <= N key/value heads shrink the KV cache N/K times.
+#   - ReLU^2 MLP (Primer, modded-nanogpt) or SwiGLU (Llama): both beat GELU at equal FLOPs.
+#   - Logit soft-cap (Gemma 2): tanh keeps logits in +-cap, avoiding loss spikes.
+#   - Tied embeddings (GPT-2): for small models the embedding is a large share of params.
+
+
+def init_params(c, key):
+    """Normal(0, 0.02) weights as in GPT-2; residual-output projections scaled by 1/sqrt(2L)."""
+    L, D, N, K, H, F, V = c.n_layer, c.d_model, c.n_head, c.n_kv_head, head_dim(c), ff_dim(c), padded_vocab(c)
+    shapes = {  # name: (shape, init std); norms are scales initialised to 1
+        'qkv': ((L, D, N + 2 * K, H), 0.02),  # q, k and v heads side by side: one matmul
+        'o': ((L, N, H, D), 0.02 / math.sqrt(2 * L)),
+        'up': ((L, D, F), 0.02), 'down': ((L, F, D), 0.02 / math.sqrt(2 * L)),
+    }
+    if c.mlp == 'swiglu':
+        shapes['gate'] = ((L, D, F), 0.02)
+    keys = iter(jax.random.split(key, len(shapes) + 2))
+    layers = {name: std * jax.random.normal(next(keys), shape) for name, (shape, std) in shapes.items()}
+    layers |= {name: jnp.ones(shape) for name, shape in
+               [('attn_norm', (L, D)), ('mlp_norm', (L, D)), ('q_norm', (L, H)), ('k_norm', (L, H))]}
+    params = {'embed': 0.02 * jax.random.normal(next(keys), (V, D)), 'layers': layers,
+              'final_norm': jnp.ones(D)}
+    if not c.tie_embed:
+        params['unembed'] = 0.02 * jax.random.normal(next(keys), (D, V))
+    return params
+
+
+def rms_norm(x, scale=None, eps=1e-6):
+    x32 = x.astype(jnp.float32)
+    return (x32 * jax.lax.rsqrt(jnp.mean(x32 * x32, -1, keepdims=True) + eps)).astype(x.dtype)
+
+
+def rope_table(pos, H, theta):
+    """sin and cos (T, 1, H) for rotating head vectors at positions pos (T,)."""
+    freq = theta ** (-jnp.arange(0, H, 2, dtype=jnp.float32) / H)        # (H/2,)
+    angle = pos[:, None].astype(jnp.float32) * freq                      # (T, H/2)
+    angle = jnp.concatenate([angle, angle], -1)[:, None, :]              # (T, 1, H)
+    return jnp.sin(angle), jnp.cos(angle)
+
+
+def rope(x, sin, cos):
+    """RoPE: rotate each pair (x[i], x[i + H/2]) of x (B,T,heads,H) by its position's angle."""
+    x1, x2 = jnp.split(x, 2, axis=-1)
+    return (x * cos + jnp.concatenate([-x2, x1], -1) * sin).astype(x.dtype)
+
+
+def attention(q, k, v, q_pos, k_pos):
+    """Causal grouped-query attention. q (B,T,N,H), k and v (B,S,K,H) -> (B,T,N,H).
+    Position arrays say which keys each query may see: k_pos <= q_pos. Each K head serves
+    N/K query heads; repeating it to N heads keeps every matmul a plain batched one."""
+    N, K, H = q.shape[2], k.shape[2], q.shape[3]
+    k, v = jnp.repeat(k, N // K, axis=2), jnp.repeat(v, N // K, axis=2)
+    q, k, v = (jnp.swapaxes(t, 1, 2) for t in (q, k, v))                # (B,N,T,H), heads first
+    scores = jnp.matmul(q, jnp.swapaxes(k, 2, 3), preferred_element_type=jnp.float32)  # (B,N,T,S)
+    causal = jnp.where(q_pos[:, None] >= k_pos[None, :], 0.0, -jnp.inf)  # (T,S)
+    weights = jax.nn.softmax(scores / math.sqrt(H) + causal, axis=-1)    # softmax in fp32
+    return jnp.swapaxes(jnp.matmul(weights.astype(v.dtype), v), 1, 2)   # (B,T,N,H)
+
+
+def block(x, w, c, pos, rot, cache=None):
+    """One pre-norm transformer block. x (B,T,D); w holds this layer's weights (cast to x.dtype);
+    rot = rope_table(pos). With a KV cache (k, v of shape (B, context, K, H)), this chunk's keys
+    and values are written at positions pos and attention runs over the whole cache."""
+    N, K = c.n_head, c.n_kv_head
+    h = rms_norm(x, w['attn_norm'])
+    qkv = jnp.einsum('BTD,DJH->BTJH', h, w['qkv'])                     # J = N + 2K heads
+    qk_scale = jnp.concatenate([jnp.broadcast_to(w['q_norm'], (N, w['q_norm'].shape[-1])),
+                                jnp.broadcast_to(w['k_norm'], (K, w['k_norm'].shape[-1]))])
+    qk = rope(rms_norm(qkv[:, :, :N + K], qk_scale), *rot)               # QK-norm, then RoPE
+    q, k, v = qk[:, :, :N], qk[:, :, N:], qkv[:, :, N + K:]
+    k_pos = pos
+    if cache is not None:  # write this chunk into the cache, then attend over all of it
+        k = jax.lax.dynamic_update_slice_in_dim(cache[0], k, pos[0], axis=1)
+        v = jax.lax.dynamic_update_slice_in_dim(cache[1], v, pos[0], axis=1)
+        cache, k_pos = (k, v), jnp.arange(k.shape[1])
+    x = x + jnp.einsum('BTNH,NHD->BTD', attention(q, k, v, pos, k_pos), w['o'])
+    h = rms_norm(x, w['mlp_norm'])
+    up = jnp.einsum('BTD,DF->BTF', h, w['up'])
+    act = jax.nn.silu(jnp.einsum('BTD,DF->BTF', h, w['gate'])) * up if c.mlp == 'swiglu' \
+        else jnp.square(jax.nn.relu(up))
+    return x + jnp.einsum('BTF,FD->BTD', act, w['down']), cache
+
+
+def forward(params, tokens, c, cache=None, pos0=0):
+    """tokens (B,T) int32 -> logits (B,T,V) fp32, padded vocab entries at -inf.
+    With `cache` (stacked per-layer k, v: (L,B,context,K,H)), tokens sit at positions pos0.. and
+    the updated cache is returned too: that is how sampling avoids recomputing the prefix."""
+    dt = compute_dtype(c)
+    T = tokens.shape[1]
+    pos = pos0 + jnp.arange(T)
+    rot = rope_table(pos, head_dim(c), c.rope_theta)
+    layers = jax.tree.map(lambda w: w.astype(dt), params['layers'])
+    x = params['embed'].astype(dt)[tokens]                                 # (B,T,D)
+    if c.scan_layers:  # one compiled block, looped L times: compile time independent of depth
+        def body(x, layer):
+            w, layer_cache = layer
+            return block(x, w, c, pos, rot, layer_cache)
+        x, cache = jax.lax.scan(body, x, (layers, cache))
+    else:              # L copies of the block: longer compile, lets XLA fuse across layers
+        caches = []
+        for l in range(c.n_layer):
+            w = jax.tree.map(lambda a: a[l], layers)
+            x, layer_cache = block(x, w, c, pos, rot, None if cache is None else (cache[0][l], cache[1][l]))
+            caches.append(layer_cache)
+        if cache is not None:
+            cache = tuple(jnp.stack(kv) for kv in zip(*caches))
+    x = rms_norm(x, params['final_norm'])
+    unembed = params['embed'].T if c.tie_embed else params['unembed']
+    logits = jnp.einsum('BTD,DV->BTV', x, unembed.astype(dt), preferred_element_type=jnp.float32)
+    if c.logit_softcap:
+        logits = c.logit_softcap * jnp.tanh(logits / c.logit_softcap)
+    logits = jnp.where(jnp.arange(logits.shape[-1]) < c.vocab_size, logits, -jnp.inf)
+    return logits if cache is None else (logits, cache)
+
+
+def init_cache(c, batch):
+    shape = (c.n_layer, batch, c.context, c.n_kv_head, head_dim(c))
+    return jnp.zeros(shape, compute_dtype(c)), jnp.zeros(shape, compute_dtype(c))
+
+
+def count_params(params):
+    return sum(x.size for x in jax.tree.leaves(params))
+
+
+def flops_per_token(c):
+    """Training FLOPs per token, PaLM appendix B: 6N + 12*L*N*H*T. N counts every matmul weight,
+    the output projection included, but not the input embedding (a lookup, no FLOPs). The
+    attention term 12LNHT counts the full T x T score matrix: causal masking is NOT halved,
+    matching PaLM and nanoGPT, so MFUs compare with theirs."""
+    L, D, N, K, H, F = c.n_layer, c.d_model, c.n_head, c.n_kv_head, head_dim(c), ff_dim(c)
+    per_layer = D * N * H * 2 + D * K * H * 2 + D * F * (3 if c.mlp == 'swiglu' else 2)
+    matmul_params = L * per_layer + D * padded_vocab(c)
+    return 6 * matmul_params + 12 * L * N * H * c.seq_len
+
+
+# ----------------------------------------------------------------------------------------------
+# Loss: mean next-token cross-entropy in fp32, in nats per token.
+
+
+def loss_fn(params, batch, c):
+    """batch (B, T+1) int32: inputs are batch[:, :-1], targets batch[:, 1:]."""
+    logits = forward(params, batch[:, :-1], c)                            # (B,T,V) fp32
+    target_logit = jnp.take_along_axis(logits, batch[:, 1:, None], -1)[..., 0]
+    return jnp.mean(jax.nn.logsumexp(logits, -1) - target_logit)
+
+
+# ----------------------------------------------------------------------------------------------
+# Optimizer: AdamW written out with jax.tree.map, so the whole update is one expression over the
+# parameter tree that XLA fuses (a Python loop over leaves inside jit blocks that fusion).
+# Semantics match optax.chain(clip_by_global_norm, adamw): bias-corrected moments, and weight
+# decay lr * wd * p applied to matrices only (not to norm scales).
+
+
+def lr_schedule(step, c):
+    """LR for update number `step` (0-based): 1) linear warmup from 0 to lr over warmup_steps,
+    2) constant, 3) warmdown to min_lr_frac*lr over the last warmdown_frac of the run."""
+    step = jnp.asarray(step, jnp.float32)
+    warmup = jnp.minimum(1.0, (step + 1) / max(c.warmup_steps, 1))
+    warmdown_steps = max(round(c.warmdown_frac * c.steps), 1)
+    progress = jnp.clip((step - (c.steps - warmdown_steps)) / warmdown_steps, 0.0, 1.0)
+    shape = 1 - progress if c.warmdown == 'linear' else 0.5 * (1 + jnp.cos(jnp.pi * progress))
+    return c.lr * warmup * (c.min_lr_frac + (1 - c.min_lr_frac) * shape)
+
+
+def decay_mask(params):
+    """True for weights that get weight decay: every matrix, not the RMSNorm scales."""
+    return jax.tree_util.tree_map_with_path(lambda path, _: 'norm' not in path[-1].key, params)
+
+
+def adamw_init(params):
+    zeros = lambda p: jnp.zeros_like(p, jnp.float32)
+    return {'step': jnp.zeros((), jnp.int32), 'mu': jax.tree.map(zeros, params),
+            'nu': jax.tree.map(zeros, params)}
+
+
+def global_norm(tree):
+    return jnp.sqrt(sum(jnp.sum(jnp.square(x)) for x in jax.tree.leaves(tree)))
+
+
+def adamw_update(params, grads, opt, c):
+    """One AdamW step with global-norm clipping. Returns new params, new opt state, grad norm."""
+    grad_norm = global_norm(grads)
+    clip = jnp.minimum(1.0, c.grad_clip / (grad_norm + 1e-12)) if c.grad_clip else 1.0
+    step = opt['step'] + 1
+    lr = lr_schedule(opt['step'], c)
+    b1, b2 = c.beta1, c.beta2
+
+    def update(p, g, mu, nu, decay):
+        g = g * clip
+        mu = b1 * mu + (1 - b1) * g
+        nu = b2 * nu + (1 - b2) * g * g
+        mu_hat, nu_hat = mu / (1 - b1 ** step), nu / (1 - b2 ** step)
+        p = p - lr * (mu_hat / (jnp.sqrt(nu_hat) + c.eps) + (c.weight_decay * p if decay else 0))
+        return p, mu, nu
+
+    out = jax.tree.map(update, params, grads, opt['mu'], opt['nu'], decay_mask(params))
+    first = lambda i: jax.tree.map(lambda t: t[i], out, is_leaf=lambda t: isinstance(t, tuple))
+    return first(0), {'step': step, 'mu': first(1), 'nu': first(2)}, grad_norm
+
+
+# ----------------------------------------------------------------------------------------------
+# Data: token shards in the llm.c / modded-nanogpt format, so their FineWeb shards load as is:
+# a header of 256 int32 (magic, version, token count, zeros), then the tokens, little-endian.
+# Batch k is a pure function of (seed, k): a resumed run sees exactly the batches of an
+# uninterrupted one, with nothing to save but the step.
+
+HEADER_BYTES = 256 * 4
+SHARD_FORMATS = {20240520: (1, np.uint16), 20240801: (7, np.uint32)}  # magic: (version, dtype)
+
+
+def open_shard(path):
+    """Memory-map a token shard (never read whole), checking its header against its size."""
+    header = np.fromfile(path, dtype='<i4', count=256)
+    if header.size < 256:
+        raise UserError(f'{path}: shorter than a shard header ({os.path.getsize(path)} bytes); '
+                        're-create it with prepare.py')
+    magic, version, n_tokens = (int(v) for v in header[:3])
+    if magic not in SHARD_FORMATS:
+        raise UserError(f'{path}: not a token shard (magic {magic}, expected 20240520 or 20240801); '
+                        're-create it with prepare.py')
+    expected_version, dtype = SHARD_FORMATS[magic]
+    if version != expected_version:
+        raise UserError(f'{path}: unsupported shard version {version} for magic {magic} '
+                        f'(expected {expected_version}); re-create it with prepare.py')
+    size, expected = os.path.getsize(path), HEADER_BYTES + n_tokens * np.dtype(dtype).itemsize
+    if size != expected:
+        raise UserError(f'{path}: header says {n_tokens} tokens ({expected} bytes) but the file has '
+                        f'{size} bytes (interrupted download?); delete it and re-run prepare.py')
+    return np.memmap(path, dtype=np.dtype(dtype).newbyteorder('<'), mode='r', offset=HEADER_BYTES,
+                     shape=(n_tokens,))
+
+
+class TokenWindows:
+    """All windows of `window` consecutive tokens inside the shards of one split, numbered
+    0..count-1 shard after shard (a window never crosses a shard boundary)."""
+
+    def __init__(self, paths, window):
+        self.shards = [open_shard(p) for p in paths]
+        self.window = window
+        self.ends = np.cumsum([max(len(s) - window + 1, 0) for s in self.shards])
+        self.count = int(self.ends[-1])
+        if self.count == 0:
+            raise UserError(f'{os.path.dirname(paths[0])}: {paths[0].split("/")[-1][:3]} shards hold '
+                            f'fewer tokens than one window of {window} (seq_len + 1); use a smaller '
+                            '--seq_len or more data')
+
+    def get(self, idx):
+        """Windows number idx (any int array) -> (len(idx), window) int32."""
+        shard = np.searchsorted(self.ends, idx, side='right')
+        start = idx - np.concatenate([[0], self.ends])[shard]
+        return np.stack([self.shards[s][o:o + self.window] for s, o in zip(shard, start)]).astype(np.int32)
+
+
+def load_data(c):
+    """-> (train windows, val windows, meta dict) for the data directory c.data."""
+    if not os.path.isdir(c.data):
+        raise UserError(f'--data={c.data}: no such directory; create it with '
+                        f'`python prepare.py shakespeare --tokenizer=byte` (or another dataset)')
+    splits = {s: sorted(glob.glob(os.path.join(c.data, f'{s}_*.bin'))) for s in ('train', 'val')}
+    for split, paths in splits.items():
+        if not paths:
+            raise UserError(f'--data={c.data}: no {split}_*.bin files; create them with '
+                            '`python prepare.py DATASET --out=...`')
+    meta = {}
+    meta_path = os.path.join(c.data, 'meta.json')
+    if os.path.exists(meta_path):
+        try:
+            with open(meta_path) as f:
+                meta = json.load(f)
+        except (json.JSONDecodeError, UnicodeDecodeError) as e:
+            raise UserError(f'{meta_path}: not valid JSON ({e}); re-create it with prepare.py')
+    return TokenWindows(splits['train'], c.seq_len + 1), TokenWindows(splits['val'], c.seq_len + 1), meta
+
+
+def train_batch(windows, c, k):
+    """Batch k: batch_size windows drawn with a generator seeded by (seed, k), reshaped into
+    (grad_accum, batch_size // grad_accum, seq_len + 1) microbatches."""
+    idx = np.random.default_rng([c.seed, k]).integers(0, windows.count, size=c.batch_size)
+    return windows.get(idx).reshape(c.grad_accum, c.batch_size // c.grad_accum, -1)
+
+
+def val_batches(windows, c):
+    """A fixed validation set: eval_batches * batch_size windows spread evenly over the split."""
+    idx = np.linspace(0, windows.count - 1, c.eval_batches * c.batch_size).astype(np.int64)
+    return windows.get(idx).reshape(c.eval_batches, c.batch_size, -1)
+
+
+def check_vocab(batch, c, what):
+    if batch.max() >= c.vocab_size:
+        raise UserError(f'--data={c.data}: {what} holds token id {batch.max()} but the vocabulary '
+                        f'has {c.vocab_size} tokens; the data was prepared with another tokenizer')
+
+
+def prefetch(make, start, depth=2):
+    """Yield make(k) for k = start, start+1, ... computed in a background thread, so the
+    accelerator never waits for the host to gather tokens. Errors re-raise in the consumer."""
+    q = queue.Queue(depth)
+
+    def worker():
+        try:
+            for k in range(start, sys.maxsize):
+                q.put(make(k))
+        except BaseException as e:  # hand the error to the consumer
+            q.put(e)
+
+    threading.Thread(target=worker, daemon=True).start()
+    while True:
+        item = q.get()
+        if isinstance(item, BaseException):
+            raise item
+        yield item
+
+
+# ----------------------------------------------------------------------------------------------
+# Checkpoints: OUT/ckpt_<step>/ holds state.npz (every array: params, AdamW moments, step) and
+# meta.json (step, config, tokenizer, the npz's size and SHA-256). A checkpoint is written into a
+# temporary directory and renamed into place, so a crash mid-write leaves the last one intact.
+# No pickle: arrays load with allow_pickle=False and metadata is JSON.
+
+
+def flatten(tree, prefix=''):
+    """{'a': {'b': x}} -> {'a/b': x}"""
+    out = {}
+    for k, v in tree.items():
+        out |= flatten(v, f'{prefix}{k}/') if isinstance(v, dict) else {f'{prefix}{k}': v}
+    return out
+
+
+def unflatten_like(template, flat, prefix=''):
+    return {k: unflatten_like(v, flat, f'{prefix}{k}/') if isinstance(v, dict) else flat[f'{prefix}{k}']
+            for k, v in template.items()}
+
+
+def sha256(path):
+    import hashlib
+    h = hashlib.sha256()
+    with open(path, 'rb') as f:
+        for chunk in iter(lambda: f.read(1 << 22), b''):
+            h.update(chunk)
+    return h.hexdigest()
+
+
+def list_checkpoints(out):
+    """Finished checkpoints in `out`, oldest first, as (step, path)."""
+    found = []
+    for path in glob.glob(os.path.join(out, 'ckpt_*')):
+        name = os.path.basename(path)
+        if name[5:].isdigit() and os.path.exists(os.path.join(path, 'meta.json')):
+            found.append((int(name[5:]), path))
+    return sorted(found)
+
+
+def save_checkpoint(out, state, c, meta_extra):
+    """Write state = {'params', 'opt'} atomically as OUT/ckpt_<step>, keep the newest keep_ckpts."""
+    step = int(state['opt']['step'])
+    final = os.path.join(out, f'ckpt_{step:08d}')
+    if os.path.exists(final):
+        return final
+    tmp = os.path.join(out, f'.tmp_ckpt_{step:08d}_{os.getpid()}')
+    shutil.rmtree(tmp, ignore_errors=True)
+    os.makedirs(tmp)
+    arrays = flatten(jax.device_get(state))
+    npz = os.path.join(tmp, 'state.npz')
+    with open(npz, 'wb') as f:
+        np.savez(f, **arrays)
+        f.flush()
+        os.fsync(f.fileno())
+    meta = {'format': 1, 'step': step, 'config': dataclasses.asdict(c), **meta_extra,
+            'state_bytes': os.path.getsize(npz), 'state_sha256': sha256(npz)}
+    with open(os.path.join(tmp, 'meta.json'), 'w') as f:
+        json.dump(meta, f, indent=1)
+        f.flush()
+        os.fsync(f.fileno())
+    os.rename(tmp, final)  # atomic: readers see the whole checkpoint or none of it
+    for _, old in list_checkpoints(out)[:-c.keep_ckpts]:
+        shutil.rmtree(old)
+    return final
+
+
+def read_checkpoint_meta(path):
+    with open(os.path.join(path, 'meta.json')) as f:
+        return json.load(f)
+
+
+def check_compatible(meta, c, path):
+    """The checkpoint's arrays must fit the model this config builds."""
+    saved = meta['config']
+    for name in MODEL_FIELDS:
+        if saved.get(name) != getattr(c, name):
+            raise UserError(f'{path} was trained with --{name}={saved.get(name)}, but this run has '
+                            f'--{name}={getattr(c, name)}; use the same setting or a new --out')
+
+
+def load_checkpoint(path, template):
+    """Read state.npz into the structure (and dtypes) of `template`, checking size and hash."""
+    meta = read_checkpoint_meta(path)
+    npz = os.path.join(path, 'state.npz')
+    if os.path.getsize(npz) != meta['state_bytes'] or sha256(npz) != meta['state_sha256']:
+        raise UserError(f'{npz}: size or checksum does not match its meta.json (corrupt checkpoint); '
+                        'delete that directory to resume from the previous one')
+    with np.load(npz, allow_pickle=False) as f:
+        flat = {k: f[k] for k in f.files}
+    state = unflatten_like(template, flat)
+    for a, b in zip(jax.tree.leaves(state), jax.tree.leaves(template)):
+        if a.shape != b.shape:
+            raise UserError(f'{npz}: array shape {a.shape} does not match the model ({b.shape})')
+    return jax.tree.map(lambda a, b: jnp.asarray(a, b.dtype), state, template)
+
+
+# ----------------------------------------------------------------------------------------------
+# Devices: one Mesh over the devices with a 'data' axis; each batch is split along it and the
+# params are replicated, so every device computes the gradient of its slice and XLA inserts the
+# all-reduce. On CPU this pays off too: XLA threads small matmuls poorly, and splitting the batch
+# over one virtual device per core (--cpu_devices) ran the quickstart 1.4x faster on 2 cores.
+
+
+def make_mesh(c):
+    devices = jax.devices()
+    micro = c.batch_size // c.grad_accum
+    if jax.default_backend() == 'cpu':  # the most devices that split the microbatch evenly
+        n = max(d for d in range(1, len(devices) + 1) if micro % d == 0)
+    elif micro % len(devices):
+        raise UserError(f'--batch_size={c.batch_size} / --grad_accum={c.grad_accum} = {micro} '
+                        f'sequences per microbatch do not split evenly over {len(devices)} devices')
+    else:
+        n = len(devices)
+    return Mesh(np.array(devices[:n]), ('data',))
+
+
+def shard_batch(batch, mesh):
+    """Place a (..., micro_batch, seq_len + 1) stack of batches split along micro_batch."""
+    return jax.device_put(batch, NamedSharding(mesh, P(*[None] * (batch.ndim - 2), 'data', None)))
+
+
+def replicate(tree, mesh):
+    return jax.device_put(tree, NamedSharding(mesh, P()))
+
+
+# ----------------------------------------------------------------------------------------------
+# Train step: one jit-compiled function with the params and optimizer state donated (updated in
+# place, no second copy). Microbatches run under lax.scan, summing gradients, so grad_accum=4
+# gives the same update as one 4x larger batch (within fp32 rounding) at a quarter the memory.
+
+
+@partial(jax.jit, static_argnames='c', donate_argnums=(0, 1))
+def train_step(params, opt, batch, c):
+    """batch (grad_accum, micro_batch, seq_len + 1) -> new params, new opt state, stats."""
+    def micro(grad_sum, mb):
+        loss, grads = jax.value_and_grad(loss_fn)(params, mb, c)
+        return jax.tree.map(jnp.add, grad_sum, grads), loss
+
+    zeros = jax.tree.map(jnp.zeros_like, params)
+    grads, losses = jax.lax.scan(micro, zeros, batch)
+    grads = jax.tree.map(lambda g: g / batch.shape[0], grads)
+    lr = lr_schedule(opt['step'], c)
+    params, opt, grad_norm = adamw_update(params, grads, opt, c)
+    return params, opt, {'loss': jnp.mean(losses), 'grad_norm': grad_norm, 'lr': lr}
+
+
+@partial(jax.jit, static_argnames='c')
+def eval_loss(params, batches, c):
+    """Mean loss over a stack of batches (n, B, T+1)."""
+    return jnp.mean(jax.lax.map(lambda b: loss_fn(params, b, c), batches))
+
+
+# ----------------------------------------------------------------------------------------------
+# Hardware: peak dense bf16 FLOP/s per chip, for MFU (model FLOPs utilization = achieved model
+# FLOP/s over peak). Matched against jax.devices()[0].device_kind.
+
+PEAK_FLOPS = [  # (device_kind substring, peak FLOP/s, source)
+    ('TPU v6', 918e12),      # cloud.google.com/tpu/docs/v6e: 918 TFLOP/s bf16
+    ('TPU v5 lite', 197e12), # cloud.google.com/tpu/docs/v5e: 197 TFLOP/s bf16
+    ('TPU v5', 459e12),      # cloud.google.com/tpu/docs/v5p: 459 TFLOP/s bf16
+    ('TPU v4', 275e12),      # cloud.google.com/tpu/docs/v4: 275 TFLOP/s bf16
+    ('H100 PCIe', 756e12),   # NVIDIA H100 datasheet: 756 TFLOP/s dense bf16 (PCIe)
+    ('H100', 989e12),        # NVIDIA H100 datasheet: 989 TFLOP/s dense bf16 (SXM)
+    ('H200', 989e12),        # NVIDIA H200 datasheet: 989 TFLOP/s dense bf16
+    ('A100', 312e12),        # NVIDIA A100 datasheet: 312 TFLOP/s dense bf16
+]
+
+
+def peak_flops():
+    """Peak FLOP/s of one device, or None if unknown. On CPU: measured, a large fp32 matmul."""
+    kind = jax.devices()[0].device_kind
+    for name, flops in PEAK_FLOPS:
+        if name in kind:
+            return flops
+    if jax.default_backend() != 'cpu':
+        return None
+    n = 1024
+    a = jnp.ones((n, n), jnp.float32)
+    mm = jax.jit(lambda a: a @ a)
+    mm(a).block_until_ready()
+    times = []
+    for _ in range(10):
+        t = time.perf_counter()
+        mm(a).block_until_ready()
+        times.append(time.perf_counter() - t)
+    return 2 * n ** 3 / min(times)
+
+
+# ----------------------------------------------------------------------------------------------
+# Train loop.
+
+
+def log_line(r):
+    s = f"step {r['step']:6d} | loss {r['loss']:.4f} | lr {r['lr']:.2e} | gnorm {r['grad_norm']:.3f}"
+    s += f" | {r['ms_per_step']:.1f} ms/step | {r['tokens_per_sec']:,.0f} tok/s"
+    s += f" | MFU {r['mfu']:.1%}" if r.get('mfu') is not None else ' | MFU n/a'
+    return s + f" | {time.strftime('%H:%M:%S', time.gmtime(r['elapsed']))}"
+
+
+def train(c):
+    train_windows, val_windows, meta = load_data(c)
+    if 'vocab_size' in meta:
+        c = dataclasses.replace(c, vocab_size=int(meta['vocab_size']))
+    validate(c)
+    os.makedirs(c.out, exist_ok=True)
+    if not os.access(c.out, os.W_OK):
+        raise UserError(f'--out={c.out}: directory is not writable; choose another --out')
+    mesh = make_mesh(c)
+    params = init_params(c, jax.random.key(c.seed))
+    opt = adamw_init(params)
+    n_params = count_params(params)
+    print(f'tinytpu | preset {c.preset} | {jax.default_backend()} x{mesh.size} '
+          f'({jax.devices()[0].device_kind}) | {n_params / 1e6:.2f}M params | dtype '
+          f'{jnp.dtype(compute_dtype(c)).name} | data {c.data} -> {c.out}')
+
+    checkpoints = list_checkpoints(c.out)
+    if checkpoints:
+        path = checkpoints[-1][1]
+        check_compatible(read_checkpoint_meta(path), c, path)
+        state = load_checkpoint(path, {'params': params, 'opt': opt})
+        params, opt = state['params'], state['opt']
+        print(f'resuming from {path}')
+    params, opt = replicate((params, opt), mesh)
+    start = int(opt['step'])
+    log_path = os.path.join(c.out, 'log.jsonl')
+    if os.path.exists(log_path):  # drop records past the checkpoint we resume from
+        with open(log_path) as f:
+            kept = [line for line in f if json.loads(line)['step'] <= start]
+        with open(log_path, 'w') as f:
+            f.writelines(kept)
+    if start >= c.steps:
+        print(f'already trained {start} steps (--steps={c.steps}); nothing to do')
+        return params
+
+    vals = val_batches(val_windows, c)
+    check_vocab(vals, c, 'val split')
+    vals = shard_batch(vals, mesh)
+
+    def make_batch(k):
+        batch = train_batch(train_windows, c, k)
+        check_vocab(batch, c, f'train batch {k}')
+        return batch
+
+    batches = prefetch(make_batch, start)
+    tokens_per_step = c.batch_size * c.seq_len
+    peak = peak_flops()
+    flops = flops_per_token(c)
+    meta_extra = {'tokenizer': meta.get('tokenizer'), 'eot_id': meta.get('eot_id')}
+    t_start = time.time()
+    t_last, step_last = None, start
+    with open(log_path, 'a') as log:
+        for step in range(start, c.steps):
+            params, opt, stats = train_step(params, opt, shard_batch(next(batches), mesh), c)
+            done = step + 1
+            if t_last is None:  # the first step compiles: time from its end
+                jax.block_until_ready(stats)
+                print(f'compiled the train step in {time.time() - t_start:.1f}s')
+                t_last, step_last = time.time(), done
+            record = {}
+            if done % c.log_every == 0 or done == c.steps:
+                stats = jax.device_get(stats)
+                now = time.time()
+                dt = (now - t_last) / max(done - step_last, 1)
+                t_last, step_last = now, done
+                record = {'step': done, 'loss': float(stats['loss']), 'lr': float(stats['lr']),
+                          'grad_norm': float(stats['grad_norm']), 'ms_per_step': 1000 * dt,
+                          'tokens_per_sec': tokens_per_step / dt,
+                          'mfu': flops * tokens_per_step / dt / peak if peak else None,
+                          'elapsed': now - t_start}
+                print(log_line(record))
+            if done % c.eval_every == 0 or done == c.steps:
+                val_loss = float(eval_loss(params, vals, c))
+                record |= {'step': done, 'val_loss': val_loss}
+                line = f'step {done:6d} | val loss {val_loss:.4f}'
+                if meta.get('bytes_per_token'):
+                    record['val_bpb'] = val_loss / math.log(2) / meta['bytes_per_token']
+                    line += f" | val bits/byte {record['val_bpb']:.4f}"
+                print(line)
+            if record:
+                log.write(json.dumps(record) + '\n')
+                log.flush()
+            if done % c.ckpt_every == 0 or done == c.steps:
+                path = save_checkpoint(c.out, {'params': params, 'opt': opt}, c, meta_extra)
+                print(f'saved {path}')
+            if record:
+                t_last = time.time()  # keep eval and checkpoint time out of ms/step
+    return params
+
+
+# ----------------------------------------------------------------------------------------------
+# Sampling: prefill the prompt in one pass (filling a KV cache), then decode one token at a time,
+# each step attending over the cache instead of recomputing the prefix.
+
+
+@partial(jax.jit, static_argnames='c')
+def prefill(params, tokens, cache, c):
+    logits, cache = forward(params, tokens, c, cache, 0)
+    return logits[:, -1], cache
+
+
+@partial(jax.jit, static_argnames='c', donate_argnums=2)
+def decode_step(params, token, cache, pos, c):
+    logits, cache = forward(params, token[:, None], c, cache, pos)
+    return logits[:, -1], cache
+
+
+def sample_token(logits, key, c):
+    """logits (B, V) fp32 -> token ids (B,), with temperature, top-k and top-p (nucleus)."""
+    if c.temperature == 0:
+        return jnp.argmax(logits, -1)
+    logits = logits / c.temperature
+    if c.top_k:
+        kth = jax.lax.top_k(logits, c.top_k)[0][:, -1:]
+        logits = jnp.where(logits < kth, -jnp.inf, logits)
+    if c.top_p < 1:
+        sorted_logits = jnp.sort(logits, -1)[:, ::-1]
+        cum = jnp.cumsum(jax.nn.softmax(sorted_logits, -1), -1)
+        # keep the smallest prefix whose probability reaches top_p: the cutoff is the first
+        # sorted logit at which the cumulative probability crosses it
+        cutoff = jnp.take_along_axis(sorted_logits, jnp.sum(cum < c.top_p, -1, keepdims=True), -1)
+        logits = jnp.where(logits < cutoff, -jnp.inf, logits)
+    return jax.random.categorical(key, logits)
+
+
+def generate(params, prompt_ids, c, eot_id=None):
+    """Yield new token ids one at a time (batch of one), stopping at eot_id or the context."""
+    tokens = jnp.asarray([prompt_ids], jnp.int32)
+    logits, cache = prefill(params, tokens, init_cache(c, 1), c)
+    key = jax.random.key(c.seed)
+    for pos in range(len(prompt_ids), min(len(prompt_ids) + c.max_new_tokens, c.context + 1)):
+        key, sub = jax.random.split(key)
+        token = sample_token(logits, sub, c)
+        if int(token[0]) == eot_id:
+            return
+        yield int(token[0])
+        if pos == c.context:
+            return
+        logits, cache = decode_step(params, token, cache, pos, c)
+
+
+def sample(c, explicit):
+    """Load the newest checkpoint in c.out and print a continuation of c.prompt."""
+    checkpoints = list_checkpoints(c.out)
+    if not checkpoints:
+        raise UserError(f'--out={c.out}: no checkpoint found; train first: python tinytpu.py --out={c.out}')
+    path = checkpoints[-1][1]
+    meta = read_checkpoint_meta(path)
+    saved = {k: v for k, v in meta['config'].items() if k not in explicit}
+    c = validate(dataclasses.replace(c, **saved))
+    params = load_checkpoint(path, {'params': init_params(c, jax.random.key(0))})['params']
+    if not meta.get('tokenizer'):
+        raise UserError(f'{path}: the training data had no meta.json naming a tokenizer')
+    from prepare import get_encoding
+    enc = get_encoding(meta['tokenizer'])
+    prompt_ids = enc.encode(c.prompt, allowed_special='all')
+    if not 1 <= len(prompt_ids) <= c.context:
+        raise UserError(f'--prompt: {len(prompt_ids)} tokens; it must have 1 to {c.context}')
+    print(c.prompt, end='', flush=True)
+    pending = []  # a character can span several tokens: print only what decodes cleanly
+    for token in generate(params, prompt_ids, c, meta.get('eot_id')):
+        pending.append(token)
+        text = enc.decode_bytes(pending)
+        try:
+            print(text.decode('utf-8'), end='', flush=True)
+            pending = []
+        except UnicodeDecodeError:
+            if len(pending) > 8:
+                print(text.decode('utf-8', errors='replace'), end='', flush=True)
+                pending = []
+    print()
+
+
+# ----------------------------------------------------------------------------------------------
+# Command line: python tinytpu.py [train|sample] [--name=value ...]
+
+
+def usage():
+    lines = ['usage: python tinytpu.py [train|sample] [--name=value ...]', '',
+             'settings (default; presets: ' + ', '.join(f'{k}' for k in PRESETS) + '):']
+    for f in dataclasses.fields(Config):
+        lines.append(f'  --{f.name}={f.default!r:<24} {f.metadata["help"]}')
+    return '\n'.join(lines)
+
+
+def use_cpu_devices(n):
+    """Ask for n virtual CPU devices; possible only before JAX has initialized its backends."""
+    try:
+        jax.config.update('jax_num_cpu_devices', n)
+    except RuntimeError:  # already initialized (e.g. called twice in one process): keep as is
+        pass
+
+
+def main(argv):
+    if any(a in ('-h', '--help', 'help') for a in argv):
+        print(usage())
+        return 0
+    command = argv[0] if argv and not argv[0].startswith('-') else 'train'
+    args = argv[1:] if argv and argv[0] == command else argv
+    try:
+        if command not in ('train', 'sample'):
+            raise UserError(f'unknown command {command!r}: use train or sample (or --help)')
+        flags = parse_flags(args)
+        use_cpu_devices(flags.get('cpu_devices', Config.cpu_devices))
+        c = make_config(flags)
+        if command == 'train':
+            train(c)
+        else:
+            sample(c, set(flags) - set(MODEL_FIELDS))
+    except UserError as e:
+        print(f'error: {e}', file=sys.stderr)
+        return 2
+    return 0
+
+
+if __name__ == '__main__':
+    sys.exit(main(sys.argv[1:]))
