@@ -853,19 +853,25 @@ def sample_token(logits, key, c):
 
 
 def generate(params, prompt_ids, c, eot_id=None):
-    """Yield new token ids one at a time (batch of one), stopping at eot_id or the context."""
-    tokens = jnp.asarray([prompt_ids], jnp.int32)
-    logits, cache = prefill(params, tokens, init_cache(c, 1), c)
+    """Yield new token ids one at a time (batch of one), stopping at eot_id. When the cache is
+    full (context tokens), keep the last half and prefill again: a sliding window, like
+    nanoGPT's cropping, but recomputing only once every context/2 tokens."""
+    tokens = list(prompt_ids)
     key = jax.random.key(c.seed)
-    for pos in range(len(prompt_ids), min(len(prompt_ids) + c.max_new_tokens, c.context + 1)):
+    pos = None
+    for _ in range(c.max_new_tokens):
+        if pos is None or pos == c.context:  # (re)fill the cache from the last tokens
+            window = tokens[-(c.context // 2 if pos else c.context):]
+            logits, cache = prefill(params, jnp.asarray([window], jnp.int32), init_cache(c, 1), c)
+            pos = len(window)
         key, sub = jax.random.split(key)
         token = sample_token(logits, sub, c)
         if int(token[0]) == eot_id:
             return
-        yield int(token[0])
-        if pos == c.context:
-            return
+        tokens.append(int(token[0]))
+        yield tokens[-1]
         logits, cache = decode_step(params, token, cache, pos, c)
+        pos += 1
 
 
 def sample(c, explicit):
@@ -883,8 +889,8 @@ def sample(c, explicit):
     from prepare import get_encoding
     enc = get_encoding(meta['tokenizer'])
     prompt_ids = enc.encode(c.prompt, allowed_special='all')
-    if not 1 <= len(prompt_ids) <= c.context:
-        raise UserError(f'--prompt: {len(prompt_ids)} tokens; it must have 1 to {c.context}')
+    if not prompt_ids:
+        raise UserError('--prompt is empty; give some text to continue')
     print(c.prompt, end='', flush=True)
     pending = []  # a character can span several tokens: print only what decodes cleanly
     for token in generate(params, prompt_ids, c, meta.get('eot_id')):

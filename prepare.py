@@ -1,0 +1,477 @@
+"""prepare.py: download a text corpus, tokenize it, and write the token shards tinytpu.py trains on.
+
+    python prepare.py                                     # tiny Shakespeare, GPT-2 BPE -> data/shakespeare
+    python prepare.py shakespeare --tokenizer=byte        # byte tokens -> data/shakespeare_byte
+    python prepare.py tinystories                         # 2.2 GB of short stories, streamed
+    python prepare.py fineweb10B --shards=8               # pre-tokenized GPT-2 shards, 100M tokens each
+    python prepare.py text --input=my_corpus/             # your own .txt files (or one file, or a URL)
+
+Output: DIR/train_000000.bin ..., DIR/val_000000.bin ..., DIR/meta.json. Shards use the llm.c
+format: a header of 256 int32 (magic, version, token count), then the tokens as uint16, or as
+uint32 (magic 20240801, version 7) when the vocabulary has more than 65,536 tokens. Documents
+are separated by the end-of-text token. Runtime needs: requests, tiktoken, numpy.
+"""
+
+import hashlib
+import json
+import os
+import sys
+import time
+from collections import deque
+from concurrent.futures import ProcessPoolExecutor
+
+import numpy as np
+import requests
+import tiktoken
+
+SHARD_TOKENS = 100_000_000  # tokens per shard, as in llm.c and modded-nanogpt
+CHUNK_BYTES = 1 << 20       # text per tokenization task: big enough to amortize, small for memory
+EOT = '<|endoftext|>'
+
+HF = 'https://huggingface.co/datasets'
+DATASETS = {  # name: where the text (or tokens) come from
+    'shakespeare': dict(
+        url='https://raw.githubusercontent.com/karpathy/char-rnn/master/data/tinyshakespeare/input.txt',
+        sha256='86c4e6aa9db7c042ec79f339dcb96d42b0075e16b8fc2e86bf0ca57e2dc565ed'),
+    'tinystories': dict(
+        train=f'{HF}/roneneldan/TinyStories/resolve/main/TinyStoriesV2-GPT4-train.txt',
+        val=f'{HF}/roneneldan/TinyStories/resolve/main/TinyStoriesV2-GPT4-valid.txt'),
+    'fineweb10B': dict(tokens=f'{HF}/kjj0/fineweb10B-gpt2/resolve/main/fineweb_{{split}}_{{i:06d}}.bin'),
+    'finewebedu10B': dict(tokens=f'{HF}/kjj0/finewebedu10B-gpt2/resolve/main/edu_fineweb_{{split}}_{{i:06d}}.bin'),
+    'text': {},
+}
+
+
+class PrepareError(Exception):
+    """A problem the user can fix: printed as one line, exit code 1."""
+
+
+# ----------------------------------------------------------------------------------------------
+# Tokenizers. `byte` is built here: 256 byte tokens plus end-of-text, no download needed.
+
+
+def get_encoding(name):
+    if name == 'byte':
+        return tiktoken.Encoding('byte', pat_str=r"[\s\S]", mergeable_ranks={bytes([i]): i for i in range(256)},
+                                 special_tokens={EOT: 256})
+    if name not in ('gpt2', 'r50k_base', 'p50k_base', 'cl100k_base', 'o200k_base'):
+        raise PrepareError(f'--tokenizer={name}: unknown (choose gpt2, cl100k_base, o200k_base or byte)')
+    try:
+        return tiktoken.get_encoding(name)
+    except requests.RequestException as e:
+        raise PrepareError(f'--tokenizer={name}: could not download its BPE files ({type(e).__name__}); '
+                           'connect to the internet, set TIKTOKEN_CACHE_DIR to a cache, or use --tokenizer=byte')
+
+
+# ----------------------------------------------------------------------------------------------
+# Downloads: stream to NAME.part, resume with an HTTP Range request, retry timeouts and 5xx with
+# backoff, verify SHA-256 where known, then rename to NAME.
+
+
+def download(url, path, sha256=None, retries=5, timeout=30, allow_http=False):
+    """Download url to path (skipped if path exists). Returns the file's SHA-256."""
+    if url.startswith('http://') and not allow_http:
+        raise PrepareError(f'{url}: plain http can be tampered with; use https or pass --allow_http')
+    if os.path.exists(path):
+        return file_sha256(path)
+    part = path + '.part'
+    for attempt in range(retries + 1):
+        try:
+            fetch(url, part, timeout)
+            break
+        except (requests.ConnectionError, requests.Timeout, requests.exceptions.ChunkedEncodingError,
+                ServerError) as e:
+            if attempt == retries or is_dns_failure(e):
+                raise PrepareError(f'{url}: download failed ({describe(e)}); check your network, or '
+                                   'download it yourself and pass --input=PATH')
+            wait = min(2 ** attempt, 30)
+            print(f'  {describe(e)}; retrying in {wait}s', flush=True)
+            time.sleep(wait)
+    digest = file_sha256(part)
+    if sha256 and digest != sha256:
+        os.remove(part)
+        raise PrepareError(f'{url}: SHA-256 {digest} does not match the expected {sha256}; '
+                           'the download was corrupted or the file changed upstream')
+    os.replace(part, path)
+    return digest
+
+
+class ServerError(Exception):
+    pass
+
+
+def is_dns_failure(e):
+    return 'NameResolution' in repr(e) or 'Name or service not known' in repr(e)
+
+
+def describe(e):
+    return 'DNS lookup failed' if is_dns_failure(e) else (str(e).split('\n')[0][:160] or type(e).__name__)
+
+
+def fetch(url, part, timeout):
+    """One attempt: continue part from where it ends (Range), writing as data arrives."""
+    have = os.path.getsize(part) if os.path.exists(part) else 0
+    headers = {'Range': f'bytes={have}-'} if have else {}
+    with requests.get(url, headers=headers, stream=True, timeout=timeout) as r:
+        if r.status_code == 416:  # nothing left to fetch: the part is complete
+            return
+        if r.status_code >= 500:
+            raise ServerError(f'HTTP {r.status_code}')
+        if r.status_code >= 400:
+            raise PrepareError(f'{url}: HTTP {r.status_code} {r.reason}; check the URL, or download '
+                               'the file yourself and pass --input=PATH')
+        if r.status_code != 206:  # the server ignored the Range: start over
+            have = 0
+        total = have + int(r.headers.get('Content-Length', 0)) or None
+        progress = Progress(os.path.basename(part)[:-5], total, have)
+        with open(part, 'ab' if have else 'wb') as f:
+            for block in r.iter_content(1 << 20):
+                f.write(block)
+                progress.update(len(block))
+        progress.done()
+        if total and os.path.getsize(part) < total:
+            raise requests.exceptions.ChunkedEncodingError('connection closed before the end')
+
+
+class Progress:
+    """Bytes, MB/s and ETA: redrawn in place on a terminal every 0.5 s, else a line every 10 s."""
+
+    def __init__(self, name, total, have=0):
+        self.name, self.total, self.have, self.start_have = name, total, have, have
+        self.t0 = self.last = time.time()
+        self.tty = sys.stdout.isatty()
+
+    def update(self, n):
+        self.have += n
+        now = time.time()
+        if now - self.last >= (0.5 if self.tty else 10):
+            self.last = now
+            print(('\r' if self.tty else '') + self.line(now), end='' if self.tty else '\n', flush=True)
+
+    def line(self, now):
+        rate = (self.have - self.start_have) / max(now - self.t0, 1e-9)
+        s = f'  {self.name}: {self.have / 1e6:,.1f}'
+        if self.total:
+            eta = (self.total - self.have) / rate if rate else 0
+            s += f'/{self.total / 1e6:,.1f} MB {rate / 1e6:.1f} MB/s ETA {eta // 60:.0f}m{eta % 60:02.0f}s'
+        return s + ('' if self.total else f' MB {rate / 1e6:.1f} MB/s')
+
+    def done(self):
+        if self.tty and self.last > self.t0:
+            print()
+
+
+def file_sha256(path):
+    h = hashlib.sha256()
+    with open(path, 'rb') as f:
+        for block in iter(lambda: f.read(1 << 22), b''):
+            h.update(block)
+    return h.hexdigest()
+
+
+# ----------------------------------------------------------------------------------------------
+# Shards: tokens are appended to a writer that cuts a new file every SHARD_TOKENS tokens. Each file
+# is written as NAME.tmp with its header last, then renamed: a .bin that exists is complete.
+
+MAGIC = {np.uint16: (20240520, 1), np.uint32: (20240801, 7)}
+
+
+def token_dtype(vocab_size):
+    return np.uint16 if vocab_size <= 65536 else np.uint32
+
+
+def write_shard(path, tokens, dtype):
+    magic, version = MAGIC[dtype]
+    header = np.zeros(256, '<i4')
+    header[:3] = magic, version, len(tokens)
+    with open(path + '.tmp', 'wb') as f:
+        f.write(header.tobytes())
+        f.write(np.asarray(tokens, dtype=np.dtype(dtype).newbyteorder('<')).tobytes())
+    os.replace(path + '.tmp', path)
+
+
+class ShardWriter:
+    def __init__(self, out, split, dtype, shard_tokens=SHARD_TOKENS):
+        self.out, self.split, self.dtype, self.shard_tokens = out, split, dtype, shard_tokens
+        self.buffer, self.buffered, self.paths, self.tokens = [], 0, [], 0
+
+    def add(self, tokens):
+        self.buffer.append(np.asarray(tokens, self.dtype))
+        self.buffered += len(tokens)
+        self.tokens += len(tokens)
+        while self.buffered >= self.shard_tokens:
+            self.flush(self.shard_tokens)
+
+    def flush(self, n=None):
+        data = np.concatenate(self.buffer) if self.buffer else np.zeros(0, self.dtype)
+        n = len(data) if n is None else n
+        path = os.path.join(self.out, f'{self.split}_{len(self.paths):06d}.bin')
+        write_shard(path, data[:n], self.dtype)
+        self.paths.append(path)
+        self.buffer, self.buffered = [data[n:]], len(data) - n
+
+    def close(self):
+        if self.buffered or not self.paths:
+            self.flush()
+        return self.paths
+
+
+# ----------------------------------------------------------------------------------------------
+# Tokenization: the text is cut into ~1 MB chunks at document or line boundaries, and the chunks
+# are tokenized by a pool of processes, one per core, at most 2 chunks per worker in flight so
+# memory stays bounded whatever the corpus size. Results are written in order.
+
+_encoder = None
+
+
+def _init_worker(name):
+    global _encoder
+    _encoder = get_encoding(name)
+
+
+def _encode(chunk):
+    """[(text, eot_before), ...] -> uint32 tokens, an end-of-text token where eot_before is set."""
+    out = []
+    for text, eot_before in chunk:
+        if eot_before:
+            out.append(_encoder.eot_token)
+        out.extend(_encoder.encode_ordinary(text))
+    return np.asarray(out, np.uint32)
+
+
+def tokenize(chunks, tokenizer, writer, workers=None):
+    """Tokenize an iterable of chunks (lists of (text, eot_before)) in parallel into writer."""
+    workers = workers or os.cpu_count()
+    in_bytes, t0 = 0, time.time()
+    with ProcessPoolExecutor(workers, initializer=_init_worker, initargs=(tokenizer,)) as pool:
+        pending = deque()
+        for chunk in chunks:
+            in_bytes += sum(len(t.encode('utf-8')) for t, _ in chunk)
+            pending.append(pool.submit(_encode, chunk))
+            if len(pending) >= 2 * workers:
+                writer.add(pending.popleft().result())
+        while pending:
+            writer.add(pending.popleft().result())
+    return in_bytes, time.time() - t0
+
+
+def read_documents(paths, split_at_eot):
+    """Yield (text, starts_a_document) pieces of about CHUNK_BYTES, streaming from text files.
+    Each file is a document; with split_at_eot, '<|endoftext|>' separates documents inside a
+    file too. A long document is cut only after a newline."""
+    for path in paths:
+        new_doc = True
+        for block in read_blocks(path):
+            parts = block.split(EOT) if split_at_eot else [block]
+            for i, part in enumerate(parts):
+                if i > 0:  # an end-of-text marker came before this part
+                    new_doc, part = True, part.lstrip('\n')
+                if i < len(parts) - 1:
+                    part = part.rstrip('\n')
+                if part:
+                    yield part, new_doc
+                    new_doc = False
+
+
+def read_blocks(path):
+    """The text of a file in blocks of about CHUNK_BYTES characters, each ending at a newline."""
+    with open(path, encoding='utf-8', errors='replace', newline='') as f:
+        carry = ''
+        for block in iter(lambda: f.read(CHUNK_BYTES), ''):
+            text = carry + block
+            cut = text.rfind('\n') + 1 or len(text)  # keep a partial last line for the next block
+            yield text[:cut]
+            carry = text[cut:]
+        if carry:
+            yield carry
+
+
+def chunked(pieces, size=CHUNK_BYTES):
+    """Group (text, new_doc) pieces into chunks of about `size` characters, marking where an
+    end-of-text token goes: before every document but the first of the split."""
+    chunk, n, seen_any = [], 0, False
+    for text, new_doc in pieces:
+        chunk.append((text, new_doc and seen_any))
+        seen_any = True
+        n += len(text)
+        if n >= size:
+            yield chunk
+            chunk, n = [], 0
+    if chunk:
+        yield chunk
+
+
+def split_file(path, val_fraction, workdir):
+    """Split one text file into train and val files by characters (the first 1 - val_fraction
+    of the text is train, as in nanoGPT). Streams: never holds the file in memory."""
+    train_path, val_path = os.path.join(workdir, 'train.txt'), os.path.join(workdir, 'val.txt')
+    with open(path, encoding='utf-8', errors='replace', newline='') as f:
+        n_chars = sum(len(block) for block in iter(lambda: f.read(CHUNK_BYTES), ''))
+    cut = int(n_chars * (1 - val_fraction))
+    with open(path, encoding='utf-8', errors='replace', newline='') as f, \
+            open(train_path + '.tmp', 'w', encoding='utf-8', newline='') as tr, \
+            open(val_path + '.tmp', 'w', encoding='utf-8', newline='') as va:
+        done = 0
+        for block in iter(lambda: f.read(CHUNK_BYTES), ''):
+            take = max(0, min(len(block), cut - done))
+            tr.write(block[:take])
+            va.write(block[take:])
+            done += len(block)
+    os.replace(train_path + '.tmp', train_path)
+    os.replace(val_path + '.tmp', val_path)
+    return [train_path], [val_path]
+
+
+# ----------------------------------------------------------------------------------------------
+# Datasets.
+
+
+def text_sources(dataset, args, raw):
+    """-> ({'train': [text paths], 'val': [...]}, [source records]) for a text dataset."""
+    spec = DATASETS[dataset]
+    if dataset == 'tinystories' and not args.get('input'):
+        sources, paths = [], {}
+        for split in ('train', 'val'):
+            path = os.path.join(raw, os.path.basename(spec[split]))
+            sources.append({'url': spec[split], 'sha256': download(spec[split], path, **dl_args(args))})
+            paths[split] = [path]
+        return paths, sources
+    source = args.get('input') or spec.get('url')
+    if not source:
+        raise PrepareError('text: pass --input=FILE, --input=DIR (of .txt files) or --input=URL')
+    if source.startswith(('http://', 'https://')):
+        path = os.path.join(raw, os.path.basename(source.split('?')[0]) or 'input.txt')
+        digest = download(source, path, spec.get('sha256') if source == spec.get('url') else None,
+                          **dl_args(args))
+        files = [path]
+    elif os.path.isdir(source):
+        files = sorted(os.path.join(dp, f) for dp, _, fs in os.walk(source) for f in fs if f.endswith('.txt'))
+        if not files:
+            raise PrepareError(f'--input={source}: no .txt files in that directory')
+        digest = None
+    elif os.path.isfile(source):
+        files, digest = [source], file_sha256(source)
+    else:
+        raise PrepareError(f'--input={source}: no such file or directory')
+    record = {'url' if '://' in source else 'path': source, 'sha256': digest}
+    val_fraction = float(args.get('val_fraction', 0.1))
+    if len(files) == 1:
+        train, val = split_file(files[0], val_fraction, raw)
+    else:  # whole files: the last val_fraction of them (by bytes) are validation
+        sizes = np.cumsum([os.path.getsize(f) for f in files])
+        n_train = min(max(int(np.searchsorted(sizes, sizes[-1] * (1 - val_fraction))), 1), len(files) - 1)
+        train, val = files[:n_train], files[n_train:]
+    return {'train': train, 'val': val}, [record]
+
+
+def dl_args(args):
+    return {'allow_http': bool(args.get('allow_http'))}
+
+
+def prepare_text(dataset, args, out):
+    tokenizer = args.get('tokenizer', 'gpt2')
+    enc = get_encoding(tokenizer)
+    raw = os.path.join(out, 'raw')
+    os.makedirs(raw, exist_ok=True)
+    paths, sources = text_sources(dataset, args, raw)
+    dtype = token_dtype(enc.n_vocab)
+    splits = {}
+    for split in ('train', 'val'):
+        writer = ShardWriter(out, split, dtype, int(args.get('shard_tokens', SHARD_TOKENS)))
+        pieces = read_documents(paths[split], split_at_eot=(dataset == 'tinystories'))
+        n_bytes, seconds = tokenize(chunked(pieces), tokenizer, writer)
+        shards = writer.close()
+        splits[split] = {'tokens': writer.tokens, 'bytes': n_bytes, 'shards': [os.path.basename(p) for p in shards]}
+        print(f'{split}: {writer.tokens:,} tokens from {n_bytes / 1e6:,.1f} MB in {seconds:.1f}s '
+              f'({n_bytes / 1e6 / max(seconds, 1e-9):.1f} MB/s) -> {len(shards)} shard(s)', flush=True)
+    return {'dataset': dataset, 'tokenizer': tokenizer, 'vocab_size': enc.n_vocab, 'eot_id': enc.eot_token,
+            'dtype': np.dtype(dtype).name, 'splits': splits,
+            'bytes_per_token': splits['val']['bytes'] / max(splits['val']['tokens'], 1), 'sources': sources}
+
+
+def check_shard(path):
+    header = np.fromfile(path, '<i4', count=256)
+    ok = (header.size == 256 and header[0] == 20240520 and header[1] == 1
+          and os.path.getsize(path) == 1024 + 2 * int(header[2]))
+    if not ok:
+        os.remove(path)
+        raise PrepareError(f'{path}: not a valid GPT-2 token shard (bad header or size); removed it, re-run to download again')
+    return int(header[2])
+
+
+def prepare_tokens(dataset, args, out):
+    """Pre-tokenized GPT-2 shards: download, check headers, no re-tokenization."""
+    if args.get('tokenizer', 'gpt2') != 'gpt2':
+        raise PrepareError(f'{dataset} is pre-tokenized with gpt2; drop --tokenizer')
+    template = DATASETS[dataset]['tokens']
+    n = int(args.get('shards', 1))
+    if n < 1:
+        raise PrepareError(f'--shards={n}: must be at least 1')
+    jobs = [('val', 0, 'val_000000.bin')] + [('train', i, f'train_{i:06d}.bin') for i in range(1, n + 1)]
+    splits = {'train': {'tokens': 0, 'shards': []}, 'val': {'tokens': 0, 'shards': []}}
+    sources = []
+    for split, i, name in jobs:
+        url = template.format(split=split, i=i)
+        path = os.path.join(out, name)
+        sources.append({'url': url, 'sha256': download(url, path, **dl_args(args))})
+        splits[split]['tokens'] += check_shard(path)
+        splits[split]['shards'].append(name)
+    return {'dataset': dataset, 'tokenizer': 'gpt2', 'vocab_size': 50257, 'eot_id': 50256, 'dtype': 'uint16',
+            'splits': splits, 'sources': sources}
+
+
+def prepare(dataset, args):
+    if dataset not in DATASETS:
+        raise PrepareError(f'unknown dataset {dataset!r} (choose {", ".join(DATASETS)})')
+    tokenizer = args.get('tokenizer', 'gpt2')
+    out = args.get('out') or os.path.join('data', dataset + ('' if tokenizer == 'gpt2' else f'_{tokenizer}'))
+    meta_path = os.path.join(out, 'meta.json')
+    if os.path.exists(meta_path):
+        with open(meta_path) as f:
+            meta = json.load(f)
+        files = [os.path.join(out, s) for split in meta['splits'].values() for s in split['shards']]
+        if all(os.path.exists(p) for p in files):
+            print(f'{out} is already prepared ({meta_path}); delete it to prepare again')
+            return out
+    os.makedirs(out, exist_ok=True)
+    if not os.access(out, os.W_OK):
+        raise PrepareError(f'--out={out}: directory is not writable')
+    meta = (prepare_tokens if 'tokens' in DATASETS[dataset] else prepare_text)(dataset, args, out)
+    with open(meta_path + '.tmp', 'w') as f:
+        json.dump(meta, f, indent=1)
+    os.replace(meta_path + '.tmp', meta_path)  # meta.json last: its presence means "complete"
+    print(f'wrote {out}: train {meta["splits"]["train"]["tokens"]:,} tokens, val {meta["splits"]["val"]["tokens"]:,} tokens')
+    return out
+
+
+FLAGS = ('tokenizer', 'out', 'input', 'val_fraction', 'shards', 'allow_http', 'shard_tokens')
+
+
+def main(argv):
+    if any(a in ('-h', '--help') for a in argv):
+        print(__doc__)
+        print('flags: ' + ' '.join(f'--{f}' for f in FLAGS) + f'\ndatasets: {", ".join(DATASETS)}')
+        return 0
+    dataset = argv[0] if argv and not argv[0].startswith('-') else 'shakespeare'
+    args = {}
+    try:
+        for a in argv[1:] if argv and argv[0] == dataset else argv:
+            name, eq, value = a.removeprefix('--').partition('=')
+            if not a.startswith('--') or name not in FLAGS:
+                raise PrepareError(f'unknown flag {a!r} (python prepare.py --help lists them)')
+            args[name] = value if eq else True
+        for name in ('val_fraction',):
+            if name in args and not 0 < float(args[name]) < 1:
+                raise PrepareError(f'--{name}={args[name]}: must be between 0 and 1')
+        prepare(dataset, args)
+    except (PrepareError, ValueError) as e:
+        print(f'error: {e}', file=sys.stderr)
+        return 1
+    except KeyboardInterrupt:
+        print('\ninterrupted; re-run the same command to continue', file=sys.stderr)
+        return 130
+    return 0
+
+
+if __name__ == '__main__':
+    sys.exit(main(sys.argv[1:]))
