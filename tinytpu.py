@@ -174,7 +174,7 @@ def validate(c):
         (c.weight_decay >= 0 and c.grad_clip >= 0 and c.eps > 0,
          '--weight_decay and --grad_clip must be >= 0, --eps > 0'),
         (0 <= c.beta1 < 1 and 0 <= c.beta2 < 1, '--beta1 and --beta2 must be in [0, 1)'),
-        (c.dtype in ('auto', 'float32', 'bfloat16'),
+        (c.dtype in ('auto', 'float32', 'bfloat16', 'float64'),
          f'--dtype={c.dtype}: choose auto, float32 or bfloat16'),
         (min(c.log_every, c.eval_every, c.eval_batches, c.ckpt_every, c.keep_ckpts) >= 1,
          '--log_every, --eval_every, --eval_batches, --ckpt_every, --keep_ckpts must be >= 1'),
@@ -203,6 +203,11 @@ def padded_vocab(c):
     return -(-c.vocab_size // 128) * 128
 
 
+def wide(dtype):
+    """The dtype for softmax, norms and the loss: fp32, or fp64 when computing in fp64 (tests)."""
+    return jnp.promote_types(dtype, jnp.float32)
+
+
 def compute_dtype(c):
     if c.dtype == 'auto':  # bf16 matmuls are native on TPU/GPU, emulated (slow) on CPU
         return jnp.float32 if jax.default_backend() == 'cpu' else jnp.bfloat16
@@ -212,7 +217,9 @@ def compute_dtype(c):
 # ----------------------------------------------------------------------------------------------
 # Model: a decoder-only transformer, params as a nested dict of fp32 arrays. Block weights are
 # stacked on a leading L axis, so one layer's weights are `layers[name][l]`.
-#   - RMSNorm (no mean, no bias): cheaper than LayerNorm, as good in practice (Llama, Gemma).
+#   - RMSNorm without a learned gain (modded-nanogpt): cheaper than LayerNorm, as good in
+#     practice; the matmul after it can learn any per-channel scale, and on CPU the gain's
+#     gradient (a reduction over every token) cost more than the norm itself.
 #   - RoPE: relative positions by rotating q and k; no learned position table, any length.
 #   - QK-norm: RMSNorm on q and k keeps attention logits bounded, so higher lrs stay stable.
 #   - Grouped-query attention: K <= N key/value heads shrink the KV cache N/K times.
@@ -224,7 +231,7 @@ def compute_dtype(c):
 def init_params(c, key):
     """Normal(0, 0.02) weights as in GPT-2; residual-output projections scaled by 1/sqrt(2L)."""
     L, D, N, K, H, F, V = c.n_layer, c.d_model, c.n_head, c.n_kv_head, head_dim(c), ff_dim(c), padded_vocab(c)
-    shapes = {  # name: (shape, init std); norms are scales initialised to 1
+    shapes = {  # name: (shape, init std)
         'qkv': ((L, D, N + 2 * K, H), 0.02),  # q, k and v heads side by side: one matmul
         'o': ((L, N, H, D), 0.02 / math.sqrt(2 * L)),
         'up': ((L, D, F), 0.02), 'down': ((L, F, D), 0.02 / math.sqrt(2 * L)),
@@ -233,17 +240,14 @@ def init_params(c, key):
         shapes['gate'] = ((L, D, F), 0.02)
     keys = iter(jax.random.split(key, len(shapes) + 2))
     layers = {name: std * jax.random.normal(next(keys), shape) for name, (shape, std) in shapes.items()}
-    layers |= {name: jnp.ones(shape) for name, shape in
-               [('attn_norm', (L, D)), ('mlp_norm', (L, D)), ('q_norm', (L, H)), ('k_norm', (L, H))]}
-    params = {'embed': 0.02 * jax.random.normal(next(keys), (V, D)), 'layers': layers,
-              'final_norm': jnp.ones(D)}
+    params = {'embed': 0.02 * jax.random.normal(next(keys), (V, D)), 'layers': layers}
     if not c.tie_embed:
         params['unembed'] = 0.02 * jax.random.normal(next(keys), (D, V))
     return params
 
 
-def rms_norm(x, scale=None, eps=1e-6):
-    x32 = x.astype(jnp.float32)
+def rms_norm(x, eps=1e-6):
+    x32 = x.astype(jnp.promote_types(x.dtype, jnp.float32))  # statistics in (at least) fp32
     return (x32 * jax.lax.rsqrt(jnp.mean(x32 * x32, -1, keepdims=True) + eps)).astype(x.dtype)
 
 
@@ -268,7 +272,7 @@ def attention(q, k, v, q_pos, k_pos):
     N, K, H = q.shape[2], k.shape[2], q.shape[3]
     k, v = jnp.repeat(k, N // K, axis=2), jnp.repeat(v, N // K, axis=2)
     q, k, v = (jnp.swapaxes(t, 1, 2) for t in (q, k, v))                # (B,N,T,H), heads first
-    scores = jnp.matmul(q, jnp.swapaxes(k, 2, 3), preferred_element_type=jnp.float32)  # (B,N,T,S)
+    scores = jnp.matmul(q, jnp.swapaxes(k, 2, 3), preferred_element_type=wide(q.dtype))  # (B,N,T,S)
     causal = jnp.where(q_pos[:, None] >= k_pos[None, :], 0.0, -jnp.inf)  # (T,S)
     weights = jax.nn.softmax(scores / math.sqrt(H) + causal, axis=-1)    # softmax in fp32
     return jnp.swapaxes(jnp.matmul(weights.astype(v.dtype), v), 1, 2)   # (B,T,N,H)
@@ -279,11 +283,9 @@ def block(x, w, c, pos, rot, cache=None):
     rot = rope_table(pos). With a KV cache (k, v of shape (B, context, K, H)), this chunk's keys
     and values are written at positions pos and attention runs over the whole cache."""
     N, K = c.n_head, c.n_kv_head
-    h = rms_norm(x, w['attn_norm'])
+    h = rms_norm(x)
     qkv = jnp.einsum('BTD,DJH->BTJH', h, w['qkv'])                     # J = N + 2K heads
-    qk_scale = jnp.concatenate([jnp.broadcast_to(w['q_norm'], (N, w['q_norm'].shape[-1])),
-                                jnp.broadcast_to(w['k_norm'], (K, w['k_norm'].shape[-1]))])
-    qk = rope(rms_norm(qkv[:, :, :N + K], qk_scale), *rot)               # QK-norm, then RoPE
+    qk = rope(rms_norm(qkv[:, :, :N + K]), *rot)                          # QK-norm, then RoPE
     q, k, v = qk[:, :, :N], qk[:, :, N:], qkv[:, :, N + K:]
     k_pos = pos
     if cache is not None:  # write this chunk into the cache, then attend over all of it
@@ -291,7 +293,7 @@ def block(x, w, c, pos, rot, cache=None):
         v = jax.lax.dynamic_update_slice_in_dim(cache[1], v, pos[0], axis=1)
         cache, k_pos = (k, v), jnp.arange(k.shape[1])
     x = x + jnp.einsum('BTNH,NHD->BTD', attention(q, k, v, pos, k_pos), w['o'])
-    h = rms_norm(x, w['mlp_norm'])
+    h = rms_norm(x)
     up = jnp.einsum('BTD,DF->BTF', h, w['up'])
     act = jax.nn.silu(jnp.einsum('BTD,DF->BTF', h, w['gate'])) * up if c.mlp == 'swiglu' \
         else jnp.square(jax.nn.relu(up))
@@ -321,9 +323,9 @@ def forward(params, tokens, c, cache=None, pos0=0):
             caches.append(layer_cache)
         if cache is not None:
             cache = tuple(jnp.stack(kv) for kv in zip(*caches))
-    x = rms_norm(x, params['final_norm'])
+    x = rms_norm(x)
     unembed = params['embed'].T if c.tie_embed else params['unembed']
-    logits = jnp.einsum('BTD,DV->BTV', x, unembed.astype(dt), preferred_element_type=jnp.float32)
+    logits = jnp.einsum('BTD,DV->BTV', x, unembed.astype(dt), preferred_element_type=wide(dt))
     if c.logit_softcap:
         logits = c.logit_softcap * jnp.tanh(logits / c.logit_softcap)
     logits = jnp.where(jnp.arange(logits.shape[-1]) < c.vocab_size, logits, -jnp.inf)
@@ -380,8 +382,10 @@ def lr_schedule(step, c):
 
 
 def decay_mask(params):
-    """True for weights that get weight decay: every matrix, not the RMSNorm scales."""
-    return jax.tree_util.tree_map_with_path(lambda path, _: 'norm' not in path[-1].key, params)
+    """True for the weights that get weight decay: matrices, not per-channel vectors (gains and
+    biases, named *norm or *bias; this model's RMSNorms have none, so every weight decays)."""
+    return jax.tree_util.tree_map_with_path(
+        lambda path, _: not path[-1].key.endswith(('norm', 'bias')), params)
 
 
 def adamw_init(params):
@@ -937,7 +941,7 @@ def main(argv):
             raise UserError(f'unknown command {command!r}: use train or sample (or --help)')
         flags = parse_flags(args)
         use_cpu_devices(flags.get('cpu_devices', Config.cpu_devices))
-        c = make_config(flags)
+        c = validate(make_config(flags))
         if command == 'train':
             train(c)
         else:

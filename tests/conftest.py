@@ -1,0 +1,52 @@
+"""Shared fixtures: a tiny config, a tiny byte-level data set, and an offline tiktoken cache."""
+import os
+import subprocess
+import sys
+
+import numpy as np
+import pytest
+
+ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+SHARED = os.path.join(os.path.dirname(ROOT), 'shared')
+sys.path.insert(0, ROOT)
+if os.path.isdir(os.path.join(SHARED, 'tiktoken')):  # GPT-2 BPE files, so no test needs the network
+    os.environ.setdefault('TIKTOKEN_CACHE_DIR', os.path.join(SHARED, 'tiktoken'))
+SHAKESPEARE = os.path.join(SHARED, 'data', 'tinyshakespeare.txt')
+
+import tinytpu as tt  # noqa: E402
+
+
+def tiny_config(**kw):
+    """A 2-layer model small enough to train for a few steps in a second or two."""
+    base = dict(preset='cpu', n_layer=2, d_model=32, n_head=4, n_kv_head=2, vocab_size=257, context=32,
+                seq_len=16, batch_size=4, steps=8, lr=3e-3, warmup_steps=2, eval_every=4, eval_batches=2,
+                log_every=2, ckpt_every=4, keep_ckpts=2, seed=0)
+    return tt.validate(tt.Config(**{**base, **kw}))
+
+
+def write_shard(path, tokens, magic=20240520, version=1, dtype=np.uint16, count=None):
+    header = np.zeros(256, '<i4')
+    header[:3] = magic, version, len(tokens) if count is None else count
+    with open(path, 'wb') as f:
+        f.write(header.tobytes())
+        f.write(np.asarray(tokens, dtype).tobytes())
+
+
+@pytest.fixture
+def byte_data(tmp_path):
+    """Byte-level Shakespeare (first 60 KB train, next 10 KB val) in the shard format."""
+    text = open(SHAKESPEARE, 'rb').read() if os.path.exists(SHAKESPEARE) else b'to be or not to be. ' * 4000
+    d = tmp_path / 'data'
+    d.mkdir()
+    write_shard(d / 'train_000000.bin', np.frombuffer(text[:60000], np.uint8))
+    write_shard(d / 'val_000000.bin', np.frombuffer(text[60000:70000], np.uint8))
+    (d / 'meta.json').write_text('{"tokenizer": "byte", "vocab_size": 257, "eot_id": 256, "bytes_per_token": 1.0}')
+    return str(d)
+
+
+def run_cli(*args, cwd=ROOT, timeout=600):
+    """Run `python tinytpu.py ARGS` (or prepare.py when args[0] ends in .py) as a user would."""
+    script = args[0] if args and args[0].endswith('.py') else 'tinytpu.py'
+    rest = args[1:] if script == args[0] else args
+    return subprocess.run([sys.executable, os.path.join(ROOT, script), *rest], cwd=cwd, capture_output=True,
+                          text=True, timeout=timeout)

@@ -1,0 +1,95 @@
+"""Model: shapes, causality, padded vocab, gradients against float64 finite differences, KV cache."""
+import jax
+import jax.numpy as jnp
+import numpy as np
+import pytest
+
+import tinytpu as tt
+from conftest import tiny_config
+
+
+@pytest.mark.parametrize('mlp, tie', [('relu2', True), ('swiglu', False)])
+def test_forward_shapes_and_padded_vocab(mlp, tie):
+    c = tiny_config(mlp=mlp, tie_embed=tie)
+    params = tt.init_params(c, jax.random.key(0))
+    tokens = jax.random.randint(jax.random.key(1), (3, 10), 0, c.vocab_size)
+    logits = tt.forward(params, tokens, c)
+    assert logits.shape == (3, 10, 384) and logits.dtype == jnp.float32  # 257 padded to 3 * 128
+    assert jnp.all(jnp.isneginf(logits[..., c.vocab_size:]))               # padding never predicted
+    assert jnp.all(jnp.isfinite(logits[..., :c.vocab_size]))
+    assert jnp.all(jnp.abs(logits[..., :c.vocab_size]) <= c.logit_softcap)
+
+
+def test_future_tokens_cannot_change_past_logits():
+    c = tiny_config()
+    params = tt.init_params(c, jax.random.key(0))
+    a = jax.random.randint(jax.random.key(1), (2, 12), 0, c.vocab_size)
+    b = a.at[:, 7:].set((a[:, 7:] + 1) % c.vocab_size)
+    la, lb = tt.forward(params, a, c), tt.forward(params, b, c)
+    np.testing.assert_allclose(la[:, :7], lb[:, :7], rtol=1e-6, atol=1e-6)
+    assert not np.allclose(la[:, 7:], lb[:, 7:])
+
+
+def test_scan_and_unrolled_layers_agree():
+    c = tiny_config()
+    params = tt.init_params(c, jax.random.key(0))
+    tokens = jax.random.randint(jax.random.key(1), (2, 12), 0, c.vocab_size)
+    scanned = tt.forward(params, tokens, tt.validate(tt.Config(**{**c.__dict__, 'scan_layers': True})))
+    np.testing.assert_allclose(tt.forward(params, tokens, c), scanned, rtol=1e-5, atol=1e-5)
+
+
+def test_initial_loss_is_uniform_guess():
+    c = tiny_config()
+    params = tt.init_params(c, jax.random.key(0))
+    batch = jax.random.randint(jax.random.key(1), (4, 17), 0, c.vocab_size)
+    assert abs(float(tt.loss_fn(params, batch, c)) - np.log(c.vocab_size)) < 0.05
+
+
+def test_gradient_matches_float64_finite_differences():
+    """Directional derivatives of the loss (every parameter moved along a random direction) match
+    central differences, all in float64, for a model with GQA, SwiGLU and untied embeddings."""
+    c = tiny_config(dtype='float64', n_layer=2, d_model=16, n_head=4, n_kv_head=2, mlp='swiglu', tie_embed=False)
+    with jax.enable_x64(True):
+        params = jax.tree.map(lambda x: x.astype(jnp.float64) * 10, tt.init_params(c, jax.random.key(0)))
+        batch = jax.random.randint(jax.random.key(1), (2, 9), 0, c.vocab_size)
+        loss = lambda p: tt.loss_fn(p, batch, c)
+        grads = jax.grad(loss)(params)
+        for seed in range(3):
+            leaves, tree = jax.tree.flatten(params)
+            keys = jax.random.split(jax.random.key(100 + seed), len(leaves))
+            direction = tree.unflatten([jax.random.normal(k, x.shape, jnp.float64) for k, x in zip(keys, leaves)])
+            eps = 1e-5
+            shifted = lambda s: jax.tree.map(lambda p, d: p + s * eps * d, params, direction)
+            numeric = (loss(shifted(1)) - loss(shifted(-1))) / (2 * eps)
+            analytic = sum(jnp.vdot(g, d) for g, d in zip(jax.tree.leaves(grads), jax.tree.leaves(direction)))
+            assert abs(numeric - analytic) <= 1e-6 * max(1.0, abs(analytic)), (numeric, analytic)
+
+
+def test_kv_cache_decoding_matches_full_forward():
+    c = tiny_config(n_kv_head=1)
+    params = tt.init_params(c, jax.random.key(0))
+    tokens = jax.random.randint(jax.random.key(1), (1, 20), 0, c.vocab_size)
+    full = tt.forward(params, tokens, c)
+    logits, cache = tt.prefill(params, tokens[:, :8], tt.init_cache(c, 1), c)
+    np.testing.assert_allclose(logits, full[:, 7], rtol=1e-5, atol=1e-5)
+    for pos in range(8, 20):
+        logits, cache = tt.decode_step(params, tokens[:, pos], cache, pos, c)
+        np.testing.assert_allclose(logits, full[:, pos], rtol=1e-5, atol=1e-5)
+
+
+def test_sampling_filters():
+    c = tiny_config(temperature=1.0, top_k=2)
+    logits = jnp.log(jnp.array([[0.5, 0.3, 0.15, 0.05, 0.0]]))
+    draws = {int(tt.sample_token(logits, jax.random.key(i), c)[0]) for i in range(200)}
+    assert draws == {0, 1}
+    c = tiny_config(temperature=1.0, top_p=0.7)  # smallest set reaching 0.7: tokens 0 and 1
+    draws = {int(tt.sample_token(logits, jax.random.key(i), c)[0]) for i in range(200)}
+    assert draws == {0, 1}
+    assert int(tt.sample_token(logits, jax.random.key(0), tiny_config(temperature=0))[0]) == 0
+
+
+def test_flops_per_token_formula():
+    c = tiny_config(n_layer=2, d_model=32, n_head=4, n_kv_head=2, seq_len=16)
+    H, F, V = 8, 128, 384
+    matmul_params = 2 * (32 * (4 + 2 * 2) * H + 4 * H * 32 + 2 * 32 * F) + 32 * V
+    assert tt.flops_per_token(c) == 6 * matmul_params + 12 * 2 * 4 * H * 16

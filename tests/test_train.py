@@ -1,0 +1,191 @@
+"""Train step, data, checkpoints, resume, config and the command line."""
+import json
+import os
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+import pytest
+
+import tinytpu as tt
+from conftest import run_cli, tiny_config, write_shard
+
+
+def test_grad_accumulation_equals_one_big_batch():
+    """4 microbatches of 2 give the update of one batch of 8. With eps=1 the first AdamW step
+    is ~lr * g (not sign(g), which would amplify rounding in near-zero gradients)."""
+    kw = dict(batch_size=8, eps=1.0, lr=1.0, weight_decay=0.0, grad_clip=0.0, warmup_steps=0)
+    c1, c4 = tiny_config(grad_accum=1, **kw), tiny_config(grad_accum=4, **kw)
+    params = tt.init_params(c1, jax.random.key(0))
+    batch = np.asarray(jax.random.randint(jax.random.key(1), (8, 17), 0, c1.vocab_size))
+    copy = lambda t: jax.tree.map(jnp.array, t)
+    p1, _, s1 = tt.train_step(copy(params), tt.adamw_init(params), batch.reshape(1, 8, 17), c1)
+    p4, _, s4 = tt.train_step(copy(params), tt.adamw_init(params), batch.reshape(4, 2, 17), c4)
+    np.testing.assert_allclose(s1['loss'], s4['loss'], rtol=1e-6)
+    np.testing.assert_allclose(s1['grad_norm'], s4['grad_norm'], rtol=1e-5)
+    for before, a, b in zip(jax.tree.leaves(params), jax.tree.leaves(p1), jax.tree.leaves(p4)):
+        step1, step4 = np.asarray(a - before), np.asarray(b - before)
+        np.testing.assert_allclose(step1, step4, rtol=0, atol=1e-5 * np.abs(step1).max())
+
+
+def test_batches_are_a_pure_function_of_seed_and_step(byte_data):
+    c = tiny_config(data=byte_data)
+    train, val, meta = tt.load_data(c)
+    assert meta['tokenizer'] == 'byte' and train.count == 60000 - 16
+    a, b = tt.train_batch(train, c, 5), tt.train_batch(train, c, 5)
+    assert a.shape == (1, 4, 17) and a.dtype == np.int32 and np.array_equal(a, b)
+    assert not np.array_equal(a, tt.train_batch(train, c, 6))
+    assert not np.array_equal(a, tt.train_batch(train, tiny_config(data=byte_data, seed=1), 5))
+    v = tt.val_batches(val, c)
+    assert v.shape == (2, 4, 17) and np.array_equal(v, tt.val_batches(val, c))
+
+
+def test_windows_never_cross_shards(tmp_path):
+    write_shard(tmp_path / 'a.bin', np.arange(10))
+    write_shard(tmp_path / 'b.bin', np.arange(100, 106))
+    w = tt.TokenWindows([str(tmp_path / 'a.bin'), str(tmp_path / 'b.bin')], 5)
+    assert w.count == 6 + 2
+    np.testing.assert_array_equal(w.get(np.array([0, 5, 6, 7])),
+                                  [[0, 1, 2, 3, 4], [5, 6, 7, 8, 9], [100, 101, 102, 103, 104], [101, 102, 103, 104, 105]])
+
+
+def test_uint32_shards(tmp_path):
+    write_shard(tmp_path / 'x.bin', [70000, 1, 2], magic=20240801, version=7, dtype=np.uint32)
+    np.testing.assert_array_equal(tt.open_shard(str(tmp_path / 'x.bin')), [70000, 1, 2])
+
+
+@pytest.mark.parametrize('kw, message', [
+    (dict(magic=1234), 'not a token shard'),
+    (dict(version=2), 'unsupported shard version'),
+    (dict(count=999), 'header says 999 tokens'),
+])
+def test_bad_shard_headers_are_rejected(tmp_path, kw, message):
+    write_shard(tmp_path / 'x.bin', np.arange(50), **kw)
+    with pytest.raises(tt.UserError, match=message):
+        tt.open_shard(str(tmp_path / 'x.bin'))
+
+
+def test_short_shard_and_too_little_data(tmp_path):
+    (tmp_path / 'x.bin').write_bytes(b'abc')
+    with pytest.raises(tt.UserError, match='shorter than a shard header'):
+        tt.open_shard(str(tmp_path / 'x.bin'))
+    write_shard(tmp_path / 'y.bin', np.arange(5))
+    with pytest.raises(tt.UserError, match='fewer tokens than one window'):
+        tt.TokenWindows([str(tmp_path / 'y.bin')], 17)
+
+
+@pytest.mark.parametrize('flags, message', [
+    (['--d_model=30'], 'not divisible by --n_head'),
+    (['--n_kv_head=3'], 'not a multiple of --n_kv_head'),
+    (['--lr=-1'], '--lr=-1.0 must be positive'),
+    (['--seq_len=128'], 'must be between 1 and the model context'),
+    (['--batch_size=12', '--grad_accum=5'], 'multiple of --grad_accum'),
+    (['--warmdown=step'], 'choose linear or cosine'),
+    (['--mlp=gelu'], 'choose relu2 or swiglu'),
+])
+def test_invalid_config_is_one_line(flags, message):
+    with pytest.raises(tt.UserError, match=message):
+        tt.validate(tt.make_config(tt.parse_flags(flags), 'cpu'))
+
+
+def test_flags_presets_and_types():
+    c = tt.make_config(tt.parse_flags(['--preset=gpt2', '--lr=3e-4', '--tie_embed=false', '--scan_layers']), 'cpu')
+    assert (c.preset, c.n_layer, c.lr, c.tie_embed, c.scan_layers) == ('gpt2', 12, 3e-4, False, True)
+    assert tt.make_config({}, 'tpu').preset == 'tpu' and tt.make_config({}, 'gpu').preset == 'gpt2'
+    for bad, message in [(['--nope=1'], 'unknown flag'), (['--steps=ten'], 'expected an int'),
+                         (['--steps'], 'needs a value'), (['--tie_embed=maybe'], 'expected true or false')]:
+        with pytest.raises(tt.UserError, match=message):
+            tt.parse_flags(bad)
+    with pytest.raises(tt.UserError, match='unknown preset'):
+        tt.make_config({'preset': 'huge'}, 'cpu')
+
+
+def test_checkpoint_round_trip_and_retention(tmp_path):
+    c = tiny_config(keep_ckpts=2)
+    params = tt.init_params(c, jax.random.key(0))
+    opt = tt.adamw_init(params)
+    for step in (1, 2, 3):
+        opt = {**opt, 'step': jnp.array(step, jnp.int32)}
+        tt.save_checkpoint(str(tmp_path), {'params': params, 'opt': opt}, c, {'tokenizer': 'byte'})
+    assert [s for s, _ in tt.list_checkpoints(str(tmp_path))] == [2, 3]
+    path = tt.list_checkpoints(str(tmp_path))[-1][1]
+    assert not [f for f in os.listdir(tmp_path) if f.startswith('.tmp')]
+    state = tt.load_checkpoint(path, {'params': params, 'opt': opt})
+    for a, b in zip(jax.tree.leaves(state), jax.tree.leaves({'params': params, 'opt': opt})):
+        assert a.dtype == b.dtype and np.array_equal(a, b)
+    meta = tt.read_checkpoint_meta(path)
+    assert meta['step'] == 3 and meta['config']['n_layer'] == c.n_layer and meta['tokenizer'] == 'byte'
+    with pytest.raises(tt.UserError, match='trained with --d_model=32'):
+        tt.check_compatible(meta, tiny_config(d_model=64), path)
+    with open(os.path.join(path, 'state.npz'), 'r+b') as f:  # flip a byte: detected
+        f.seek(100)
+        byte = f.read(1)
+        f.seek(100)
+        f.write(bytes([byte[0] ^ 1]))
+    with pytest.raises(tt.UserError, match='checksum'):
+        tt.load_checkpoint(path, {'params': params, 'opt': opt})
+
+
+def test_training_lowers_loss_and_resume_is_bitwise_exact(byte_data, tmp_path, monkeypatch):
+    """Train 8 steps in one go; then train the same run, crash it in step 6 (after the step-4
+    checkpoint) and re-run it: the logged losses and the final params are bitwise equal."""
+    flags = dict(data=byte_data, steps=8, ckpt_every=4, log_every=1, eval_every=4, lr=1e-2)
+    full = tt.train(tiny_config(**flags, out=str(tmp_path / 'full')))
+    step, calls = tt.train_step, []
+
+    def crashing_step(*args, **kw):
+        calls.append(1)
+        if len(calls) == 6:
+            raise KeyboardInterrupt
+        return step(*args, **kw)
+
+    monkeypatch.setattr(tt, 'train_step', crashing_step)
+    with pytest.raises(KeyboardInterrupt):
+        tt.train(tiny_config(**flags, out=str(tmp_path / 'split')))
+    monkeypatch.setattr(tt, 'train_step', step)
+    assert [s for s, _ in tt.list_checkpoints(str(tmp_path / 'split'))] == [4]
+    resumed = tt.train(tiny_config(**flags, out=str(tmp_path / 'split')))
+    for a, b in zip(jax.tree.leaves(full), jax.tree.leaves(resumed)):
+        assert np.array_equal(a, b)
+    logs = [[json.loads(l) for l in open(tmp_path / run / 'log.jsonl')] for run in ('full', 'split')]
+    losses = [[r['loss'] for r in log if 'loss' in r] for log in logs]
+    assert losses[0] == losses[1] and len(losses[0]) == 8
+    assert losses[0][-1] < losses[0][0] - 1.0  # it learns: from ~5.5 nats
+    assert {'step', 'loss', 'lr', 'ms_per_step', 'tokens_per_sec', 'grad_norm', 'mfu'} <= set(logs[0][0])
+    assert [r['step'] for r in logs[0] if 'val_loss' in r] == [4, 8]
+    assert [s for s, _ in tt.list_checkpoints(str(tmp_path / 'full'))] == [4, 8]
+
+
+def test_cli_trains_then_samples(byte_data, tmp_path):
+    out = str(tmp_path / 'out')
+    common = ['--n_layer=2', '--d_model=32', '--n_head=2', '--n_kv_head=1', f'--out={out}']
+    r = run_cli('--steps=20', '--log_every=10', '--eval_every=20', f'--data={byte_data}', *common)
+    assert r.returncode == 0, r.stderr
+    assert r.stdout.splitlines()[0].startswith('tinytpu | preset cpu | cpu')
+    assert 'step     20 | val loss' in r.stdout and os.path.isdir(os.path.join(out, 'ckpt_00000020'))
+    r = run_cli('sample', f'--out={out}', '--prompt=ROMEO:', '--max_new_tokens=80', '--seed=3')
+    assert r.returncode == 0, r.stderr
+    assert r.stdout.startswith('ROMEO:') and len(r.stdout) > 40
+    r2 = run_cli('sample', f'--out={out}', '--prompt=ROMEO:', '--max_new_tokens=80', '--seed=3')
+    assert r2.stdout == r.stdout  # same seed, same text
+    r = run_cli('--steps=20', f'--data={byte_data}', *common[:-1], '--d_model=64', f'--out={out}')
+    assert r.returncode == 2 and r.stderr.count('\n') == 1 and 'trained with --d_model=32' in r.stderr
+
+
+@pytest.mark.parametrize('args, message', [
+    (['--data=/nonexistent'], 'python prepare.py'),
+    (['--bogus=1'], 'unknown flag'),
+    (['--n_head=3'], 'not divisible'),
+    (['fly'], 'unknown command'),
+    (['sample', '--out=/nonexistent'], 'no checkpoint found'),
+])
+def test_cli_errors_are_one_line(args, message):
+    r = run_cli(*args)
+    assert r.returncode == 2 and r.stderr.count('\n') == 1 and message in r.stderr, r.stderr
+
+
+def test_help_lists_every_setting():
+    r = run_cli('--help')
+    assert r.returncode == 0
+    for f in tt.dataclasses.fields(tt.Config):
+        assert f'--{f.name}=' in r.stdout
