@@ -125,7 +125,7 @@ def fetch(url, part, timeout):
         total = have + int(r.headers.get('Content-Length', 0)) or None
         progress = Progress(os.path.basename(part)[:-5], total, have)
         with open(part, 'ab' if have else 'wb') as f:
-            for block in r.iter_content(1 << 20):
+            for block in r.iter_content(1 << 16):
                 f.write(block)
                 progress.update(len(block))
         progress.done()
@@ -258,28 +258,29 @@ def tokenize(chunks, tokenizer, writer, workers=None):
 def read_documents(paths, split_at_eot):
     """Yield (text, starts_a_document) pieces of about CHUNK_BYTES, streaming from text files.
     Each file is a document; with split_at_eot, '<|endoftext|>' separates documents inside a
-    file too. A long document is cut only after a newline."""
+    file too (and blocks are cut just after one, so each document is read whole)."""
     for path in paths:
         new_doc = True
-        for block in read_blocks(path):
+        for block in read_blocks(path, EOT if split_at_eot else '\n'):
             parts = block.split(EOT) if split_at_eot else [block]
             for i, part in enumerate(parts):
                 if i > 0:  # an end-of-text marker came before this part
-                    new_doc, part = True, part.lstrip('\n')
-                if i < len(parts) - 1:
-                    part = part.rstrip('\n')
+                    new_doc = True
+                if split_at_eot:
+                    part = part.strip('\n')
                 if part:
                     yield part, new_doc
                     new_doc = False
 
 
-def read_blocks(path):
-    """The text of a file in blocks of about CHUNK_BYTES characters, each ending at a newline."""
+def read_blocks(path, sep):
+    """The text of a file in blocks of about CHUNK_BYTES characters, each cut just after the
+    last `sep` in it (after a newline if there is no `sep`)."""
     with open(path, encoding='utf-8', errors='replace', newline='') as f:
         carry = ''
         for block in iter(lambda: f.read(CHUNK_BYTES), ''):
             text = carry + block
-            cut = text.rfind('\n') + 1 or len(text)  # keep a partial last line for the next block
+            cut = text.rfind(sep) + len(sep) if sep in text else text.rfind('\n') + 1 or len(text)
             yield text[:cut]
             carry = text[cut:]
         if carry:
@@ -359,7 +360,7 @@ def text_sources(dataset, args, raw):
         train, val = split_file(files[0], val_fraction, raw)
     else:  # whole files: the last val_fraction of them (by bytes) are validation
         sizes = np.cumsum([os.path.getsize(f) for f in files])
-        n_train = min(max(int(np.searchsorted(sizes, sizes[-1] * (1 - val_fraction))), 1), len(files) - 1)
+        n_train = min(max(int(np.searchsorted(sizes, sizes[-1] * (1 - val_fraction), side='right')), 1), len(files) - 1)
         train, val = files[:n_train], files[n_train:]
     return {'train': train, 'val': val}, [record]
 
