@@ -14,6 +14,7 @@ are separated by the end-of-text token. Runtime needs: requests, tiktoken, numpy
 
 import hashlib
 import json
+import multiprocessing
 import os
 import sys
 import time
@@ -243,7 +244,8 @@ def tokenize(chunks, tokenizer, writer, workers=None):
     """Tokenize an iterable of chunks (lists of (text, eot_before)) in parallel into writer."""
     workers = workers or os.cpu_count()
     in_bytes, t0 = 0, time.time()
-    with ProcessPoolExecutor(workers, initializer=_init_worker, initargs=(tokenizer,)) as pool:
+    spawn = multiprocessing.get_context('spawn')  # fork is unsafe if the caller runs threads (JAX)
+    with ProcessPoolExecutor(workers, spawn, initializer=_init_worker, initargs=(tokenizer,)) as pool:
         pending = deque()
         for chunk in chunks:
             in_bytes += sum(len(t.encode('utf-8')) for t, _ in chunk)

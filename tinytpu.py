@@ -56,7 +56,7 @@ class Config:
     vocab_size: int = _f(257, "tokens in the vocabulary (taken from the data's meta.json)")
     context: int = _f(64, 'longest sequence the model is built for (sampling stops there)')
     tie_embed: bool = _f(True, 'share the input embedding with the output projection')
-    logit_softcap: float = _f(30.0, 'cap logits smoothly at +-this value (0 = off)')
+    logit_softcap: float = _f(0.0, 'cap logits smoothly at +-this value (0 = off)')
     rope_theta: float = _f(10000.0, 'RoPE base frequency')
     scan_layers: bool = _f(False, 'run the blocks with lax.scan (fast compile) instead of unrolled')
     # training
@@ -99,12 +99,12 @@ PRESETS = {
     'gpt2': dict(data='data/fineweb10B', out='out/gpt2', n_layer=12, d_model=768, n_head=12,
                  n_kv_head=12, vocab_size=50257, context=1024, seq_len=1024, batch_size=64,
                  grad_accum=8, steps=10000, lr=1e-3, warmup_steps=250, warmdown_frac=0.3,
-                 eval_every=500, eval_batches=20, log_every=10, ckpt_every=1000),
+                 eval_every=500, eval_batches=20, log_every=10, ckpt_every=1000, logit_softcap=30.0),
     'tpu': dict(data='data/fineweb10B', out='out/tpu', n_layer=8, d_model=1024, n_head=4,
                 n_kv_head=1, d_head=256, mlp='swiglu', d_ff=3072, vocab_size=50257,
                 context=2048, seq_len=2048, batch_size=64, grad_accum=1, steps=10000, lr=1e-3,
                 warmup_steps=250, warmdown_frac=0.3, eval_every=500, eval_batches=20,
-                log_every=10, ckpt_every=1000, scan_layers=True),
+                log_every=10, ckpt_every=1000, scan_layers=True, logit_softcap=30.0),
 }
 DEFAULT_PRESET = {'cpu': 'cpu', 'gpu': 'gpt2', 'tpu': 'tpu'}  # backend -> preset when none given
 MODEL_FIELDS = ('n_layer', 'd_model', 'n_head', 'n_kv_head', 'd_head', 'd_ff', 'mlp', 'vocab_size',
@@ -252,47 +252,46 @@ def rms_norm(x, eps=1e-6):
 
 
 def rope_table(pos, H, theta):
-    """sin and cos (T, 1, H) for rotating head vectors at positions pos (T,)."""
+    """sin and cos (T, H/2) for rotating head vectors at positions pos (T,)."""
     freq = theta ** (-jnp.arange(0, H, 2, dtype=jnp.float32) / H)        # (H/2,)
     angle = pos[:, None].astype(jnp.float32) * freq                      # (T, H/2)
-    angle = jnp.concatenate([angle, angle], -1)[:, None, :]              # (T, 1, H)
     return jnp.sin(angle), jnp.cos(angle)
 
 
 def rope(x, sin, cos):
-    """RoPE: rotate each pair (x[i], x[i + H/2]) of x (B,T,heads,H) by its position's angle."""
+    """RoPE: rotate each pair (x[i], x[i + H/2]) of x (B,heads,T,H) by its position's angle."""
     x1, x2 = jnp.split(x, 2, axis=-1)
-    return (x * cos + jnp.concatenate([-x2, x1], -1) * sin).astype(x.dtype)
+    sin, cos = sin.astype(x.dtype), cos.astype(x.dtype)
+    return jnp.concatenate([x1 * cos - x2 * sin, x2 * cos + x1 * sin], -1)
 
 
 def attention(q, k, v, q_pos, k_pos):
-    """Causal grouped-query attention. q (B,T,N,H), k and v (B,S,K,H) -> (B,T,N,H).
+    """Causal grouped-query attention, heads first. q (B,N,T,H), k and v (B,K,S,H) -> (B,N,T,H).
     Position arrays say which keys each query may see: k_pos <= q_pos. Each K head serves
     N/K query heads; repeating it to N heads keeps every matmul a plain batched one."""
-    N, K, H = q.shape[2], k.shape[2], q.shape[3]
-    k, v = jnp.repeat(k, N // K, axis=2), jnp.repeat(v, N // K, axis=2)
-    q, k, v = (jnp.swapaxes(t, 1, 2) for t in (q, k, v))                # (B,N,T,H), heads first
-    scores = jnp.matmul(q, jnp.swapaxes(k, 2, 3), preferred_element_type=wide(q.dtype))  # (B,N,T,S)
+    N, K, H = q.shape[1], k.shape[1], q.shape[3]
+    k, v = jnp.repeat(k, N // K, axis=1), jnp.repeat(v, N // K, axis=1)
+    scores = jnp.einsum('BNTH,BNSH->BNTS', q, k, preferred_element_type=wide(q.dtype))
     causal = jnp.where(q_pos[:, None] >= k_pos[None, :], 0.0, -jnp.inf)  # (T,S)
     weights = jax.nn.softmax(scores / math.sqrt(H) + causal, axis=-1)    # softmax in fp32
-    return jnp.swapaxes(jnp.matmul(weights.astype(v.dtype), v), 1, 2)   # (B,T,N,H)
+    return jnp.einsum('BNTS,BNSH->BNTH', weights.astype(v.dtype), v)
 
 
 def block(x, w, c, pos, rot, cache=None):
     """One pre-norm transformer block. x (B,T,D); w holds this layer's weights (cast to x.dtype);
-    rot = rope_table(pos). With a KV cache (k, v of shape (B, context, K, H)), this chunk's keys
+    rot = rope_table(pos). With a KV cache (k, v of shape (B, K, context, H)), this chunk's keys
     and values are written at positions pos and attention runs over the whole cache."""
     N, K = c.n_head, c.n_kv_head
     h = rms_norm(x)
-    qkv = jnp.einsum('BTD,DJH->BTJH', h, w['qkv'])                     # J = N + 2K heads
-    qk = rope(rms_norm(qkv[:, :, :N + K]), *rot)                          # QK-norm, then RoPE
-    q, k, v = qk[:, :, :N], qk[:, :, N:], qkv[:, :, N + K:]
+    qkv = jnp.einsum('BTD,DJH->BJTH', h, w['qkv'])                     # J = N + 2K heads
+    qk = rope(rms_norm(qkv[:, :N + K]), *rot)                            # QK-norm, then RoPE
+    q, k, v = qk[:, :N], qk[:, N:], qkv[:, N + K:]
     k_pos = pos
     if cache is not None:  # write this chunk into the cache, then attend over all of it
-        k = jax.lax.dynamic_update_slice_in_dim(cache[0], k, pos[0], axis=1)
-        v = jax.lax.dynamic_update_slice_in_dim(cache[1], v, pos[0], axis=1)
-        cache, k_pos = (k, v), jnp.arange(k.shape[1])
-    x = x + jnp.einsum('BTNH,NHD->BTD', attention(q, k, v, pos, k_pos), w['o'])
+        k = jax.lax.dynamic_update_slice_in_dim(cache[0], k, pos[0], axis=2)
+        v = jax.lax.dynamic_update_slice_in_dim(cache[1], v, pos[0], axis=2)
+        cache, k_pos = (k, v), jnp.arange(k.shape[2])
+    x = x + jnp.einsum('BNTH,NHD->BTD', attention(q, k, v, pos, k_pos), w['o'])
     h = rms_norm(x)
     up = jnp.einsum('BTD,DF->BTF', h, w['up'])
     act = jax.nn.silu(jnp.einsum('BTD,DF->BTF', h, w['gate'])) * up if c.mlp == 'swiglu' \
@@ -333,7 +332,7 @@ def forward(params, tokens, c, cache=None, pos0=0):
 
 
 def init_cache(c, batch):
-    shape = (c.n_layer, batch, c.context, c.n_kv_head, head_dim(c))
+    shape = (c.n_layer, batch, c.n_kv_head, c.context, head_dim(c))
     return jnp.zeros(shape, compute_dtype(c)), jnp.zeros(shape, compute_dtype(c))
 
 
@@ -783,8 +782,14 @@ def train(c):
     t_start = time.time()
     t_last, step_last = None, start
     with open(log_path, 'a') as log:
+        previous = None
         for step in range(start, c.steps):
             params, opt, stats = train_step(params, opt, shard_batch(next(batches), mesh), c)
+            # Keep at most one step queued behind the running one: the host stays ahead of the
+            # device without piling up work (on CPU, a deep queue of steps whose all-reduces wait
+            # on each other can deadlock XLA's shared thread pool).
+            jax.block_until_ready(previous)
+            previous = stats
             done = step + 1
             if t_last is None:  # the first step compiles: time from its end
                 jax.block_until_ready(stats)

@@ -10,7 +10,7 @@ from conftest import tiny_config
 
 @pytest.mark.parametrize('mlp, tie', [('relu2', True), ('swiglu', False)])
 def test_forward_shapes_and_padded_vocab(mlp, tie):
-    c = tiny_config(mlp=mlp, tie_embed=tie)
+    c = tiny_config(mlp=mlp, tie_embed=tie, logit_softcap=30.0)
     params = tt.init_params(c, jax.random.key(0))
     tokens = jax.random.randint(jax.random.key(1), (3, 10), 0, c.vocab_size)
     logits = tt.forward(params, tokens, c)
