@@ -54,7 +54,7 @@ class Config:
     d_ff: int = _f(0, 'MLP hidden width; 0 = 4*d_model for relu2, 3*d_model for swiglu')
     mlp: str = _f('relu2', 'MLP type: relu2 (2 matrices, squared ReLU) or swiglu (3, gated)')
     vocab_size: int = _f(257, "tokens in the vocabulary (taken from the data's meta.json)")
-    context: int = _f(64, 'longest sequence the model is built for (sampling stops there)')
+    context: int = _f(64, 'longest sequence the model attends over (sampling slides a window past it)')
     tie_embed: bool = _f(True, 'share the input embedding with the output projection')
     logit_softcap: float = _f(0.0, 'cap logits smoothly at +-this value (0 = off)')
     rope_theta: float = _f(10000.0, 'RoPE base frequency')

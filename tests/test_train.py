@@ -189,3 +189,9 @@ def test_help_lists_every_setting():
     assert r.returncode == 0
     for f in tt.dataclasses.fields(tt.Config):
         assert f'--{f.name}=' in r.stdout
+
+
+def test_readme_settings_table_matches_config():
+    readme = open(os.path.join(os.path.dirname(tt.__file__), 'README.md')).read()
+    for f in tt.dataclasses.fields(tt.Config):
+        assert f"| `{f.name}` | `{f.default!r}` | {f.metadata['help']} |" in readme, f.name
