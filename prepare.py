@@ -6,6 +6,9 @@
     python prepare.py fineweb10B --shards=8               # pre-tokenized GPT-2 shards, 100M tokens each
     python prepare.py text --input=my_corpus/             # your own .txt files (or one file, or a URL)
 
+Flags: --tokenizer=gpt2|cl100k_base|o200k_base|byte --out=DIR --input=PATH_OR_URL --val_fraction=0.1
+--shards=N (fineweb) --workers=N (tokenizer processes; default one per core) --allow_http
+
 Output: DIR/train_000000.bin ..., DIR/val_000000.bin ..., DIR/meta.json. Shards use the llm.c
 format: a header of 256 int32 (magic, version, token count), then the tokens as uint16, or as
 uint32 (magic 20240801, version 7) when the vocabulary has more than 65,536 tokens. Documents
@@ -16,6 +19,7 @@ import hashlib
 import json
 import multiprocessing
 import os
+import resource
 import sys
 import time
 from collections import deque
@@ -181,39 +185,49 @@ def token_dtype(vocab_size):
     return np.uint16 if vocab_size <= 65536 else np.uint32
 
 
-def write_shard(path, tokens, dtype):
-    magic, version = MAGIC[dtype]
-    header = np.zeros(256, '<i4')
-    header[:3] = magic, version, len(tokens)
-    with open(path + '.tmp', 'wb') as f:
-        f.write(header.tobytes())
-        f.write(np.asarray(tokens, dtype=np.dtype(dtype).newbyteorder('<')).tobytes())
-    os.replace(path + '.tmp', path)
-
-
 class ShardWriter:
+    """Appends tokens to SPLIT_000000.bin.tmp, SPLIT_000001.bin.tmp, ... as they arrive (never
+    more than one batch in memory), cutting a new file every shard_tokens tokens. A finished
+    file gets its header, then its final name."""
+
     def __init__(self, out, split, dtype, shard_tokens=SHARD_TOKENS):
-        self.out, self.split, self.dtype, self.shard_tokens = out, split, dtype, shard_tokens
-        self.buffer, self.buffered, self.paths, self.tokens = [], 0, [], 0
+        self.out, self.split, self.dtype, self.shard_tokens = out, split, np.dtype(dtype), shard_tokens
+        self.file, self.in_file, self.paths, self.tokens = None, 0, [], 0
 
     def add(self, tokens):
-        self.buffer.append(np.asarray(tokens, self.dtype))
-        self.buffered += len(tokens)
+        tokens = np.asarray(tokens).astype(self.dtype.newbyteorder('<'))
         self.tokens += len(tokens)
-        while self.buffered >= self.shard_tokens:
-            self.flush(self.shard_tokens)
+        while len(tokens):
+            if self.file is None:
+                self.start()
+            take = tokens[:self.shard_tokens - self.in_file]
+            self.file.write(take.tobytes())
+            self.in_file += len(take)
+            tokens = tokens[len(take):]
+            if self.in_file == self.shard_tokens:
+                self.finish()
 
-    def flush(self, n=None):
-        data = np.concatenate(self.buffer) if self.buffer else np.zeros(0, self.dtype)
-        n = len(data) if n is None else n
-        path = os.path.join(self.out, f'{self.split}_{len(self.paths):06d}.bin')
-        write_shard(path, data[:n], self.dtype)
-        self.paths.append(path)
-        self.buffer, self.buffered = [data[n:]], len(data) - n
+    def finish(self):
+        magic, version = MAGIC[self.dtype.type]
+        header = np.zeros(256, '<i4')
+        header[:3] = magic, version, self.in_file
+        self.file.seek(0)
+        self.file.write(header.tobytes())
+        self.file.close()
+        os.replace(self.path + '.tmp', self.path)
+        self.paths.append(self.path)
+        self.file = None
+
+    def start(self):
+        self.path = os.path.join(self.out, f'{self.split}_{len(self.paths):06d}.bin')
+        self.file, self.in_file = open(self.path + '.tmp', 'wb'), 0
+        self.file.write(b'\0' * 1024)  # header placeholder, filled in by finish()
 
     def close(self):
-        if self.buffered or not self.paths:
-            self.flush()
+        if self.file is None and not self.paths:  # no tokens at all: still one (empty) shard
+            self.start()
+        if self.file is not None:
+            self.finish()
         return self.paths
 
 
@@ -242,7 +256,7 @@ def _encode(chunk):
 
 def tokenize(chunks, tokenizer, writer, workers=None):
     """Tokenize an iterable of chunks (lists of (text, eot_before)) in parallel into writer."""
-    workers = workers or os.cpu_count()
+    workers = workers or os.cpu_count()  # one process per core
     in_bytes, t0 = 0, time.time()
     spawn = multiprocessing.get_context('spawn')  # fork is unsafe if the caller runs threads (JAX)
     with ProcessPoolExecutor(workers, spawn, initializer=_init_worker, initargs=(tokenizer,)) as pool:
@@ -382,7 +396,7 @@ def prepare_text(dataset, args, out):
     for split in ('train', 'val'):
         writer = ShardWriter(out, split, dtype, int(args.get('shard_tokens', SHARD_TOKENS)))
         pieces = read_documents(paths[split], split_at_eot=(dataset == 'tinystories'))
-        n_bytes, seconds = tokenize(chunked(pieces), tokenizer, writer)
+        n_bytes, seconds = tokenize(chunked(pieces), tokenizer, writer, int(args.get('workers', 0)))
         shards = writer.close()
         splits[split] = {'tokens': writer.tokens, 'bytes': n_bytes, 'shards': [os.path.basename(p) for p in shards]}
         print(f'{split}: {writer.tokens:,} tokens from {n_bytes / 1e6:,.1f} MB in {seconds:.1f}s '
@@ -440,6 +454,8 @@ def prepare(dataset, args):
     if not os.access(out, os.W_OK):
         raise PrepareError(f'--out={out}: directory is not writable')
     meta = (prepare_tokens if 'tokens' in DATASETS[dataset] else prepare_text)(dataset, args, out)
+    mine, child = (resource.getrusage(who).ru_maxrss / 1024 for who in (resource.RUSAGE_SELF, resource.RUSAGE_CHILDREN))
+    print(f'peak memory: {mine:.0f} MB in this process, {child:.0f} MB in the largest worker')
     with open(meta_path + '.tmp', 'w') as f:
         json.dump(meta, f, indent=1)
     os.replace(meta_path + '.tmp', meta_path)  # meta.json last: its presence means "complete"
@@ -447,7 +463,7 @@ def prepare(dataset, args):
     return out
 
 
-FLAGS = ('tokenizer', 'out', 'input', 'val_fraction', 'shards', 'allow_http', 'shard_tokens')
+FLAGS = ('tokenizer', 'out', 'input', 'val_fraction', 'shards', 'allow_http', 'shard_tokens', 'workers')
 
 
 def main(argv):
