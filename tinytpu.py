@@ -20,6 +20,7 @@ import math
 import os
 import queue
 import shutil
+import signal
 import sys
 import threading
 import time
@@ -113,6 +114,16 @@ MODEL_FIELDS = ('n_layer', 'd_model', 'n_head', 'n_kv_head', 'd_head', 'd_ff', '
 
 class UserError(Exception):
     """A mistake the user can fix: printed as one line, exit code 2."""
+    code = 2
+
+
+class CorruptCheckpoint(UserError):
+    """A checkpoint whose files are damaged (truncated, wrong checksum, unreadable)."""
+
+
+class Diverged(UserError):
+    """The loss or gradients became NaN or inf. Exit code 3."""
+    code = 3
 
 
 def parse_flags(argv):
@@ -577,29 +588,48 @@ def save_checkpoint(out, state, c, meta_extra):
     if os.path.exists(final):
         return final
     tmp = os.path.join(out, f'.tmp_ckpt_{step:08d}_{os.getpid()}')
-    shutil.rmtree(tmp, ignore_errors=True)
-    os.makedirs(tmp)
-    arrays = flatten(jax.device_get(state))
-    npz = os.path.join(tmp, 'state.npz')
-    with open(npz, 'wb') as f:
-        np.savez(f, **arrays)
-        f.flush()
-        os.fsync(f.fileno())
-    meta = {'format': 1, 'step': step, 'config': dataclasses.asdict(c), **meta_extra,
-            'state_bytes': os.path.getsize(npz), 'state_sha256': sha256(npz)}
-    with open(os.path.join(tmp, 'meta.json'), 'w') as f:
-        json.dump(meta, f, indent=1)
-        f.flush()
-        os.fsync(f.fileno())
-    os.rename(tmp, final)  # atomic: readers see the whole checkpoint or none of it
+    try:
+        os.makedirs(tmp)
+        npz = os.path.join(tmp, 'state.npz')
+        with open(npz, 'wb') as f:
+            np.savez(f, **flatten(jax.device_get(state)))
+            f.flush()
+            os.fsync(f.fileno())
+        meta = {'format': 1, 'step': step, 'config': dataclasses.asdict(c), **meta_extra,
+                'state_bytes': os.path.getsize(npz), 'state_sha256': sha256(npz)}
+        with open(os.path.join(tmp, 'meta.json'), 'w') as f:
+            json.dump(meta, f, indent=1)
+            f.flush()
+            os.fsync(f.fileno())
+        os.rename(tmp, final)  # atomic: readers see the whole checkpoint or none of it
+    except OSError as e:
+        shutil.rmtree(tmp, ignore_errors=True)
+        raise UserError(f'{out}: could not write the step-{step} checkpoint ({e.strerror or e}); '
+                        'the previous checkpoint is intact; free some space and resume')
     for _, old in list_checkpoints(out)[:-c.keep_ckpts]:
         shutil.rmtree(old)
     return final
 
 
+def checkpoint_files(path):
+    """meta.json and state.npz of a checkpoint directory, refusing symlinks anywhere in it: a
+    checkpoint is read only from the directory it appears to be in."""
+    files = [os.path.join(path, 'meta.json'), os.path.join(path, 'state.npz')]
+    for p in [path] + files:
+        if os.path.islink(p):
+            raise UserError(f'{p} is a symbolic link; refusing to load checkpoints through links')
+    return files
+
+
 def read_checkpoint_meta(path):
-    with open(os.path.join(path, 'meta.json')) as f:
-        return json.load(f)
+    meta_path, _ = checkpoint_files(path)
+    try:
+        with open(meta_path) as f:
+            meta = json.load(f)
+        meta['config'], meta['state_bytes'], meta['state_sha256']  # noqa: B018 (must exist)
+        return meta
+    except (OSError, ValueError, KeyError, TypeError) as e:
+        raise CorruptCheckpoint(f'{meta_path}: not a tinytpu checkpoint ({type(e).__name__})')
 
 
 def check_compatible(meta, c, path):
@@ -614,13 +644,14 @@ def check_compatible(meta, c, path):
 def load_checkpoint(path, template):
     """Read state.npz into the structure (and dtypes) of `template`, checking size and hash."""
     meta = read_checkpoint_meta(path)
-    npz = os.path.join(path, 'state.npz')
-    if os.path.getsize(npz) != meta['state_bytes'] or sha256(npz) != meta['state_sha256']:
-        raise UserError(f'{npz}: size or checksum does not match its meta.json (corrupt checkpoint); '
-                        'delete that directory to resume from the previous one')
-    with np.load(npz, allow_pickle=False) as f:
-        flat = {k: f[k] for k in f.files}
-    state = unflatten_like(template, flat)
+    _, npz = checkpoint_files(path)
+    if not os.path.exists(npz) or os.path.getsize(npz) != meta['state_bytes'] or sha256(npz) != meta['state_sha256']:
+        raise CorruptCheckpoint(f'{npz}: missing, truncated or not matching its checksum')
+    try:
+        with np.load(npz, allow_pickle=False) as f:  # no pickle: loading runs no code
+            state = unflatten_like(template, {k: f[k] for k in f.files})
+    except (OSError, ValueError, KeyError) as e:
+        raise CorruptCheckpoint(f'{npz}: unreadable ({type(e).__name__}: {e})')
     for a, b in zip(jax.tree.leaves(state), jax.tree.leaves(template)):
         if a.shape != b.shape:
             raise UserError(f'{npz}: array shape {a.shape} does not match the model ({b.shape})')
@@ -730,37 +761,108 @@ def log_line(r):
     return s + f" | {time.strftime('%H:%M:%S', time.gmtime(r['elapsed']))}"
 
 
-def train(c):
+class Preempted(Exception):
+    """Training stopped on SIGTERM/SIGINT after saving a checkpoint. Exit code 128 + signal."""
+
+
+class StopSignal:
+    """While active, the first SIGTERM or SIGINT (Ctrl-C) asks training to stop after the current
+    step, with a checkpoint; a second one stops at once. Checkpoints are written atomically, so
+    stopping at any moment leaves the previous one intact. Preemptible TPUs get SIGTERM."""
+
+    def __enter__(self):
+        self.signum, self.saved = None, {}
+        if threading.current_thread() is threading.main_thread():  # only it may set handlers
+            self.saved = {s: signal.signal(s, self.handle) for s in (signal.SIGTERM, signal.SIGINT)}
+        return self
+
+    def handle(self, signum, frame):
+        if self.signum is not None:
+            raise KeyboardInterrupt
+        self.signum = signum
+        print(f'\n{signal.Signals(signum).name}: finishing this step and saving a checkpoint '
+              '(send it again to stop at once)', flush=True)
+
+    def __exit__(self, *exc):
+        for s, handler in self.saved.items():
+            signal.signal(s, handler)
+
+
+@jax.jit
+def all_finite(tree):
+    return jnp.all(jnp.stack([jnp.all(jnp.isfinite(x)) for x in jax.tree.leaves(tree)]))
+
+
+def check_finite(stats, step, c):
+    """Stop on a NaN or inf loss or gradient: training on garbage only wastes money."""
+    loss, grad_norm = float(stats['loss']), float(stats['grad_norm'])
+    if not (math.isfinite(loss) and math.isfinite(grad_norm)):
+        raise Diverged(f'training diverged at step {step}: loss {loss}, grad norm {grad_norm}. The last '
+                       f'good checkpoint in {c.out} is kept; delete it to start over, or resume from it '
+                       f'with a lower --lr (now {c.lr:g}), more --warmup_steps (now {c.warmup_steps}) or '
+                       f'--grad_clip=1 (now {c.grad_clip:g})')
+
+
+def restore(c, template):
+    """The newest loadable checkpoint in c.out as (state, path), or (template, None) if there is
+    none. A corrupt one (bad checksum, truncated) is skipped with a warning."""
+    checkpoints, problems = list_checkpoints(c.out), []
+    for _, path in reversed(checkpoints):
+        try:
+            check_compatible(read_checkpoint_meta(path), c, path)
+            state = load_checkpoint(path, template)
+        except CorruptCheckpoint as e:
+            problems.append(str(e))
+            continue
+        for problem in problems:
+            print(f'warning: {problem}; using the previous checkpoint', file=sys.stderr)
+        return state, path
+    if checkpoints:
+        raise UserError(f'{problems[0]}; and no older checkpoint in --out={c.out} loads: move them '
+                        'away to start over, or use a new --out')
+    return template, None
+
+
+def start_run(c):
+    """Data, output directory, mesh, and the state to start from (fresh or resumed)."""
     train_windows, val_windows, meta = load_data(c)
     if 'vocab_size' in meta:
         c = dataclasses.replace(c, vocab_size=int(meta['vocab_size']))
     validate(c)
-    os.makedirs(c.out, exist_ok=True)
+    try:
+        os.makedirs(c.out, exist_ok=True)
+    except OSError as e:
+        raise UserError(f'--out={c.out}: cannot create the directory ({e.strerror}); choose another --out')
     if not os.access(c.out, os.W_OK):
         raise UserError(f'--out={c.out}: directory is not writable; choose another --out')
+    for stale in glob.glob(os.path.join(c.out, '.tmp_ckpt_*')):  # left by a crash mid-save
+        shutil.rmtree(stale, ignore_errors=True)
     mesh = make_mesh(c)
     params = init_params(c, jax.random.key(c.seed))
-    opt = adamw_init(params)
-    n_params = count_params(params)
     print(f'tinytpu | preset {c.preset} | {jax.default_backend()} x{mesh.size} '
-          f'({jax.devices()[0].device_kind}) | {n_params / 1e6:.2f}M params | dtype '
+          f'({jax.devices()[0].device_kind}) | {count_params(params) / 1e6:.2f}M params | dtype '
           f'{jnp.dtype(compute_dtype(c)).name} | data {c.data} -> {c.out}')
-
-    checkpoints = list_checkpoints(c.out)
-    if checkpoints:
-        path = checkpoints[-1][1]
-        check_compatible(read_checkpoint_meta(path), c, path)
-        state = load_checkpoint(path, {'params': params, 'opt': opt})
-        params, opt = state['params'], state['opt']
+    state, path = restore(c, {'params': params, 'opt': adamw_init(params)})
+    if path:
         print(f'resuming from {path}')
-    params, opt = replicate((params, opt), mesh)
+    return c, mesh, replicate(state, mesh), (train_windows, val_windows, meta)
+
+
+def trim_log(path, step):
+    """Drop log records past `step`, the checkpoint we resume from."""
+    if os.path.exists(path):
+        with open(path) as f:
+            kept = [line for line in f if json.loads(line)['step'] <= step]
+        with open(path, 'w') as f:
+            f.writelines(kept)
+
+
+def train(c):
+    c, mesh, state, (train_windows, val_windows, meta) = start_run(c)
+    params, opt = state['params'], state['opt']
     start = int(opt['step'])
     log_path = os.path.join(c.out, 'log.jsonl')
-    if os.path.exists(log_path):  # drop records past the checkpoint we resume from
-        with open(log_path) as f:
-            kept = [line for line in f if json.loads(line)['step'] <= start]
-        with open(log_path, 'w') as f:
-            f.writelines(kept)
+    trim_log(log_path, start)
     if start >= c.steps:
         print(f'already trained {start} steps (--steps={c.steps}); nothing to do')
         return params
@@ -775,20 +877,19 @@ def train(c):
         return batch
 
     batches = prefetch(make_batch, start)
-    tokens_per_step = c.batch_size * c.seq_len
-    peak = peak_flops()
-    flops = flops_per_token(c)
+    tokens_per_step, flops, peak = c.batch_size * c.seq_len, flops_per_token(c), peak_flops()
     meta_extra = {'tokenizer': meta.get('tokenizer'), 'eot_id': meta.get('eot_id')}
     t_start = time.time()
     t_last, step_last = None, start
-    with open(log_path, 'a') as log:
+    with StopSignal() as stop, open(log_path, 'a') as log:
         previous = None
         for step in range(start, c.steps):
             params, opt, stats = train_step(params, opt, shard_batch(next(batches), mesh), c)
-            # Keep at most one step queued behind the running one: the host stays ahead of the
-            # device without piling up work (on CPU, a deep queue of steps whose all-reduces wait
-            # on each other can deadlock XLA's shared thread pool).
-            jax.block_until_ready(previous)
+            # Wait for the step before this one (keeping at most one queued behind the running
+            # step: on CPU a deep queue of all-reduces can deadlock XLA's shared thread pool)
+            # and check it did not diverge.
+            if previous is not None:
+                check_finite(jax.device_get(previous), step, c)
             previous = stats
             done = step + 1
             if t_last is None:  # the first step compiles: time from its end
@@ -808,22 +909,36 @@ def train(c):
                           'elapsed': now - t_start}
                 print(log_line(record))
             if done % c.eval_every == 0 or done == c.steps:
-                val_loss = float(eval_loss(params, vals, c))
-                record |= {'step': done, 'val_loss': val_loss}
-                line = f'step {done:6d} | val loss {val_loss:.4f}'
-                if meta.get('bytes_per_token'):
-                    record['val_bpb'] = val_loss / math.log(2) / meta['bytes_per_token']
-                    line += f" | val bits/byte {record['val_bpb']:.4f}"
-                print(line)
+                record |= evaluate(params, vals, c, meta, done)
             if record:
                 log.write(json.dumps(record) + '\n')
                 log.flush()
-            if done % c.ckpt_every == 0 or done == c.steps:
+            if done % c.ckpt_every == 0 or done == c.steps or stop.signum:
+                check_finite(jax.device_get(stats), done, c)
+                if not all_finite(params):  # never write NaNs into a checkpoint
+                    raise Diverged(f'training diverged at step {done}: parameters are not finite. '
+                                   f'The last good checkpoint in {c.out} is kept; try a lower --lr')
                 path = save_checkpoint(c.out, {'params': params, 'opt': opt}, c, meta_extra)
-                print(f'saved {path}')
+                print(f'saved {path}', flush=True)
+                if stop.signum:
+                    raise Preempted(f'stopped by {signal.Signals(stop.signum).name} after step {done}; '
+                                    f'checkpoint saved in {path}; run the same command to resume', stop.signum)
             if record:
                 t_last = time.time()  # keep eval and checkpoint time out of ms/step
     return params
+
+
+def evaluate(params, vals, c, meta, step):
+    """Validation loss over the fixed val batches (and bits per byte when meta.json says how
+    many bytes a token is): printed, and returned as log fields."""
+    val_loss = float(eval_loss(params, vals, c))
+    record = {'step': step, 'val_loss': val_loss}
+    line = f'step {step:6d} | val loss {val_loss:.4f}'
+    if meta.get('bytes_per_token'):
+        record['val_bpb'] = val_loss / math.log(2) / meta['bytes_per_token']
+        line += f" | val bits/byte {record['val_bpb']:.4f}"
+    print(line)
+    return record
 
 
 # ----------------------------------------------------------------------------------------------
@@ -888,11 +1003,17 @@ def sample(c, explicit):
     checkpoints = list_checkpoints(c.out)
     if not checkpoints:
         raise UserError(f'--out={c.out}: no checkpoint found; train first: python tinytpu.py --out={c.out}')
-    path = checkpoints[-1][1]
-    meta = read_checkpoint_meta(path)
-    saved = {k: v for k, v in meta['config'].items() if k not in explicit}
+    config = {}
+    for _, path in reversed(checkpoints):  # the model shape, from the newest readable meta.json
+        try:
+            config = read_checkpoint_meta(path)['config']
+            break
+        except CorruptCheckpoint:
+            pass  # restore() below falls back past it with a warning, or explains
+    saved = {k: v for k, v in config.items() if k not in explicit}
     c = validate(dataclasses.replace(c, **saved))
-    params = load_checkpoint(path, {'params': init_params(c, jax.random.key(0))})['params']
+    state, path = restore(c, {'params': init_params(c, jax.random.key(0))})
+    params, meta = state['params'], read_checkpoint_meta(path)
     if not meta.get('tokenizer'):
         raise UserError(f'{path}: the training data had no meta.json naming a tokenizer')
     from prepare import get_encoding
@@ -953,7 +1074,14 @@ def main(argv):
             sample(c, set(flags) - set(MODEL_FIELDS))
     except UserError as e:
         print(f'error: {e}', file=sys.stderr)
-        return 2
+        return e.code
+    except Preempted as e:
+        message, signum = e.args
+        print(message, file=sys.stderr)
+        return 128 + signum
+    except KeyboardInterrupt:
+        print(f'\ninterrupted; the last checkpoint in --out is intact', file=sys.stderr)
+        return 130
     return 0
 
 

@@ -1,0 +1,264 @@
+"""Nothing lost: signals, crashes mid-save, corrupt checkpoints, divergence, bad inputs, unsafe
+files. Every bad input gives one line naming the file or flag, a non-zero exit, and leaves the
+output directory exactly as it was."""
+import hashlib
+import json
+import os
+import random
+import signal
+import subprocess
+import sys
+
+import jax
+import numpy as np
+import pytest
+
+import tinytpu as tt
+from conftest import ROOT, run_cli, tiny_config, write_shard
+
+TINY = ['--n_layer=2', '--d_model=32', '--n_head=2', '--n_kv_head=1', '--seq_len=16', '--context=16',
+        '--batch_size=4', '--eval_batches=2', '--log_every=1', '--eval_every=100000', '--ckpt_every=100000']
+
+
+def snapshot(directory):
+    """{relative path: sha256} of every file below directory (empty if it does not exist)."""
+    out = {}
+    for dirpath, _, files in os.walk(directory):
+        for name in files:
+            path = os.path.join(dirpath, name)
+            out[os.path.relpath(path, directory)] = hashlib.sha256(open(path, 'rb').read()).hexdigest()
+    return out
+
+
+def final_state(out):
+    step, path = tt.list_checkpoints(out)[-1]
+    with np.load(os.path.join(path, 'state.npz'), allow_pickle=False) as f:
+        return step, {k: f[k] for k in f.files}
+
+
+def train_cli(data, out, steps, *extra):
+    return [sys.executable, os.path.join(ROOT, 'tinytpu.py'), f'--data={data}', f'--out={out}',
+            f'--steps={steps}', *TINY, *extra]
+
+
+def interrupt(cmd, signals, delay):
+    """Start training, wait until it has compiled and run, then send `signals` `delay` s apart."""
+    p = subprocess.Popen(cmd, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True, cwd=ROOT)
+    for line in p.stdout:
+        if line.startswith('compiled') or 'nothing to do' in line:
+            break
+    import time
+    time.sleep(delay)
+    for s in signals:
+        if p.poll() is None:
+            p.send_signal(s)
+    out, err = p.communicate(timeout=120)
+    return p.returncode, err
+
+
+def test_soak_random_preemptions_end_bitwise_equal(byte_data, tmp_path):
+    """A run stopped by SIGTERM or Ctrl-C at random moments and resumed each time ends with
+    exactly the params and optimizer state of an uninterrupted run."""
+    steps = 300
+    r = subprocess.run(train_cli(byte_data, tmp_path / 'whole', steps), capture_output=True, text=True, cwd=ROOT)
+    assert r.returncode == 0, r.stderr
+    rng = random.Random(0)
+    codes = []
+    for attempt in range(4):
+        sig = rng.choice([signal.SIGTERM, signal.SIGINT])
+        code, err = interrupt(train_cli(byte_data, tmp_path / 'pieces', steps), [sig], rng.uniform(0.0, 0.2))
+        codes.append(code)
+        if code == 0:
+            break
+        assert code == 128 + sig, err
+        assert f'stopped by {sig.name} after step' in err and 'run the same command to resume' in err
+    assert len([c for c in codes if c != 0]) >= 3, codes  # it really was interrupted several times
+    r = subprocess.run(train_cli(byte_data, tmp_path / 'pieces', steps), capture_output=True, text=True, cwd=ROOT)
+    assert r.returncode == 0, r.stderr
+    (s1, a), (s2, b) = final_state(tmp_path / 'whole'), final_state(tmp_path / 'pieces')
+    assert s1 == s2 == steps and a.keys() == b.keys()
+    for k in a:
+        assert np.array_equal(a[k], b[k]), k
+
+
+def test_second_signal_stops_at_once(monkeypatch, capsys):
+    """The first SIGINT/SIGTERM only sets a flag; a second raises KeyboardInterrupt at once, which
+    the command line turns into exit code 130 (checkpoints being atomic, the last one is intact)."""
+    with tt.StopSignal() as stop:
+        signal.raise_signal(signal.SIGTERM)
+        assert stop.signum == signal.SIGTERM
+        with pytest.raises(KeyboardInterrupt):
+            signal.raise_signal(signal.SIGINT)
+    assert signal.getsignal(signal.SIGINT) is signal.default_int_handler  # handlers restored
+
+    def interrupted(c):
+        raise KeyboardInterrupt
+
+    monkeypatch.setattr(tt, 'train', interrupted)
+    assert tt.main(['--steps=5']) == 130
+    assert 'interrupted; the last checkpoint in --out is intact' in capsys.readouterr().err
+
+
+def tiny_shape():
+    return dict(n_layer=2, d_model=32, n_head=2, n_kv_head=1, seq_len=16, context=16, batch_size=4)
+
+
+def template():
+    c = tiny_config(**tiny_shape())
+    params = tt.init_params(c, jax.random.key(0))
+    return {'params': params, 'opt': tt.adamw_init(params)}
+
+
+def make_checkpoints(out, steps=(1, 2)):
+    c = tiny_config(out=str(out), **tiny_shape())
+    state = template()
+    for step in steps:
+        state['opt']['step'] = np.int32(step)
+        tt.save_checkpoint(str(out), state, c, {'tokenizer': 'byte'})
+    return c
+
+
+def test_corrupt_latest_checkpoint_falls_back_with_warning(tmp_path, capsys):
+    c = make_checkpoints(tmp_path)
+    npz = tmp_path / 'ckpt_00000002' / 'state.npz'
+    npz.write_bytes(npz.read_bytes()[:1000])  # truncated, as by a crash or a full disk
+    state, path = tt.restore(c, template())
+    assert path.endswith('ckpt_00000001') and int(state['opt']['step']) == 1
+    assert 'ckpt_00000002/state.npz: missing, truncated' in capsys.readouterr().err
+    (tmp_path / 'ckpt_00000001' / 'meta.json').write_text('{not json')  # and a garbage one
+    with pytest.raises(tt.UserError, match='and no older checkpoint'):
+        tt.restore(c, template())
+
+
+def test_crash_mid_save_leaves_previous_checkpoint(byte_data, tmp_path, monkeypatch):
+    """A full disk during a save: a one-line error, no partial checkpoint, the previous one
+    intact. A temp directory left by a killed process is cleaned up by the next run."""
+    c = make_checkpoints(tmp_path, steps=(1,))
+    before = snapshot(tmp_path)
+
+    def disk_full(*a, **k):
+        raise OSError(28, 'No space left on device')
+
+    monkeypatch.setattr(tt.np, 'savez', disk_full)
+    state = template()
+    state['opt']['step'] = np.int32(2)
+    with pytest.raises(tt.UserError, match='could not write the step-2 checkpoint .No space left on device.'):
+        tt.save_checkpoint(str(tmp_path), state, c, {})
+    assert snapshot(tmp_path) == before
+    monkeypatch.undo()
+    (tmp_path / '.tmp_ckpt_00000003_999').mkdir()  # as left by SIGKILL mid-save
+    (tmp_path / '.tmp_ckpt_00000003_999' / 'state.npz').write_bytes(b'half')
+    tt.train(tiny_config(data=byte_data, out=str(tmp_path), steps=3, **tiny_shape()))
+    assert not (tmp_path / '.tmp_ckpt_00000003_999').exists()
+    assert [s for s, _ in tt.list_checkpoints(str(tmp_path))] == [1, 3]
+
+
+def test_divergence_stops_with_advice_and_no_nan_checkpoint(byte_data, tmp_path):
+    out = tmp_path / 'out'
+    r = run_cli(f'--data={byte_data}', f'--out={out}', '--steps=50', *TINY, '--ckpt_every=1', '--lr=1e30',
+                '--warmup_steps=0')
+    assert r.returncode == 3, r.stderr
+    assert r.stderr.count('\n') == 1 and 'training diverged at step' in r.stderr and '--lr' in r.stderr
+    saved = tt.list_checkpoints(str(out))
+    assert saved  # the good ones before it are kept...
+    for _, path in saved:  # ...and none holds a NaN or inf
+        with np.load(os.path.join(path, 'state.npz')) as f:
+            assert all(np.isfinite(f[k]).all() for k in f.files)
+
+
+def bad_data(tmp_path, kind):
+    d = tmp_path / kind
+    d.mkdir()
+    tokens = np.arange(2000) % 250
+    train, val = dict(), dict()
+    if kind == 'magic':
+        train = dict(magic=123)
+    elif kind == 'version':
+        val = dict(version=9)
+    elif kind == 'size':
+        train = dict(count=5000)
+    elif kind == 'vocab':
+        tokens = np.arange(2000) % 300
+    if kind == 'short':
+        tokens = tokens[:10]
+    if kind != 'empty':
+        write_shard(d / 'train_000000.bin', tokens, **train)
+        if kind != 'noval':
+            write_shard(d / 'val_000000.bin', tokens, **val)
+        (d / 'meta.json').write_text(json.dumps({'tokenizer': 'byte', 'vocab_size': 257, 'eot_id': 256}))
+    return d
+
+
+@pytest.mark.parametrize('kind, message', [
+    ('empty', 'no train_*.bin files; create them with `python prepare.py'),
+    ('noval', 'no val_*.bin files'),
+    ('magic', 'train_000000.bin: not a token shard (magic 123'),
+    ('version', 'val_000000.bin: unsupported shard version 9'),
+    ('size', 'train_000000.bin: header says 5000 tokens'),
+    ('short', 'fewer tokens than one window of 17'),
+    ('vocab', 'holds token id 299 but the vocabulary has 257 tokens'),
+])
+def test_bad_data_is_one_line_and_changes_nothing(tmp_path, kind, message):
+    out = tmp_path / 'out'
+    make_checkpoints(out, steps=(1,))  # an existing run must stay untouched
+    before = snapshot(out)
+    r = run_cli(f'--data={bad_data(tmp_path, kind)}', f'--out={out}', '--steps=5', *TINY)
+    assert r.returncode == 2 and r.stderr.count('\n') == 1 and message in r.stderr, r.stderr
+    assert snapshot(out) == before
+
+
+@pytest.mark.parametrize('damage, message', [
+    ('truncate', 'state.npz: missing, truncated or not matching its checksum; and no older'),
+    ('garbage', 'meta.json: not a tinytpu checkpoint (JSONDecodeError); and no older'),
+    ('shape', 'was trained with --d_model=64'),
+])
+def test_bad_checkpoints_are_one_line_and_change_nothing(byte_data, tmp_path, damage, message):
+    out = tmp_path / 'out'
+    make_checkpoints(out, steps=(1,))
+    path = out / 'ckpt_00000001'
+    if damage == 'truncate':
+        (path / 'state.npz').write_bytes((path / 'state.npz').read_bytes()[:500])
+    elif damage == 'garbage':
+        (path / 'meta.json').write_text('this is not a checkpoint')
+    else:
+        meta = json.loads((path / 'meta.json').read_text())
+        meta['config']['d_model'] = 64
+        (path / 'meta.json').write_text(json.dumps(meta))
+    before = snapshot(out)
+    r = run_cli(f'--data={byte_data}', f'--out={out}', '--steps=5', *TINY)
+    assert r.returncode == 2 and r.stderr.count('\n') == 1 and message in r.stderr, r.stderr
+    assert snapshot(out) == before
+    r = run_cli('sample', f'--out={out}', '--max_new_tokens=5')
+    assert r.returncode == 2 and r.stderr.count('\n') == 1 and str(path) in r.stderr, r.stderr
+
+
+def test_unwritable_output_and_bad_flags(byte_data, tmp_path):
+    blocker = tmp_path / 'a_file'
+    blocker.write_text('x')
+    for args, message in [([f'--out={blocker}/out'], f'--out={blocker}/out: cannot create the directory'),
+                          (['--steps=1.5'], '--steps=1.5: expected an int'),
+                          (['--lr'], '--lr needs a value'),
+                          (['--n_head=3'], 'not divisible')]:
+        r = run_cli(f'--data={byte_data}', f'--out={tmp_path / "o"}', *TINY, *args)
+        assert r.returncode == 2 and r.stderr.count('\n') == 1 and message in r.stderr, r.stderr
+    assert snapshot(tmp_path / 'o') == {}
+
+
+def test_symlinked_checkpoints_are_refused(tmp_path):
+    make_checkpoints(tmp_path / 'real', steps=(1,))
+    (tmp_path / 'out').mkdir()
+    os.symlink(tmp_path / 'real' / 'ckpt_00000001', tmp_path / 'out' / 'ckpt_00000005')
+    with pytest.raises(tt.UserError, match='is a symbolic link; refusing'):
+        tt.restore(tiny_config(out=str(tmp_path / 'out'), **tiny_shape()), template())
+    os.unlink(tmp_path / 'out' / 'ckpt_00000005')
+    (tmp_path / 'out' / 'ckpt_00000005').mkdir()
+    os.symlink(tmp_path / 'real' / 'ckpt_00000001' / 'state.npz', tmp_path / 'out' / 'ckpt_00000005' / 'state.npz')
+    os.symlink(tmp_path / 'real' / 'ckpt_00000001' / 'meta.json', tmp_path / 'out' / 'ckpt_00000005' / 'meta.json')
+    with pytest.raises(tt.UserError, match='is a symbolic link'):
+        tt.restore(tiny_config(out=str(tmp_path / 'out'), **tiny_shape()), template())
+
+
+def test_checkpoints_hold_no_pickles(tmp_path):
+    make_checkpoints(tmp_path, steps=(1,))
+    with np.load(tmp_path / 'ckpt_00000001' / 'state.npz', allow_pickle=False) as f:
+        assert all(f[k].dtype != object for k in f.files)
