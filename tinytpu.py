@@ -4,13 +4,13 @@ One file, read top to bottom: config -> model -> loss -> optimizer -> data -> ch
 train step -> train loop -> sampling -> command line. Three commands to try:
 
     python prepare.py shakespeare --tokenizer=byte       # 1.1 MB of Shakespeare as byte tokens
-    python tinytpu.py --preset=cpu                       # train a 0.8M-parameter model (~1 min)
+    python tinytpu.py --preset=cpu                       # train a 0.8M-parameter model (~1.5 min)
     python tinytpu.py sample --preset=cpu --prompt="ROMEO:"
 
 Dimension names used in einsum strings and comments (as in picodo):
     B batch, T time (query positions), S key positions, D d_model, N query heads,
-    K key/value heads, G query heads per K head (N = K*G), H head dim, F MLP hidden,
-    V padded vocabulary, L layers.
+    K key/value heads, J = N + 2K (query, key and value heads together), H head dim,
+    F MLP hidden, V padded vocabulary, L layers.
 """
 
 import dataclasses
@@ -312,7 +312,7 @@ def block(x, w, c, pos, rot, cache=None):
 
 def forward(params, tokens, c, cache=None, pos0=0):
     """tokens (B,T) int32 -> logits (B,T,V) fp32, padded vocab entries at -inf.
-    With `cache` (stacked per-layer k, v: (L,B,context,K,H)), tokens sit at positions pos0.. and
+    With `cache` (stacked per-layer k, v: (L,B,K,context,H)), tokens sit at positions pos0.. and
     the updated cache is returned too: that is how sampling avoids recomputing the prefix."""
     dt = compute_dtype(c)
     T = tokens.shape[1]
@@ -377,7 +377,7 @@ def loss_fn(params, batch, c):
 # Optimizer: AdamW written out with jax.tree.map, so the whole update is one expression over the
 # parameter tree that XLA fuses (a Python loop over leaves inside jit blocks that fusion).
 # Semantics match optax.chain(clip_by_global_norm, adamw): bias-corrected moments, and weight
-# decay lr * wd * p applied to matrices only (not to norm scales).
+# decay lr * wd * p applied to matrices only (not to per-channel vectors).
 
 
 def lr_schedule(step, c):
@@ -471,9 +471,9 @@ class TokenWindows:
         self.ends = np.cumsum([max(len(s) - window + 1, 0) for s in self.shards])
         self.count = int(self.ends[-1])
         if self.count == 0:
-            raise UserError(f'{os.path.dirname(paths[0])}: {paths[0].split("/")[-1][:3]} shards hold '
-                            f'fewer tokens than one window of {window} (seq_len + 1); use a smaller '
-                            '--seq_len or more data')
+            raise UserError(f'{os.path.dirname(paths[0])}: the {os.path.basename(paths[0]).split("_")[0]} '
+                            f'shards hold fewer tokens than one window of {window} (seq_len + 1); use a '
+                            'smaller --seq_len or more data')
 
     def get(self, idx):
         """Windows number idx (any int array) -> (len(idx), window) int32."""
@@ -718,7 +718,7 @@ def eval_loss(params, batches, c):
 # Hardware: peak dense bf16 FLOP/s per chip, for MFU (model FLOPs utilization = achieved model
 # FLOP/s over peak). Matched against jax.devices()[0].device_kind.
 
-PEAK_FLOPS = [  # (device_kind substring, peak FLOP/s, source)
+PEAK_FLOPS = [  # (device_kind substring, peak dense bf16 FLOP/s per chip), source in the comment
     ('TPU v6', 918e12),      # cloud.google.com/tpu/docs/v6e: 918 TFLOP/s bf16
     ('TPU v5 lite', 197e12), # cloud.google.com/tpu/docs/v5e: 197 TFLOP/s bf16
     ('TPU v5', 459e12),      # cloud.google.com/tpu/docs/v5p: 459 TFLOP/s bf16
@@ -730,12 +730,13 @@ PEAK_FLOPS = [  # (device_kind substring, peak FLOP/s, source)
 ]
 
 
-def peak_flops():
-    """Peak FLOP/s of one device, or None if unknown. On CPU: measured, a large fp32 matmul."""
+def peak_flops(n_devices=1):
+    """Peak FLOP/s of n_devices chips, or None if unknown. On CPU: measured with a large fp32
+    matmul, which already uses every core (however many virtual devices share them)."""
     kind = jax.devices()[0].device_kind
     for name, flops in PEAK_FLOPS:
         if name in kind:
-            return flops
+            return flops * n_devices
     if jax.default_backend() != 'cpu':
         return None
     n = 1024
@@ -877,7 +878,7 @@ def train(c):
         return batch
 
     batches = prefetch(make_batch, start)
-    tokens_per_step, flops, peak = c.batch_size * c.seq_len, flops_per_token(c), peak_flops()
+    tokens_per_step, flops, peak = c.batch_size * c.seq_len, flops_per_token(c), peak_flops(mesh.size)
     meta_extra = {'tokenizer': meta.get('tokenizer'), 'eot_id': meta.get('eot_id')}
     t_start = time.time()
     t_last, step_last = None, start
