@@ -850,10 +850,16 @@ def start_run(c):
 
 
 def trim_log(path, step):
-    """Drop log records past `step`, the checkpoint we resume from."""
+    """Drop log records past `step`, the checkpoint we resume from (and a line cut by a crash)."""
+    def keep(line):
+        try:
+            return json.loads(line)['step'] <= step
+        except (ValueError, KeyError, TypeError):
+            return False
+
     if os.path.exists(path):
         with open(path) as f:
-            kept = [line for line in f if json.loads(line)['step'] <= step]
+            kept = [line for line in f if keep(line)]
         with open(path, 'w') as f:
             f.writelines(kept)
 
