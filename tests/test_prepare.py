@@ -97,9 +97,9 @@ def test_404_and_no_network_are_one_line_errors(server, tmp_path):
         prepare.download(f'{url}/missing.txt', str(tmp_path / 'e.txt'), allow_http=True)
     with pytest.raises(prepare.PrepareError, match='plain http'):
         prepare.download(f'{url}/ok.txt', str(tmp_path / 'e.txt'))
-    r = run_cli('prepare.py', 'text', f'--input={url}/missing.txt', '--allow_http', f'--out={tmp_path / "o"}')
+    r = run_cli('prepare.py', 'text', f'--input={url}/missing.txt', '--allow_http', '--tokenizer=byte', f'--out={tmp_path / "o"}')
     assert r.returncode == 1 and r.stderr.count('\n') == 1 and 'HTTP 404' in r.stderr
-    r = run_cli('prepare.py', 'text', '--input=https://no-such-host.invalid/x.txt', f'--out={tmp_path / "o"}')
+    r = run_cli('prepare.py', 'text', '--input=https://no-such-host.invalid/x.txt', '--tokenizer=byte', f'--out={tmp_path / "o"}')
     assert r.returncode == 1 and r.stderr.count('\n') == 1 and 'pass --input=PATH' in r.stderr
 
 
