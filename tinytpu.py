@@ -77,6 +77,11 @@ class Config:
     grad_clip: float = _f(1.0, 'clip gradients to this global norm (0 = off)')
     dtype: str = _f('auto', 'matmul dtype: auto (bfloat16 on TPU/GPU, float32 on CPU), float32, bfloat16')
     cpu_devices: int = _f(2, 'CPU only: virtual devices to split each batch over (data parallel)')
+    fsdp: str = _f('auto', 'shard params and optimizer state over devices: auto (on for >1 TPU/GPU), true, false')
+    distributed: bool = _f(False, 'multi-host: call jax.distributed.initialize() first (TPU pod slices)')
+    coordinator: str = _f('', 'multi-host elsewhere: address:port of process 0 (implies --distributed)')
+    num_processes: int = _f(1, 'multi-host elsewhere: number of processes')
+    process_id: int = _f(0, 'multi-host elsewhere: this process, 0 .. num_processes - 1')
     seed: int = _f(1337, 'seed for initialization, data order and sampling')
     # logging, eval, checkpoints
     log_every: int = _f(100, 'print and log a progress line every this many steps')
@@ -193,6 +198,9 @@ def validate(c):
          '--temperature and --top_k must be >= 0, --top_p in (0, 1]'),
         (c.max_new_tokens >= 0, f'--max_new_tokens={c.max_new_tokens} must be >= 0'),
         (c.cpu_devices >= 1, f'--cpu_devices={c.cpu_devices} must be at least 1'),
+        (c.fsdp in ('auto', 'true', 'false'), f'--fsdp={c.fsdp}: choose auto, true or false'),
+        (0 <= c.process_id < c.num_processes,
+         f'--process_id={c.process_id} must be in 0 .. --num_processes - 1 ({c.num_processes - 1})'),
     ]
     for ok, message in checks:
         if not ok:
@@ -239,22 +247,33 @@ def compute_dtype(c):
 #   - Tied embeddings (GPT-2): for small models the embedding is a large share of params.
 
 
-def init_params(c, key):
-    """Normal(0, 0.02) weights as in GPT-2; residual-output projections scaled by 1/sqrt(2L)."""
+def param_specs(c):
+    """Every weight as (shape, init std, FSDP axis): GPT-2's Normal(0, 0.02), residual-output
+    projections scaled by 1/sqrt(2L). Block weights are stacked on a leading L axis. The FSDP axis
+    is the large dimension a weight (and its AdamW moments) is split along across devices."""
     L, D, N, K, H, F, V = c.n_layer, c.d_model, c.n_head, c.n_kv_head, head_dim(c), ff_dim(c), padded_vocab(c)
-    shapes = {  # name: (shape, init std)
-        'qkv': ((L, D, N + 2 * K, H), 0.02),  # q, k and v heads side by side: one matmul
-        'o': ((L, N, H, D), 0.02 / math.sqrt(2 * L)),
-        'up': ((L, D, F), 0.02), 'down': ((L, F, D), 0.02 / math.sqrt(2 * L)),
+    out_std = 0.02 / math.sqrt(2 * L)
+    layers = {
+        'qkv': ((L, D, N + 2 * K, H), 0.02, 1),  # q, k and v heads side by side: one matmul
+        'o': ((L, N, H, D), out_std, 3),
+        'up': ((L, D, F), 0.02, 2), 'down': ((L, F, D), out_std, 1),
     }
     if c.mlp == 'swiglu':
-        shapes['gate'] = ((L, D, F), 0.02)
-    keys = iter(jax.random.split(key, len(shapes) + 2))
-    layers = {name: std * jax.random.normal(next(keys), shape) for name, (shape, std) in shapes.items()}
-    params = {'embed': 0.02 * jax.random.normal(next(keys), (V, D)), 'layers': layers}
+        layers['gate'] = ((L, D, F), 0.02, 2)
+    specs = {'layers': layers, 'embed': ((V, D), 0.02, 0)}
     if not c.tie_embed:
-        params['unembed'] = 0.02 * jax.random.normal(next(keys), (D, V))
-    return params
+        specs['unembed'] = ((D, V), 0.02, 1)
+    return specs
+
+
+def spec_map(fn, specs):
+    """Apply fn(shape, std, axis) to every weight spec, keeping the nested-dict structure."""
+    return {k: spec_map(fn, v) if isinstance(v, dict) else fn(*v) for k, v in specs.items()}
+
+
+def init_params(c, key):
+    keys = iter(jax.random.split(key, len(param_specs(c)['layers']) + 2))
+    return spec_map(lambda shape, std, axis: std * jax.random.normal(next(keys), shape), param_specs(c))
 
 
 def rms_norm(x, eps=1e-6):
@@ -503,17 +522,18 @@ def load_data(c):
     return TokenWindows(splits['train'], c.seq_len + 1), TokenWindows(splits['val'], c.seq_len + 1), meta
 
 
-def train_batch(windows, c, k):
-    """Batch k: batch_size windows drawn with a generator seeded by (seed, k), reshaped into
-    (grad_accum, batch_size // grad_accum, seq_len + 1) microbatches."""
+def train_indices(windows, c, k):
+    """Which windows form batch k: batch_size draws from a generator seeded by (seed, k), as
+    (grad_accum, batch_size // grad_accum) microbatches. Cheap; the tokens are read later, by
+    each host for its own devices only."""
     idx = np.random.default_rng([c.seed, k]).integers(0, windows.count, size=c.batch_size)
-    return windows.get(idx).reshape(c.grad_accum, c.batch_size // c.grad_accum, -1)
+    return idx.reshape(c.grad_accum, c.batch_size // c.grad_accum)
 
 
-def val_batches(windows, c):
+def val_indices(windows, c):
     """A fixed validation set: eval_batches * batch_size windows spread evenly over the split."""
     idx = np.linspace(0, windows.count - 1, c.eval_batches * c.batch_size).astype(np.int64)
-    return windows.get(idx).reshape(c.eval_batches, c.batch_size, -1)
+    return idx.reshape(c.eval_batches, c.batch_size)
 
 
 def check_vocab(batch, c, what):
@@ -642,7 +662,8 @@ def check_compatible(meta, c, path):
 
 
 def load_checkpoint(path, template):
-    """Read state.npz into the structure (and dtypes) of `template`, checking size and hash."""
+    """Read state.npz into the structure (and dtypes) of `template` (arrays or shapes), checking
+    size and hash."""
     meta = read_checkpoint_meta(path)
     _, npz = checkpoint_files(path)
     if not os.path.exists(npz) or os.path.getsize(npz) != meta['state_bytes'] or sha256(npz) != meta['state_sha256']:
@@ -655,20 +676,23 @@ def load_checkpoint(path, template):
     for a, b in zip(jax.tree.leaves(state), jax.tree.leaves(template)):
         if a.shape != b.shape:
             raise UserError(f'{npz}: array shape {a.shape} does not match the model ({b.shape})')
-    return jax.tree.map(lambda a, b: jnp.asarray(a, b.dtype), state, template)
+    return jax.tree.map(lambda a, b: np.asarray(a, b.dtype), state, template)  # host arrays
 
 
 # ----------------------------------------------------------------------------------------------
-# Devices: one Mesh over the devices with a 'data' axis; each batch is split along it and the
-# params are replicated, so every device computes the gradient of its slice and XLA inserts the
-# all-reduce. On CPU this pays off too: XLA threads small matmuls poorly, and splitting the batch
-# over one virtual device per core (--cpu_devices) ran the quickstart 1.4x faster on 2 cores.
+# Devices: one Mesh over every device (of every host) with a 'data' axis. Each batch is split
+# along it, so every device computes the gradient of its slice. Params and AdamW moments are
+# either replicated (XLA all-reduces the gradients) or, with FSDP (ZeRO-3), split along one large
+# axis per weight, chosen in param_specs: XLA all-gathers each weight where it is used and
+# reduce-scatters its gradient, so a model too big for one chip trains on several. On CPU the
+# mesh pays off too: XLA threads small matmuls poorly, and splitting the batch over one virtual
+# device per core (--cpu_devices) ran the quickstart 1.4x faster on 2 cores.
 
 
 def make_mesh(c):
     devices = jax.devices()
     micro = c.batch_size // c.grad_accum
-    if jax.default_backend() == 'cpu':  # the most devices that split the microbatch evenly
+    if jax.default_backend() == 'cpu' and jax.process_count() == 1:  # the most that divide evenly
         n = max(d for d in range(1, len(devices) + 1) if micro % d == 0)
     elif micro % len(devices):
         raise UserError(f'--batch_size={c.batch_size} / --grad_accum={c.grad_accum} = {micro} '
@@ -678,13 +702,83 @@ def make_mesh(c):
     return Mesh(np.array(devices[:n]), ('data',))
 
 
-def shard_batch(batch, mesh):
-    """Place a (..., micro_batch, seq_len + 1) stack of batches split along micro_batch."""
-    return jax.device_put(batch, NamedSharding(mesh, P(*[None] * (batch.ndim - 2), 'data', None)))
+def use_fsdp(c, mesh):
+    return c.fsdp == 'true' or (c.fsdp == 'auto' and mesh.size > 1 and jax.default_backend() != 'cpu')
 
 
-def replicate(tree, mesh):
-    return jax.device_put(tree, NamedSharding(mesh, P()))
+def state_shardings(c, mesh):
+    """The NamedSharding of every array in {'params', 'opt'}."""
+    fsdp = use_fsdp(c, mesh)
+
+    def place(shape, std, axis):
+        if not fsdp:
+            return NamedSharding(mesh, P())
+        if shape[axis] % mesh.size:
+            raise UserError(f'--fsdp: a weight of shape {shape} cannot be split evenly over {mesh.size} '
+                            f'devices along axis {axis}; choose sizes divisible by {mesh.size} or --fsdp=false')
+        return NamedSharding(mesh, P(*[None] * axis, 'data'))
+
+    params = spec_map(place, param_specs(c))
+    return {'params': params, 'opt': {'step': NamedSharding(mesh, P()), 'mu': params, 'nu': params}}
+
+
+def fresh_state(c):
+    params = init_params(c, jax.random.key(c.seed))
+    return {'params': params, 'opt': adamw_init(params)}
+
+
+def place(tree, shardings):
+    """Host arrays -> device arrays in the given shardings; each device receives only its slice."""
+    return jax.tree.map(lambda x, s: jax.make_array_from_callback(x.shape, s, lambda i: x[i]), tree, shardings)
+
+
+def state_bytes_per_device(c, mesh):
+    """Bytes of params + AdamW state on one device, from the shardings (nothing is allocated)."""
+    shapes = jax.eval_shape(lambda: fresh_state(c))
+    return sum(int(np.prod(s.shard_shape(x.shape))) * x.dtype.itemsize for x, s in
+               zip(jax.tree.leaves(shapes), jax.tree.leaves(state_shardings(c, mesh))))
+
+
+def batch_sharding(mesh, ndim):
+    """A stack (..., micro_batch, seq_len + 1) of batches, split along micro_batch."""
+    return NamedSharding(mesh, P(*[None] * (ndim - 2), 'data', None))
+
+
+def local_blocks(windows, idx, mesh, c, what):
+    """The batch made of windows number idx (..., micro_batch), as the blocks this process's
+    devices hold: each host reads only its slice of every batch. -> [(device, tokens)]"""
+    shape = idx.shape + (windows.window,)
+    blocks = []
+    for device, index in batch_sharding(mesh, len(shape)).addressable_devices_indices_map(shape).items():
+        rows = idx[index[:-1]]
+        blocks.append((device, windows.get(rows.ravel()).reshape(rows.shape + (-1,))))
+        check_vocab(blocks[-1][1], c, what)
+    return blocks
+
+
+def put_batch(blocks, shape, mesh):
+    """Assemble the global batch array from this process's blocks (device_put in this thread)."""
+    arrays = [jax.device_put(tokens, device) for device, tokens in blocks]
+    return jax.make_array_from_single_device_arrays(shape, batch_sharding(mesh, len(shape)), arrays)
+
+
+def fetch(tree):
+    """Replicated device values (loss, norms) -> Python floats, on any host."""
+    return jax.tree.map(lambda x: float(x if isinstance(x, float) else np.asarray(x.addressable_data(0))), tree)
+
+
+def host_state(state):
+    """Every array gathered to host memory in full (from all hosts) for a checkpoint."""
+    if jax.process_count() > 1:
+        from jax.experimental import multihost_utils
+        return multihost_utils.process_allgather(state, tiled=True)
+    return jax.device_get(state)
+
+
+def say(*args, **kw):
+    """print, on process 0 only: a pod slice's other hosts train silently."""
+    if jax.process_index() == 0:
+        print(*args, **kw)
 
 
 # ----------------------------------------------------------------------------------------------
@@ -781,8 +875,8 @@ class StopSignal:
         if self.signum is not None:
             raise KeyboardInterrupt
         self.signum = signum
-        print(f'\n{signal.Signals(signum).name}: finishing this step and saving a checkpoint '
-              '(send it again to stop at once)', flush=True)
+        say(f'\n{signal.Signals(signum).name}: finishing this step and saving a checkpoint '
+            '(send it again to stop at once)', flush=True)
 
     def __exit__(self, *exc):
         for s, handler in self.saved.items():
@@ -796,7 +890,7 @@ def all_finite(tree):
 
 def check_finite(stats, step, c):
     """Stop on a NaN or inf loss or gradient: training on garbage only wastes money."""
-    loss, grad_norm = float(stats['loss']), float(stats['grad_norm'])
+    loss, grad_norm = stats['loss'], stats['grad_norm']
     if not (math.isfinite(loss) and math.isfinite(grad_norm)):
         raise Diverged(f'training diverged at step {step}: loss {loss}, grad norm {grad_norm}. The last '
                        f'good checkpoint in {c.out} is kept; delete it to start over, or resume from it '
@@ -816,7 +910,7 @@ def restore(c, template):
             problems.append(str(e))
             continue
         for problem in problems:
-            print(f'warning: {problem}; using the previous checkpoint', file=sys.stderr)
+            say(f'warning: {problem}; using the previous checkpoint', file=sys.stderr)
         return state, path
     if checkpoints:
         raise UserError(f'{problems[0]}; and no older checkpoint in --out={c.out} loads: move them '
@@ -825,7 +919,7 @@ def restore(c, template):
 
 
 def start_run(c):
-    """Data, output directory, mesh, and the state to start from (fresh or resumed)."""
+    """Data, output directory, mesh, and the state to start from (fresh or resumed), in place."""
     train_windows, val_windows, meta = load_data(c)
     if 'vocab_size' in meta:
         c = dataclasses.replace(c, vocab_size=int(meta['vocab_size']))
@@ -836,17 +930,24 @@ def start_run(c):
         raise UserError(f'--out={c.out}: cannot create the directory ({e.strerror}); choose another --out')
     if not os.access(c.out, os.W_OK):
         raise UserError(f'--out={c.out}: directory is not writable; choose another --out')
-    for stale in glob.glob(os.path.join(c.out, '.tmp_ckpt_*')):  # left by a crash mid-save
-        shutil.rmtree(stale, ignore_errors=True)
+    if jax.process_index() == 0:
+        for stale in glob.glob(os.path.join(c.out, '.tmp_ckpt_*')):  # left by a crash mid-save
+            shutil.rmtree(stale, ignore_errors=True)
     mesh = make_mesh(c)
-    params = init_params(c, jax.random.key(c.seed))
-    print(f'tinytpu | preset {c.preset} | {jax.default_backend()} x{mesh.size} '
-          f'({jax.devices()[0].device_kind}) | {count_params(params) / 1e6:.2f}M params | dtype '
-          f'{jnp.dtype(compute_dtype(c)).name} | data {c.data} -> {c.out}')
-    state, path = restore(c, {'params': params, 'opt': adamw_init(params)})
+    shardings = state_shardings(c, mesh)
+    shapes = jax.eval_shape(lambda: fresh_state(c))
+    say(f'tinytpu | preset {c.preset} | {jax.default_backend()} x{mesh.size} '
+        f'({jax.devices()[0].device_kind}{f", {jax.process_count()} hosts" if jax.process_count() > 1 else ""}) '
+        f'| {count_params(shapes["params"]) / 1e6:.2f}M params | dtype {jnp.dtype(compute_dtype(c)).name} '
+        f'| {"FSDP" if use_fsdp(c, mesh) else "replicated"}, {state_bytes_per_device(c, mesh) / 2**20:,.1f} MiB '
+        f'params+optimizer per device | data {c.data} -> {c.out}')
+    state, path = restore(c, shapes)
     if path:
-        print(f'resuming from {path}')
-    return c, mesh, replicate(state, mesh), (train_windows, val_windows, meta)
+        say(f'resuming from {path}')
+        state = place(state, shardings)
+    else:
+        state = jax.jit(lambda: fresh_state(c), out_shardings=shardings)()
+    return c, mesh, state, (train_windows, val_windows, meta)
 
 
 def trim_log(path, step):
@@ -867,84 +968,92 @@ def trim_log(path, step):
 def train(c):
     c, mesh, state, (train_windows, val_windows, meta) = start_run(c)
     params, opt = state['params'], state['opt']
-    start = int(opt['step'])
+    start = int(fetch(opt['step']))
+    main = jax.process_index() == 0  # only process 0 prints, logs and writes checkpoints
     log_path = os.path.join(c.out, 'log.jsonl')
-    trim_log(log_path, start)
+    if main:
+        trim_log(log_path, start)
     if start >= c.steps:
-        print(f'already trained {start} steps (--steps={c.steps}); nothing to do')
+        say(f'already trained {start} steps (--steps={c.steps}); nothing to do')
         return params
 
-    vals = val_batches(val_windows, c)
-    check_vocab(vals, c, 'val split')
-    vals = shard_batch(vals, mesh)
-
-    def make_batch(k):
-        batch = train_batch(train_windows, c, k)
-        check_vocab(batch, c, f'train batch {k}')
-        return batch
-
-    batches = prefetch(make_batch, start)
+    val_idx = val_indices(val_windows, c)
+    vals = put_batch(local_blocks(val_windows, val_idx, mesh, c, 'val split'), val_idx.shape + (c.seq_len + 1,), mesh)
+    batch_shape = (c.grad_accum, c.batch_size // c.grad_accum, c.seq_len + 1)
+    batches = prefetch(lambda k: local_blocks(train_windows, train_indices(train_windows, c, k), mesh, c,
+                                              f'train batch {k}'), start)
     tokens_per_step, flops, peak = c.batch_size * c.seq_len, flops_per_token(c), peak_flops(mesh.size)
     meta_extra = {'tokenizer': meta.get('tokenizer'), 'eot_id': meta.get('eot_id')}
     t_start = time.time()
     t_last, step_last = None, start
-    with StopSignal() as stop, open(log_path, 'a') as log:
+    with StopSignal() as stop, open(log_path, 'a') if main else open(os.devnull, 'w') as log:
         previous = None
         for step in range(start, c.steps):
-            params, opt, stats = train_step(params, opt, shard_batch(next(batches), mesh), c)
+            params, opt, stats = train_step(params, opt, put_batch(next(batches), batch_shape, mesh), c)
             # Wait for the step before this one (keeping at most one queued behind the running
             # step: on CPU a deep queue of all-reduces can deadlock XLA's shared thread pool)
             # and check it did not diverge.
             if previous is not None:
-                check_finite(jax.device_get(previous), step, c)
+                check_finite(fetch(previous), step, c)
             previous = stats
             done = step + 1
             if t_last is None:  # the first step compiles: time from its end
                 jax.block_until_ready(stats)
-                print(f'compiled the train step in {time.time() - t_start:.1f}s')
+                say(f'compiled the train step in {time.time() - t_start:.1f}s')
                 t_last, step_last = time.time(), done
             record = {}
             if done % c.log_every == 0 or done == c.steps:
-                stats = jax.device_get(stats)
+                stats = fetch(stats)
                 now = time.time()
                 dt = (now - t_last) / max(done - step_last, 1)
                 t_last, step_last = now, done
-                record = {'step': done, 'loss': float(stats['loss']), 'lr': float(stats['lr']),
-                          'grad_norm': float(stats['grad_norm']), 'ms_per_step': 1000 * dt,
+                record = {'step': done, 'loss': stats['loss'], 'lr': stats['lr'],
+                          'grad_norm': stats['grad_norm'], 'ms_per_step': 1000 * dt,
                           'tokens_per_sec': tokens_per_step / dt,
                           'mfu': flops * tokens_per_step / dt / peak if peak else None,
                           'elapsed': now - t_start}
-                print(log_line(record))
+                say(log_line(record))
             if done % c.eval_every == 0 or done == c.steps:
                 record |= evaluate(params, vals, c, meta, done)
             if record:
                 log.write(json.dumps(record) + '\n')
                 log.flush()
-            if done % c.ckpt_every == 0 or done == c.steps or stop.signum:
-                check_finite(jax.device_get(stats), done, c)
-                if not all_finite(params):  # never write NaNs into a checkpoint
+            stopping = stop_requested(stop)
+            if done % c.ckpt_every == 0 or done == c.steps or stopping:
+                check_finite(fetch(stats), done, c)
+                if not fetch(all_finite(params)):  # never write NaNs into a checkpoint
                     raise Diverged(f'training diverged at step {done}: parameters are not finite. '
                                    f'The last good checkpoint in {c.out} is kept; try a lower --lr')
-                path = save_checkpoint(c.out, {'params': params, 'opt': opt}, c, meta_extra)
-                print(f'saved {path}', flush=True)
-                if stop.signum:
-                    raise Preempted(f'stopped by {signal.Signals(stop.signum).name} after step {done}; '
-                                    f'checkpoint saved in {path}; run the same command to resume', stop.signum)
+                host = host_state({'params': params, 'opt': opt})  # every process takes part
+                path = save_checkpoint(c.out, host, c, meta_extra) if main else None
+                say(f'saved {path}', flush=True)
+                if stopping:
+                    raise Preempted(f'stopped by {signal.Signals(stopping).name} after step {done}; '
+                                    f'checkpoint saved in {c.out}; run the same command to resume', stopping)
             if record:
                 t_last = time.time()  # keep eval and checkpoint time out of ms/step
     return params
 
 
+def stop_requested(stop):
+    """The signal that asked to stop, or 0. On several hosts, any host's signal stops them all
+    at the same step (they must all take part in saving the checkpoint)."""
+    if jax.process_count() == 1:
+        return stop.signum or 0
+    from jax.experimental import multihost_utils
+    return int(multihost_utils.process_allgather(np.int32(stop.signum or 0)).max())
+
+
 def evaluate(params, vals, c, meta, step):
     """Validation loss over the fixed val batches (and bits per byte when meta.json says how
     many bytes a token is): printed, and returned as log fields."""
-    val_loss = float(eval_loss(params, vals, c))
+    val_loss = fetch(eval_loss(params, vals, c))
     record = {'step': step, 'val_loss': val_loss}
     line = f'step {step:6d} | val loss {val_loss:.4f}'
     if meta.get('bytes_per_token'):
         record['val_bpb'] = val_loss / math.log(2) / meta['bytes_per_token']
         line += f" | val bits/byte {record['val_bpb']:.4f}"
-    print(line)
+    say(line)
     return record
 
 
@@ -1019,8 +1128,8 @@ def sample(c, explicit):
             pass  # restore() below falls back past it with a warning, or explains
     saved = {k: v for k, v in config.items() if k not in explicit}
     c = validate(dataclasses.replace(c, **saved))
-    state, path = restore(c, {'params': init_params(c, jax.random.key(0))})
-    params, meta = state['params'], read_checkpoint_meta(path)
+    state, path = restore(c, {'params': jax.eval_shape(lambda: init_params(c, jax.random.key(0)))})
+    params, meta = jax.device_put(state['params']), read_checkpoint_meta(path)
     if not meta.get('tokenizer'):
         raise UserError(f'{path}: the training data had no meta.json naming a tokenizer')
     from prepare import get_encoding
@@ -1063,6 +1172,19 @@ def use_cpu_devices(n):
         pass
 
 
+def init_distributed(flags):
+    """Join the other hosts (before JAX touches a device). On a TPU pod slice, --distributed lets
+    JAX find them itself; elsewhere --coordinator, --num_processes and --process_id say."""
+    if not (flags.get('distributed') or flags.get('coordinator')):
+        return
+    if flags.get('coordinator'):
+        jax.config.update('jax_cpu_collectives_implementation', 'gloo')  # CPU hosts talk over TCP
+        jax.distributed.initialize(flags['coordinator'], flags.get('num_processes', 1),
+                                   flags.get('process_id', 0))
+    else:
+        jax.distributed.initialize()
+
+
 def main(argv):
     if any(a in ('-h', '--help', 'help') for a in argv):
         print(usage())
@@ -1074,6 +1196,7 @@ def main(argv):
             raise UserError(f'unknown command {command!r}: use train or sample (or --help)')
         flags = parse_flags(args)
         use_cpu_devices(flags.get('cpu_devices', Config.cpu_devices))
+        init_distributed(flags)
         c = validate(make_config(flags))
         if command == 'train':
             train(c)

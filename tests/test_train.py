@@ -32,12 +32,16 @@ def test_batches_are_a_pure_function_of_seed_and_step(byte_data):
     c = tiny_config(data=byte_data)
     train, val, meta = tt.load_data(c)
     assert meta['tokenizer'] == 'byte' and train.count == 60000 - 16
-    a, b = tt.train_batch(train, c, 5), tt.train_batch(train, c, 5)
-    assert a.shape == (1, 4, 17) and a.dtype == np.int32 and np.array_equal(a, b)
-    assert not np.array_equal(a, tt.train_batch(train, c, 6))
-    assert not np.array_equal(a, tt.train_batch(train, tiny_config(data=byte_data, seed=1), 5))
-    v = tt.val_batches(val, c)
-    assert v.shape == (2, 4, 17) and np.array_equal(v, tt.val_batches(val, c))
+    a, b = tt.train_indices(train, c, 5), tt.train_indices(train, c, 5)
+    assert a.shape == (1, 4) and np.array_equal(a, b)
+    assert not np.array_equal(a, tt.train_indices(train, c, 6))
+    assert not np.array_equal(a, tt.train_indices(train, tiny_config(data=byte_data, seed=1), 5))
+    v = tt.val_indices(val, c)
+    assert v.shape == (2, 4) and np.array_equal(v, tt.val_indices(val, c)) and v.max() == val.count - 1
+    mesh = tt.make_mesh(c)
+    batch = tt.put_batch(tt.local_blocks(train, a, mesh, c, 'test'), (1, 4, 17), mesh)
+    assert batch.shape == (1, 4, 17) and batch.dtype == np.int32
+    np.testing.assert_array_equal(np.asarray(batch)[0], train.get(a[0]))
 
 
 def test_windows_never_cross_shards(tmp_path):
