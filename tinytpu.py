@@ -32,6 +32,8 @@ import jax.numpy as jnp
 import numpy as np
 from jax.sharding import Mesh, NamedSharding, PartitionSpec as P
 
+from prepare import PrepareError, file_sha256, get_encoding  # the companion script: tokenizers, hashing
+
 # ----------------------------------------------------------------------------------------------
 # Config: every setting in one frozen dataclass. `--name=value` overrides a field, a preset sets
 # a group of fields, and explicit flags win over the preset. Frozen so it can be a static jit arg.
@@ -582,15 +584,6 @@ def unflatten_like(template, flat, prefix=''):
             for k, v in template.items()}
 
 
-def sha256(path):
-    import hashlib
-    h = hashlib.sha256()
-    with open(path, 'rb') as f:
-        for chunk in iter(lambda: f.read(1 << 22), b''):
-            h.update(chunk)
-    return h.hexdigest()
-
-
 def list_checkpoints(out):
     """Finished checkpoints in `out`, oldest first, as (step, path)."""
     found = []
@@ -616,7 +609,7 @@ def save_checkpoint(out, state, c, meta_extra):
             f.flush()
             os.fsync(f.fileno())
         meta = {'format': 1, 'step': step, 'config': dataclasses.asdict(c), **meta_extra,
-                'state_bytes': os.path.getsize(npz), 'state_sha256': sha256(npz)}
+                'state_bytes': os.path.getsize(npz), 'state_sha256': file_sha256(npz)}
         with open(os.path.join(tmp, 'meta.json'), 'w') as f:
             json.dump(meta, f, indent=1)
             f.flush()
@@ -666,7 +659,7 @@ def load_checkpoint(path, template):
     size and hash."""
     meta = read_checkpoint_meta(path)
     _, npz = checkpoint_files(path)
-    if not os.path.exists(npz) or os.path.getsize(npz) != meta['state_bytes'] or sha256(npz) != meta['state_sha256']:
+    if not os.path.exists(npz) or os.path.getsize(npz) != meta['state_bytes'] or file_sha256(npz) != meta['state_sha256']:
         raise CorruptCheckpoint(f'{npz}: missing, truncated or not matching its checksum')
     try:
         with np.load(npz, allow_pickle=False) as f:  # no pickle: loading runs no code
@@ -1132,7 +1125,6 @@ def sample(c, explicit):
     params, meta = jax.device_put(state['params']), read_checkpoint_meta(path)
     if not meta.get('tokenizer'):
         raise UserError(f'{path}: the training data had no meta.json naming a tokenizer')
-    from prepare import get_encoding
     enc = get_encoding(meta['tokenizer'])
     prompt_ids = enc.encode(c.prompt, allowed_special='all')
     if not prompt_ids:
@@ -1202,9 +1194,9 @@ def main(argv):
             train(c)
         else:
             sample(c, set(flags) - set(MODEL_FIELDS))
-    except UserError as e:
+    except (UserError, PrepareError) as e:
         print(f'error: {e}', file=sys.stderr)
-        return e.code
+        return getattr(e, 'code', 2)
     except Preempted as e:
         message, signum = e.args
         print(message, file=sys.stderr)
