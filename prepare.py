@@ -8,6 +8,7 @@
 
 Flags: --tokenizer=gpt2|cl100k_base|o200k_base|byte --out=DIR --input=PATH_OR_URL --val_fraction=0.1
 --shards=N (fineweb) --workers=N (tokenizer processes; default one per core) --allow_http
+--mirror=URL (fetch Hugging Face files from a mirror instead of https://huggingface.co)
 
 Output: DIR/train_000000.bin ..., DIR/val_000000.bin ..., DIR/meta.json. Shards use the llm.c
 format: a header of 256 int32 (magic, version, token count), then the tokens as uint16, or as
@@ -349,8 +350,9 @@ def text_sources(dataset, args, raw):
     if dataset == 'tinystories' and not args.get('input'):
         sources, paths = [], {}
         for split in ('train', 'val'):
-            path = os.path.join(raw, os.path.basename(spec[split]))
-            sources.append({'url': spec[split], 'sha256': download(spec[split], path, **dl_args(args))})
+            url = mirrored(spec[split], args)
+            path = os.path.join(raw, os.path.basename(url))
+            sources.append({'url': url, 'sha256': download(url, path, **dl_args(args))})
             paths[split] = [path]
         return paths, sources
     source = args.get('input') or spec.get('url')
@@ -379,6 +381,12 @@ def text_sources(dataset, args, raw):
         n_train = min(max(int(np.searchsorted(sizes, sizes[-1] * (1 - val_fraction), side='right')), 1), len(files) - 1)
         train, val = files[:n_train], files[n_train:]
     return {'train': train, 'val': val}, [record]
+
+
+def mirrored(url, args):
+    """The URL on --mirror (a Hugging Face mirror, e.g. https://hf-mirror.com) when one is given."""
+    mirror = args.get('mirror')
+    return url.replace('https://huggingface.co', mirror.rstrip('/'), 1) if mirror else url
 
 
 def dl_args(args):
@@ -428,7 +436,7 @@ def prepare_tokens(dataset, args, out):
     splits = {'train': {'tokens': 0, 'shards': []}, 'val': {'tokens': 0, 'shards': []}}
     sources = []
     for split, i, name in jobs:
-        url = template.format(split=split, i=i)
+        url = mirrored(template.format(split=split, i=i), args)
         path = os.path.join(out, name)
         sources.append({'url': url, 'sha256': download(url, path, **dl_args(args))})
         splits[split]['tokens'] += check_shard(path)
@@ -463,7 +471,7 @@ def prepare(dataset, args):
     return out
 
 
-FLAGS = ('tokenizer', 'out', 'input', 'val_fraction', 'shards', 'allow_http', 'shard_tokens', 'workers')
+FLAGS = ('tokenizer', 'out', 'input', 'val_fraction', 'shards', 'allow_http', 'shard_tokens', 'workers', 'mirror')
 
 
 def main(argv):

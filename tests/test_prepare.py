@@ -162,3 +162,75 @@ def test_bad_flags_and_unknown_dataset():
                           (['--val_fraction=2'], 'between 0 and 1'), (['--tokenizer=bert'], 'unknown')]:
         r = run_cli('prepare.py', *args)
         assert r.returncode == 1 and message in r.stderr and r.stderr.count('\n') == 1, r.stderr
+
+
+class HubHandler(http.server.BaseHTTPRequestHandler):
+    """A stand-in for huggingface.co with the real URL layout: /datasets/<repo>/resolve/main/<file>
+    answers a 302 to /cdn/<file>, as the Hub does, which serves the bytes."""
+    files = {}
+
+    def do_GET(self):
+        if '/resolve/main/' in self.path:
+            self.send_response(302)
+            self.send_header('Location', '/cdn/' + self.path.split('/resolve/main/')[1])
+            self.end_headers()
+            return
+        body = self.files.get(self.path[len('/cdn/'):])
+        if body is None:
+            self.send_error(404)
+            return
+        self.send_response(200)
+        self.send_header('Content-Length', str(len(body)))
+        self.end_headers()
+        self.wfile.write(body)
+
+    def log_message(self, *args):
+        pass
+
+
+@pytest.fixture
+def hub():
+    httpd = http.server.ThreadingHTTPServer(('127.0.0.1', 0), HubHandler)
+    threading.Thread(target=httpd.serve_forever, daemon=True).start()
+    yield f'http://127.0.0.1:{httpd.server_address[1]}', HubHandler.files
+    httpd.shutdown()
+
+
+def shard_bytes(tokens):
+    header = np.zeros(256, '<i4')
+    header[:3] = 20240520, 1, len(tokens)
+    return header.tobytes() + np.asarray(tokens, '<u2').tobytes()
+
+
+def test_fineweb_shards_download_and_header_check(hub, tmp_path):
+    url, files = hub
+    files.update({'fineweb_val_000000.bin': shard_bytes(np.arange(500)),
+                  'fineweb_train_000001.bin': shard_bytes(np.arange(1000)),
+                  'fineweb_train_000002.bin': shard_bytes(np.arange(700))})
+    out = tmp_path / 'fw'
+    r = run_cli('prepare.py', 'fineweb10B', '--shards=2', f'--mirror={url}', '--allow_http', f'--out={out}')
+    assert r.returncode == 0, r.stderr
+    assert sorted(os.listdir(out)) == ['meta.json', 'train_000001.bin', 'train_000002.bin', 'val_000000.bin']
+    meta = json.load(open(out / 'meta.json'))
+    assert meta['splits']['train']['tokens'] == 1700 and meta['splits']['val']['tokens'] == 500
+    assert meta['sources'][0]['url'] == f'{url}/datasets/kjj0/fineweb10B-gpt2/resolve/main/fineweb_val_000000.bin'
+    train, val, _ = tt.load_data(tt.validate(tt.Config(data=str(out), vocab_size=50257, seq_len=64)))
+    assert train.count == (1000 - 64) + (700 - 64)
+    files['fineweb_train_000003.bin'] = shard_bytes(np.arange(10))[:-4]  # truncated upstream
+    r = run_cli('prepare.py', 'fineweb10B', '--shards=3', f'--mirror={url}', '--allow_http', f'--out={tmp_path / "bad"}')
+    assert r.returncode == 1 and 'train_000003.bin: not a valid GPT-2 token shard' in r.stderr
+    assert not os.path.exists(tmp_path / 'bad' / 'train_000003.bin')
+
+
+def test_tinystories_download_and_tokenize(hub, tmp_path):
+    url, files = hub
+    stories = lambda n: ''.join(f'Once upon a time {i}.\n<|endoftext|>\n' for i in range(n)).encode()
+    files.update({'TinyStoriesV2-GPT4-train.txt': stories(40), 'TinyStoriesV2-GPT4-valid.txt': stories(5)})
+    out = tmp_path / 'ts'
+    r = run_cli('prepare.py', 'tinystories', '--tokenizer=byte', f'--mirror={url}', '--allow_http', f'--out={out}')
+    assert r.returncode == 0, r.stderr
+    meta = json.load(open(out / 'meta.json'))
+    val = np.asarray(tt.open_shard(str(out / 'val_000000.bin')))
+    assert (val == 256).sum() == 4 and meta['splits']['val']['tokens'] == len(val)
+    assert meta['sources'][1]['sha256'] == hashlib.sha256(stories(5)).hexdigest()
+    assert bytes(val[:18].astype(np.uint8)) == b'Once upon a time 0'
