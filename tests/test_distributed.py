@@ -85,7 +85,7 @@ for tree in (params, opt['mu'], opt['nu']):
 fsdp = tt.state_bytes_per_device(c, mesh)
 replicated = tt.state_bytes_per_device(tt.Config(**{**c.__dict__, 'fsdp': 'false'}), mesh)
 assert (fsdp - 4) * 8 + 4 == replicated, (fsdp, replicated)  # all but the 4-byte step counter is split
-odd = tt.validate(tt.Config(**{**c.__dict__, 'd_model': 40}))  # 40 does not split 8 ways
+odd = tt.validate(tt.Config(**{**c.__dict__, 'd_model': 36, 'n_head': 2, 'n_kv_head': 1}))  # 36 does not split 8 ways
 try:
     tt.state_shardings(odd, mesh)
     raise SystemExit('no error for a weight that does not split evenly')
