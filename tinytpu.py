@@ -711,7 +711,7 @@ def state_shardings(c, mesh):
     """The NamedSharding of every array in {'params', 'opt'}."""
     fsdp = use_fsdp(c, mesh)
 
-    def place(shape, std, axis):
+    def sharding(shape, std, axis):
         if not fsdp:
             return NamedSharding(mesh, P())
         if shape[axis] % mesh.size:
@@ -719,7 +719,7 @@ def state_shardings(c, mesh):
                             f'devices along axis {axis}; choose sizes divisible by {mesh.size} or --fsdp=false')
         return NamedSharding(mesh, P(*[None] * axis, 'data'))
 
-    params = spec_map(place, param_specs(c))
+    params = spec_map(sharding, param_specs(c))
     return {'params': params, 'opt': {'step': NamedSharding(mesh, P()), 'mu': params, 'nu': params}}
 
 
