@@ -4,7 +4,7 @@ One file, read top to bottom: config -> model -> loss -> optimizer -> data -> ch
 train step -> train loop -> sampling -> command line. Three commands to try:
 
     python prepare.py shakespeare --tokenizer=byte       # 1.1 MB of Shakespeare as byte tokens
-    python tinytpu.py --preset=cpu                       # train a 0.8M-parameter model (~1.5 min)
+    python tinytpu.py --preset=cpu                       # train a 0.8M-parameter model (~75 s)
     python tinytpu.py sample --preset=cpu --prompt="ROMEO:"
 
 Dimension names used in einsum strings and comments (as in picodo):
