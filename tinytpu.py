@@ -100,8 +100,8 @@ class Config:
 
 
 # Presets override the defaults above. `cpu` is nanoGPT's CPU demo size on byte-level Shakespeare;
-# `gpt2` is GPT-2 small (124M) on FineWeb; `tpu` is a 130M model shaped for a TPU's 128/256-wide
-# matrix units (head_dim 256, one KV head, dims multiples of 256).
+# `gpt2` is GPT-2 small (124M) on FineWeb; `tpu` (148M with GPT-2's vocabulary) is shaped for a
+# TPU's 128/256-wide matrix units: head_dim 256, one KV head, dims multiples of 256.
 PRESETS = {
     'cpu': {},
     'gpt2': dict(data='data/fineweb10B', out='out/gpt2', n_layer=12, d_model=768, n_head=12,
