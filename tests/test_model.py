@@ -93,3 +93,15 @@ def test_flops_per_token_formula():
     H, F, V = 8, 128, 384
     matmul_params = 2 * (32 * (4 + 2 * 2) * H + 4 * H * 32 + 2 * 32 * F) + 32 * V
     assert tt.flops_per_token(c) == 6 * matmul_params + 12 * 2 * 4 * H * 16
+
+
+@pytest.mark.parametrize('preset', ['gpt2', 'tpu'])
+def test_large_presets_trace(preset):
+    """The accelerator presets build, train and decode (traced with eval_shape: no compute)."""
+    c = tt.validate(tt.make_config({'preset': preset, 'batch_size': 8, 'grad_accum': 1}, 'cpu'))
+    state = jax.eval_shape(lambda: tt.fresh_state(c))
+    batch = jax.ShapeDtypeStruct((1, 8, c.seq_len + 1), jnp.int32)
+    params, opt, stats = jax.eval_shape(lambda s, b: tt.train_step.__wrapped__(s['params'], s['opt'], b, c), state, batch)
+    assert jax.tree.map(lambda x: x.shape, params) == jax.tree.map(lambda x: x.shape, state['params'])
+    logits, cache = jax.eval_shape(lambda p: tt.forward(p, jnp.zeros((1, 1), jnp.int32), c, tt.init_cache(c, 1), 5), params)
+    assert logits.shape == (1, 1, 50304) and cache[0].shape == (c.n_layer, 1, c.n_kv_head, c.context, tt.head_dim(c))
