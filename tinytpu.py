@@ -91,6 +91,10 @@ class Config:
     eval_batches: int = _f(40, 'batches in the fixed validation set')
     ckpt_every: int = _f(1000, 'write a checkpoint every this many steps (and at the end)')
     keep_ckpts: int = _f(2, 'checkpoints to keep; older ones are deleted')
+    profile_steps: str = _f('', 'A:B writes a jax.profiler trace of steps A..B-1 to OUT/profile')
+    # benchmark (python tinytpu.py bench)
+    bench_steps: int = _f(50, 'train steps timed by bench, after 3 untimed warm-up steps')
+    peak_flops: float = _f(0.0, 'peak FLOP/s per chip for MFU; 0 = from the hardware table (CPU: measured)')
     # sampling
     prompt: str = _f('\n', 'text to continue (sample)')
     max_new_tokens: int = _f(500, 'tokens to generate (sample)')
@@ -200,6 +204,9 @@ def validate(c):
          '--temperature and --top_k must be >= 0, --top_p in (0, 1]'),
         (c.max_new_tokens >= 0, f'--max_new_tokens={c.max_new_tokens} must be >= 0'),
         (c.cpu_devices >= 1, f'--cpu_devices={c.cpu_devices} must be at least 1'),
+        (c.bench_steps >= 1 and c.peak_flops >= 0, '--bench_steps must be >= 1, --peak_flops >= 0'),
+        (not c.profile_steps or profile_range(c) is not None,
+         f'--profile_steps={c.profile_steps}: expected A:B with 0 <= A < B, e.g. 10:15'),
         (c.fsdp in ('auto', 'true', 'false'), f'--fsdp={c.fsdp}: choose auto, true or false'),
         (0 <= c.process_id < c.num_processes,
          f'--process_id={c.process_id} must be in 0 .. --num_processes - 1 ({c.num_processes - 1})'),
@@ -208,6 +215,15 @@ def validate(c):
         if not ok:
             raise UserError(message)
     return c
+
+
+def profile_range(c):
+    """--profile_steps=A:B as (A, B), or None if malformed."""
+    try:
+        a, b = (int(x) for x in c.profile_steps.split(':'))
+    except ValueError:
+        return None
+    return (a, b) if 0 <= a < b else None
 
 
 def head_dim(c):
@@ -825,9 +841,12 @@ PEAK_FLOPS = [  # (device_kind substring, peak dense bf16 FLOP/s per chip), sour
 ]
 
 
-def peak_flops(n_devices=1):
-    """Peak FLOP/s of n_devices chips, or None if unknown. On CPU: measured with a large fp32
-    matmul, which already uses every core (however many virtual devices share them)."""
+def hardware_peak(c, n_devices=1):
+    """Peak FLOP/s of n_devices chips (--peak_flops, else the table), or None if unknown. On CPU:
+    measured with a large fp32 matmul, which already uses every core (however many virtual
+    devices share them)."""
+    if c.peak_flops:
+        return c.peak_flops * n_devices
     kind = jax.devices()[0].device_kind
     for name, flops in PEAK_FLOPS:
         if name in kind:
@@ -983,14 +1002,20 @@ def train(c):
     batch_shape = (c.grad_accum, c.batch_size // c.grad_accum, c.seq_len + 1)
     batches = prefetch(lambda k: local_blocks(train_windows, train_indices(train_windows, c, k), mesh, c,
                                               f'train batch {k}'), start)
-    tokens_per_step, flops, peak = c.batch_size * c.seq_len, flops_per_token(c), peak_flops(mesh.size)
+    tokens_per_step, flops, peak = c.batch_size * c.seq_len, flops_per_token(c), hardware_peak(c, mesh.size)
     meta_extra = {'tokenizer': meta.get('tokenizer'), 'eot_id': meta.get('eot_id')}
     t_start = time.time()
     t_last, step_last = None, start
     with StopSignal() as stop, open(log_path, 'a') if main else open(os.devnull, 'w') as log:
-        previous = None
+        previous, profile = None, profile_range(c)
         for step in range(start, c.steps):
+            if profile and step == profile[0]:  # view in Perfetto (ui.perfetto.dev) or XProf
+                jax.profiler.start_trace(os.path.join(c.out, 'profile'), create_perfetto_trace=True)
             params, opt, stats = train_step(params, opt, put_batch(next(batches), batch_shape, mesh), c)
+            if profile and step + 1 == profile[1]:
+                jax.block_until_ready(stats)
+                jax.profiler.stop_trace()
+                say(f'wrote a trace of steps {profile[0]}..{step} to {os.path.join(c.out, "profile")}')
             # Wait for the step before this one (keeping at most one queued behind the running
             # step: on CPU a deep queue of all-reduces can deadlock XLA's shared thread pool)
             # and check it did not diverge.
@@ -1056,6 +1081,57 @@ def evaluate(params, vals, c, meta, step):
         line += f" | val bits/byte {record['val_bpb']:.4f}"
     say(line)
     return record
+
+
+# ----------------------------------------------------------------------------------------------
+# Benchmark: the real train step on synthetic tokens, timed step by step after compilation.
+
+
+def peak_memory():
+    """Peak bytes on device 0 (TPU/GPU), or the process's peak RSS on CPU."""
+    stats = jax.devices()[0].memory_stats() or {}
+    if 'peak_bytes_in_use' in stats:
+        return stats['peak_bytes_in_use'], 'device'
+    import resource
+    return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024, 'process RSS'
+
+
+def bench(c):
+    mesh = make_mesh(c)
+    state = jax.jit(lambda: fresh_state(c), out_shardings=state_shardings(c, mesh))()
+    params, opt = state['params'], state['opt']
+    shape = (c.grad_accum, c.batch_size // c.grad_accum, c.seq_len + 1)
+    tokens = np.random.default_rng(c.seed).integers(0, c.vocab_size, shape, dtype=np.int32)
+    batch = jax.device_put(tokens, batch_sharding(mesh, 3))
+    t = time.perf_counter()
+    params, opt, stats = train_step(params, opt, batch, c)
+    jax.block_until_ready(stats)
+    compile_s = time.perf_counter() - t
+    times = []
+    for _ in range(3 + c.bench_steps):
+        t = time.perf_counter()
+        params, opt, stats = train_step(params, opt, batch, c)
+        jax.block_until_ready(stats)
+        times.append(time.perf_counter() - t)
+    times = np.array(times[3:])
+    median, flops, peak = float(np.median(times)), flops_per_token(c), hardware_peak(c, mesh.size)
+    tokens_per_sec = c.batch_size * c.seq_len / median
+    memory, where = peak_memory()
+    r = {'preset': c.preset, 'backend': jax.default_backend(), 'device': jax.devices()[0].device_kind,
+         'devices': mesh.size, 'params': count_params(params), 'tokens_per_step': c.batch_size * c.seq_len,
+         'compile_s': compile_s, 'ms_per_step': 1000 * median, 'ms_min': 1000 * times.min(),
+         'ms_max': 1000 * times.max(), 'tokens_per_sec': tokens_per_sec, 'flops_per_token': flops,
+         'achieved_flops': flops * tokens_per_sec, 'peak_flops': peak,
+         'mfu': flops * tokens_per_sec / peak if peak else None, 'peak_memory_bytes': memory}
+    say(f"bench | {c.preset} | {r['backend']} x{mesh.size} ({r['device']}) | {r['params'] / 1e6:.2f}M params "
+        f"| {r['tokens_per_step']} tokens/step | compile {compile_s:.1f}s")
+    mfu = f"MFU {r['mfu']:.1%} of {peak / 1e12:.3g} TFLOP/s" if peak else 'MFU unknown (unknown chip: pass --peak_flops)'
+    say(f"{r['ms_per_step']:.1f} ms/step, median of {c.bench_steps} (min {r['ms_min']:.1f}, max {r['ms_max']:.1f}) "
+        f"| {tokens_per_sec:,.0f} tok/s | {r['achieved_flops'] / 1e9:,.1f} GFLOP/s | {mfu}")
+    say(f'FLOPs/token {flops:,} = 6N + 12*L*H*Q*T (N: matmul weights with the output projection, without the '
+        f'input embedding; causal attention not halved) | peak memory {memory / 2**20:,.0f} MiB ({where})')
+    say(json.dumps(r))
+    return r
 
 
 # ----------------------------------------------------------------------------------------------
@@ -1157,7 +1233,7 @@ def sample(c, explicit):
 
 
 def usage():
-    lines = ['usage: python tinytpu.py [train|sample] [--name=value ...]', '',
+    lines = ['usage: python tinytpu.py [train|sample|bench] [--name=value ...]', '',
              'settings (default; presets: ' + ', '.join(f'{k}' for k in PRESETS) + '):']
     for f in dataclasses.fields(Config):
         lines.append(f'  --{f.name}={f.default!r:<24} {f.metadata["help"]}')
@@ -1192,14 +1268,16 @@ def main(argv):
     command = argv[0] if argv and not argv[0].startswith('-') else 'train'
     args = argv[1:] if argv and argv[0] == command else argv
     try:
-        if command not in ('train', 'sample'):
-            raise UserError(f'unknown command {command!r}: use train or sample (or --help)')
+        if command not in ('train', 'sample', 'bench'):
+            raise UserError(f'unknown command {command!r}: use train, sample or bench (or --help)')
         flags = parse_flags(args)
         use_cpu_devices(flags.get('cpu_devices', Config.cpu_devices))
         init_distributed(flags)
         c = validate(make_config(flags))
         if command == 'train':
             train(c)
+        elif command == 'bench':
+            bench(c)
         else:
             sample(c, set(flags) - set(MODEL_FIELDS))
     except (UserError, PrepareError) as e:

@@ -1,4 +1,5 @@
 """Train step, data, checkpoints, resume, config and the command line."""
+import glob
 import json
 import os
 
@@ -199,3 +200,25 @@ def test_readme_settings_table_matches_config():
     readme = open(os.path.join(os.path.dirname(tt.__file__), 'README.md')).read()
     for f in tt.dataclasses.fields(tt.Config):
         assert f"| `{f.name}` | `{f.default!r}` | {f.metadata['help']} |" in readme, f.name
+
+
+def test_bench_reports_timing_flops_and_memory():
+    r = run_cli('bench', '--n_layer=2', '--d_model=32', '--n_head=2', '--n_kv_head=1', '--seq_len=16',
+                '--context=16', '--batch_size=4', '--bench_steps=5', '--peak_flops=1e12')
+    assert r.returncode == 0, r.stderr
+    result = json.loads(r.stdout.splitlines()[-1])
+    c = tiny_config(n_layer=2, d_model=32, n_head=2, n_kv_head=1, seq_len=16, context=16, batch_size=4)
+    assert result['flops_per_token'] == tt.flops_per_token(c) and result['tokens_per_step'] == 64
+    assert 0 < result['ms_min'] <= result['ms_per_step'] <= result['ms_max'] and result['compile_s'] > 0
+    assert result['peak_flops'] == 1e12 * result['devices']
+    assert abs(result['mfu'] - result['achieved_flops'] / result['peak_flops']) < 1e-12
+    assert result['peak_memory_bytes'] > 0 and 'ms/step, median of 5' in r.stdout
+
+
+def test_profile_steps_writes_a_trace(byte_data, tmp_path):
+    tt.train(tiny_config(data=byte_data, out=str(tmp_path), steps=5, profile_steps='2:4'))
+    traces = glob.glob(str(tmp_path / 'profile' / '**' / '*.trace.json.gz'), recursive=True)
+    assert len(traces) == 1
+    for bad in ('5', '4:2', 'a:b'):
+        with pytest.raises(tt.UserError, match='expected A:B'):
+            tiny_config(profile_steps=bad)
