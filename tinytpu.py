@@ -1,7 +1,8 @@
 """tinytpu: train a small GPT from scratch with pure JAX, on a TPU, a GPU or a laptop CPU.
 
 One file, read top to bottom: config -> model -> loss -> optimizer -> data -> checkpoints ->
-train step -> train loop -> sampling -> command line. Three commands to try:
+devices -> train step -> hardware -> train loop -> benchmark -> sampling -> command line.
+Three commands to try:
 
     python prepare.py shakespeare --tokenizer=byte       # 1.1 MB of Shakespeare as byte tokens
     python tinytpu.py --preset=cpu                       # train a 0.8M-parameter model (~75 s)
@@ -1229,7 +1230,7 @@ def sample(c, explicit):
 
 
 # ----------------------------------------------------------------------------------------------
-# Command line: python tinytpu.py [train|sample] [--name=value ...]
+# Command line: python tinytpu.py [train|sample|bench] [--name=value ...]
 
 
 def usage():
