@@ -782,7 +782,7 @@ def put_batch(blocks, shape, mesh):
 
 def fetch(tree):
     """Replicated device values (loss, norms) -> Python floats, on any host."""
-    return jax.tree.map(lambda x: float(x if isinstance(x, float) else np.asarray(x.addressable_data(0))), tree)
+    return jax.tree.map(lambda x: float(np.asarray(x.addressable_data(0))), tree)
 
 
 def host_state(state):
@@ -1030,12 +1030,11 @@ def train(c):
                 t_last, step_last = time.time(), done
             record = {}
             if done % c.log_every == 0 or done == c.steps:
-                stats = fetch(stats)
+                values = fetch(stats)
                 now = time.time()
                 dt = (now - t_last) / max(done - step_last, 1)
                 t_last, step_last = now, done
-                record = {'step': done, 'loss': stats['loss'], 'lr': stats['lr'],
-                          'grad_norm': stats['grad_norm'], 'ms_per_step': 1000 * dt,
+                record = {'step': done, **values, 'ms_per_step': 1000 * dt,
                           'tokens_per_sec': tokens_per_step / dt,
                           'mfu': flops * tokens_per_step / dt / peak if peak else None,
                           'elapsed': now - t_start}
