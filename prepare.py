@@ -246,13 +246,15 @@ def _init_worker(name):
 
 
 def _encode(chunk):
-    """[(text, eot_before), ...] -> uint32 tokens, an end-of-text token where eot_before is set."""
-    out = []
+    """[(text, eot_before), ...] -> (uint32 tokens, an end-of-text token where eot_before is set;
+    UTF-8 bytes of text), both computed here in the worker, off the main process."""
+    out, n_bytes = [], 0
     for text, eot_before in chunk:
         if eot_before:
             out.append(_encoder.eot_token)
         out.extend(_encoder.encode_ordinary(text))
-    return np.asarray(out, np.uint32)
+        n_bytes += len(text.encode('utf-8'))
+    return np.asarray(out, np.uint32), n_bytes
 
 
 def tokenize(chunks, tokenizer, writer, workers=None):
@@ -262,13 +264,19 @@ def tokenize(chunks, tokenizer, writer, workers=None):
     spawn = multiprocessing.get_context('spawn')  # fork is unsafe if the caller runs threads (JAX)
     with ProcessPoolExecutor(workers, spawn, initializer=_init_worker, initargs=(tokenizer,)) as pool:
         pending = deque()
+
+        def write_oldest():
+            nonlocal in_bytes
+            tokens, n_bytes = pending.popleft().result()
+            writer.add(tokens)
+            in_bytes += n_bytes
+
         for chunk in chunks:
-            in_bytes += sum(len(t.encode('utf-8')) for t, _ in chunk)
             pending.append(pool.submit(_encode, chunk))
             if len(pending) >= 2 * workers:
-                writer.add(pending.popleft().result())
+                write_oldest()
         while pending:
-            writer.add(pending.popleft().result())
+            write_oldest()
     return in_bytes, time.time() - t0
 
 
