@@ -96,6 +96,12 @@ class Config:
     # benchmark (python tinytpu.py bench)
     bench_steps: int = _f(50, 'train steps timed by bench, after 3 untimed warm-up steps')
     peak_flops: float = _f(0.0, 'peak FLOP/s per chip for MFU; 0 = from the hardware table (CPU: measured)')
+    price_per_hour: float = _f(0.0, 'dollars per chip-hour (CPU: per machine-hour); 0 = the on-demand list price')
+    # planning (python tinytpu.py plan)
+    budget: float = _f(0.0, 'plan: dollars to spend on one training run')
+    hardware: str = _f('', 'plan: chip to plan for (v6e, v5e, v5p, v4, h100, h200, a100); default: this one')
+    chips: int = _f(1, 'plan: chips to train on (divides the hours, not the cost)')
+    mfu: float = _f(0.0, 'plan: expected MFU; 0 = the last bench result for the chip, else 0.4')
     # sampling
     prompt: str = _f('\n', 'text to continue (sample)')
     max_new_tokens: int = _f(500, 'tokens to generate (sample)')
@@ -205,10 +211,14 @@ def validate(c):
          '--temperature and --top_k must be >= 0, --top_p in (0, 1]'),
         (c.max_new_tokens >= 0, f'--max_new_tokens={c.max_new_tokens} must be >= 0'),
         (c.cpu_devices >= 1, f'--cpu_devices={c.cpu_devices} must be at least 1'),
-        (c.bench_steps >= 1 and c.peak_flops >= 0, '--bench_steps must be >= 1, --peak_flops >= 0'),
+        (c.bench_steps >= 1 and c.peak_flops >= 0 and c.price_per_hour >= 0,
+         '--bench_steps must be >= 1, --peak_flops and --price_per_hour >= 0'),
         (not c.profile_steps or profile_range(c) is not None,
          f'--profile_steps={c.profile_steps}: expected A:B with 0 <= A < B, e.g. 10:15'),
         (c.fsdp in ('auto', 'true', 'false'), f'--fsdp={c.fsdp}: choose auto, true or false'),
+        (c.budget >= 0 and c.chips >= 1 and 0 <= c.mfu <= 1,
+         '--budget must be >= 0, --chips >= 1, --mfu in [0, 1]'),
+
         (0 <= c.process_id < c.num_processes,
          f'--process_id={c.process_id} must be in 0 .. --num_processes - 1 ({c.num_processes - 1})'),
     ]
@@ -397,15 +407,20 @@ def count_params(params):
     return sum(x.size for x in jax.tree.leaves(params))
 
 
-def flops_per_token(c):
-    """Training FLOPs per token, PaLM appendix B: 6N + 12*L*N*H*T. N counts every matmul weight,
-    the output projection included, but not the input embedding (a lookup, no FLOPs). The
-    attention term 12LNHT counts the full T x T score matrix: causal masking is NOT halved,
-    matching PaLM and nanoGPT, so MFUs compare with theirs."""
+def matmul_params(c):
+    """Weights that take part in matmuls: every block's, plus the output projection (the input
+    embedding is a lookup). The N of 6N, and of tokens-per-parameter rules."""
     L, D, N, K, H, F = c.n_layer, c.d_model, c.n_head, c.n_kv_head, head_dim(c), ff_dim(c)
     per_layer = D * N * H * 2 + D * K * H * 2 + D * F * (3 if c.mlp == 'swiglu' else 2)
-    matmul_params = L * per_layer + D * padded_vocab(c)
-    return 6 * matmul_params + 12 * L * N * H * c.seq_len
+    return L * per_layer + D * padded_vocab(c)
+
+
+def flops_per_token(c):
+    """Training FLOPs per token, PaLM appendix B: 6N + 12*L*N*H*T, N = matmul_params(c). The
+    attention term 12LNHT counts the full T x T score matrix: causal masking is NOT halved,
+    matching PaLM and nanoGPT, so MFUs compare with theirs."""
+    return 6 * matmul_params(c) + 12 * c.n_layer * c.n_head * head_dim(c) * c.seq_len
+
 
 
 # ----------------------------------------------------------------------------------------------
@@ -827,19 +842,50 @@ def eval_loss(params, batches, c):
 
 
 # ----------------------------------------------------------------------------------------------
-# Hardware: peak dense bf16 FLOP/s per chip, for MFU (model FLOPs utilization = achieved model
-# FLOP/s over peak). Matched against jax.devices()[0].device_kind.
+# Hardware: what a chip can do and what an hour of it costs, for MFU (model FLOPs utilization =
+# achieved model FLOP/s over peak) and for dollars in the log. Matched against
+# jax.devices()[0].device_kind, first match wins. Prices are on-demand list prices per chip-hour
+# and change over time and by region: pass --price_per_hour to use what you actually pay.
 
-PEAK_FLOPS = [  # (device_kind substring, peak dense bf16 FLOP/s per chip), source in the comment
-    ('TPU v6', 918e12),      # cloud.google.com/tpu/docs/v6e: 918 TFLOP/s bf16
-    ('TPU v5 lite', 197e12), # cloud.google.com/tpu/docs/v5e: 197 TFLOP/s bf16
-    ('TPU v5', 459e12),      # cloud.google.com/tpu/docs/v5p: 459 TFLOP/s bf16
-    ('TPU v4', 275e12),      # cloud.google.com/tpu/docs/v4: 275 TFLOP/s bf16
-    ('H100 PCIe', 756e12),   # NVIDIA H100 datasheet: 756 TFLOP/s dense bf16 (PCIe)
-    ('H100', 989e12),        # NVIDIA H100 datasheet: 989 TFLOP/s dense bf16 (SXM)
-    ('H200', 989e12),        # NVIDIA H200 datasheet: 989 TFLOP/s dense bf16
-    ('A100', 312e12),        # NVIDIA A100 datasheet: 312 TFLOP/s dense bf16
+@dataclass(frozen=True)
+class Chip:
+    name: str       # what --hardware= calls it
+    kind: str       # substring of jax's device_kind
+    peak: float     # dense bf16 FLOP/s per chip
+    price: float    # on-demand dollars per chip-hour (0 = no list price known)
+    memory: float   # bytes of HBM per chip
+
+
+GiB = 2 ** 30
+CHIPS = [
+    # peak and memory: cloud.google.com/tpu/docs/{v6e,v5e,v5p,v4}; price: cloud.google.com/tpu/pricing
+    # (on-demand, per chip-hour; v6e us-east1, v5e us-west4, v5p us-east5, v4 us-central2)
+    Chip('v6e', 'TPU v6', 918e12, 2.70, 32 * GiB),
+    Chip('v5e', 'TPU v5 lite', 197e12, 1.20, 16 * GiB),
+    Chip('v5p', 'TPU v5', 459e12, 4.20, 95 * GiB),
+    Chip('v4', 'TPU v4', 275e12, 3.22, 32 * GiB),
+    # peak and memory: NVIDIA's H100, H200 and A100 datasheets (dense, without sparsity);
+    # price: runpod.io/pricing (Secure Cloud on-demand, per GPU-hour; SXM parts). No list price
+    # is kept for the H100 PCIe: pass --price_per_hour.
+    Chip('h100-pcie', 'H100 PCIe', 756e12, 0.0, 80 * GiB),
+    Chip('h100', 'H100', 989e12, 2.69, 80 * GiB),
+    Chip('h200', 'H200', 989e12, 3.59, 141 * GiB),
+    Chip('a100', 'A100', 312e12, 1.49, 80 * GiB),
 ]
+
+
+def this_chip(kind=None):
+    """The CHIPS entry for a device_kind (default: the devices JAX sees), or None for CPU or a
+    chip not in the table."""
+    kind = kind or jax.devices()[0].device_kind
+    return next((chip for chip in CHIPS if chip.kind in kind), None)
+
+
+
+def chip_count(mesh):
+    """Chips a run pays for: the mesh's devices, or on CPU the machines (a CPU's virtual devices
+    share its cores)."""
+    return jax.process_count() if jax.default_backend() == 'cpu' else mesh.size
 
 
 def hardware_peak(c, n_devices=1):
@@ -848,10 +894,9 @@ def hardware_peak(c, n_devices=1):
     devices share them)."""
     if c.peak_flops:
         return c.peak_flops * n_devices
-    kind = jax.devices()[0].device_kind
-    for name, flops in PEAK_FLOPS:
-        if name in kind:
-            return flops * n_devices
+    chip = this_chip()
+    if chip:
+        return chip.peak * n_devices
     if jax.default_backend() != 'cpu':
         return None
     n = 1024
@@ -866,6 +911,21 @@ def hardware_peak(c, n_devices=1):
     return 2 * n ** 3 / min(times)
 
 
+def hourly_price(c, mesh):
+    """(dollars per hour for the whole run, where the number comes from), or (None, why not)."""
+    chips, chip = chip_count(mesh), this_chip()
+    unit = 'machine' if jax.default_backend() == 'cpu' else 'chip'
+    if c.price_per_hour:
+        return c.price_per_hour * chips, f'{chips} {unit}(s) x ${c.price_per_hour:g}/{unit}-hour (--price_per_hour)'
+    if chip and chip.price:
+        return chip.price * chips, f'{chips} chips x ${chip.price:g}/chip-hour ({chip.name} on-demand list price)'
+    return None, 'no price for this hardware; pass --price_per_hour to see dollars'
+
+
+def dollars(x):
+    return f'${x:,.2f}' if x >= 1 else f'${x:.2g}'
+
+
 # ----------------------------------------------------------------------------------------------
 # Train loop.
 
@@ -874,7 +934,14 @@ def log_line(r):
     s = f"step {r['step']:6d} | loss {r['loss']:.4f} | lr {r['lr']:.2e} | gnorm {r['grad_norm']:.3f}"
     s += f" | {r['ms_per_step']:.1f} ms/step | {r['tokens_per_sec']:,.0f} tok/s"
     s += f" | MFU {r['mfu']:.1%}" if r.get('mfu') is not None else ' | MFU n/a'
-    return s + f" | {time.strftime('%H:%M:%S', time.gmtime(r['elapsed']))}"
+    s += f" | {duration(r['elapsed'])}"
+    return s + (f" | {dollars(r['cost'])}" if r.get('cost') is not None else '')
+
+
+def duration(seconds):
+    """3725.2 -> '1:02:05' (hours:minutes:seconds, hours unbounded)."""
+    m, s = divmod(round(seconds), 60)
+    return f'{m // 60}:{m % 60:02d}:{s:02d}'
 
 
 class Preempted(Exception):
@@ -968,7 +1035,8 @@ def start_run(c):
         state = place(state, shardings)
     else:
         state = jax.jit(lambda: fresh_state(c), out_shardings=shardings)()
-    return c, mesh, state, (train_windows, val_windows, meta)
+    elapsed = read_checkpoint_meta(path).get('elapsed', 0.0) if path else 0.0  # earlier runs' time
+    return c, mesh, state, (train_windows, val_windows, meta), elapsed
 
 
 def trim_log(path, step):
@@ -987,7 +1055,7 @@ def trim_log(path, step):
 
 
 def train(c):
-    c, mesh, state, (train_windows, val_windows, meta) = start_run(c)
+    c, mesh, state, (train_windows, val_windows, meta), elapsed_before = start_run(c)
     params, opt = state['params'], state['opt']
     start = int(fetch(opt['step']))
     main = jax.process_index() == 0  # only process 0 prints, logs and writes checkpoints
@@ -1004,9 +1072,17 @@ def train(c):
     batches = prefetch(lambda k: local_blocks(train_windows, train_indices(train_windows, c, k), mesh, c,
                                               f'train batch {k}'), start)
     tokens_per_step, flops, peak = c.batch_size * c.seq_len, flops_per_token(c), hardware_peak(c, mesh.size)
-    meta_extra = {'tokenizer': meta.get('tokenizer'), 'eot_id': meta.get('eot_id')}
+    price, price_note = hourly_price(c, mesh)
+    say(f'cost: {price_note}')
     t_start = time.time()
+
+    def timing():  # wall time of this run and the earlier ones it resumes, and what it cost
+        seconds = elapsed_before + time.time() - t_start
+        return {'elapsed': seconds, 'cost': price * seconds / 3600 if price else None}
+
     t_last, step_last = None, start
+    timed = {'seconds': 0.0, 'steps': 0}  # train-step time only (no compile, eval or checkpoints)
+    val = {}
     with StopSignal() as stop, open(log_path, 'a') if main else open(os.devnull, 'w') as log:
         previous, profile = None, profile_range(c)
         for step in range(start, c.steps):
@@ -1033,14 +1109,17 @@ def train(c):
                 values = fetch(stats)
                 now = time.time()
                 dt = (now - t_last) / max(done - step_last, 1)
+                timed['seconds'] += now - t_last
+                timed['steps'] += done - step_last
                 t_last, step_last = now, done
                 record = {'step': done, **values, 'ms_per_step': 1000 * dt,
                           'tokens_per_sec': tokens_per_step / dt,
                           'mfu': flops * tokens_per_step / dt / peak if peak else None,
-                          'elapsed': now - t_start}
+                          **timing()}
                 say(log_line(record))
             if done % c.eval_every == 0 or done == c.steps:
-                record |= evaluate(params, vals, c, meta, done)
+                val = evaluate(params, vals, c, meta, done)
+                record |= val
             if record:
                 log.write(json.dumps(record) + '\n')
                 log.flush()
@@ -1051,6 +1130,8 @@ def train(c):
                     raise Diverged(f'training diverged at step {done}: parameters are not finite. '
                                    f'The last good checkpoint in {c.out} is kept; try a lower --lr')
                 host = host_state({'params': params, 'opt': opt})  # every process takes part
+                meta_extra = {'tokenizer': meta.get('tokenizer'), 'eot_id': meta.get('eot_id'),
+                              'elapsed': timing()['elapsed']}
                 path = save_checkpoint(c.out, host, c, meta_extra) if main else None
                 say(f'saved {path}', flush=True)
                 if stopping:
@@ -1058,7 +1139,23 @@ def train(c):
                                     f'checkpoint saved in {c.out}; run the same command to resume', stopping)
             if record:
                 t_last = time.time()  # keep eval and checkpoint time out of ms/step
+        summary = {'tokens': c.steps * tokens_per_step, **timing(), 'val_loss': val.get('val_loss'),
+                   'mfu': (flops * tokens_per_step * timed['steps'] / timed['seconds'] / peak
+                           if peak and timed['seconds'] else None)}  # over this run's timed steps
+        log.write(json.dumps({'step': c.steps, 'summary': summary}) + '\n')
+    say(summary_line(c.steps, summary, price_note))
     return params
+
+
+def summary_line(steps, r, price_note):
+    s = f"done: {steps:,} steps, {r['tokens']:,} tokens in {duration(r['elapsed'])}"
+
+    s += f" | MFU {r['mfu']:.1%}" if r['mfu'] is not None else ' | MFU n/a'
+    s += f" | {dollars(r['cost'])} ({price_note})" if r['cost'] is not None else f' | cost unknown ({price_note})'
+
+    return s + (f" | val loss {r['val_loss']:.4f}" if r['val_loss'] is not None else '')
+
+
 
 
 def stop_requested(stop):
@@ -1117,12 +1214,16 @@ def bench(c):
     median, flops, peak = float(np.median(times)), flops_per_token(c), hardware_peak(c, mesh.size)
     tokens_per_sec = c.batch_size * c.seq_len / median
     memory, where = peak_memory()
+    price, price_note = hourly_price(c, mesh)
+    chip = this_chip()
     r = {'preset': c.preset, 'backend': jax.default_backend(), 'device': jax.devices()[0].device_kind,
+         'chip': chip.name if chip else None, 'attention': c.attention,
          'devices': mesh.size, 'params': count_params(params), 'tokens_per_step': c.batch_size * c.seq_len,
          'compile_s': compile_s, 'ms_per_step': 1000 * median, 'ms_min': 1000 * times.min(),
          'ms_max': 1000 * times.max(), 'tokens_per_sec': tokens_per_sec, 'flops_per_token': flops,
          'achieved_flops': flops * tokens_per_sec, 'peak_flops': peak,
-         'mfu': flops * tokens_per_sec / peak if peak else None, 'peak_memory_bytes': memory}
+         'mfu': flops * tokens_per_sec / peak if peak else None, 'peak_memory_bytes': memory,
+         'price_per_hour': price, 'dollars_per_million_tokens': price / 3600 / tokens_per_sec * 1e6 if price else None}
     say(f"bench | {c.preset} | {r['backend']} x{mesh.size} ({r['device']}) | {r['params'] / 1e6:.2f}M params "
         f"| {r['tokens_per_step']} tokens/step | compile {compile_s:.1f}s")
     mfu = f"MFU {r['mfu']:.1%} of {peak / 1e12:.3g} TFLOP/s" if peak else 'MFU unknown (unknown chip: pass --peak_flops)'
@@ -1130,8 +1231,129 @@ def bench(c):
         f"| {tokens_per_sec:,.0f} tok/s | {r['achieved_flops'] / 1e9:,.1f} GFLOP/s | {mfu}")
     say(f'FLOPs/token {flops:,} = 6N + 12*L*H*Q*T (N: matmul weights with the output projection, without the '
         f'input embedding; causal attention not halved) | peak memory {memory / 2**20:,.0f} MiB ({where})')
+    say(f"{dollars(r['dollars_per_million_tokens'])} per million tokens ({price_note})" if price else f'cost: {price_note}')
     say(json.dumps(r))
+    if jax.process_index() == 0:  # `plan` reads the measured MFU from here
+        try:
+            os.makedirs(c.out, exist_ok=True)
+            with open(os.path.join(c.out, 'bench.jsonl'), 'a') as f:
+                f.write(json.dumps(r) + '\n')
+        except OSError as e:
+            say(f'warning: could not record the result in {c.out}/bench.jsonl ({e.strerror})', file=sys.stderr)
     return r
+
+
+
+# ----------------------------------------------------------------------------------------------
+# Plan: from a budget to a compute-optimal run. For a fixed compute budget, loss is lowest with
+# about 20 training tokens per parameter (Hoffmann et al. 2022, "Chinchilla"). The dollars buy
+# chip-hours; chip-hours at a peak and an MFU buy FLOPs; the FLOPs buy the largest model of a
+# ladder of shapes that can see 20 tokens per parameter within the budget.
+
+TOKENS_PER_PARAM = 20
+DEFAULT_MFU = 0.4  # between nanoGPT's ~37% (A100) and the 46.5% of a JAX 130M model on a v6e
+
+
+def plan_shape(c, layers):
+    """A rung of the ladder of models: `layers` blocks of width 128 * ceil(layers / 2), so about
+    64 channels per layer (GPT-2 small's 768 / 12) with each rung ~1.2x the last in parameters;
+    heads of width 128 and a 4x ReLU^2 MLP. Every matrix dimension is a multiple of 128, the
+    width of a TPU v4/v5 matrix unit (v6e's is 256: the even rungs keep to that too)."""
+    d_model = 128 * math.ceil(layers / 2)
+    return dataclasses.replace(c, n_layer=layers, d_model=d_model, n_head=d_model // 128,
+                               n_kv_head=d_model // 128, d_head=128, d_ff=0, mlp='relu2')
+
+
+def plan_backend(flags):
+    """The backend whose preset a plan starts from: that of --hardware, else this machine's."""
+    chip = next((chip for chip in CHIPS if chip.name == flags.get('hardware', '').lower()), None)
+    return None if chip is None else 'tpu' if 'TPU' in chip.kind else 'gpu'
+
+
+def measured_mfu(c, chip):
+
+    """MFU of the newest `bench` result for this chip in OUT/bench.jsonl, or None."""
+    try:
+        with open(os.path.join(c.out, 'bench.jsonl')) as f:
+            results = [json.loads(line) for line in f if line.strip()]
+    except (OSError, ValueError):
+        return None
+    mfus = [r.get('mfu') for r in results if r.get('chip') == chip.name and r.get('mfu')]
+    return mfus[-1] if mfus else None
+
+
+def plan_chip(c):
+    if c.hardware:
+        chip = next((chip for chip in CHIPS if chip.name == c.hardware.lower()), None)
+        if chip is None:
+            raise UserError(f'--hardware={c.hardware}: unknown chip (choose from {", ".join(x.name for x in CHIPS)})')
+        return chip
+    chip = this_chip()
+    if chip is None:
+        raise UserError(f'this machine ({jax.devices()[0].device_kind}) is not in the hardware table; '
+                        f'plan for one that is: --hardware={CHIPS[0].name} (or {", ".join(x.name for x in CHIPS[1:])})')
+    return chip
+
+
+def make_plan(c, chip):
+    """The largest ladder model that trains on TOKENS_PER_PARAM tokens per parameter within
+    c.budget dollars -> dict of the numbers `plan` prints (and tests check by hand)."""
+    price = c.price_per_hour or chip.price
+    if not price:
+        raise UserError(f'no list price for {chip.name}; pass --price_per_hour=DOLLARS')
+    peak = c.peak_flops or chip.peak
+    mfu = c.mfu or measured_mfu(c, chip)
+    mfu_source = ('--mfu' if c.mfu else f'measured by bench, {c.out}/bench.jsonl') if mfu else \
+        f'default; measure yours with python tinytpu.py bench --preset={c.preset}'
+    mfu = mfu or DEFAULT_MFU
+    flops_per_dollar = peak * mfu * 3600 / price                 # per chip; more chips, same cost
+    tokens_per_step = c.batch_size * c.seq_len
+    best = None
+    for layers in range(1, 1000):
+        m = plan_shape(c, layers)
+        steps = math.ceil(TOKENS_PER_PARAM * matmul_params(m) / tokens_per_step)
+        tokens = steps * tokens_per_step
+        cost = tokens * flops_per_token(m) / flops_per_dollar
+        if cost > c.budget:
+            break
+        best = {'config': m, 'params': matmul_params(m), 'steps': steps, 'tokens': tokens,
+
+                'flops': tokens * flops_per_token(m), 'cost': cost,
+                'hours': tokens * flops_per_token(m) / (peak * mfu * c.chips) / 3600}
+    if best is None:
+        raise UserError(f'--budget={c.budget:g}: too small for the smallest model of the ladder '
+                        f'({dollars(cost)} on {chip.name}); raise --budget')
+    return best | {'chip': chip.name, 'price': price, 'peak': peak, 'mfu': mfu, 'mfu_source': mfu_source,
+                   'chip_hours': c.budget / price, 'budget_flops': c.budget * flops_per_dollar}
+
+
+def plan(c):
+    chip = plan_chip(c)
+    p = make_plan(c, chip)
+    m = p['config']
+    flags = {'preset': c.preset, 'n_layer': m.n_layer, 'd_model': m.d_model, 'n_head': m.n_head,
+             'n_kv_head': m.n_kv_head, 'd_head': m.d_head, 'd_ff': m.d_ff, 'mlp': m.mlp, 'steps': p['steps']}
+    if p['steps'] < 10 * c.warmup_steps:  # short runs: warm up for a tenth of them
+        flags['warmup_steps'] = max(1, p['steps'] // 10)
+    flags['out'] = f"out/plan_{chip.name}_{round(c.budget)}usd"
+    state = 16 * count_params(jax.eval_shape(lambda: init_params(m, jax.random.key(0)))) / c.chips
+    say(f"plan | {dollars(c.budget)} on {chip.name} at ${p['price']:g}/chip-hour = {p['chip_hours']:,.1f} chip-hours "
+        f"| peak {p['peak'] / 1e12:g} TFLOP/s x MFU {p['mfu']:.1%} ({p['mfu_source']}) = {p['budget_flops']:.3g} FLOPs")
+    say(f"model | {m.n_layer} layers, d_model {m.d_model}, {m.n_head} heads of {m.d_head}, ReLU^2 MLP {ff_dim(m)} "
+        f"| {p['params'] / 1e6:,.1f}M params (matmul weights; {TOKENS_PER_PARAM} tokens each)")
+    say(f"run   | {p['tokens'] / 1e9:,.3g}B tokens = {p['steps']:,} steps of {c.batch_size} x {c.seq_len} "
+        f"| {p['flops']:.3g} FLOPs | {p['hours']:,.1f} hours on {c.chips} chip{'s' if c.chips > 1 else ''} "
+        f"| {dollars(p['cost'])} of {dollars(c.budget)}")
+    fits = state < 0.5 * chip.memory
+    say(f"memory| params + AdamW {state / 2**30:,.1f} GiB per chip of {chip.memory / 2**30:g} GiB"
+        + ('' if fits else ' -- too much for activations too: plan for more --chips (FSDP splits it)'))
+    data_tokens = {'data/fineweb10B': 10e9}.get(c.data)
+    if data_tokens and p['tokens'] > data_tokens:
+        say(f'data  | {p["tokens"] / data_tokens:.1f} passes over the 10B-token FineWeb sample (repeated data '
+            'helps less than fresh; consider a larger dataset)')
+    command = 'python tinytpu.py ' + ' '.join(f'--{k}={v}' for k, v in flags.items())
+    say(f'to run it (after python prepare.py {os.path.basename(c.data)}):\n  {command}')
+    return p | {'command': command}
 
 
 # ----------------------------------------------------------------------------------------------
@@ -1229,11 +1451,11 @@ def sample(c, explicit):
 
 
 # ----------------------------------------------------------------------------------------------
-# Command line: python tinytpu.py [train|sample|bench] [--name=value ...]
+# Command line: python tinytpu.py [train|sample|bench|plan] [--name=value ...]
 
 
 def usage():
-    lines = ['usage: python tinytpu.py [train|sample|bench] [--name=value ...]', '',
+    lines = ['usage: python tinytpu.py [train|sample|bench|plan] [--name=value ...]', '',
              'settings (default; presets: ' + ', '.join(f'{k}' for k in PRESETS) + '):']
     for f in dataclasses.fields(Config):
         lines.append(f'  --{f.name}={f.default!r:<24} {f.metadata["help"]}')
@@ -1268,16 +1490,18 @@ def main(argv):
     command = argv[0] if argv and not argv[0].startswith('-') else 'train'
     args = argv[1:] if argv and argv[0] == command else argv
     try:
-        if command not in ('train', 'sample', 'bench'):
-            raise UserError(f'unknown command {command!r}: use train, sample or bench (or --help)')
+        if command not in ('train', 'sample', 'bench', 'plan'):
+            raise UserError(f'unknown command {command!r}: use train, sample, bench or plan (or --help)')
         flags = parse_flags(args)
         use_cpu_devices(flags.get('cpu_devices', Config.cpu_devices))
         init_distributed(flags)
-        c = validate(make_config(flags))
+        c = validate(make_config(flags, plan_backend(flags) if command == 'plan' else None))
         if command == 'train':
             train(c)
         elif command == 'bench':
             bench(c)
+        elif command == 'plan':
+            plan(c)
         else:
             sample(c, set(flags) - set(MODEL_FIELDS))
     except (UserError, PrepareError) as e:

@@ -202,9 +202,10 @@ def test_readme_settings_table_matches_config():
         assert f"| `{f.name}` | `{f.default!r}` | {f.metadata['help']} |" in readme, f.name
 
 
-def test_bench_reports_timing_flops_and_memory():
+def test_bench_reports_timing_flops_and_memory(tmp_path):
     r = run_cli('bench', '--n_layer=2', '--d_model=32', '--n_head=2', '--n_kv_head=1', '--seq_len=16',
-                '--context=16', '--batch_size=4', '--bench_steps=5', '--peak_flops=1e12')
+                '--context=16', '--batch_size=4', '--bench_steps=5', '--peak_flops=1e12',
+                '--price_per_hour=3.6', f'--out={tmp_path}')
     assert r.returncode == 0, r.stderr
     result = json.loads(r.stdout.splitlines()[-1])
     c = tiny_config(n_layer=2, d_model=32, n_head=2, n_kv_head=1, seq_len=16, context=16, batch_size=4)
@@ -213,6 +214,9 @@ def test_bench_reports_timing_flops_and_memory():
     assert result['peak_flops'] == 1e12 * result['devices']
     assert abs(result['mfu'] - result['achieved_flops'] / result['peak_flops']) < 1e-12
     assert result['peak_memory_bytes'] > 0 and 'ms/step, median of 5' in r.stdout
+    # $3.6 per machine-hour is $0.001 per second: a million tokens take 1e6 / tokens_per_sec seconds
+    assert abs(result['dollars_per_million_tokens'] - 1e3 / result['tokens_per_sec']) < 1e-9
+    assert json.loads((tmp_path / 'bench.jsonl').read_text()) == result  # what `plan` reads
 
 
 def test_profile_steps_writes_a_trace(byte_data, tmp_path):

@@ -1,0 +1,109 @@
+"""Hardware table, dollars in the training log, and the budget planner."""
+import json
+
+import pytest
+
+import tinytpu as tt
+from conftest import run_cli, tiny_config
+
+
+def test_device_kinds_find_their_chip():
+    """jax's device_kind strings; the first match wins, so the longer names must come first."""
+    kinds = {'TPU v6 lite': 'v6e', 'TPU v5 lite': 'v5e', 'TPU v5': 'v5p', 'TPU v5p': 'v5p', 'TPU v4': 'v4',
+             'NVIDIA H100 80GB HBM3': 'h100', 'NVIDIA H100 PCIe': 'h100-pcie', 'NVIDIA H200': 'h200',
+             'NVIDIA A100-SXM4-80GB': 'a100'}
+    for kind, name in kinds.items():
+        assert tt.this_chip(kind).name == name, kind
+    assert tt.this_chip('cpu') is None and tt.this_chip('NVIDIA GeForce RTX 4090') is None
+    assert all(chip.peak > 0 and chip.memory > 0 for chip in tt.CHIPS)
+
+
+def test_hourly_price_from_the_table_or_the_flag(monkeypatch):
+    mesh = tt.make_mesh(tiny_config())
+    price, note = tt.hourly_price(tiny_config(), mesh)
+    assert price is None and '--price_per_hour' in note  # a CPU has no list price
+    assert tt.hourly_price(tiny_config(price_per_hour=0.5), mesh)[0] == 0.5  # one machine
+    monkeypatch.setattr(tt, 'this_chip', lambda kind=None: tt.CHIPS[0])
+    price, note = tt.hourly_price(tiny_config(), mesh)
+    assert price == tt.CHIPS[0].price and 'v6e on-demand list price' in note
+
+
+def test_cost_in_the_log_and_the_summary(byte_data, tmp_path):
+    """$3.6 per hour is $0.001 per second of wall time; resuming carries the time (so the
+    dollars) of the earlier run on."""
+    c = tiny_config(data=byte_data, out=str(tmp_path), steps=4, ckpt_every=4, price_per_hour=3.6)
+    tt.train(c)
+    records = [json.loads(line) for line in open(tmp_path / 'log.jsonl')]
+    for r in records[:-1] + [records[-1]['summary']]:
+        assert r['cost'] == pytest.approx(r['elapsed'] / 1000, rel=1e-12)
+    assert records[-1]['step'] == 4
+    summary = records[-1]['summary']
+    assert summary['tokens'] == 4 * 4 * 16 and summary['val_loss'] == records[-2]['val_loss']
+    assert 0 < summary['mfu'] < 1
+    saved = json.load(open(tmp_path / 'ckpt_00000004' / 'meta.json'))['elapsed']
+    assert 0 < saved <= summary['elapsed']
+    tt.train(tt.dataclasses.replace(c, steps=6))
+    records = [json.loads(line) for line in open(tmp_path / 'log.jsonl')]
+    assert [r['step'] for r in records if 'summary' in r] == [4, 6]
+    resumed = records[-1]['summary']
+    assert resumed['tokens'] == 6 * 4 * 16 and resumed['elapsed'] > saved
+    assert resumed['cost'] == pytest.approx(resumed['elapsed'] / 1000, rel=1e-12)
+
+
+def test_plan_matches_a_hand_computation():
+    """$3.6/hour at 1e12 FLOP/s x MFU 0.5 buys 5e14 FLOPs per dollar. The tpu preset trains on
+    64 x 2048 = 131,072 tokens per step with a vocabulary padded to 50,304.
+    Rung 1: 1 layer, d_model 128, 1 head of 128, MLP 512.
+      matmul params = 128*128*2 (q, o) + 128*128*2 (k, v) + 128*512*2 (MLP) + 128*50304 = 6,635,520
+      20 tokens each = 132,710,400 -> 1,013 steps -> 132,775,936 tokens
+      FLOPs/token = 6 * 6,635,520 + 12 * 1 * 1 * 128 * 2048 = 42,958,848
+      cost = 132,775,936 * 42,958,848 / 5e14 = $11.4078; hours = that / 5e11 / 3600 = 3.16883
+    Rung 2 (2 layers, d_model 128): 6,832,128 params -> 1,043 steps -> $12.9283, over a $12 budget."""
+    c = tt.validate(tt.make_config({'preset': 'tpu', 'budget': 12.0, 'price_per_hour': 3.6, 'peak_flops': 1e12,
+                                    'mfu': 0.5}))
+    p = tt.make_plan(c, tt.CHIPS[0])
+    m = p['config']
+    assert (m.n_layer, m.d_model, m.n_head, m.n_kv_head, tt.head_dim(m), tt.ff_dim(m)) == (1, 128, 1, 1, 128, 512)
+    assert p['params'] == 6_635_520 and p['steps'] == 1013 and p['tokens'] == 132_775_936
+    assert p['flops'] == 132_775_936 * 42_958_848
+    assert p['cost'] == pytest.approx(11.407802505363456, rel=1e-12)
+    assert p['hours'] == pytest.approx(3.1688340292676265, rel=1e-12)
+    assert p['chip_hours'] == pytest.approx(12 / 3.6) and p['budget_flops'] == pytest.approx(12 * 5e14)
+    bigger = tt.make_plan(tt.dataclasses.replace(c, budget=13.0, chips=4), tt.CHIPS[0])
+    assert bigger['config'].n_layer == 2 and bigger['steps'] == 1043
+    assert bigger['cost'] == pytest.approx(1043 * 131072 * 47_284_224 / 5e14, rel=1e-12)
+    assert bigger['hours'] == pytest.approx(bigger['flops'] / (4 * 5e11) / 3600, rel=1e-12)  # 4 chips
+
+
+def test_plan_spends_the_budget_on_twenty_tokens_per_param():
+    for budget in (5, 50, 500):
+        c = tt.validate(tt.make_config({'budget': float(budget), 'hardware': 'v6e'}, 'tpu'))
+        p = tt.make_plan(c, tt.CHIPS[0])
+        assert 20 <= p['tokens'] / p['params'] < 20 + 64 * 2048 / p['params']  # rounded up to whole steps
+        assert 0.6 * budget < p['cost'] <= budget  # the next rung is ~1.2-1.5x larger
+        m = p['config']
+        assert m.d_model % 128 == 0 and tt.head_dim(m) == 128 and abs(m.d_model / m.n_layer - 64) <= 64
+
+
+def test_plan_command_prints_a_runnable_command(tmp_path):
+    (tmp_path / 'bench.jsonl').write_text(json.dumps({'chip': 'v5e', 'mfu': 0.25}) + '\n')
+    r = run_cli('plan', '--budget=40', '--hardware=v5e', f'--out={tmp_path}')
+    assert r.returncode == 0, r.stderr
+    assert 'MFU 25.0% (measured by bench' in r.stdout and '$1.2/chip-hour' in r.stdout
+    command = r.stdout.strip().splitlines()[-1].split()
+    assert command[:2] == ['python', 'tinytpu.py']
+    c = tt.validate(tt.make_config(tt.parse_flags(command[2:])))
+    expected = tt.make_plan(tt.validate(tt.make_config({'budget': 40.0, 'hardware': 'v5e', 'mfu': 0.25}, 'tpu')),
+                            tt.CHIPS[1])
+    assert c.preset == 'tpu' and tt.matmul_params(c) == expected['params'] and c.steps == expected['steps']
+
+
+@pytest.mark.parametrize('args, message', [
+    (['--budget=0.001', '--hardware=v6e'], '--budget=0.001: too small'),
+    (['--budget=10', '--hardware=tpu9'], '--hardware=tpu9: unknown chip'),
+    (['--budget=10'], 'is not in the hardware table'),
+    (['--budget=10', '--hardware=h100-pcie'], 'pass --price_per_hour'),
+])
+def test_plan_errors_are_one_line(args, message):
+    r = run_cli('plan', *args)
+    assert r.returncode == 2 and message in r.stderr and len(r.stderr.strip().splitlines()) == 1
