@@ -63,6 +63,7 @@ class Config:
     logit_softcap: float = _f(0.0, 'cap logits smoothly at +-this value (0 = off)')
     rope_theta: float = _f(10000.0, 'RoPE base frequency')
     scan_layers: bool = _f(False, 'run the blocks with lax.scan (fast compile) instead of unrolled')
+    attention: str = _f('auto', 'attention kernel: auto (splash on TPU, cudnn on GPU, xla on CPU), xla, splash, cudnn')
     # training
     steps: int = _f(2000, 'optimizer steps in the whole run')
     batch_size: int = _f(12, 'sequences per optimizer step')
@@ -189,6 +190,8 @@ def validate(c):
          f'--n_head={c.n_head} is not a multiple of --n_kv_head={c.n_kv_head}'),
         (head_dim(c) % 2 == 0, f'head dim {head_dim(c)} must be even for RoPE'),
         (c.mlp in ('relu2', 'swiglu'), f'--mlp={c.mlp}: choose relu2 or swiglu'),
+        (c.attention in ('auto', 'xla', 'splash', 'cudnn'),
+         f'--attention={c.attention}: choose auto, xla, splash or cudnn'),
         (c.vocab_size >= 2, f'--vocab_size={c.vocab_size} must be at least 2'),
         (1 <= c.seq_len <= c.context,
          f'--seq_len={c.seq_len} must be between 1 and the model context (--context={c.context})'),
@@ -344,6 +347,80 @@ def attention(q, k, v, q_pos, k_pos):
     return jnp.einsum('BNTS,BNSH->BNTH', weights.astype(v.dtype), v)
 
 
+# Fused attention kernels never write the T x T scores to memory: they stream blocks of keys
+# past each block of queries, keeping a running softmax (flash attention), and skip the blocks
+# above the causal diagonal. Same inputs and outputs as `attention` over positions 0..T-1.
+
+
+def splash_attention(q, k, v):
+    """q (B,N,T,H), k and v (B,K,T,H) -> (B,N,T,H) with the Pallas TPU kernel (splash = sparse
+    flash). It takes one sequence with one K head for a group of N/K query heads, so it is
+    vmapped over B and K. Off TPU it runs in Pallas's interpreter: slow, for tests only."""
+    from jax.experimental.pallas.ops.tpu.splash_attention import splash_attention_kernel as sk
+    from jax.experimental.pallas.ops.tpu.splash_attention import splash_attention_mask as sm
+    B, N, T, H = q.shape
+    K = k.shape[1]
+    block = max(b for b in (512, 256, 128) if T % b == 0)
+    sizes = sk.BlockSizes(block_q=block, block_kv=block, block_kv_compute=block, block_q_dkv=block,
+                          block_kv_dkv=block, block_kv_dkv_compute=block, block_q_dq=block, block_kv_dq=block)
+    mask = sm.MultiHeadMask([sm.CausalMask((T, T))] * (N // K))
+    kernel = sk.make_splash_mqa_single_device(mask, block_sizes=sizes, interpret=jax.default_backend() != 'tpu')
+    q = (q / math.sqrt(H)).astype(q.dtype).reshape(B, K, N // K, T, H)  # the kernel does not scale
+    return jax.vmap(jax.vmap(kernel))(q, k, v).reshape(B, N, T, H)
+
+
+def cudnn_attention(q, k, v, implementation='cudnn'):
+    """q (B,N,T,H), k and v (B,K,T,H) -> (B,N,T,H) with cuDNN's fused attention (GPU; bf16 or
+    fp16). jax.nn.dot_product_attention wants (B,T,heads,H) and serves K < N heads itself; its
+    default implementation is plain XLA, so cuDNN must be asked for by name."""
+    t = lambda x: x.transpose(0, 2, 1, 3)
+    return t(jax.nn.dot_product_attention(t(q), t(k), t(v), is_causal=True, implementation=implementation))
+
+
+KERNELS = {'splash': splash_attention, 'cudnn': cudnn_attention}
+
+
+def causal_attention(q, k, v, pos, c):
+    """Attention over one chunk of positions pos (no KV cache), by the kernel c.attention names
+    (auto = xla until pick_attention resolves it). XLA splits plain jnp code over the devices of
+    a mesh by itself, but not a custom kernel: shard_map hands each device its rows of the batch."""
+    if c.attention not in KERNELS:
+        return attention(q, k, v, pos, pos)
+    kernel = KERNELS[c.attention]
+    mesh = jax.sharding.get_abstract_mesh()
+    if not mesh.empty and 'data' in mesh.axis_names:
+        kernel = jax.shard_map(kernel, in_specs=P('data'), out_specs=P('data'), check_vma=False)
+    return kernel(q, k, v)
+
+
+def pick_attention(c):
+    """Resolve --attention=auto (splash on TPU, cudnn on GPU, xla on CPU, where XLA's own code
+    measured fastest) and check that the kernel compiles, forward and backward, for these
+    shapes. -> (config with the kernel that will run, a note saying which and why).
+    An explicit choice that cannot run is an error; auto falls back to xla and says why."""
+    backend, dt = jax.default_backend(), compute_dtype(c)
+    want = c.attention if c.attention != 'auto' else {'tpu': 'splash', 'gpu': 'cudnn'}.get(backend, 'xla')
+    problem = None
+    if want == 'splash' and (backend == 'gpu' or c.seq_len % 128 or head_dim(c) % 128):
+        problem = f'needs a TPU, and --seq_len ({c.seq_len}) and the head dim ({head_dim(c)}) multiples of 128'
+    elif want == 'cudnn' and (backend != 'gpu' or dt not in (jnp.bfloat16, jnp.float16)):
+        problem = f'needs a GPU and --dtype=bfloat16 (here: {backend}, {jnp.dtype(dt).name})'
+    elif want != 'xla':
+        q = jax.ShapeDtypeStruct((1, c.n_head, c.seq_len, head_dim(c)), dt)
+        kv = jax.ShapeDtypeStruct((1, c.n_kv_head, c.seq_len, head_dim(c)), dt)
+        loss = lambda q, k, v: jnp.sum(KERNELS[want](q, k, v).astype(jnp.float32))
+        try:
+            jax.jit(jax.grad(loss, argnums=(0, 1, 2))).lower(q, kv, kv).compile()
+        except Exception as e:  # whatever the kernel's own checks or the compiler reject
+            problem = f'does not compile for these shapes ({type(e).__name__}: {str(e)[:200]})'.replace('\n', ' ')
+    if problem and c.attention == want:
+        raise UserError(f'--attention={want}: {problem}; use --attention=xla')
+    if problem:
+        return dataclasses.replace(c, attention='xla'), f'xla ({want} not used: {problem})'
+    return dataclasses.replace(c, attention=want), want
+
+
+
 def block(x, w, c, pos, rot, cache=None):
     """One pre-norm transformer block. x (B,T,D); w holds this layer's weights (cast to x.dtype);
     rot = rope_table(pos). With a KV cache (k, v of shape (B, K, context, H)), this chunk's keys
@@ -353,12 +430,14 @@ def block(x, w, c, pos, rot, cache=None):
     qkv = jnp.einsum('BTD,DJH->BJTH', h, w['qkv'])                     # J = N + 2K heads
     qk = rope(rms_norm(qkv[:, :N + K]), *rot)                            # QK-norm, then RoPE
     q, k, v = qk[:, :N], qk[:, N:], qkv[:, N + K:]
-    k_pos = pos
-    if cache is not None:  # write this chunk into the cache, then attend over all of it
+    if cache is None:
+        out = causal_attention(q, k, v, pos, c)
+    else:  # write this chunk into the cache, then attend over all of it
         k = jax.lax.dynamic_update_slice_in_dim(cache[0], k, pos[0], axis=2)
         v = jax.lax.dynamic_update_slice_in_dim(cache[1], v, pos[0], axis=2)
-        cache, k_pos = (k, v), jnp.arange(k.shape[2])
-    x = x + jnp.einsum('BNTH,NHD->BTD', attention(q, k, v, pos, k_pos), w['o'])
+        cache, out = (k, v), attention(q, k, v, pos, jnp.arange(k.shape[2]))
+    x = x + jnp.einsum('BNTH,NHD->BTD', out, w['o'])
+
     h = rms_norm(x)
     up = jnp.einsum('BTD,DF->BTF', h, w['up'])
     act = jax.nn.silu(jnp.einsum('BTD,DF->BTF', h, w['gate'])) * up if c.mlp == 'swiglu' \
@@ -1024,9 +1103,11 @@ def start_run(c):
     mesh = make_mesh(c)
     shardings = state_shardings(c, mesh)
     shapes = jax.eval_shape(lambda: fresh_state(c))
+    c, attention_note = pick_attention(c)
     say(f'tinytpu | preset {c.preset} | {jax.default_backend()} x{mesh.size} '
         f'({jax.devices()[0].device_kind}{f", {jax.process_count()} hosts" if jax.process_count() > 1 else ""}) '
         f'| {count_params(shapes["params"]) / 1e6:.2f}M params | dtype {jnp.dtype(compute_dtype(c)).name} '
+        f'| attention {attention_note} '
         f'| {"FSDP" if use_fsdp(c, mesh) else "replicated"}, {state_bytes_per_device(c, mesh) / 2**20:,.1f} MiB '
         f'params+optimizer per device | data {c.data} -> {c.out}')
     state, path = restore(c, shapes)
@@ -1083,7 +1164,7 @@ def train(c):
     t_last, step_last = None, start
     timed = {'seconds': 0.0, 'steps': 0}  # train-step time only (no compile, eval or checkpoints)
     val = {}
-    with StopSignal() as stop, open(log_path, 'a') if main else open(os.devnull, 'w') as log:
+    with StopSignal() as stop, open(log_path, 'a') if main else open(os.devnull, 'w') as log, jax.set_mesh(mesh):
         previous, profile = None, profile_range(c)
         for step in range(start, c.steps):
             if profile and step == profile[0]:  # view in Perfetto (ui.perfetto.dev) or XProf
@@ -1195,22 +1276,20 @@ def peak_memory():
 
 def bench(c):
     mesh = make_mesh(c)
+    c, attention_note = pick_attention(c)
     state = jax.jit(lambda: fresh_state(c), out_shardings=state_shardings(c, mesh))()
     params, opt = state['params'], state['opt']
     shape = (c.grad_accum, c.batch_size // c.grad_accum, c.seq_len + 1)
     tokens = np.random.default_rng(c.seed).integers(0, c.vocab_size, shape, dtype=np.int32)
     batch = jax.device_put(tokens, batch_sharding(mesh, 3))
-    t = time.perf_counter()
-    params, opt, stats = train_step(params, opt, batch, c)
-    jax.block_until_ready(stats)
-    compile_s = time.perf_counter() - t
     times = []
-    for _ in range(3 + c.bench_steps):
-        t = time.perf_counter()
-        params, opt, stats = train_step(params, opt, batch, c)
-        jax.block_until_ready(stats)
-        times.append(time.perf_counter() - t)
-    times = np.array(times[3:])
+    with jax.set_mesh(mesh):
+        for _ in range(1 + 3 + c.bench_steps):  # the first call compiles; then 3 warm-up steps
+            t = time.perf_counter()
+            params, opt, stats = train_step(params, opt, batch, c)
+            jax.block_until_ready(stats)
+            times.append(time.perf_counter() - t)
+    compile_s, times = times[0], np.array(times[4:])
     median, flops, peak = float(np.median(times)), flops_per_token(c), hardware_peak(c, mesh.size)
     tokens_per_sec = c.batch_size * c.seq_len / median
     memory, where = peak_memory()
@@ -1225,7 +1304,8 @@ def bench(c):
          'mfu': flops * tokens_per_sec / peak if peak else None, 'peak_memory_bytes': memory,
          'price_per_hour': price, 'dollars_per_million_tokens': price / 3600 / tokens_per_sec * 1e6 if price else None}
     say(f"bench | {c.preset} | {r['backend']} x{mesh.size} ({r['device']}) | {r['params'] / 1e6:.2f}M params "
-        f"| {r['tokens_per_step']} tokens/step | compile {compile_s:.1f}s")
+        f"| {r['tokens_per_step']} tokens/step | attention {attention_note} | compile {compile_s:.1f}s")
+
     mfu = f"MFU {r['mfu']:.1%} of {peak / 1e12:.3g} TFLOP/s" if peak else 'MFU unknown (unknown chip: pass --peak_flops)'
     say(f"{r['ms_per_step']:.1f} ms/step, median of {c.bench_steps} (min {r['ms_min']:.1f}, max {r['ms_max']:.1f}) "
         f"| {tokens_per_sec:,.0f} tok/s | {r['achieved_flops'] / 1e9:,.1f} GFLOP/s | {mfu}")

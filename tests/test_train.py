@@ -226,3 +226,17 @@ def test_profile_steps_writes_a_trace(byte_data, tmp_path):
     for bad in ('5', '4:2', 'a:b'):
         with pytest.raises(tt.UserError, match='expected A:B'):
             tiny_config(profile_steps=bad)
+
+
+def test_training_with_the_splash_kernel_matches_xla(byte_data, tmp_path):
+    """The TPU attention kernel (interpreted on CPU), run per device under shard_map on the two
+    virtual devices of a CLI run, trains to the losses of the reference attention."""
+    shape = ['--n_layer=1', '--d_model=64', '--n_head=2', '--n_kv_head=1', '--d_head=128', '--seq_len=128',
+             '--context=128', '--batch_size=4', '--steps=3', '--log_every=1', '--eval_batches=1', f'--data={byte_data}']
+    losses = {}
+    for kernel in ('xla', 'splash'):
+        r = run_cli(*shape, f'--attention={kernel}', f'--out={tmp_path / kernel}')
+        assert r.returncode == 0, r.stderr
+        assert f'cpu x2 (cpu) | 0.' in r.stdout and f'| attention {kernel} |' in r.stdout
+        losses[kernel] = [json.loads(line).get('loss') for line in open(tmp_path / kernel / 'log.jsonl')]
+    np.testing.assert_allclose(losses['splash'][:3], losses['xla'][:3], rtol=1e-5)
