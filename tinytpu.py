@@ -113,7 +113,9 @@ class Config:
 
 # Presets override the defaults above. `cpu` is nanoGPT's CPU demo size on byte-level Shakespeare;
 # `gpt2` is GPT-2 small (124M) on FineWeb; `tpu` (148M with GPT-2's vocabulary) is shaped for a
-# TPU's 128/256-wide matrix units: head_dim 256, one KV head, dims multiples of 256.
+# TPU's 128/256-wide matrix units: head_dim 256, one KV head, dims multiples of 256. Microbatches
+# hold what fits one chip's memory, the activations of 8 x 1024 (gpt2: 27 GiB of 80 on an H100)
+# or 2 x 2048 tokens (tpu: under 16 GiB, a v5e's; XLA's buffer sizes, README "Memory").
 PRESETS = {
     'cpu': {},
     'gpt2': dict(data='data/fineweb10B', out='out/gpt2', n_layer=12, d_model=768, n_head=12,
@@ -122,7 +124,7 @@ PRESETS = {
                  eval_every=500, eval_batches=20, log_every=10, ckpt_every=1000, logit_softcap=30.0),
     'tpu': dict(data='data/fineweb10B', out='out/tpu', n_layer=8, d_model=1024, n_head=4,
                 n_kv_head=1, d_head=256, mlp='swiglu', d_ff=3072, vocab_size=50257,
-                context=2048, seq_len=2048, batch_size=64, grad_accum=1, steps=10000, lr=1e-3,
+                context=2048, seq_len=2048, batch_size=64, grad_accum=32, steps=10000, lr=1e-3,
                 warmup_steps=250, warmdown_frac=0.3, eval_every=500, eval_batches=20,
                 log_every=10, ckpt_every=1000, scan_layers=True, logit_softcap=30.0),
 }
