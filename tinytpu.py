@@ -1,12 +1,14 @@
 """tinytpu: train a small GPT from scratch with pure JAX, on a TPU, a GPU or a laptop CPU.
 
 One file, read top to bottom: config -> model -> loss -> optimizer -> data -> checkpoints ->
-devices -> train step -> hardware -> train loop -> benchmark -> sampling -> command line.
-Three commands to try:
+devices -> train step -> hardware -> train loop -> benchmark -> plan -> sampling -> command line.
+Three commands to try, and two to size a run on a TPU or GPU:
 
     python prepare.py shakespeare --tokenizer=byte       # 1.1 MB of Shakespeare as byte tokens
     python tinytpu.py --preset=cpu                       # train a 0.8M-parameter model (~75 s)
     python tinytpu.py sample --preset=cpu --prompt="ROMEO:"
+    python tinytpu.py bench                              # time the train step: tokens/s, MFU, $
+    python tinytpu.py plan --budget=5 --hardware=v6e     # what $5 of a TPU v6e trains
 
 Dimension names used in einsum strings and comments (as in picodo):
     B batch, T time (query positions), S key positions, D d_model, N query heads,
@@ -396,8 +398,8 @@ def causal_attention(q, k, v, pos, c):
 
 
 def pick_attention(c):
-    """Resolve --attention=auto (splash on TPU, cudnn on GPU, xla on CPU, where XLA's own code
-    measured fastest) and check that the kernel compiles, forward and backward, for these
+    """Resolve --attention=auto (splash on TPU, cudnn on GPU, xla on CPU, where the reference
+    measured faster than jax.nn's attention) and check that the kernel compiles, forward and backward, for these
     shapes. -> (config with the kernel that will run, a note saying which and why).
     An explicit choice that cannot run is an error; auto falls back to xla and says why."""
     backend, dt = jax.default_backend(), compute_dtype(c)
@@ -420,7 +422,6 @@ def pick_attention(c):
     if problem:
         return dataclasses.replace(c, attention='xla'), f'xla ({want} not used: {problem})'
     return dataclasses.replace(c, attention=want), want
-
 
 
 def block(x, w, c, pos, rot, cache=None):
@@ -501,7 +502,6 @@ def flops_per_token(c):
     attention term 12LNHT counts the full T x T score matrix: causal masking is NOT halved,
     matching PaLM and nanoGPT, so MFUs compare with theirs."""
     return 6 * matmul_params(c) + 12 * c.n_layer * c.n_head * head_dim(c) * c.seq_len
-
 
 
 # ----------------------------------------------------------------------------------------------
@@ -951,7 +951,7 @@ CHIPS = [
     Chip('h100-pcie', 'H100 PCIe', 756e12, 0.0, 80 * GiB),
     Chip('h100', 'H100', 989e12, 2.69, 80 * GiB),
     Chip('h200', 'H200', 989e12, 3.59, 141 * GiB),
-    Chip('a100', 'A100', 312e12, 1.49, 80 * GiB),
+    Chip('a100', 'A100', 312e12, 1.49, 80 * GiB),  # the 80 GB part (a 40 GB one exists too)
 ]
 
 
@@ -960,7 +960,6 @@ def this_chip(kind=None):
     chip not in the table."""
     kind = kind or jax.devices()[0].device_kind
     return next((chip for chip in CHIPS if chip.kind in kind), None)
-
 
 
 def chip_count(mesh):
@@ -1232,13 +1231,9 @@ def train(c):
 
 def summary_line(steps, r, price_note):
     s = f"done: {steps:,} steps, {r['tokens']:,} tokens in {duration(r['elapsed'])}"
-
     s += f" | MFU {r['mfu']:.1%}" if r['mfu'] is not None else ' | MFU n/a'
     s += f" | {dollars(r['cost'])} ({price_note})" if r['cost'] is not None else f' | cost unknown ({price_note})'
-
     return s + (f" | val loss {r['val_loss']:.4f}" if r['val_loss'] is not None else '')
-
-
 
 
 def stop_requested(stop):
@@ -1325,7 +1320,6 @@ def bench(c):
     return r
 
 
-
 # ----------------------------------------------------------------------------------------------
 # Plan: from a budget to a compute-optimal run. For a fixed compute budget, loss is lowest with
 # about 20 training tokens per parameter (Hoffmann et al. 2022, "Chinchilla"). The dollars buy
@@ -1340,7 +1334,7 @@ def plan_shape(c, layers):
     """A rung of the ladder of models: `layers` blocks of width 128 * ceil(layers / 2), so about
     64 channels per layer (GPT-2 small's 768 / 12) with each rung ~1.2x the last in parameters;
     heads of width 128 and a 4x ReLU^2 MLP. Every matrix dimension is a multiple of 128, the
-    width of a TPU v4/v5 matrix unit (v6e's is 256: the even rungs keep to that too)."""
+    width of a TPU v4/v5 matrix unit (v6e's is 256: rungs of 4, 8, 12, ... layers fit it too)."""
     d_model = 128 * math.ceil(layers / 2)
     return dataclasses.replace(c, n_layer=layers, d_model=d_model, n_head=d_model // 128,
                                n_kv_head=d_model // 128, d_head=128, d_ff=0, mlp='relu2')
