@@ -1565,6 +1565,7 @@ def main(argv):
         return 0
     command = argv[0] if argv and not argv[0].startswith('-') else 'train'
     args = argv[1:] if argv and argv[0] == command else argv
+    c = None
     try:
         if command not in ('train', 'sample', 'bench', 'plan'):
             raise UserError(f'unknown command {command!r}: use train, sample, bench or plan (or --help)')
@@ -1590,7 +1591,18 @@ def main(argv):
     except KeyboardInterrupt:
         print(f'\ninterrupted; the last checkpoint in --out is intact', file=sys.stderr)
         return 130
+    except jax.errors.JaxRuntimeError as e:
+        if 'RESOURCE_EXHAUSTED' not in str(e):
+            raise
+        accum = getattr(c, 'grad_accum', 1)
+        print(f'error: out of memory on the {jax.default_backend().upper()} ({str(e).splitlines()[0][:160]}); '
+              f'split each step into more microbatches (--grad_accum={2 * accum}, now {accum}), '
+
+              'train on more chips (FSDP splits params and optimizer state), or shrink --batch_size or the '
+              'model; the last checkpoint in --out is intact', file=sys.stderr)
+        return 2
     return 0
+
 
 
 if __name__ == '__main__':

@@ -262,3 +262,14 @@ def test_checkpoints_hold_no_pickles(tmp_path):
     make_checkpoints(tmp_path, steps=(1,))
     with np.load(tmp_path / 'ckpt_00000001' / 'state.npz', allow_pickle=False) as f:
         assert all(f[k].dtype != object for k in f.files)
+
+
+def test_out_of_memory_is_one_line_naming_grad_accum(byte_data, tmp_path, monkeypatch, capsys):
+    """A chip that runs out of memory (XLA's RESOURCE_EXHAUSTED) gets advice, not a traceback."""
+    def oom(*args, **kw):
+        raise jax.errors.JaxRuntimeError('RESOURCE_EXHAUSTED: Out of memory while trying to allocate 34.5G.\nmore')
+
+    monkeypatch.setattr(tt, 'train_step', oom)
+    code = tt.main([f'--data={byte_data}', f'--out={tmp_path}', '--grad_accum=2', '--batch_size=4'])
+    err = capsys.readouterr().err.strip().splitlines()
+    assert code == 2 and len(err) == 1 and '--grad_accum=4, now 2' in err[0] and 'allocate 34.5G' in err[0]
