@@ -100,7 +100,8 @@ def test_flops_per_token_formula():
 @pytest.mark.parametrize('preset', ['gpt2', 'tpu'])
 def test_large_presets_trace(preset):
     """The accelerator presets build, train and decode (traced with eval_shape: no compute)."""
-    c = tt.validate(tt.make_config({'preset': preset, 'batch_size': 8, 'grad_accum': 1}, 'cpu'))
+    kernel = {'tpu': 'splash', 'gpt2': 'xla'}[preset]  # what auto picks on a TPU (cuDNN needs a GPU)
+    c = tt.validate(tt.make_config({'preset': preset, 'batch_size': 8, 'grad_accum': 1, 'attention': kernel}, 'cpu'))
     state = jax.eval_shape(lambda: tt.fresh_state(c))
     batch = jax.ShapeDtypeStruct((1, 8, c.seq_len + 1), jnp.int32)
     params, opt, stats = jax.eval_shape(lambda s, b: tt.train_step.__wrapped__(s['params'], s['opt'], b, c), state, batch)
@@ -127,10 +128,11 @@ def reference_and_kernel(kernel, q, k, v):
     return results
 
 
-@pytest.mark.parametrize('N, K, T', [(4, 2, 256), (2, 1, 384)])  # GQA and MQA; blocks of 256 and 128
-def test_splash_kernel_matches_reference_attention(N, K, T):
+@pytest.mark.parametrize('N, K, T, H', [(4, 2, 256, 128), (2, 1, 384, 128),  # GQA, MQA; blocks of 256, 128
+                                        (4, 1, 512, 256)])                   # the tpu preset's heads
+def test_splash_kernel_matches_reference_attention(N, K, T, H):
     """The Pallas TPU kernel, run by Pallas's interpreter on CPU."""
-    (out, grads), (out_k, grads_k) = reference_and_kernel(tt.splash_attention, *random_qkv(2, N, K, T, 128))
+    (out, grads), (out_k, grads_k) = reference_and_kernel(tt.splash_attention, *random_qkv(2, N, K, T, H))
     np.testing.assert_allclose(out_k, out, atol=2e-5)
     for g, g_k in zip(grads, grads_k):
         np.testing.assert_allclose(g_k, g, atol=1e-4 * np.abs(g).max())
