@@ -940,7 +940,8 @@ class Chip:
 GiB = 2 ** 30
 CHIPS = [
     # peak and memory: cloud.google.com/tpu/docs/{v6e,v5e,v5p,v4}; price: cloud.google.com/tpu/pricing
-    # (on-demand, per chip-hour; v6e us-east1, v5e us-west4, v5p us-east5, v4 us-central2)
+    # (on-demand, per chip-hour; v6e us-east1, v5e us-west4, v5p us-east5, v4 us-central2; v6e's
+    # $2.70 is also the price in Google's Trillium GA announcement, December 2024)
     Chip('v6e', 'TPU v6', 918e12, 2.70, 32 * GiB),
     Chip('v5e', 'TPU v5 lite', 197e12, 1.20, 16 * GiB),
     Chip('v5p', 'TPU v5', 459e12, 4.20, 95 * GiB),
