@@ -985,7 +985,7 @@ def hardware_peak(c, n_devices=1):
     mm = jax.jit(lambda a: a @ a)
     mm(a).block_until_ready()
     times = []
-    for _ in range(10):
+    for _ in range(40):  # ~0.3 s; the fastest run, as a shared VM's other tenants slow some down
         t = time.perf_counter()
         mm(a).block_until_ready()
         times.append(time.perf_counter() - t)
@@ -1272,22 +1272,34 @@ def peak_memory():
     return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024, 'process RSS'
 
 
-def bench(c):
-    mesh = make_mesh(c)
-    c, attention_note = pick_attention(c)
+def time_steps(c, mesh):
+    """Compile the train step ahead of time, then time 3 + bench_steps steps on one synthetic batch.
+    -> (compile seconds, step seconds after the 3 warm-up ones, XLA's buffer sizes, params)."""
     state = jax.jit(lambda: fresh_state(c), out_shardings=state_shardings(c, mesh))()
     params, opt = state['params'], state['opt']
     shape = (c.grad_accum, c.batch_size // c.grad_accum, c.seq_len + 1)
     tokens = np.random.default_rng(c.seed).integers(0, c.vocab_size, shape, dtype=np.int32)
     batch = jax.device_put(tokens, batch_sharding(mesh, 3))
-    times = []
     with jax.set_mesh(mesh):
-        for _ in range(1 + 3 + c.bench_steps):  # the first call compiles; then 3 warm-up steps
+        t = time.perf_counter()
+        step = train_step.lower(params, opt, batch, c).compile()
+        compile_s, times = time.perf_counter() - t, []
+        for _ in range(3 + c.bench_steps):
             t = time.perf_counter()
-            params, opt, stats = train_step(params, opt, batch, c)
+            params, opt, stats = step(params, opt, batch)
             jax.block_until_ready(stats)
             times.append(time.perf_counter() - t)
-    compile_s, times = times[0], np.array(times[4:])
+    return compile_s, np.array(times[3:]), step.memory_analysis(), params
+
+
+def size(n):
+    return f'{n / 2**30:,.2f} GiB' if n >= 2**30 else f'{n / 2**20:,.1f} MiB'
+
+
+def bench(c):
+    mesh = make_mesh(c)
+    c, attention_note = pick_attention(c)
+    compile_s, times, buffers, params = time_steps(c, mesh)
     median, flops, peak = float(np.median(times)), flops_per_token(c), hardware_peak(c, mesh.size)
     tokens_per_sec = c.batch_size * c.seq_len / median
     memory, where = peak_memory()
@@ -1300,15 +1312,19 @@ def bench(c):
          'ms_max': 1000 * times.max(), 'tokens_per_sec': tokens_per_sec, 'flops_per_token': flops,
          'achieved_flops': flops * tokens_per_sec, 'peak_flops': peak,
          'mfu': flops * tokens_per_sec / peak if peak else None, 'peak_memory_bytes': memory,
+         'temp_bytes': getattr(buffers, 'temp_size_in_bytes', None),
+         'argument_bytes': getattr(buffers, 'argument_size_in_bytes', None),
          'price_per_hour': price, 'dollars_per_million_tokens': price / 3600 / tokens_per_sec * 1e6 if price else None}
     say(f"bench | {c.preset} | {r['backend']} x{mesh.size} ({r['device']}) | {r['params'] / 1e6:.2f}M params "
         f"| {r['tokens_per_step']} tokens/step | attention {attention_note} | compile {compile_s:.1f}s")
-
     mfu = f"MFU {r['mfu']:.1%} of {peak / 1e12:.3g} TFLOP/s" if peak else 'MFU unknown (unknown chip: pass --peak_flops)'
     say(f"{r['ms_per_step']:.1f} ms/step, median of {c.bench_steps} (min {r['ms_min']:.1f}, max {r['ms_max']:.1f}) "
         f"| {tokens_per_sec:,.0f} tok/s | {r['achieved_flops'] / 1e9:,.1f} GFLOP/s | {mfu}")
     say(f'FLOPs/token {flops:,} = 6N + 12*L*H*Q*T (N: matmul weights with the output projection, without the '
-        f'input embedding; causal attention not halved) | peak memory {memory / 2**20:,.0f} MiB ({where})')
+        f'input embedding; causal attention not halved)')
+    buffers = (f"XLA buffers per device {size(r['temp_bytes'])} temporary + {size(r['argument_bytes'])} "
+               'arguments | ' if r['temp_bytes'] is not None else '')
+    say(f'memory: {buffers}peak {size(memory)} ({where})')
     say(f"{dollars(r['dollars_per_million_tokens'])} per million tokens ({price_note})" if price else f'cost: {price_note}')
     say(json.dumps(r))
     if jax.process_index() == 0:  # `plan` reads the measured MFU from here

@@ -214,6 +214,7 @@ def test_bench_reports_timing_flops_and_memory(tmp_path):
     assert result['peak_flops'] == 1e12 * result['devices']
     assert abs(result['mfu'] - result['achieved_flops'] / result['peak_flops']) < 1e-12
     assert result['peak_memory_bytes'] > 0 and 'ms/step, median of 5' in r.stdout
+    assert result['temp_bytes'] > 0 and result['argument_bytes'] > 0 and 'XLA buffers per device' in r.stdout
     # $3.6 per machine-hour is $0.001 per second: a million tokens take 1e6 / tokens_per_sec seconds
     assert abs(result['dollars_per_million_tokens'] - 1e3 / result['tokens_per_sec']) < 1e-9
     assert json.loads((tmp_path / 'bench.jsonl').read_text()) == result  # what `plan` reads
