@@ -1007,6 +1007,10 @@ def dollars(x):
     return f'${x:,.2f}' if x >= 1 else f'${x:.2g}'
 
 
+def size(n):
+    return f'{n / 2**30:,.2f} GiB' if n >= 2**30 else f'{n / 2**20:,.1f} MiB'
+
+
 # ----------------------------------------------------------------------------------------------
 # Train loop.
 
@@ -1138,6 +1142,7 @@ def trim_log(path, step):
 
 
 def train(c):
+    t_start = time.time()  # the dollars count from here: start-up and compilation are paid for too
     c, mesh, state, (train_windows, val_windows, meta), elapsed_before = start_run(c)
     params, opt = state['params'], state['opt']
     start = int(fetch(opt['step']))
@@ -1157,13 +1162,15 @@ def train(c):
     tokens_per_step, flops, peak = c.batch_size * c.seq_len, flops_per_token(c), hardware_peak(c, mesh.size)
     price, price_note = hourly_price(c, mesh)
     say(f'cost: {price_note}')
-    t_start = time.time()
+    t = time.time()
+    step_fn = compile_step(params, opt, mesh, c)
+    say(f'compiled the train step in {time.time() - t:.1f}s | {buffer_note(step_fn)}')
 
     def timing():  # wall time of this run and the earlier ones it resumes, and what it cost
         seconds = elapsed_before + time.time() - t_start
         return {'elapsed': seconds, 'cost': price * seconds / 3600 if price else None}
 
-    t_last, step_last = None, start
+    t_last, step_last = time.time(), start
     timed = {'seconds': 0.0, 'steps': 0}  # train-step time only (no compile, eval or checkpoints)
     val = {}
     with StopSignal() as stop, open(log_path, 'a') if main else open(os.devnull, 'w') as log, jax.set_mesh(mesh):
@@ -1171,7 +1178,7 @@ def train(c):
         for step in range(start, c.steps):
             if profile and step == profile[0]:  # view in Perfetto (ui.perfetto.dev) or XProf
                 jax.profiler.start_trace(os.path.join(c.out, 'profile'), create_perfetto_trace=True)
-            params, opt, stats = train_step(params, opt, put_batch(next(batches), batch_shape, mesh), c)
+            params, opt, stats = step_fn(params, opt, put_batch(next(batches), batch_shape, mesh))
             if profile and step + 1 == profile[1]:
                 jax.block_until_ready(stats)
                 jax.profiler.stop_trace()
@@ -1183,10 +1190,6 @@ def train(c):
                 check_finite(fetch(previous), step, c)
             previous = stats
             done = step + 1
-            if t_last is None:  # the first step compiles: time from its end
-                jax.block_until_ready(stats)
-                say(f'compiled the train step in {time.time() - t_start:.1f}s')
-                t_last, step_last = time.time(), done
             record = {}
             if done % c.log_every == 0 or done == c.steps:
                 values = fetch(stats)
@@ -1230,7 +1233,32 @@ def train(c):
     return params
 
 
+def compile_step(params, opt, mesh, c):
+    """train_step compiled ahead of time for these arrays and this config, called as
+    step(params, opt, batch). Where the device reports its memory, the compiled buffers are
+    checked against it first: a clear error now rather than an out-of-memory crash mid-run."""
+    batch = jax.ShapeDtypeStruct((c.grad_accum, c.batch_size // c.grad_accum, c.seq_len + 1), jnp.int32,
+                                 sharding=batch_sharding(mesh, 3))
+    with jax.set_mesh(mesh):
+        step = train_step.lower(params, opt, batch, c).compile()
+    m, limit = step.memory_analysis(), (jax.local_devices()[0].memory_stats() or {}).get('bytes_limit')
+    if m is not None and limit:
+        need = m.temp_size_in_bytes + m.argument_size_in_bytes + m.output_size_in_bytes - m.alias_size_in_bytes
+        if need > limit:
+            raise UserError(f'the train step needs {size(need)} per device but {jax.devices()[0].device_kind} '
+                            f'has {size(limit)}: use --grad_accum={2 * c.grad_accum} (now {c.grad_accum}; same '
+                            'batch, less memory), more chips, or a smaller --batch_size or model')
+    return step
+
+
+def buffer_note(step):
+    m = step.memory_analysis()
+    return 'XLA buffer sizes unknown' if m is None else \
+        f'XLA buffers per device {size(m.temp_size_in_bytes)} temporary + {size(m.argument_size_in_bytes)} arguments'
+
+
 def summary_line(steps, r, price_note):
+
     s = f"done: {steps:,} steps, {r['tokens']:,} tokens in {duration(r['elapsed'])}"
     s += f" | MFU {r['mfu']:.1%}" if r['mfu'] is not None else ' | MFU n/a'
     s += f" | {dollars(r['cost'])} ({price_note})" if r['cost'] is not None else f' | cost unknown ({price_note})'
@@ -1280,20 +1308,15 @@ def time_steps(c, mesh):
     shape = (c.grad_accum, c.batch_size // c.grad_accum, c.seq_len + 1)
     tokens = np.random.default_rng(c.seed).integers(0, c.vocab_size, shape, dtype=np.int32)
     batch = jax.device_put(tokens, batch_sharding(mesh, 3))
-    with jax.set_mesh(mesh):
+    t = time.perf_counter()
+    step = compile_step(params, opt, mesh, c)
+    compile_s, times = time.perf_counter() - t, []
+    for _ in range(3 + c.bench_steps):
         t = time.perf_counter()
-        step = train_step.lower(params, opt, batch, c).compile()
-        compile_s, times = time.perf_counter() - t, []
-        for _ in range(3 + c.bench_steps):
-            t = time.perf_counter()
-            params, opt, stats = step(params, opt, batch)
-            jax.block_until_ready(stats)
-            times.append(time.perf_counter() - t)
+        params, opt, stats = step(params, opt, batch)
+        jax.block_until_ready(stats)
+        times.append(time.perf_counter() - t)
     return compile_s, np.array(times[3:]), step.memory_analysis(), params
-
-
-def size(n):
-    return f'{n / 2**30:,.2f} GiB' if n >= 2**30 else f'{n / 2**20:,.1f} MiB'
 
 
 def bench(c):

@@ -266,10 +266,21 @@ def test_checkpoints_hold_no_pickles(tmp_path):
 
 def test_out_of_memory_is_one_line_naming_grad_accum(byte_data, tmp_path, monkeypatch, capsys):
     """A chip that runs out of memory (XLA's RESOURCE_EXHAUSTED) gets advice, not a traceback."""
-    def oom(*args, **kw):
+    def oom(*args, **kw):  # as a TPU's compiler reports it
         raise jax.errors.JaxRuntimeError('RESOURCE_EXHAUSTED: Out of memory while trying to allocate 34.5G.\nmore')
 
-    monkeypatch.setattr(tt, 'train_step', oom)
+    monkeypatch.setattr(tt, 'compile_step', oom)
     code = tt.main([f'--data={byte_data}', f'--out={tmp_path}', '--grad_accum=2', '--batch_size=4'])
     err = capsys.readouterr().err.strip().splitlines()
     assert code == 2 and len(err) == 1 and '--grad_accum=4, now 2' in err[0] and 'allocate 34.5G' in err[0]
+
+
+def test_a_step_too_big_for_the_device_stops_before_training(byte_data, tmp_path, monkeypatch):
+    """Where the device reports its memory (GPU, TPU), compiled buffers beyond it are an error
+    naming --grad_accum before any step runs; nothing is written."""
+    device = type('Device', (), {'memory_stats': lambda self: {'bytes_limit': 1000}})()
+    monkeypatch.setattr(tt.jax, 'local_devices', lambda: [device])
+    c = tiny_config(data=byte_data, out=str(tmp_path / 'out'), grad_accum=2)
+    with pytest.raises(tt.UserError, match=r'needs .* MiB per device .* has 0.0 MiB: use --grad_accum=4 \(now 2'):
+        tt.train(c)
+    assert tt.list_checkpoints(c.out) == [] and not os.path.exists(os.path.join(c.out, 'log.jsonl'))

@@ -136,18 +136,23 @@ def test_training_lowers_loss_and_resume_is_bitwise_exact(byte_data, tmp_path, m
     checkpoint) and re-run it: the logged losses and the final params are bitwise equal."""
     flags = dict(data=byte_data, steps=8, ckpt_every=4, log_every=1, eval_every=4, lr=1e-2)
     full = tt.train(tiny_config(**flags, out=str(tmp_path / 'full')))
-    step, calls = tt.train_step, []
+    compile_step, calls = tt.compile_step, []
 
-    def crashing_step(*args, **kw):
-        calls.append(1)
-        if len(calls) == 6:
-            raise KeyboardInterrupt
-        return step(*args, **kw)
+    def crashing_compile(*args):
+        step = compile_step(*args)
 
-    monkeypatch.setattr(tt, 'train_step', crashing_step)
+        def crashing_step(*args):
+            calls.append(1)
+            if len(calls) == 6:
+                raise KeyboardInterrupt
+            return step(*args)
+        return crashing_step
+
+    monkeypatch.setattr(tt, 'compile_step', crashing_compile)
+    monkeypatch.setattr(tt, 'buffer_note', lambda step: '')
     with pytest.raises(KeyboardInterrupt):
         tt.train(tiny_config(**flags, out=str(tmp_path / 'split')))
-    monkeypatch.setattr(tt, 'train_step', step)
+    monkeypatch.undo()
     assert [s for s, _ in tt.list_checkpoints(str(tmp_path / 'split'))] == [4]
     resumed = tt.train(tiny_config(**flags, out=str(tmp_path / 'split')))
     for a, b in zip(jax.tree.leaves(full), jax.tree.leaves(resumed)):
