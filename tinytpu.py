@@ -225,7 +225,6 @@ def validate(c):
         (c.fsdp in ('auto', 'true', 'false'), f'--fsdp={c.fsdp}: choose auto, true or false'),
         (c.budget >= 0 and c.chips >= 1 and 0 <= c.mfu <= 1,
          '--budget must be >= 0, --chips >= 1, --mfu in [0, 1]'),
-
         (0 <= c.process_id < c.num_processes,
          f'--process_id={c.process_id} must be in 0 .. --num_processes - 1 ({c.num_processes - 1})'),
     ]
@@ -1154,17 +1153,18 @@ def train(c):
         say(f'already trained {start} steps (--steps={c.steps}); nothing to do')
         return params
 
+    price, price_note = hourly_price(c, mesh)
+    say(f'cost: {price_note}')
+    t = time.time()
+    c, step_fn = compile_fitting_step(params, opt, mesh, c)
+    compiled = f'compiled the train step in {time.time() - t:.1f}s | {buffer_note(step_fn)}'
     val_idx = val_indices(val_windows, c)
     vals = put_batch(local_blocks(val_windows, val_idx, mesh, c, 'val split'), val_idx.shape + (c.seq_len + 1,), mesh)
     batch_shape = (c.grad_accum, c.batch_size // c.grad_accum, c.seq_len + 1)
     batches = prefetch(lambda k: local_blocks(train_windows, train_indices(train_windows, c, k), mesh, c,
                                               f'train batch {k}'), start)
     tokens_per_step, flops, peak = c.batch_size * c.seq_len, flops_per_token(c), hardware_peak(c, mesh.size)
-    price, price_note = hourly_price(c, mesh)
-    say(f'cost: {price_note}')
-    t = time.time()
-    step_fn = compile_step(params, opt, mesh, c)
-    say(f'compiled the train step in {time.time() - t:.1f}s | {buffer_note(step_fn)}')
+
 
     def timing():  # wall time of this run and the earlier ones it resumes, and what it cost
         seconds = elapsed_before + time.time() - t_start
@@ -1174,7 +1174,9 @@ def train(c):
     timed = {'seconds': 0.0, 'steps': 0}  # train-step time only (no compile, eval or checkpoints)
     val = {}
     with StopSignal() as stop, open(log_path, 'a') if main else open(os.devnull, 'w') as log, jax.set_mesh(mesh):
+        say(compiled)  # from here on, a signal stops training with a checkpoint
         previous, profile = None, profile_range(c)
+
         for step in range(start, c.steps):
             if profile and step == profile[0]:  # view in Perfetto (ui.perfetto.dev) or XProf
                 jax.profiler.start_trace(os.path.join(c.out, 'profile'), create_perfetto_trace=True)
@@ -1233,22 +1235,43 @@ def train(c):
     return params
 
 
+class TooBig(UserError):
+    """The compiled train step needs more memory than the device has."""
+
+
 def compile_step(params, opt, mesh, c):
     """train_step compiled ahead of time for these arrays and this config, called as
     step(params, opt, batch). Where the device reports its memory, the compiled buffers are
-    checked against it first: a clear error now rather than an out-of-memory crash mid-run."""
-    batch = jax.ShapeDtypeStruct((c.grad_accum, c.batch_size // c.grad_accum, c.seq_len + 1), jnp.int32,
-                                 sharding=batch_sharding(mesh, 3))
+    checked against it: a clear error now rather than an out-of-memory crash mid-run."""
+    micro = c.batch_size // c.grad_accum
+    batch = jax.ShapeDtypeStruct((c.grad_accum, micro, c.seq_len + 1), jnp.int32, sharding=batch_sharding(mesh, 3))
     with jax.set_mesh(mesh):
         step = train_step.lower(params, opt, batch, c).compile()
     m, limit = step.memory_analysis(), (jax.local_devices()[0].memory_stats() or {}).get('bytes_limit')
     if m is not None and limit:
         need = m.temp_size_in_bytes + m.argument_size_in_bytes + m.output_size_in_bytes - m.alias_size_in_bytes
         if need > limit:
-            raise UserError(f'the train step needs {size(need)} per device but {jax.devices()[0].device_kind} '
-                            f'has {size(limit)}: use --grad_accum={2 * c.grad_accum} (now {c.grad_accum}; same '
-                            'batch, less memory), more chips, or a smaller --batch_size or model')
+            raise TooBig(f'the train step needs {size(need)} per device with microbatches of {micro} sequences, '
+                         f'but {jax.devices()[0].device_kind} has {size(limit)}')
     return step
+
+
+def compile_fitting_step(params, opt, mesh, c):
+    """compile_step, halving the microbatch (doubling --grad_accum: the same batch and the same
+    update, in more, smaller pieces) while the step does not fit the device. -> (config, step)"""
+    while True:
+        try:
+            return c, compile_step(params, opt, mesh, c)
+        except (TooBig, jax.errors.JaxRuntimeError) as e:
+            if not isinstance(e, TooBig) and 'RESOURCE_EXHAUSTED' not in str(e):
+                raise
+            micro = c.batch_size // c.grad_accum
+            if micro % (2 * mesh.size):  # cannot split further over these devices
+                raise UserError(f'{str(e).splitlines()[0][:300]}; use more chips (FSDP splits params and '
+                                'optimizer state), or a smaller --batch_size or model')
+            say(f'the train step does not fit in memory with microbatches of {micro} sequences: '
+                f'using --grad_accum={2 * c.grad_accum}')
+            c = dataclasses.replace(c, grad_accum=2 * c.grad_accum)
 
 
 def buffer_note(step):
@@ -1258,7 +1281,6 @@ def buffer_note(step):
 
 
 def summary_line(steps, r, price_note):
-
     s = f"done: {steps:,} steps, {r['tokens']:,} tokens in {duration(r['elapsed'])}"
     s += f" | MFU {r['mfu']:.1%}" if r['mfu'] is not None else ' | MFU n/a'
     s += f" | {dollars(r['cost'])} ({price_note})" if r['cost'] is not None else f' | cost unknown ({price_note})'
@@ -1301,28 +1323,29 @@ def peak_memory():
 
 
 def time_steps(c, mesh):
-    """Compile the train step ahead of time, then time 3 + bench_steps steps on one synthetic batch.
-    -> (compile seconds, step seconds after the 3 warm-up ones, XLA's buffer sizes, params)."""
+    """Compile the train step ahead of time (with more microbatches if it does not fit), then time
+    3 + bench_steps steps on one synthetic batch. -> (config, compile seconds, the step times
+    after the 3 warm-up ones, XLA's buffer sizes, params)."""
     state = jax.jit(lambda: fresh_state(c), out_shardings=state_shardings(c, mesh))()
     params, opt = state['params'], state['opt']
+    t = time.perf_counter()
+    c, step = compile_fitting_step(params, opt, mesh, c)
+    compile_s, times = time.perf_counter() - t, []
     shape = (c.grad_accum, c.batch_size // c.grad_accum, c.seq_len + 1)
     tokens = np.random.default_rng(c.seed).integers(0, c.vocab_size, shape, dtype=np.int32)
     batch = jax.device_put(tokens, batch_sharding(mesh, 3))
-    t = time.perf_counter()
-    step = compile_step(params, opt, mesh, c)
-    compile_s, times = time.perf_counter() - t, []
     for _ in range(3 + c.bench_steps):
         t = time.perf_counter()
         params, opt, stats = step(params, opt, batch)
         jax.block_until_ready(stats)
         times.append(time.perf_counter() - t)
-    return compile_s, np.array(times[3:]), step.memory_analysis(), params
+    return c, compile_s, np.array(times[3:]), step.memory_analysis(), params
 
 
 def bench(c):
     mesh = make_mesh(c)
     c, attention_note = pick_attention(c)
-    compile_s, times, buffers, params = time_steps(c, mesh)
+    c, compile_s, times, buffers, params = time_steps(c, mesh)
     median, flops, peak = float(np.median(times)), flops_per_token(c), hardware_peak(c, mesh.size)
     tokens_per_sec = c.batch_size * c.seq_len / median
     memory, where = peak_memory()
@@ -1331,6 +1354,7 @@ def bench(c):
     r = {'preset': c.preset, 'backend': jax.default_backend(), 'device': jax.devices()[0].device_kind,
          'chip': chip.name if chip else None, 'attention': c.attention,
          'devices': mesh.size, 'params': count_params(params), 'tokens_per_step': c.batch_size * c.seq_len,
+         'grad_accum': c.grad_accum,
          'compile_s': compile_s, 'ms_per_step': 1000 * median, 'ms_min': 1000 * times.min(),
          'ms_max': 1000 * times.max(), 'tokens_per_sec': tokens_per_sec, 'flops_per_token': flops,
          'achieved_flops': flops * tokens_per_sec, 'peak_flops': peak,
@@ -1387,7 +1411,6 @@ def plan_backend(flags):
 
 
 def measured_mfu(c, chip):
-
     """MFU of the newest `bench` result for this chip in OUT/bench.jsonl, or None."""
     try:
         with open(os.path.join(c.out, 'bench.jsonl')) as f:
@@ -1433,7 +1456,6 @@ def make_plan(c, chip):
         if cost > c.budget:
             break
         best = {'config': m, 'params': matmul_params(m), 'steps': steps, 'tokens': tokens,
-
                 'flops': tokens * flops_per_token(m), 'cost': cost,
                 'hours': tokens * flops_per_token(m) / (peak * mfu * c.chips) / 3600}
     if best is None:
@@ -1637,7 +1659,6 @@ def main(argv):
         accum = getattr(c, 'grad_accum', 1)
         print(f'error: out of memory on the {jax.default_backend().upper()} ({str(e).splitlines()[0][:160]}); '
               f'split each step into more microbatches (--grad_accum={2 * accum}, now {accum}), '
-
               'train on more chips (FSDP splits params and optimizer state), or shrink --batch_size or the '
               'model; the last checkpoint in --out is intact', file=sys.stderr)
         return 2

@@ -264,23 +264,66 @@ def test_checkpoints_hold_no_pickles(tmp_path):
         assert all(f[k].dtype != object for k in f.files)
 
 
-def test_out_of_memory_is_one_line_naming_grad_accum(byte_data, tmp_path, monkeypatch, capsys):
-    """A chip that runs out of memory (XLA's RESOURCE_EXHAUSTED) gets advice, not a traceback."""
-    def oom(*args, **kw):  # as a TPU's compiler reports it
+def test_out_of_memory_mid_run_is_one_line_naming_grad_accum(byte_data, tmp_path, monkeypatch, capsys):
+    """Running out of memory after compiling (XLA's RESOURCE_EXHAUSTED, as a GPU may) gets advice,
+    not a traceback."""
+    def oom(*args):
         raise jax.errors.JaxRuntimeError('RESOURCE_EXHAUSTED: Out of memory while trying to allocate 34.5G.\nmore')
 
-    monkeypatch.setattr(tt, 'compile_step', oom)
+    monkeypatch.setattr(tt, 'compile_step', lambda *args: oom)
+    monkeypatch.setattr(tt, 'buffer_note', lambda step: '')
     code = tt.main([f'--data={byte_data}', f'--out={tmp_path}', '--grad_accum=2', '--batch_size=4'])
     err = capsys.readouterr().err.strip().splitlines()
     assert code == 2 and len(err) == 1 and '--grad_accum=4, now 2' in err[0] and 'allocate 34.5G' in err[0]
 
 
-def test_a_step_too_big_for_the_device_stops_before_training(byte_data, tmp_path, monkeypatch):
-    """Where the device reports its memory (GPU, TPU), compiled buffers beyond it are an error
-    naming --grad_accum before any step runs; nothing is written."""
-    device = type('Device', (), {'memory_stats': lambda self: {'bytes_limit': 1000}})()
+def fake_device_memory(monkeypatch, limit):
+    device = type('Device', (), {'memory_stats': lambda self: {'bytes_limit': limit}})()
     monkeypatch.setattr(tt.jax, 'local_devices', lambda: [device])
+
+
+def compiled_need(c):
+    """Bytes per device of c's compiled train step (what compile_step compares with the limit)."""
+    mesh = tt.make_mesh(c)
+    state = jax.jit(lambda: tt.fresh_state(c), out_shardings=tt.state_shardings(c, mesh))()
+    m = tt.compile_step(state['params'], state['opt'], mesh, c).memory_analysis()
+    return m.temp_size_in_bytes + m.argument_size_in_bytes + m.output_size_in_bytes - m.alias_size_in_bytes
+
+
+@pytest.mark.parametrize('how', ['device memory', 'compiler'])
+def test_a_step_too_big_for_the_device_gets_smaller_microbatches(how, byte_data, tmp_path, monkeypatch, capsys):
+    """A step that does not fit (beyond the memory a GPU or TPU reports, or refused by a TPU's
+    compiler) is recompiled with twice the microbatches until it fits; the run is then exactly
+    the run with that --grad_accum."""
+    flags = dict(data=byte_data, batch_size=8, steps=4)
+    if how == 'device memory':
+        fake_device_memory(monkeypatch, compiled_need(tiny_config(**flags, grad_accum=4)))
+    else:
+        compile_step = tt.compile_step
+
+        def refusing(params, opt, mesh, c):
+            if c.grad_accum < 4:
+                raise jax.errors.JaxRuntimeError('RESOURCE_EXHAUSTED: Ran out of memory in memory space hbm.')
+            return compile_step(params, opt, mesh, c)
+        monkeypatch.setattr(tt, 'compile_step', refusing)
+    fitted = tt.train(tiny_config(**flags, out=str(tmp_path / 'fitted'), grad_accum=1))
+    out = capsys.readouterr().out
+    assert 'microbatches of 8 sequences: using --grad_accum=2' in out
+    assert 'microbatches of 4 sequences: using --grad_accum=4' in out
+    meta = json.load(open(tmp_path / 'fitted' / 'ckpt_00000004' / 'meta.json'))
+    assert meta['config']['grad_accum'] == 4
+    monkeypatch.undo()
+    direct = tt.train(tiny_config(**flags, out=str(tmp_path / 'direct'), grad_accum=4))
+    for a, b in zip(jax.tree.leaves(fitted), jax.tree.leaves(direct)):
+        assert np.array_equal(a, b)
+
+
+def test_a_step_that_cannot_fit_stops_before_training(byte_data, tmp_path, monkeypatch):
+    """Microbatches as small as the devices allow and still too big: one line, nothing written."""
     c = tiny_config(data=byte_data, out=str(tmp_path / 'out'), grad_accum=2)
-    with pytest.raises(tt.UserError, match=r'needs .* MiB per device .* has 0.0 MiB: use --grad_accum=4 \(now 2'):
+    smallest = tt.make_mesh(c).size  # one sequence per device
+    fake_device_memory(monkeypatch, 1000)
+    with pytest.raises(tt.UserError, match=rf'needs .* MiB per device with microbatches of {smallest} sequences, '
+                                           r'but .* has 0.0 MiB; use more chips'):
         tt.train(c)
     assert tt.list_checkpoints(c.out) == [] and not os.path.exists(os.path.join(c.out, 'log.jsonl'))
