@@ -1157,7 +1157,7 @@ def train(c):
     say(f'cost: {price_note}')
     t = time.time()
     c, step_fn = compile_fitting_step(params, opt, mesh, c)
-    compiled = f'compiled the train step in {time.time() - t:.1f}s | {buffer_note(step_fn)}'
+    compiled = f'compiled the train step in {time.time() - t:.1f}s | {buffer_note(step_fn.memory_analysis())}'
     val_idx = val_indices(val_windows, c)
     vals = put_batch(local_blocks(val_windows, val_idx, mesh, c, 'val split'), val_idx.shape + (c.seq_len + 1,), mesh)
     batch_shape = (c.grad_accum, c.batch_size // c.grad_accum, c.seq_len + 1)
@@ -1274,8 +1274,8 @@ def compile_fitting_step(params, opt, mesh, c):
             c = dataclasses.replace(c, grad_accum=2 * c.grad_accum)
 
 
-def buffer_note(step):
-    m = step.memory_analysis()
+def buffer_note(m):
+    """XLA's buffer sizes for a compiled step (its memory_analysis()), in words."""
     return 'XLA buffer sizes unknown' if m is None else \
         f'XLA buffers per device {size(m.temp_size_in_bytes)} temporary + {size(m.argument_size_in_bytes)} arguments'
 
@@ -1354,25 +1354,25 @@ def bench(c):
     r = {'preset': c.preset, 'backend': jax.default_backend(), 'device': jax.devices()[0].device_kind,
          'chip': chip.name if chip else None, 'attention': c.attention,
          'devices': mesh.size, 'params': count_params(params), 'tokens_per_step': c.batch_size * c.seq_len,
-         'grad_accum': c.grad_accum,
-         'compile_s': compile_s, 'ms_per_step': 1000 * median, 'ms_min': 1000 * times.min(),
+         'grad_accum': c.grad_accum, 'compile_s': compile_s, 'ms_per_step': 1000 * median, 'ms_min': 1000 * times.min(),
          'ms_max': 1000 * times.max(), 'tokens_per_sec': tokens_per_sec, 'flops_per_token': flops,
          'achieved_flops': flops * tokens_per_sec, 'peak_flops': peak,
          'mfu': flops * tokens_per_sec / peak if peak else None, 'peak_memory_bytes': memory,
          'temp_bytes': getattr(buffers, 'temp_size_in_bytes', None),
          'argument_bytes': getattr(buffers, 'argument_size_in_bytes', None),
-         'price_per_hour': price, 'dollars_per_million_tokens': price / 3600 / tokens_per_sec * 1e6 if price else None}
+         'price_per_hour': price,
+         'dollars_per_million_tokens': price / 3600 / tokens_per_sec * 1e6 if price else None}
     say(f"bench | {c.preset} | {r['backend']} x{mesh.size} ({r['device']}) | {r['params'] / 1e6:.2f}M params "
         f"| {r['tokens_per_step']} tokens/step | attention {attention_note} | compile {compile_s:.1f}s")
-    mfu = f"MFU {r['mfu']:.1%} of {peak / 1e12:.3g} TFLOP/s" if peak else 'MFU unknown (unknown chip: pass --peak_flops)'
+    mfu = f"MFU {r['mfu']:.1%} of {peak / 1e12:.3g} TFLOP/s" if peak else \
+        'MFU unknown (unknown chip: pass --peak_flops)'
     say(f"{r['ms_per_step']:.1f} ms/step, median of {c.bench_steps} (min {r['ms_min']:.1f}, max {r['ms_max']:.1f}) "
         f"| {tokens_per_sec:,.0f} tok/s | {r['achieved_flops'] / 1e9:,.1f} GFLOP/s | {mfu}")
     say(f'FLOPs/token {flops:,} = 6N + 12*L*H*Q*T (N: matmul weights with the output projection, without the '
         f'input embedding; causal attention not halved)')
-    buffers = (f"XLA buffers per device {size(r['temp_bytes'])} temporary + {size(r['argument_bytes'])} "
-               'arguments | ' if r['temp_bytes'] is not None else '')
-    say(f'memory: {buffers}peak {size(memory)} ({where})')
-    say(f"{dollars(r['dollars_per_million_tokens'])} per million tokens ({price_note})" if price else f'cost: {price_note}')
+    say(f'memory: {buffer_note(buffers)} | peak {size(memory)} ({where})')
+    say(f"{dollars(r['dollars_per_million_tokens'])} per million tokens ({price_note})" if price else
+        f'cost: {price_note}')
     say(json.dumps(r))
     if jax.process_index() == 0:  # `plan` reads the measured MFU from here
         try:

@@ -270,8 +270,8 @@ def test_out_of_memory_mid_run_is_one_line_naming_grad_accum(byte_data, tmp_path
     def oom(*args):
         raise jax.errors.JaxRuntimeError('RESOURCE_EXHAUSTED: Out of memory while trying to allocate 34.5G.\nmore')
 
+    oom.memory_analysis = lambda: None
     monkeypatch.setattr(tt, 'compile_step', lambda *args: oom)
-    monkeypatch.setattr(tt, 'buffer_note', lambda step: '')
     code = tt.main([f'--data={byte_data}', f'--out={tmp_path}', '--grad_accum=2', '--batch_size=4'])
     err = capsys.readouterr().err.strip().splitlines()
     assert code == 2 and len(err) == 1 and '--grad_accum=4, now 2' in err[0] and 'allocate 34.5G' in err[0]
