@@ -1474,7 +1474,7 @@ def plan(c):
     if p['steps'] < 10 * c.warmup_steps:  # short runs: warm up for a tenth of them
         flags['warmup_steps'] = max(1, p['steps'] // 10)
     flags['out'] = f"out/plan_{chip.name}_{round(c.budget)}usd"
-    state = 16 * count_params(jax.eval_shape(lambda: init_params(m, jax.random.key(0)))) / c.chips
+    state = 12 * count_params(jax.eval_shape(lambda: init_params(m, jax.random.key(0)))) / c.chips  # fp32 p, mu, nu
     say(f"plan | {dollars(c.budget)} on {chip.name} at ${p['price']:g}/chip-hour = {p['chip_hours']:,.1f} chip-hours "
         f"| peak {p['peak'] / 1e12:g} TFLOP/s x MFU {p['mfu']:.1%} ({p['mfu_source']}) = {p['budget_flops']:.3g} FLOPs")
     say(f"model | {m.n_layer} layers, d_model {m.d_model}, {m.n_head} heads of {m.d_head}, ReLU^2 MLP {ff_dim(m)} "

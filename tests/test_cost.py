@@ -96,6 +96,8 @@ def test_plan_command_prints_a_runnable_command(tmp_path):
     expected = tt.make_plan(tt.validate(tt.make_config({'budget': 40.0, 'hardware': 'v5e', 'mfu': 0.25}, 'tpu')),
                             tt.CHIPS[1])
     assert c.preset == 'tpu' and tt.matmul_params(c) == expected['params'] and c.steps == expected['steps']
+    # fp32 params and two AdamW moments; with tied embeddings every parameter is a matmul weight
+    assert f"params + AdamW {12 * expected['params'] / 2**30:,.1f} GiB per chip of 16 GiB" in r.stdout
 
 
 @pytest.mark.parametrize('args, message', [
