@@ -802,6 +802,20 @@ def load_checkpoint(path, template):
 # device per core (--cpu_devices) ran the quickstart 1.4x faster on 2 cores.
 
 
+def split_evenly(c):
+    """With several TPUs/GPUs, each microbatch must split evenly over them. When it does not
+    (the tpu preset's microbatches of 2 on 4 or 8 chips), use the most microbatches that do:
+    the per-device microbatch only gets smaller, so what fit one chip fits each of several."""
+    n, micro = len(jax.devices()), c.batch_size // c.grad_accum
+    if (jax.default_backend() == 'cpu' and jax.process_count() == 1) or micro % n == 0:
+        return c
+    fits = [g for g in range(1, c.grad_accum + 1) if c.batch_size % g == 0 and c.batch_size // g % n == 0]
+    if not fits:
+        return c  # make_mesh explains
+    say(f'{micro} sequences per microbatch do not split over {n} devices: using --grad_accum={fits[-1]}')
+    return dataclasses.replace(c, grad_accum=fits[-1])
+
+
 def make_mesh(c):
     devices = jax.devices()
     micro = c.batch_size // c.grad_accum
@@ -1105,6 +1119,7 @@ def start_run(c):
     if jax.process_index() == 0:
         for stale in glob.glob(os.path.join(c.out, '.tmp_ckpt_*')):  # left by a crash mid-save
             shutil.rmtree(stale, ignore_errors=True)
+    c = split_evenly(c)
     mesh = make_mesh(c)
     shardings = state_shardings(c, mesh)
     shapes = jax.eval_shape(lambda: fresh_state(c))
@@ -1343,7 +1358,9 @@ def time_steps(c, mesh):
 
 
 def bench(c):
+    c = split_evenly(c)
     mesh = make_mesh(c)
+
     c, attention_note = pick_attention(c)
     c, compile_s, times, buffers, params = time_steps(c, mesh)
     median, flops, peak = float(np.median(times)), flops_per_token(c), hardware_peak(c, mesh.size)

@@ -131,3 +131,17 @@ def test_two_processes_match_one_and_write_one_checkpoint(single):
     assert_close(losses(out), {s: l for s, l in reference.items() if s <= 6})
     finish(run(d / 'data', out, 12, '--cpu_devices=1'))
     assert_close(losses(out), reference)
+
+
+def test_microbatches_split_evenly_over_several_chips(monkeypatch, capsys):
+    """The tpu preset's 32 microbatches of 2 sequences cannot split over 8 chips: 8 microbatches
+    of 8 (one sequence per chip) can, and use less memory per chip than 2 did on one."""
+    monkeypatch.setattr(tt.jax, 'default_backend', lambda: 'tpu')
+    monkeypatch.setattr(tt.jax, 'devices', lambda: [object()] * 8)
+    c = tt.validate(tt.make_config({'preset': 'tpu'}, 'tpu'))
+    assert (c.batch_size, c.grad_accum) == (64, 32)
+    assert tt.split_evenly(c).grad_accum == 8
+    assert 'do not split over 8 devices: using --grad_accum=8' in capsys.readouterr().out
+    assert tt.split_evenly(tt.dataclasses.replace(c, grad_accum=4)).grad_accum == 4  # 16 per microbatch: even
+    monkeypatch.setattr(tt.jax, 'devices', lambda: [object()] * 6)
+    assert tt.split_evenly(c) is c  # 64 sequences never split over 6: make_mesh says so
