@@ -829,6 +829,15 @@ def make_mesh(c):
     return Mesh(np.array(devices[:n]), ('data',))
 
 
+def setup_devices(c):
+    """What train and bench start from: the microbatches split evenly, the mesh, and the attention
+    kernel resolved. -> (config, mesh, a note on the kernel)."""
+    c = split_evenly(c)
+    mesh = make_mesh(c)
+    c, attention_note = pick_attention(c)
+    return c, mesh, attention_note
+
+
 def use_fsdp(c, mesh):
     return c.fsdp == 'true' or (c.fsdp == 'auto' and mesh.size > 1 and jax.default_backend() != 'cpu')
 
@@ -976,6 +985,11 @@ def this_chip(kind=None):
     return next((chip for chip in CHIPS if chip.kind in kind), None)
 
 
+def chip_named(name):
+    """The CHIPS entry called `name` (as in --hardware=v6e), or None."""
+    return next((chip for chip in CHIPS if chip.name == name.lower()), None)
+
+
 def chip_count(mesh):
     """Chips a run pays for: the mesh's devices, or on CPU the machines (a CPU's virtual devices
     share its cores)."""
@@ -1119,11 +1133,9 @@ def start_run(c):
     if jax.process_index() == 0:
         for stale in glob.glob(os.path.join(c.out, '.tmp_ckpt_*')):  # left by a crash mid-save
             shutil.rmtree(stale, ignore_errors=True)
-    c = split_evenly(c)
-    mesh = make_mesh(c)
+    c, mesh, attention_note = setup_devices(c)
     shardings = state_shardings(c, mesh)
     shapes = jax.eval_shape(lambda: fresh_state(c))
-    c, attention_note = pick_attention(c)
     say(f'tinytpu | preset {c.preset} | {jax.default_backend()} x{mesh.size} '
         f'({jax.devices()[0].device_kind}{f", {jax.process_count()} hosts" if jax.process_count() > 1 else ""}) '
         f'| {count_params(shapes["params"]) / 1e6:.2f}M params | dtype {jnp.dtype(compute_dtype(c)).name} '
@@ -1254,6 +1266,12 @@ class TooBig(UserError):
     """The compiled train step needs more memory than the device has."""
 
 
+def out_of_memory(e):
+    """Whether an exception says the step does not fit: our own check, or XLA's RESOURCE_EXHAUSTED
+    (a TPU's compiler, or any device allocating at run time)."""
+    return isinstance(e, TooBig) or isinstance(e, jax.errors.JaxRuntimeError) and 'RESOURCE_EXHAUSTED' in str(e)
+
+
 def compile_step(params, opt, mesh, c):
     """train_step compiled ahead of time for these arrays and this config, called as
     step(params, opt, batch). Where the device reports its memory, the compiled buffers are
@@ -1278,7 +1296,7 @@ def compile_fitting_step(params, opt, mesh, c):
         try:
             return c, compile_step(params, opt, mesh, c)
         except (TooBig, jax.errors.JaxRuntimeError) as e:
-            if not isinstance(e, TooBig) and 'RESOURCE_EXHAUSTED' not in str(e):
+            if not out_of_memory(e):
                 raise
             micro = c.batch_size // c.grad_accum
             if micro % (2 * mesh.size):  # cannot split further over these devices
@@ -1358,10 +1376,7 @@ def time_steps(c, mesh):
 
 
 def bench(c):
-    c = split_evenly(c)
-    mesh = make_mesh(c)
-
-    c, attention_note = pick_attention(c)
+    c, mesh, attention_note = setup_devices(c)
     c, compile_s, times, buffers, params = time_steps(c, mesh)
     median, flops, peak = float(np.median(times)), flops_per_token(c), hardware_peak(c, mesh.size)
     tokens_per_sec = c.batch_size * c.seq_len / median
@@ -1423,7 +1438,7 @@ def plan_shape(c, layers):
 
 def plan_backend(flags):
     """The backend whose preset a plan starts from: that of --hardware, else this machine's."""
-    chip = next((chip for chip in CHIPS if chip.name == flags.get('hardware', '').lower()), None)
+    chip = chip_named(flags.get('hardware', ''))
     return None if chip is None else 'tpu' if 'TPU' in chip.kind else 'gpu'
 
 
@@ -1440,7 +1455,7 @@ def measured_mfu(c, chip):
 
 def plan_chip(c):
     if c.hardware:
-        chip = next((chip for chip in CHIPS if chip.name == c.hardware.lower()), None)
+        chip = chip_named(c.hardware)
         if chip is None:
             raise UserError(f'--hardware={c.hardware}: unknown chip (choose from {", ".join(x.name for x in CHIPS)})')
         return chip
@@ -1469,12 +1484,13 @@ def make_plan(c, chip):
         m = plan_shape(c, layers)
         steps = math.ceil(TOKENS_PER_PARAM * matmul_params(m) / tokens_per_step)
         tokens = steps * tokens_per_step
-        cost = tokens * flops_per_token(m) / flops_per_dollar
+        flops = tokens * flops_per_token(m)
+        cost = flops / flops_per_dollar
         if cost > c.budget:
             break
-        best = {'config': m, 'params': matmul_params(m), 'steps': steps, 'tokens': tokens,
-                'flops': tokens * flops_per_token(m), 'cost': cost,
-                'hours': tokens * flops_per_token(m) / (peak * mfu * c.chips) / 3600}
+        best = {'config': m, 'params': matmul_params(m), 'steps': steps, 'tokens': tokens, 'flops': flops,
+                'cost': cost, 'hours': flops / (peak * mfu * c.chips) / 3600}
+
     if best is None:
         raise UserError(f'--budget={c.budget:g}: too small for the smallest model of the ladder '
                         f'({dollars(cost)} on {chip.name}); raise --budget')
@@ -1671,7 +1687,7 @@ def main(argv):
         print(f'\ninterrupted; the last checkpoint in --out is intact', file=sys.stderr)
         return 130
     except jax.errors.JaxRuntimeError as e:
-        if 'RESOURCE_EXHAUSTED' not in str(e):
+        if not out_of_memory(e):
             raise
         accum = getattr(c, 'grad_accum', 1)
         print(f'error: out of memory on the {jax.default_backend().upper()} ({str(e).splitlines()[0][:160]}); '
