@@ -17,11 +17,13 @@ Dimension names used in einsum strings and comments (as in picodo):
 """
 
 import dataclasses
+import functools
 import glob
 import json
 import math
 import os
 import queue
+import re
 import shutil
 import signal
 import sys
@@ -69,7 +71,8 @@ class Config:
     # training
     steps: int = _f(2000, 'optimizer steps in the whole run')
     batch_size: int = _f(12, 'sequences per optimizer step')
-    grad_accum: int = _f(1, 'microbatches per step (batch_size must divide evenly)')
+    grad_accum: int = _f(0, 'microbatches per step (batch_size must divide evenly); 0 = the fewest that fit '
+                            "the device's memory (1 where the device reports none, as a CPU)")
     seq_len: int = _f(64, 'tokens per training sequence (at most context)')
     lr: float = _f(2e-3, 'peak learning rate')
     min_lr_frac: float = _f(0.1, 'learning rate at the end of the warmdown, as a fraction of lr')
@@ -98,6 +101,8 @@ class Config:
     profile_steps: str = _f('', 'A:B writes a jax.profiler trace of steps A..B-1 to OUT/profile')
     # benchmark (python tinytpu.py bench)
     bench_steps: int = _f(50, 'train steps timed by bench, after 3 untimed warm-up steps')
+    topology: str = _f('', 'bench: compile for this TPU slice without one (v5e:1x1, v6e:2x4, v5p:2x2x1) and '
+                           'print its memory and the compiler-estimated speed; needs pip install "jax[tpu]"')
     peak_flops: float = _f(0.0, 'peak FLOP/s per chip for MFU; 0 = from the hardware table (CPU: measured)')
     price_per_hour: float = _f(0.0, 'dollars per chip-hour (CPU: per machine-hour); 0 = the on-demand list price')
     # planning (python tinytpu.py plan)
@@ -122,11 +127,11 @@ PRESETS = {
     'cpu': {},
     'gpt2': dict(data='data/fineweb10B', out='out/gpt2', n_layer=12, d_model=768, n_head=12,
                  n_kv_head=12, vocab_size=50257, context=1024, seq_len=1024, batch_size=64,
-                 grad_accum=8, steps=10000, lr=1e-3, warmup_steps=250, warmdown_frac=0.3,
+                 steps=10000, lr=1e-3, warmup_steps=250, warmdown_frac=0.3,
                  eval_every=500, eval_batches=20, log_every=10, ckpt_every=1000, logit_softcap=30.0),
     'tpu': dict(data='data/fineweb10B', out='out/tpu', n_layer=8, d_model=1024, n_head=4,
                 n_kv_head=1, d_head=256, mlp='swiglu', d_ff=3072, vocab_size=50257,
-                context=2048, seq_len=2048, batch_size=64, grad_accum=32, steps=10000, lr=1e-3,
+                context=2048, seq_len=2048, batch_size=64, steps=10000, lr=1e-3,
                 warmup_steps=250, warmdown_frac=0.3, eval_every=500, eval_batches=20,
                 log_every=10, ckpt_every=1000, scan_layers=True, logit_softcap=30.0),
 }
@@ -200,7 +205,7 @@ def validate(c):
         (1 <= c.seq_len <= c.context,
          f'--seq_len={c.seq_len} must be between 1 and the model context (--context={c.context})'),
         (c.steps >= 1, f'--steps={c.steps} must be at least 1'),
-        (c.batch_size >= 1 and c.grad_accum >= 1 and c.batch_size % c.grad_accum == 0,
+        (c.batch_size >= 1 and c.grad_accum >= 0 and c.batch_size % max(c.grad_accum, 1) == 0,
          f'--batch_size={c.batch_size} must be a positive multiple of --grad_accum={c.grad_accum}'),
         (c.lr > 0, f'--lr={c.lr} must be positive'),
         (0 <= c.min_lr_frac <= 1, f'--min_lr_frac={c.min_lr_frac} must be in [0, 1]'),
@@ -262,9 +267,14 @@ def wide(dtype):
     return jnp.promote_types(dtype, jnp.float32)
 
 
+def backend(c):
+    """The platform the program is compiled for: tpu with --topology, else the one JAX runs on."""
+    return 'tpu' if c.topology else jax.default_backend()
+
+
 def compute_dtype(c):
     if c.dtype == 'auto':  # bf16 matmuls are native on TPU/GPU, emulated (slow) on CPU
-        return jnp.float32 if jax.default_backend() == 'cpu' else jnp.bfloat16
+        return jnp.float32 if backend(c) == 'cpu' else jnp.bfloat16
     return jnp.dtype(c.dtype)
 
 
@@ -355,7 +365,7 @@ def attention(q, k, v, q_pos, k_pos):
 # above the causal diagonal. Same inputs and outputs as `attention` over positions 0..T-1.
 
 
-def splash_attention(q, k, v):
+def splash_attention(q, k, v, interpret=None):
     """q (B,N,T,H), k and v (B,K,T,H) -> (B,N,T,H) with the Pallas TPU kernel (splash = sparse
     flash). It takes one sequence with one K head for a group of N/K query heads, so it is
     vmapped over B and K. Off TPU it runs in Pallas's interpreter: slow, for tests only."""
@@ -363,13 +373,20 @@ def splash_attention(q, k, v):
     from jax.experimental.pallas.ops.tpu.splash_attention import splash_attention_mask as sm
     B, N, T, H = q.shape
     K = k.shape[1]
-    block = max(b for b in (512, 256, 128) if T % b == 0)
+    block = splash_block(T)
     sizes = sk.BlockSizes(block_q=block, block_kv=block, block_kv_compute=block, block_q_dkv=block,
                           block_kv_dkv=block, block_kv_dkv_compute=block, block_q_dq=block, block_kv_dq=block)
     mask = sm.MultiHeadMask([sm.CausalMask((T, T))] * (N // K))
-    kernel = sk.make_splash_mqa_single_device(mask, block_sizes=sizes, interpret=jax.default_backend() != 'tpu')
+    if interpret is None:
+        interpret = jax.default_backend() != 'tpu'
+    kernel = sk.make_splash_mqa_single_device(mask, block_sizes=sizes, interpret=interpret)
     q = (q / math.sqrt(H)).astype(q.dtype).reshape(B, K, N // K, T, H)  # the kernel does not scale
     return jax.vmap(jax.vmap(kernel))(q, k, v).reshape(B, N, T, H)
+
+
+def splash_block(T):
+    """Query and key block length of the splash kernel: the largest of 512, 256, 128 dividing T."""
+    return max(b for b in (512, 256, 128) if T % b == 0)
 
 
 def cudnn_attention(q, k, v, implementation='cudnn'):
@@ -383,35 +400,43 @@ def cudnn_attention(q, k, v, implementation='cudnn'):
 KERNELS = {'splash': splash_attention, 'cudnn': cudnn_attention}
 
 
+def kernel_for(name, c):
+    """The attention kernel called `name`, built for the platform c compiles for (a TPU kernel is
+    interpreted anywhere else)."""
+    return partial(splash_attention, interpret=backend(c) != 'tpu') if name == 'splash' else KERNELS[name]
+
+
 def causal_attention(q, k, v, pos, c):
     """Attention over one chunk of positions pos (no KV cache), by the kernel c.attention names
     (auto = xla until pick_attention resolves it). XLA splits plain jnp code over the devices of
     a mesh by itself, but not a custom kernel: shard_map hands each device its rows of the batch."""
     if c.attention not in KERNELS:
         return attention(q, k, v, pos, pos)
-    kernel = KERNELS[c.attention]
+    kernel = kernel_for(c.attention, c)
     mesh = jax.sharding.get_abstract_mesh()
     if not mesh.empty and 'data' in mesh.axis_names:
         kernel = jax.shard_map(kernel, in_specs=P('data'), out_specs=P('data'), check_vma=False)
     return kernel(q, k, v)
 
 
-def pick_attention(c):
+def pick_attention(c, device=None):
     """Resolve --attention=auto (splash on TPU, cudnn on GPU, xla on CPU, where the reference
-    measured faster than jax.nn's attention) and check that the kernel compiles, forward and backward, for these
-    shapes. -> (config with the kernel that will run, a note saying which and why).
-    An explicit choice that cannot run is an error; auto falls back to xla and says why."""
-    backend, dt = jax.default_backend(), compute_dtype(c)
-    want = c.attention if c.attention != 'auto' else {'tpu': 'splash', 'gpu': 'cudnn'}.get(backend, 'xla')
+    measured faster than jax.nn's attention) and check that the kernel compiles, forward and backward,
+    for these shapes on `device` (default: JAX's first). -> (config with the kernel that will run,
+    a note saying which and why). An explicit choice that cannot run is an error; auto falls back
+    to xla and says why."""
+    platform, dt = backend(c), compute_dtype(c)
+    want = c.attention if c.attention != 'auto' else {'tpu': 'splash', 'gpu': 'cudnn'}.get(platform, 'xla')
     problem = None
-    if want == 'splash' and (backend == 'gpu' or c.seq_len % 128 or head_dim(c) % 128):
+    if want == 'splash' and (platform == 'gpu' or c.seq_len % 128 or head_dim(c) % 128):
         problem = f'needs a TPU, and --seq_len ({c.seq_len}) and the head dim ({head_dim(c)}) multiples of 128'
-    elif want == 'cudnn' and (backend != 'gpu' or dt not in (jnp.bfloat16, jnp.float16)):
-        problem = f'needs a GPU and --dtype=bfloat16 (here: {backend}, {jnp.dtype(dt).name})'
+    elif want == 'cudnn' and (platform != 'gpu' or dt not in (jnp.bfloat16, jnp.float16)):
+        problem = f'needs a GPU and --dtype=bfloat16 (here: {platform}, {jnp.dtype(dt).name})'
     elif want != 'xla':
-        q = jax.ShapeDtypeStruct((1, c.n_head, c.seq_len, head_dim(c)), dt)
-        kv = jax.ShapeDtypeStruct((1, c.n_kv_head, c.seq_len, head_dim(c)), dt)
-        loss = lambda q, k, v: jnp.sum(KERNELS[want](q, k, v).astype(jnp.float32))
+        one = NamedSharding(Mesh(np.array([device or jax.devices()[0]]), ('data',)), P())
+        q = jax.ShapeDtypeStruct((1, c.n_head, c.seq_len, head_dim(c)), dt, sharding=one)
+        kv = jax.ShapeDtypeStruct((1, c.n_kv_head, c.seq_len, head_dim(c)), dt, sharding=one)
+        loss = lambda q, k, v: jnp.sum(kernel_for(want, c)(q, k, v).astype(jnp.float32))
         try:
             jax.jit(jax.grad(loss, argnums=(0, 1, 2))).lower(q, kv, kv).compile()
         except Exception as e:  # whatever the kernel's own checks or the compiler reject
@@ -653,9 +678,10 @@ def train_indices(windows, c, k):
 
 
 def val_indices(windows, c):
-    """A fixed validation set: eval_batches * batch_size windows spread evenly over the split."""
+    """A fixed validation set: eval_batches * batch_size windows spread evenly over the split, in
+    training's microbatches (so evaluating needs no more memory than a training step)."""
     idx = np.linspace(0, windows.count - 1, c.eval_batches * c.batch_size).astype(np.int64)
-    return idx.reshape(c.eval_batches, c.batch_size)
+    return idx.reshape(c.eval_batches * c.grad_accum, c.batch_size // c.grad_accum)
 
 
 def check_vocab(batch, c, what):
@@ -802,14 +828,56 @@ def load_checkpoint(path, template):
 # device per core (--cpu_devices) ran the quickstart 1.4x faster on 2 cores.
 
 
+@functools.cache
+def topology_devices(name):
+    """The devices of a TPU slice that need not exist (libtpu describes it): enough to compile for."""
+    import importlib.util
+    if importlib.util.find_spec('libtpu') is None:
+        raise UserError('--topology needs libtpu, the TPU compiler (~700 MB): pip install -U "jax[tpu]"')
+    from jax.experimental import topologies
+    single = all(x == '1' for x in name.partition(':')[2].split('x'))  # v6e:1x1 names no host
+    try:
+        return topologies.get_topology_desc(topology_name=name, platform='tpu',
+                                            **({'chips_per_host_bounds': (1, 1, 1)} if single else {})).devices
+    except Exception as e:  # whatever libtpu says of a name it does not know
+        raise UserError(f'--topology={name}: not a TPU slice libtpu knows ({str(e).splitlines()[0][:120]}); '
+                        'use a name like v5e:1x1, v6e:2x4 or v5p:2x2x1')
+
+
+def target_devices(c):
+    """The devices the program is compiled for: those of --topology (nothing runs), else JAX's."""
+    return topology_devices(c.topology) if c.topology else jax.devices()
+
+
+def device_memory(c):
+    """Bytes of memory one device has for a step: the chip's HBM for --topology, else what the
+    device reports (TPU/GPU), else None (CPU)."""
+    if c.topology:
+        return this_chip(target_devices(c)[0].device_kind).memory
+    return (jax.local_devices()[0].memory_stats() or {}).get('bytes_limit')
+
+
+def microbatch_choices(c, n):
+    """The --grad_accum values that cut a batch into equal microbatches that split evenly over
+    n devices, fewest microbatches (the largest) first."""
+    return [g for g in range(1, c.batch_size + 1) if c.batch_size % g == 0 and c.batch_size // g % n == 0]
+
+
 def split_evenly(c):
     """With several TPUs/GPUs, each microbatch must split evenly over them. When it does not
-    (the tpu preset's microbatches of 2 on 4 or 8 chips), use the most microbatches that do:
-    the per-device microbatch only gets smaller, so what fit one chip fits each of several."""
-    n, micro = len(jax.devices()), c.batch_size // c.grad_accum
-    if (jax.default_backend() == 'cpu' and jax.process_count() == 1) or micro % n == 0:
+    (microbatches of 2 on 4 or 8 chips), use the most microbatches that do: the per-device
+    microbatch only gets smaller, so what fit one chip fits each of several. --grad_accum=0 stays
+    for compile_fitting_step to resolve, except where the device reports no memory (CPU): 1."""
+    single_cpu = backend(c) == 'cpu' and jax.process_count() == 1
+    n = 1 if single_cpu else len(target_devices(c))
+    if c.grad_accum == 0:
+        if device_memory(c) or not microbatch_choices(c, n):
+            return c
+        return dataclasses.replace(c, grad_accum=microbatch_choices(c, n)[0])
+    micro = c.batch_size // c.grad_accum
+    if micro % n == 0:
         return c
-    fits = [g for g in range(1, c.grad_accum + 1) if c.batch_size % g == 0 and c.batch_size // g % n == 0]
+    fits = [g for g in microbatch_choices(c, n) if g <= c.grad_accum]
     if not fits:
         return c  # make_mesh explains
     say(f'{micro} sequences per microbatch do not split over {n} devices: using --grad_accum={fits[-1]}')
@@ -817,11 +885,12 @@ def split_evenly(c):
 
 
 def make_mesh(c):
-    devices = jax.devices()
-    micro = c.batch_size // c.grad_accum
-    if jax.default_backend() == 'cpu' and jax.process_count() == 1:  # the most that divide evenly
+    devices = target_devices(c)
+    micro = c.batch_size // max(c.grad_accum, 1)
+    if backend(c) == 'cpu' and jax.process_count() == 1:  # the most that divide evenly
         n = max(d for d in range(1, len(devices) + 1) if micro % d == 0)
-    elif micro % len(devices):
+    elif not microbatch_choices(dataclasses.replace(c, grad_accum=0), len(devices)) or \
+            (c.grad_accum and micro % len(devices)):
         raise UserError(f'--batch_size={c.batch_size} / --grad_accum={c.grad_accum} = {micro} '
                         f'sequences per microbatch do not split evenly over {len(devices)} devices')
     else:
@@ -834,12 +903,12 @@ def setup_devices(c):
     kernel resolved. -> (config, mesh, a note on the kernel)."""
     c = split_evenly(c)
     mesh = make_mesh(c)
-    c, attention_note = pick_attention(c)
+    c, attention_note = pick_attention(c, mesh.devices.flat[0])
     return c, mesh, attention_note
 
 
 def use_fsdp(c, mesh):
-    return c.fsdp == 'true' or (c.fsdp == 'auto' and mesh.size > 1 and jax.default_backend() != 'cpu')
+    return c.fsdp == 'true' or (c.fsdp == 'auto' and mesh.size > 1 and backend(c) != 'cpu')
 
 
 def state_shardings(c, mesh):
@@ -952,11 +1021,13 @@ def eval_loss(params, batches, c):
 
 @dataclass(frozen=True)
 class Chip:
-    name: str       # what --hardware= calls it
-    kind: str       # substring of jax's device_kind
-    peak: float     # dense bf16 FLOP/s per chip
-    price: float    # on-demand dollars per chip-hour (0 = no list price known)
-    memory: float   # bytes of HBM per chip
+    name: str        # what --hardware= calls it
+    kind: str        # substring of jax's device_kind
+    peak: float      # dense bf16 FLOP/s per chip
+    price: float     # on-demand dollars per chip-hour (0 = no list price known)
+    memory: float    # bytes of HBM per chip
+    clock: float = 0.0  # TPUs: Hz, to turn the compiler's cycle estimates into seconds
+    ici: float = 0.0    # TPUs: bytes/s one chip sends over its inter-chip links
 
 
 GiB = 2 ** 30
@@ -964,10 +1035,14 @@ CHIPS = [
     # peak and memory: cloud.google.com/tpu/docs/{v6e,v5e,v5p,v4}; price: cloud.google.com/tpu/pricing
     # (on-demand, per chip-hour; v6e us-east1, v5e us-west4, v5p us-east5, v4 us-central2; v6e's
     # $2.70 is also the price in Google's Trillium GA announcement, December 2024)
-    Chip('v6e', 'TPU v6', 918e12, 2.70, 32 * GiB),
-    Chip('v5e', 'TPU v5 lite', 197e12, 1.20, 16 * GiB),
-    Chip('v5p', 'TPU v5', 459e12, 4.20, 95 * GiB),
-    Chip('v4', 'TPU v4', 275e12, 3.22, 32 * GiB),
+    # ici: the same pages' "interchip interconnect bandwidth" (Gbps / 8). clock = peak / FLOPs per
+    # cycle of the matrix units (4 MXUs per core, 256x256 on v6e and 128x128 before, 2 cores on v5p
+    # and v4, 2 FLOPs per multiply-add): v6e 918e12 / (4 * 256^2 * 2) = 1.75 GHz. libtpu's cost
+    # model agrees: it estimates a 4096^3 bf16 matmul at 87-97% of these FLOPs per cycle.
+    Chip('v6e', 'TPU v6', 918e12, 2.70, 32 * GiB, clock=918e12 / (4 * 256**2 * 2), ici=3584e9 / 8),
+    Chip('v5e', 'TPU v5 lite', 197e12, 1.20, 16 * GiB, clock=197e12 / (4 * 128**2 * 2), ici=1600e9 / 8),
+    Chip('v5p', 'TPU v5', 459e12, 4.20, 95 * GiB, clock=459e12 / (2 * 4 * 128**2 * 2), ici=4800e9 / 8),
+    Chip('v4', 'TPU v4', 275e12, 3.22, 32 * GiB, clock=275e12 / (2 * 4 * 128**2 * 2), ici=2400e9 / 8),
     # peak and memory: NVIDIA's H100, H200 and A100 datasheets (dense, without sparsity);
     # price: runpod.io/pricing (Secure Cloud on-demand, per GPU-hour; SXM parts). No list price
     # is kept for the H100 PCIe: pass --price_per_hour.
@@ -1183,7 +1258,7 @@ def train(c):
     price, price_note = hourly_price(c, mesh)
     say(f'cost: {price_note}')
     t = time.time()
-    c, step_fn = compile_fitting_step(params, opt, mesh, c)
+    c, step_fn, eval_fn = compile_fitting_step(params, opt, mesh, c)
     compiled = f'compiled the train step in {time.time() - t:.1f}s | {buffer_note(step_fn.memory_analysis())}'
     val_idx = val_indices(val_windows, c)
     vals = put_batch(local_blocks(val_windows, val_idx, mesh, c, 'val split'), val_idx.shape + (c.seq_len + 1,), mesh)
@@ -1233,7 +1308,7 @@ def train(c):
                           **timing()}
                 say(log_line(record))
             if done % c.eval_every == 0 or done == c.steps:
-                val = evaluate(params, vals, c, meta, done)
+                val = evaluate(eval_fn, params, vals, meta, done)
                 record |= val
             if record:
                 log.write(json.dumps(record) + '\n')
@@ -1272,39 +1347,87 @@ def out_of_memory(e):
     return isinstance(e, TooBig) or isinstance(e, jax.errors.JaxRuntimeError) and 'RESOURCE_EXHAUSTED' in str(e)
 
 
+def resident_bytes(tree):
+    """Bytes one device holds of these arrays (or of shapes with shardings)."""
+    return sum(int(np.prod(x.sharding.shard_shape(x.shape))) * x.dtype.itemsize for x in jax.tree.leaves(tree))
+
+
+def step_bytes(compiled):
+    """Device memory a compiled step uses while it runs: XLA's buffers for its arguments, outputs
+    (less those that reuse a donated argument) and temporaries. None where XLA does not say."""
+    m = compiled.memory_analysis()
+    return None if m is None else \
+        m.temp_size_in_bytes + m.argument_size_in_bytes + m.output_size_in_bytes - m.alias_size_in_bytes
+
+
+def check_fits(compiled, also_resident, what, c):
+    """Raise TooBig if a compiled step, with the arrays that stay on the device beside it, needs
+    more memory than the device has (where it says: TPU, GPU, --topology)."""
+    need, limit = step_bytes(compiled), device_memory(c)
+    if need is not None and limit and need + also_resident > limit:
+        raise TooBig(f'the {what} step needs {size(need + also_resident)} per device with microbatches of '
+                     f'{c.batch_size // c.grad_accum} sequences, but {target_devices(c)[0].device_kind} has {size(limit)}')
+
+
 def compile_step(params, opt, mesh, c):
-    """train_step compiled ahead of time for these arrays and this config, called as
-    step(params, opt, batch). Where the device reports its memory, the compiled buffers are
-    checked against it: a clear error now rather than an out-of-memory crash mid-run."""
-    micro = c.batch_size // c.grad_accum
-    batch = jax.ShapeDtypeStruct((c.grad_accum, micro, c.seq_len + 1), jnp.int32, sharding=batch_sharding(mesh, 3))
+    """train_step compiled ahead of time for these arrays (or their shapes) and this config, called
+    as step(params, opt, batch), and checked against the device's memory: a clear error now
+    rather than an out-of-memory crash mid-run."""
+    batch = jax.ShapeDtypeStruct((c.grad_accum, c.batch_size // c.grad_accum, c.seq_len + 1), jnp.int32,
+                                 sharding=batch_sharding(mesh, 3))
     with jax.set_mesh(mesh):
         step = train_step.lower(params, opt, batch, c).compile()
-    m, limit = step.memory_analysis(), (jax.local_devices()[0].memory_stats() or {}).get('bytes_limit')
-    if m is not None and limit:
-        need = m.temp_size_in_bytes + m.argument_size_in_bytes + m.output_size_in_bytes - m.alias_size_in_bytes
-        if need > limit:
-            raise TooBig(f'the train step needs {size(need)} per device with microbatches of {micro} sequences, '
-                         f'but {jax.devices()[0].device_kind} has {size(limit)}')
+    check_fits(step, 0, 'train', c)
     return step
 
 
+def compile_eval(params, opt, mesh, c):
+    """eval_loss compiled for the validation set in training's microbatches, called as
+    step(params, batches); checked against the memory it shares with the optimizer state."""
+    vals = jax.ShapeDtypeStruct((c.eval_batches * c.grad_accum, c.batch_size // c.grad_accum, c.seq_len + 1),
+                                jnp.int32, sharding=batch_sharding(mesh, 3))
+    with jax.set_mesh(mesh):
+        step = eval_loss.lower(params, vals, c).compile()
+    check_fits(step, resident_bytes(opt), 'eval', c)
+    return step
+
+
+def compile_steps(params, opt, mesh, c):
+    return compile_step(params, opt, mesh, c), compile_eval(params, opt, mesh, c)
+
+
 def compile_fitting_step(params, opt, mesh, c):
-    """compile_step, halving the microbatch (doubling --grad_accum: the same batch and the same
-    update, in more, smaller pieces) while the step does not fit the device. -> (config, step)"""
-    while True:
+    """The train and eval steps compiled with microbatches that fit the device. -> (config, train
+    step, eval step). More microbatches give the same batch and the same update in smaller
+    pieces, and memory falls as they shrink: with --grad_accum=0 a binary search finds the fewest
+    that fit (the fastest); a given --grad_accum is doubled while it does not fit."""
+    choices = microbatch_choices(c, mesh.size)
+    if c.grad_accum:
+        doublings = [c.grad_accum * 2 ** k for k in range(c.batch_size.bit_length())]
+        choices = [g for g in choices if g in doublings]
+    lo, hi, fitted, problem = 0, len(choices) - 1, None, None
+    while lo <= hi:  # an explicit --grad_accum tries its doublings in order, auto bisects
+        i = lo if c.grad_accum else (lo + hi) // 2
+        trial = dataclasses.replace(c, grad_accum=choices[i])
         try:
-            return c, compile_step(params, opt, mesh, c)
+            fitted = (trial, *compile_steps(params, opt, mesh, trial))
+            hi = i - 1
+            if c.grad_accum:
+                break
         except (TooBig, jax.errors.JaxRuntimeError) as e:
             if not out_of_memory(e):
                 raise
-            micro = c.batch_size // c.grad_accum
-            if micro % (2 * mesh.size):  # cannot split further over these devices
-                raise UserError(f'{str(e).splitlines()[0][:300]}; use more chips (FSDP splits params and '
-                                'optimizer state), or a smaller --batch_size or model')
-            say(f'the train step does not fit in memory with microbatches of {micro} sequences: '
-                f'using --grad_accum={2 * c.grad_accum}')
-            c = dataclasses.replace(c, grad_accum=2 * c.grad_accum)
+            problem, lo = str(e).splitlines()[0][:300], i + 1
+            if c.grad_accum and lo <= hi:
+                say(f'the train step does not fit in memory with microbatches of {c.batch_size // choices[i]} '
+                    f'sequences: using --grad_accum={choices[lo]}')
+    if fitted is None:
+        raise UserError(f'{problem}; use more chips (FSDP splits params and optimizer state), or a smaller '
+                        '--batch_size or model')
+    if not c.grad_accum:
+        say(f'microbatches of {fitted[0].batch_size // fitted[0].grad_accum} sequences (--grad_accum='
+            f'{fitted[0].grad_accum}): the fewest that fit {size(device_memory(c))} per device')
+    return fitted
 
 
 def buffer_note(m):
@@ -1329,10 +1452,10 @@ def stop_requested(stop):
     return int(multihost_utils.process_allgather(np.int32(stop.signum or 0)).max())
 
 
-def evaluate(params, vals, c, meta, step):
+def evaluate(eval_fn, params, vals, meta, step):
     """Validation loss over the fixed val batches (and bits per byte when meta.json says how
     many bytes a token is): printed, and returned as log fields."""
-    val_loss = fetch(eval_loss(params, vals, c))
+    val_loss = fetch(eval_fn(params, vals))
     record = {'step': step, 'val_loss': val_loss}
     line = f'step {step:6d} | val loss {val_loss:.4f}'
     if meta.get('bytes_per_token'):
@@ -1362,7 +1485,7 @@ def time_steps(c, mesh):
     state = jax.jit(lambda: fresh_state(c), out_shardings=state_shardings(c, mesh))()
     params, opt = state['params'], state['opt']
     t = time.perf_counter()
-    c, step = compile_fitting_step(params, opt, mesh, c)
+    c, step, _ = compile_fitting_step(params, opt, mesh, c)
     compile_s, times = time.perf_counter() - t, []
     shape = (c.grad_accum, c.batch_size // c.grad_accum, c.seq_len + 1)
     tokens = np.random.default_rng(c.seed).integers(0, c.vocab_size, shape, dtype=np.int32)
@@ -1376,6 +1499,8 @@ def time_steps(c, mesh):
 
 
 def bench(c):
+    if c.topology:
+        return bench_topology(c)
     c, mesh, attention_note = setup_devices(c)
     c, compile_s, times, buffers, params = time_steps(c, mesh)
     median, flops, peak = float(np.median(times)), flops_per_token(c), hardware_peak(c, mesh.size)
@@ -1406,13 +1531,151 @@ def bench(c):
     say(f"{dollars(r['dollars_per_million_tokens'])} per million tokens ({price_note})" if price else
         f'cost: {price_note}')
     say(json.dumps(r))
-    if jax.process_index() == 0:  # `plan` reads the measured MFU from here
+    record_bench(c, r)
+    return r
+
+
+def record_bench(c, r):
+    """Append a bench result to OUT/bench.jsonl, where `plan` finds its MFU."""
+    if jax.process_index() == 0:
         try:
             os.makedirs(c.out, exist_ok=True)
             with open(os.path.join(c.out, 'bench.jsonl'), 'a') as f:
                 f.write(json.dumps(r) + '\n')
         except OSError as e:
             say(f'warning: could not record the result in {c.out}/bench.jsonl ({e.strerror})', file=sys.stderr)
+
+
+# ----------------------------------------------------------------------------------------------
+# Compiling for a TPU that is not here (bench --topology): libtpu compiles for any slice on any
+# machine. The compiled program gives XLA's buffer sizes (does it fit?) and, per fused op, the TPU
+# compiler's own cost model: an `estimated_cycles` figure. An estimated step time is their sum,
+# with each loop's body counted once per iteration (its trip count read from the loop condition),
+# at the chip's clock. Two things the cost model does not price are added by rule:
+#   - Pallas kernels (splash attention) are opaque custom calls: their matmul FLOPs, causal
+#     blocks only, are counted at KERNEL_EFFICIENCY of the chip's peak;
+#   - collectives (several chips): bytes each chip sends, by ring algorithm, over its ICI links
+#     at their published bandwidth, not overlapped with compute.
+# These are estimates, never measurements: README "TPU estimates" compares one with a real run.
+
+KERNEL_EFFICIENCY = 0.5  # an assumption: flash kernels reach roughly half of peak; see the README
+DTYPE_BYTES = {'pred': 1, 's8': 1, 'u8': 1, 'bf16': 2, 'f16': 2, 's16': 2, 'u16': 2, 'f32': 4, 's32': 4,
+               'u32': 4, 'f64': 8, 's64': 8, 'u64': 8}
+COLLECTIVES = {'all-gather': 1, 'reduce-scatter': 1, 'all-to-all': 1, 'all-reduce': 2,
+               'collective-permute': 1}  # op: times its data crosses a chip's links (ring algorithm)
+
+
+def hlo_computations(text):
+    """A compiled module's HLO text -> ({computation: [(name, type, opcode, line)]}, entry name)."""
+    comps, current, entry = {}, None, None
+    for line in text.splitlines():
+        head = re.match(r'(ENTRY )?%([\w.\-]+) .*\{$', line)
+        if head:
+            current = comps.setdefault(head[2], [])
+            entry = head[2] if head[1] else entry
+        elif line.startswith('}'):
+            current = None
+        elif current is not None:
+            op = re.match(r'\s*(?:ROOT )?%([\w.\-]+) = (.*?) ([a-z][\w\-]*)\(', line)
+            if op:
+                current.append((op[1], op[2], op[3], line))
+    return comps, entry
+
+
+def array_bytes(hlo_type):
+    """Bytes of every array in an HLO type ('bf16[8,2048]{...}' or a tuple of them), as a list."""
+    return [DTYPE_BYTES.get(dt, 4) * math.prod(int(d) for d in dims.split(',') if d)
+            for dt, dims in re.findall(r'\b([a-z]+\d*)\[([\d,]*)\]', hlo_type)]
+
+
+def trip_count(comps, condition):
+    """Iterations of a while loop whose condition is `i < constant` (what scan and map compile to)."""
+    constants = [int(m[1]) for *_, line in comps[condition] for m in [re.search(r'constant\((\d+)\)', line)] if m]
+    return max(constants, default=1)
+
+
+def estimate_step(compiled, chip, n_devices, kernel_flops):
+    """The TPU compiler's cost estimate of one run of a compiled program. kernel_flops: FLOPs of
+    one call of each Pallas kernel, by a substring of its name. -> dict of seconds and bytes."""
+    comps, entry = hlo_computations(compiled.as_text())
+    totals = {'cycles': 0, 'kernel_flops': 0, 'collective_bytes': 0}
+
+    def walk(name, times):
+        for _, hlo_type, opcode, line in comps[name]:
+            if opcode == 'while':
+                loop = dict(re.findall(r'(body|condition)=%([\w.\-]+)', line))
+                n = trip_count(comps, loop['condition'])
+                walk(loop['body'], times * n)
+                walk(loop['condition'], times * n)
+            elif opcode == 'call':
+                walk(re.search(r'to_apply=%([\w.\-]+)', line)[1], times)
+            elif opcode == 'custom-call' and 'tpu_custom_call' in line:
+                totals['kernel_flops'] += times * next((f for key, f in kernel_flops.items() if key in line), 0)
+            elif opcode.removesuffix('-start') in COLLECTIVES and n_devices > 1:
+                crossings = COLLECTIVES[opcode.removesuffix('-start')]
+                totals['collective_bytes'] += times * crossings * max(array_bytes(hlo_type)) * (n_devices - 1) / n_devices
+            else:
+                cycles = re.search(r'"estimated_cycles":"(\d+)"', line)
+                totals['cycles'] += times * int(cycles[1]) if cycles else 0
+
+    walk(entry, 1)
+    xla = totals['cycles'] / chip.clock
+    kernels = totals['kernel_flops'] / (chip.peak * KERNEL_EFFICIENCY)
+    collectives = totals['collective_bytes'] / chip.ici if chip.ici else 0.0
+    return {'seconds': xla + kernels + collectives, 'xla_seconds': xla, 'kernel_seconds': kernels,
+            'collective_seconds': collectives, 'collective_bytes': totals['collective_bytes']}
+
+
+def splash_flops(c, mesh):
+    """Matmul FLOPs of one call of each splash kernel on one device, blocks above the causal
+    diagonal skipped: forward QK^T and PV (2 matmuls); backward dK, dV (recomputing QK^T, dP: 4)
+    and dQ (QK^T, dP, dQ: 3), or all in one fused kernel (5). Each matmul is 2*T*T*H per head."""
+    micro = c.batch_size // c.grad_accum // mesh.size
+    blocks = c.seq_len // splash_block(c.seq_len)
+    per_matmul = micro * c.n_head * 2 * c.seq_len ** 2 * head_dim(c) * (blocks + 1) / (2 * blocks)
+    return {'fwd': 2 * per_matmul, 'dkv': 4 * per_matmul, 'dq': 3 * per_matmul, 'fused_bwd': 5 * per_matmul}
+
+
+def bench_topology(c):
+    """bench --topology: compile (never run) the train and eval steps for a TPU slice, with the
+    fewest microbatches that fit its memory, and print their memory and estimated speed."""
+    c, mesh, attention_note = setup_devices(c)
+    chip = this_chip(mesh.devices.flat[0].device_kind)
+    shapes = jax.eval_shape(lambda: fresh_state(c))
+    state = jax.tree.map(lambda x, s: jax.ShapeDtypeStruct(x.shape, x.dtype, sharding=s), shapes,
+                         state_shardings(c, mesh))
+    t = time.perf_counter()
+    c, train, evaluate = compile_fitting_step(state['params'], state['opt'], mesh, c)
+    compile_s = time.perf_counter() - t
+    est = estimate_step(train, chip, mesh.size, splash_flops(c, mesh) if c.attention == 'splash' else {})
+    tokens_per_sec = c.batch_size * c.seq_len / est['seconds']
+    flops = flops_per_token(c)
+    train_bytes, eval_bytes = step_bytes(train), step_bytes(evaluate) + resident_bytes(state['opt'])
+    r = {'preset': c.preset, 'topology': c.topology, 'chip': chip.name, 'devices': mesh.size,
+         'attention': c.attention, 'fsdp': use_fsdp(c, mesh), 'params': count_params(shapes['params']),
+         'tokens_per_step': c.batch_size * c.seq_len, 'grad_accum': c.grad_accum,
+         'microbatch': c.batch_size // c.grad_accum, 'compile_s': compile_s,
+         'device_bytes': chip.memory, 'train_bytes_per_device': train_bytes, 'eval_bytes_per_device': eval_bytes,
+         'fits': {'train': train_bytes <= chip.memory, 'eval': eval_bytes <= chip.memory},
+         'est_ms_per_step': 1000 * est['seconds'], 'est_tokens_per_sec': tokens_per_sec,
+         'est_mfu': flops * tokens_per_sec / (chip.peak * mesh.size),
+         'est_ms_xla': 1000 * est['xla_seconds'], 'est_ms_kernels': 1000 * est['kernel_seconds'],
+         'est_ms_collectives': 1000 * est['collective_seconds'],
+         'collective_bytes_per_step': est['collective_bytes'], 'flops_per_token': flops}
+    price = chip.price * mesh.size
+    say(f"bench | {c.preset} | compiled for {c.topology}: {mesh.size} x {chip.name} ({mesh.devices.flat[0].device_kind}) "
+        f"| {r['params'] / 1e6:.2f}M params | attention {attention_note} "
+        f"| {'FSDP' if r['fsdp'] else 'replicated'} | compile {compile_s:.1f}s (not run)")
+    say(f"memory per device: train step {size(train_bytes)}, eval step {size(eval_bytes)} of {size(chip.memory)} HBM "
+        f"-> {'fits' if all(r['fits'].values()) else 'DOES NOT FIT'} with {c.grad_accum} microbatches of "
+        f"{r['microbatch']} x {c.seq_len} tokens")
+    say(f"ESTIMATE (libtpu's cost model, not a measurement): {r['est_ms_per_step']:.1f} ms/step "
+        f"(XLA ops {r['est_ms_xla']:.1f} + Pallas kernels {r['est_ms_kernels']:.1f} at {KERNEL_EFFICIENCY:.0%} of peak "
+        f"+ collectives {r['est_ms_collectives']:.1f}, {size(r['collective_bytes_per_step'])} per chip) "
+        f"| {tokens_per_sec:,.0f} tok/s | MFU {r['est_mfu']:.1%} | {dollars(price / 3600 / tokens_per_sec * 1e6)} "
+        f"per million tokens at ${chip.price:g}/chip-hour")
+    say(json.dumps(r))
+    record_bench(c, r)
     return r
 
 
@@ -1665,6 +1928,10 @@ def main(argv):
         if command not in ('train', 'sample', 'bench', 'plan'):
             raise UserError(f'unknown command {command!r}: use train, sample, bench or plan (or --help)')
         flags = parse_flags(args)
+        if flags.get('topology'):
+            if command != 'bench':
+                raise UserError(f'--topology is for bench (python tinytpu.py bench --topology={flags["topology"]})')
+            jax.config.update('jax_platforms', 'cpu')  # compile only: leave any TPU here to others
         use_cpu_devices(flags.get('cpu_devices', Config.cpu_devices))
         init_distributed(flags)
         c = validate(make_config(flags, plan_backend(flags) if command == 'plan' else None))

@@ -19,7 +19,7 @@ import tinytpu as tt  # noqa: E402
 def tiny_config(**kw):
     """A 2-layer model small enough to train for a few steps in a second or two."""
     base = dict(preset='cpu', n_layer=2, d_model=32, n_head=4, n_kv_head=2, vocab_size=257, context=32,
-                seq_len=16, batch_size=4, steps=8, lr=3e-3, warmup_steps=2, eval_every=4, eval_batches=2,
+                seq_len=16, batch_size=4, grad_accum=1, steps=8, lr=3e-3, warmup_steps=2, eval_every=4, eval_batches=2,
                 log_every=2, ckpt_every=4, keep_ckpts=2, seed=0)
     return tt.validate(tt.Config(**{**base, **kw}))
 
