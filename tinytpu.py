@@ -67,6 +67,8 @@ class Config:
     logit_softcap: float = _f(0.0, 'cap logits smoothly at +-this value (0 = off)')
     rope_theta: float = _f(10000.0, 'RoPE base frequency')
     scan_layers: bool = _f(False, 'run the blocks with lax.scan (fast compile) instead of unrolled')
+    remat: str = _f('none', 'recompute in the backward pass what the forward would store: none, full '
+                            '(keep only each block\'s input), dots (keep matmul outputs)')
     attention: str = _f('auto', 'attention kernel: auto (splash on TPU, cudnn on GPU, xla on CPU), xla, splash, cudnn')
     # training
     steps: int = _f(2000, 'optimizer steps in the whole run')
@@ -133,7 +135,7 @@ PRESETS = {
                 n_kv_head=1, d_head=256, mlp='swiglu', d_ff=3072, vocab_size=50257,
                 context=2048, seq_len=2048, batch_size=64, steps=10000, lr=1e-3,
                 warmup_steps=250, warmdown_frac=0.3, eval_every=500, eval_batches=20,
-                log_every=10, ckpt_every=1000, scan_layers=True, logit_softcap=30.0),
+                log_every=10, ckpt_every=1000),
 }
 DEFAULT_PRESET = {'cpu': 'cpu', 'gpu': 'gpt2', 'tpu': 'tpu'}  # backend -> preset when none given
 MODEL_FIELDS = ('n_layer', 'd_model', 'n_head', 'n_kv_head', 'd_head', 'd_ff', 'mlp', 'vocab_size',
@@ -199,6 +201,7 @@ def validate(c):
          f'--n_head={c.n_head} is not a multiple of --n_kv_head={c.n_kv_head}'),
         (head_dim(c) % 2 == 0, f'head dim {head_dim(c)} must be even for RoPE'),
         (c.mlp in ('relu2', 'swiglu'), f'--mlp={c.mlp}: choose relu2 or swiglu'),
+        (c.remat in REMAT, f'--remat={c.remat}: choose {", ".join(REMAT)}'),
         (c.attention in ('auto', 'xla', 'splash', 'cudnn'),
          f'--attention={c.attention}: choose auto, xla, splash or cudnn'),
         (c.vocab_size >= 2, f'--vocab_size={c.vocab_size} must be at least 2'),
@@ -472,6 +475,35 @@ def block(x, w, c, pos, rot, cache=None):
     return x + jnp.einsum('BTF,FD->BTD', act, w['down']), cache
 
 
+# What the backward pass may keep from the forward of a block (--remat); the rest is recomputed.
+REMAT = {'none': None, 'full': jax.checkpoint_policies.nothing_saveable,
+         'dots': jax.checkpoint_policies.dots_with_no_batch_dims_saveable}
+
+
+@jax.custom_vjp
+def unembed(x, w):
+    """Output projection x (B,T,D) @ w (D,V) -> logits (B,T,V), multiplied in x's dtype and
+    accumulated and returned in fp32 (the softmax needs the range). A custom gradient keeps its
+    backward matmuls in x's dtype too: JAX's own would multiply the fp32 logit gradient by
+    upcast fp32 copies of x and w, several times slower on a TPU's bf16 matrix units."""
+    return jnp.einsum('BTD,DV->BTV', x, w, preferred_element_type=wide(x.dtype))
+
+
+def unembed_fwd(x, w):
+    return unembed(x, w), (x, w)
+
+
+def unembed_bwd(saved, g):
+    x, w = saved
+    g = g.astype(x.dtype)                                                 # (B,T,V)
+    dx = jnp.einsum('BTV,DV->BTD', g, w, preferred_element_type=wide(x.dtype))
+    dw = jnp.einsum('BTD,BTV->DV', x, g, preferred_element_type=wide(x.dtype))
+    return dx.astype(x.dtype), dw.astype(w.dtype)
+
+
+unembed.defvjp(unembed_fwd, unembed_bwd)
+
+
 def forward(params, tokens, c, cache=None, pos0=0):
     """tokens (B,T) int32 -> logits (B,T,V) fp32, padded vocab entries at -inf.
     With `cache` (stacked per-layer k, v: (L,B,K,context,H)), tokens sit at positions pos0.. and
@@ -481,23 +513,23 @@ def forward(params, tokens, c, cache=None, pos0=0):
     pos = pos0 + jnp.arange(T)
     rot = rope_table(pos, head_dim(c), c.rope_theta)
     layers = jax.tree.map(lambda w: w.astype(dt), params['layers'])
+    block_fn = block if c.remat == 'none' else jax.checkpoint(block, policy=REMAT[c.remat], static_argnums=(2,))
     x = params['embed'].astype(dt)[tokens]                                 # (B,T,D)
     if c.scan_layers:  # one compiled block, looped L times: compile time independent of depth
         def body(x, layer):
             w, layer_cache = layer
-            return block(x, w, c, pos, rot, layer_cache)
+            return block_fn(x, w, c, pos, rot, layer_cache)
         x, cache = jax.lax.scan(body, x, (layers, cache))
     else:              # L copies of the block: longer compile, lets XLA fuse across layers
         caches = []
         for l in range(c.n_layer):
             w = jax.tree.map(lambda a: a[l], layers)
-            x, layer_cache = block(x, w, c, pos, rot, None if cache is None else (cache[0][l], cache[1][l]))
+            x, layer_cache = block_fn(x, w, c, pos, rot, None if cache is None else (cache[0][l], cache[1][l]))
             caches.append(layer_cache)
         if cache is not None:
             cache = tuple(jnp.stack(kv) for kv in zip(*caches))
     x = rms_norm(x)
-    unembed = params['embed'].T if c.tie_embed else params['unembed']
-    logits = jnp.einsum('BTD,DV->BTV', x, unembed.astype(dt), preferred_element_type=wide(dt))
+    logits = unembed(x, (params['embed'].T if c.tie_embed else params['unembed']).astype(dt))
     if c.logit_softcap:
         logits = c.logit_softcap * jnp.tanh(logits / c.logit_softcap)
     logits = jnp.where(jnp.arange(logits.shape[-1]) < c.vocab_size, logits, -jnp.inf)
@@ -1566,19 +1598,21 @@ COLLECTIVES = {'all-gather': 1, 'reduce-scatter': 1, 'all-to-all': 1, 'all-reduc
 
 
 def hlo_computations(text):
-    """A compiled module's HLO text -> ({computation: [(name, type, opcode, line)]}, entry name)."""
+    """A compiled module's HLO text -> ({computation: [(name, type, opcode, text)]}, entry name).
+    An instruction's text may run over several lines (a Pallas kernel's metadata does)."""
     comps, current, entry = {}, None, None
     for line in text.splitlines():
         head = re.match(r'(ENTRY )?%([\w.\-]+) .*\{$', line)
-        if head:
+        op = re.match(r'\s*(?:ROOT )?%([\w.\-]+) = (.*?) ([a-z][\w\-]*)\(', line)
+        if head and not op:
             current = comps.setdefault(head[2], [])
             entry = head[2] if head[1] else entry
-        elif line.startswith('}'):
+        elif line == '}':
             current = None
-        elif current is not None:
-            op = re.match(r'\s*(?:ROOT )?%([\w.\-]+) = (.*?) ([a-z][\w\-]*)\(', line)
-            if op:
-                current.append((op[1], op[2], op[3], line))
+        elif current is not None and op:
+            current.append([op[1], op[2], op[3], line])
+        elif current:  # the rest of the instruction above
+            current[-1][3] += line
     return comps, entry
 
 
@@ -1601,7 +1635,7 @@ def estimate_step(compiled, chip, n_devices, kernel_flops):
     totals = {'cycles': 0, 'kernel_flops': 0, 'collective_bytes': 0}
 
     def walk(name, times):
-        for _, hlo_type, opcode, line in comps[name]:
+        for op_name, hlo_type, opcode, line in comps[name]:
             if opcode == 'while':
                 loop = dict(re.findall(r'(body|condition)=%([\w.\-]+)', line))
                 n = trip_count(comps, loop['condition'])
@@ -1610,7 +1644,7 @@ def estimate_step(compiled, chip, n_devices, kernel_flops):
             elif opcode == 'call':
                 walk(re.search(r'to_apply=%([\w.\-]+)', line)[1], times)
             elif opcode == 'custom-call' and 'tpu_custom_call' in line:
-                totals['kernel_flops'] += times * next((f for key, f in kernel_flops.items() if key in line), 0)
+                totals['kernel_flops'] += times * next((f for key, f in kernel_flops.items() if key in op_name), 0)
             elif opcode.removesuffix('-start') in COLLECTIVES and n_devices > 1:
                 crossings = COLLECTIVES[opcode.removesuffix('-start')]
                 totals['collective_bytes'] += times * crossings * max(array_bytes(hlo_type)) * (n_devices - 1) / n_devices
@@ -1633,7 +1667,7 @@ def splash_flops(c, mesh):
     micro = c.batch_size // c.grad_accum // mesh.size
     blocks = c.seq_len // splash_block(c.seq_len)
     per_matmul = micro * c.n_head * 2 * c.seq_len ** 2 * head_dim(c) * (blocks + 1) / (2 * blocks)
-    return {'fwd': 2 * per_matmul, 'dkv': 4 * per_matmul, 'dq': 3 * per_matmul, 'fused_bwd': 5 * per_matmul}
+    return {'fused': 5 * per_matmul, 'dkv': 4 * per_matmul, 'dq': 3 * per_matmul, 'fwd': 2 * per_matmul}
 
 
 def bench_topology(c):
@@ -1705,15 +1739,20 @@ def plan_backend(flags):
     return None if chip is None else 'tpu' if 'TPU' in chip.kind else 'gpu'
 
 
-def measured_mfu(c, chip):
-    """MFU of the newest `bench` result for this chip in OUT/bench.jsonl, or None."""
+def bench_mfu(c, chip):
+    """The MFU `bench` found for this chip, from OUT/bench.jsonl: the newest measured one, else the
+    newest estimate of bench --topology. -> (mfu, where it comes from), or (None, None)."""
     try:
         with open(os.path.join(c.out, 'bench.jsonl')) as f:
             results = [json.loads(line) for line in f if line.strip()]
     except (OSError, ValueError):
-        return None
-    mfus = [r.get('mfu') for r in results if r.get('chip') == chip.name and r.get('mfu')]
-    return mfus[-1] if mfus else None
+        return None, None
+    mine = [r for r in results if isinstance(r, dict) and r.get('chip') == chip.name]
+    for key, how in (('mfu', 'measured by bench'), ('est_mfu', "ESTIMATED by bench --topology from libtpu's cost model")):
+        found = [r[key] for r in mine if isinstance(r.get(key), (int, float)) and 0 < r[key] <= 1]
+        if found:
+            return found[-1], f'{how}, {c.out}/bench.jsonl'
+    return None, None
 
 
 def plan_chip(c):
@@ -1736,10 +1775,11 @@ def make_plan(c, chip):
     if not price:
         raise UserError(f'no list price for {chip.name}; pass --price_per_hour=DOLLARS')
     peak = c.peak_flops or chip.peak
-    mfu = c.mfu or measured_mfu(c, chip)
-    mfu_source = ('--mfu' if c.mfu else f'measured by bench, {c.out}/bench.jsonl') if mfu else \
-        f'default; measure yours with python tinytpu.py bench --preset={c.preset}'
-    mfu = mfu or DEFAULT_MFU
+    mfu, mfu_source = (c.mfu, '--mfu') if c.mfu else bench_mfu(c, chip)
+    if not mfu:
+        mfu, mfu_source = DEFAULT_MFU, f'default; measure yours with python tinytpu.py bench --preset={c.preset}' + (
+            f' (or estimate it without a TPU: bench --topology={chip.name}:{"1x1x1" if chip.name in ("v5p", "v4") else "1x1"})'
+            if chip.clock else '')
     flops_per_dollar = peak * mfu * 3600 / price                 # per chip; more chips, same cost
     tokens_per_step = c.batch_size * c.seq_len
     best = None

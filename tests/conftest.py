@@ -9,6 +9,7 @@ import pytest
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 SHARED = os.path.join(os.path.dirname(ROOT), 'shared')
 sys.path.insert(0, ROOT)
+os.environ.setdefault('JAX_PLATFORMS', 'cpu')  # libtpu may be installed (test_tpu compiles with it): run on CPU
 if os.path.isdir(os.path.join(SHARED, 'tiktoken')):  # GPT-2 BPE files, so no test needs the network
     os.environ.setdefault('TIKTOKEN_CACHE_DIR', os.path.join(SHARED, 'tiktoken'))
 SHAKESPEARE = os.path.join(SHARED, 'data', 'tinyshakespeare.txt')

@@ -327,3 +327,33 @@ def test_a_step_that_cannot_fit_stops_before_training(byte_data, tmp_path, monke
                                            r'but .* has 0.0 MiB; use more chips'):
         tt.train(c)
     assert tt.list_checkpoints(c.out) == [] and not os.path.exists(os.path.join(c.out, 'log.jsonl'))
+
+
+def test_auto_microbatches_are_the_fewest_that_fit(byte_data, tmp_path, monkeypatch, capsys):
+    """--grad_accum=0 searches both ways: with memory for microbatches of 4 sequences (not 8), it
+    settles on 2 microbatches of 4, and the run is exactly the run with --grad_accum=2."""
+    flags = dict(data=byte_data, batch_size=8, steps=4)
+    fake_device_memory(monkeypatch, compiled_need(tiny_config(**flags, grad_accum=2)))
+    fitted = tt.train(tiny_config(**flags, out=str(tmp_path / 'fitted'), grad_accum=0))
+    assert 'microbatches of 4 sequences (--grad_accum=2): the fewest that fit' in capsys.readouterr().out
+    assert json.load(open(tmp_path / 'fitted' / 'ckpt_00000004' / 'meta.json'))['config']['grad_accum'] == 2
+    monkeypatch.undo()
+    direct = tt.train(tiny_config(**flags, out=str(tmp_path / 'direct'), grad_accum=2))
+    for a, b in zip(jax.tree.leaves(fitted), jax.tree.leaves(direct)):
+        assert np.array_equal(a, b)
+
+
+def test_eval_step_counts_against_memory_with_the_optimizer_state(byte_data, tmp_path, monkeypatch):
+    """The eval step shares the device with AdamW's moments, which it does not take as arguments:
+    a limit that both compiled steps fit, but not eval plus the moments, is refused before
+    training, naming the eval step."""
+    c = tiny_config(data=byte_data, out=str(tmp_path / 'out'), batch_size=8, grad_accum=4)
+    mesh = tt.make_mesh(c)
+    state = jax.jit(lambda: tt.fresh_state(c), out_shardings=tt.state_shardings(c, mesh))()
+    limit = 1 + max(tt.step_bytes(compile(state['params'], state['opt'], mesh, c))
+                    for compile in (tt.compile_step, tt.compile_eval))
+    fake_device_memory(monkeypatch, limit)
+    monkeypatch.setattr(tt, 'resident_bytes', lambda tree: limit)  # "moments" as large as the memory
+    with pytest.raises(tt.UserError, match='the eval step needs .* per device with microbatches of 1 sequences, but'):
+        tt.train(c)
+    assert tt.list_checkpoints(c.out) == []

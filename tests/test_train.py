@@ -246,3 +246,17 @@ def test_training_with_the_splash_kernel_matches_xla(byte_data, tmp_path):
         assert f'cpu x2 (cpu) | 0.' in r.stdout and f'| attention {kernel} |' in r.stdout
         losses[kernel] = [json.loads(line).get('loss') for line in open(tmp_path / kernel / 'log.jsonl')]
     np.testing.assert_allclose(losses['splash'][:3], losses['xla'][:3], rtol=1e-5)
+
+
+def test_eval_in_microbatches_gives_the_same_loss(byte_data):
+    """The validation set is evaluated in training's microbatches (memory of one microbatch), and
+    the mean over them is the mean over the whole set."""
+    losses = []
+    for accum in (1, 2, 4):
+        c = tiny_config(data=byte_data, batch_size=8, grad_accum=accum)
+        _, val, _ = tt.load_data(c)
+        idx = tt.val_indices(val, c)
+        assert idx.shape == (c.eval_batches * accum, 8 // accum)
+        params = tt.init_params(c, jax.random.key(0))
+        losses.append(float(tt.eval_loss(params, jnp.asarray(val.get(idx.ravel()).reshape(idx.shape + (-1,))), c)))
+    np.testing.assert_allclose(losses, losses[0], rtol=1e-6)
