@@ -1,13 +1,16 @@
 """tinytpu: train a small GPT from scratch with pure JAX, on a TPU, a GPU or a laptop CPU.
 
 One file, read top to bottom: config -> model -> loss -> optimizer -> data -> checkpoints ->
-devices -> train step -> hardware -> train loop -> benchmark -> plan -> sampling -> command line.
+devices -> train step -> hardware -> train loop -> benchmark -> TPU estimates -> plan -> sampling
+-> command line.
 Three commands to try, and two to size a run on a TPU or GPU:
 
     python prepare.py shakespeare --tokenizer=byte       # 1.1 MB of Shakespeare as byte tokens
     python tinytpu.py --preset=cpu                       # train a 0.8M-parameter model (~75 s)
     python tinytpu.py sample --preset=cpu --prompt="ROMEO:"
     python tinytpu.py bench                              # time the train step: tokens/s, MFU, $
+    python tinytpu.py bench --preset=tpu --topology=v6e:1x1  # compile for a TPU that is not here:
+                                                         # fits? estimated speed (needs jax[tpu])
     python tinytpu.py plan --budget=5 --hardware=v6e     # what $5 of a TPU v6e trains
 
 Dimension names used in einsum strings and comments (as in picodo):
@@ -122,9 +125,9 @@ class Config:
 
 # Presets override the defaults above. `cpu` is nanoGPT's CPU demo size on byte-level Shakespeare;
 # `gpt2` is GPT-2 small (124M) on FineWeb; `tpu` (148M with GPT-2's vocabulary) is shaped for a
-# TPU's 128/256-wide matrix units: head_dim 256, one KV head, dims multiples of 256. Microbatches
-# hold what fits one chip's memory, the activations of 8 x 1024 (gpt2: 27 GiB of 80 on an H100)
-# or 2 x 2048 tokens (tpu: under 16 GiB, a v5e's; XLA's buffer sizes, README "Memory").
+# TPU's 128/256-wide matrix units: head_dim 256, one KV head, dims multiples of 256, and no logit
+# soft-cap (its tanh over every logit cost 8% of a v6e step, README "TPU estimates"). Each step
+# is split into the fewest microbatches that fit the chip (--grad_accum=0, found by compiling).
 PRESETS = {
     'cpu': {},
     'gpt2': dict(data='data/fineweb10B', out='out/gpt2', n_layer=12, d_model=768, n_head=12,
@@ -352,14 +355,14 @@ def rope(x, sin, cos):
 
 
 def attention(q, k, v, q_pos, k_pos):
-    """Causal grouped-query attention, heads first. q (B,N,T,H), k and v (B,K,S,H) -> (B,N,T,H).
-    Position arrays say which keys each query may see: k_pos <= q_pos. Each K head serves
-    N/K query heads; repeating it to N heads keeps every matmul a plain batched one."""
-    N, K, H = q.shape[1], k.shape[1], q.shape[3]
+    """Causal grouped-query attention, heads first. q (B,N,T,H), already scaled by 1/sqrt(H), k and
+    v (B,K,S,H) -> (B,N,T,H). Position arrays say which keys each query may see: k_pos <= q_pos.
+    Each K head serves N/K query heads; repeating it to N heads keeps every matmul a plain batched one."""
+    N, K = q.shape[1], k.shape[1]
     k, v = jnp.repeat(k, N // K, axis=1), jnp.repeat(v, N // K, axis=1)
     scores = jnp.einsum('BNTH,BNSH->BNTS', q, k, preferred_element_type=wide(q.dtype))
     causal = jnp.where(q_pos[:, None] >= k_pos[None, :], 0.0, -jnp.inf)  # (T,S)
-    weights = jax.nn.softmax(scores / math.sqrt(H) + causal, axis=-1)    # softmax in fp32
+    weights = jax.nn.softmax(scores + causal, axis=-1)                   # softmax in fp32
     return jnp.einsum('BNTS,BNSH->BNTH', weights.astype(v.dtype), v)
 
 
@@ -377,19 +380,23 @@ def splash_attention(q, k, v, interpret=None):
     B, N, T, H = q.shape
     K = k.shape[1]
     block = splash_block(T)
+    # one backward kernel for dq, dk and dv (5 matmuls per block, not 4 + 3 in two kernels that
+    # each recompute the scores)
     sizes = sk.BlockSizes(block_q=block, block_kv=block, block_kv_compute=block, block_q_dkv=block,
-                          block_kv_dkv=block, block_kv_dkv_compute=block, block_q_dq=block, block_kv_dq=block)
+                          block_kv_dkv=block, block_kv_dkv_compute=block, use_fused_bwd_kernel=True)
     mask = sm.MultiHeadMask([sm.CausalMask((T, T))] * (N // K))
     if interpret is None:
         interpret = jax.default_backend() != 'tpu'
     kernel = sk.make_splash_mqa_single_device(mask, block_sizes=sizes, interpret=interpret)
-    q = (q / math.sqrt(H)).astype(q.dtype).reshape(B, K, N // K, T, H)  # the kernel does not scale
+    q = q.reshape(B, K, N // K, T, H)
     return jax.vmap(jax.vmap(kernel))(q, k, v).reshape(B, N, T, H)
 
 
 def splash_block(T):
-    """Query and key block length of the splash kernel: the largest of 512, 256, 128 dividing T."""
-    return max(b for b in (512, 256, 128) if T % b == 0)
+    """Query and key block length of the splash kernel: the largest of 1024, 512, 256, 128 that
+    divides T. Larger blocks keep the matrix units busier; tpuchat measured 1024 fastest on a v6e
+    at T = 2048 (25.3% vs 22.3% MXU utilization for 512; 2048 overflows the kernel's VMEM)."""
+    return max(b for b in (1024, 512, 256, 128) if T % b == 0)
 
 
 def cudnn_attention(q, k, v, implementation='cudnn'):
@@ -397,7 +404,8 @@ def cudnn_attention(q, k, v, implementation='cudnn'):
     fp16). jax.nn.dot_product_attention wants (B,T,heads,H) and serves K < N heads itself; its
     default implementation is plain XLA, so cuDNN must be asked for by name."""
     t = lambda x: x.transpose(0, 2, 1, 3)
-    return t(jax.nn.dot_product_attention(t(q), t(k), t(v), is_causal=True, implementation=implementation))
+    return t(jax.nn.dot_product_attention(t(q), t(k), t(v), scale=1.0, is_causal=True,
+                                          implementation=implementation))
 
 
 KERNELS = {'splash': splash_attention, 'cudnn': cudnn_attention}
@@ -458,7 +466,10 @@ def block(x, w, c, pos, rot, cache=None):
     N, K = c.n_head, c.n_kv_head
     h = rms_norm(x)
     qkv = jnp.einsum('BTD,DJH->BJTH', h, w['qkv'])                     # J = N + 2K heads
-    qk = rope(rms_norm(qkv[:, :N + K]), *rot)                            # QK-norm, then RoPE
+    # QK-norm, then RoPE; the query heads also take attention's 1/sqrt(H) here, in the same pass
+    # (a separate pass over q cost 4% of a v6e step in libtpu's estimate)
+    scale = jnp.where(jnp.arange(N + K) < N, 1 / math.sqrt(head_dim(c)), 1.0)[:, None, None]  # (J,1,1)
+    qk = rope(rms_norm(qkv[:, :N + K]), rot[0] * scale, rot[1] * scale)
     q, k, v = qk[:, :N], qk[:, N:], qkv[:, N + K:]
     if cache is None:
         out = causal_attention(q, k, v, pos, c)
@@ -1428,12 +1439,22 @@ def compile_steps(params, opt, mesh, c):
     return compile_step(params, opt, mesh, c), compile_eval(params, opt, mesh, c)
 
 
+# Beyond this many tokens per device a microbatch keeps the matrix units no busier, it only takes
+# memory: libtpu estimated the tpu preset's v6e step at 426 ms with 8 x 2048 tokens per
+# microbatch and 460 ms with 16 x 2048 (README "TPU estimates").
+MAX_MICROBATCH_TOKENS = 8 * 2048
+
+
 def compile_fitting_step(params, opt, mesh, c):
     """The train and eval steps compiled with microbatches that fit the device. -> (config, train
     step, eval step). More microbatches give the same batch and the same update in smaller
     pieces, and memory falls as they shrink: with --grad_accum=0 a binary search finds the fewest
-    that fit (the fastest); a given --grad_accum is doubled while it does not fit."""
+    that fit, of at most MAX_MICROBATCH_TOKENS per device; a given --grad_accum is doubled while
+    it does not fit."""
     choices = microbatch_choices(c, mesh.size)
+    if not c.grad_accum:
+        small = [g for g in choices if c.batch_size // g // mesh.size * c.seq_len <= MAX_MICROBATCH_TOKENS]
+        choices = small or choices[-1:]
     if c.grad_accum:
         doublings = [c.grad_accum * 2 ** k for k in range(c.batch_size.bit_length())]
         choices = [g for g in choices if g in doublings]
@@ -1458,7 +1479,8 @@ def compile_fitting_step(params, opt, mesh, c):
                         '--batch_size or model')
     if not c.grad_accum:
         say(f'microbatches of {fitted[0].batch_size // fitted[0].grad_accum} sequences (--grad_accum='
-            f'{fitted[0].grad_accum}): the fewest that fit {size(device_memory(c))} per device')
+            f'{fitted[0].grad_accum}): the fewest that fit {size(device_memory(c))} per device, of at most '
+            f'{MAX_MICROBATCH_TOKENS:,} tokens each')
     return fitted
 
 
@@ -1662,12 +1684,12 @@ def estimate_step(compiled, chip, n_devices, kernel_flops):
 
 def splash_flops(c, mesh):
     """Matmul FLOPs of one call of each splash kernel on one device, blocks above the causal
-    diagonal skipped: forward QK^T and PV (2 matmuls); backward dK, dV (recomputing QK^T, dP: 4)
-    and dQ (QK^T, dP, dQ: 3), or all in one fused kernel (5). Each matmul is 2*T*T*H per head."""
+    diagonal skipped: forward QK^T and PV (2 matmuls); backward QK^T, dP, dV, dK and dQ (5) in the
+    one fused kernel splash_attention asks for (named dkv). Each matmul is 2*T*T*H per head."""
     micro = c.batch_size // c.grad_accum // mesh.size
     blocks = c.seq_len // splash_block(c.seq_len)
     per_matmul = micro * c.n_head * 2 * c.seq_len ** 2 * head_dim(c) * (blocks + 1) / (2 * blocks)
-    return {'fused': 5 * per_matmul, 'dkv': 4 * per_matmul, 'dq': 3 * per_matmul, 'fwd': 2 * per_matmul}
+    return {'dkv': 5 * per_matmul, 'fwd': 2 * per_matmul}
 
 
 def bench_topology(c):

@@ -40,6 +40,20 @@ def test_scan_and_unrolled_layers_agree():
     np.testing.assert_allclose(tt.forward(params, tokens, c), scanned, rtol=1e-5, atol=1e-5)
 
 
+@pytest.mark.parametrize('scan', [False, True])
+@pytest.mark.parametrize('remat', ['full', 'dots'])
+def test_remat_changes_memory_not_results(scan, remat):
+    """--remat recomputes the block's forward in the backward pass: same loss, same gradients."""
+    c = tiny_config(scan_layers=scan)
+    params = tt.init_params(c, jax.random.key(0))
+    batch = jax.random.randint(jax.random.key(1), (2, 13), 0, c.vocab_size)
+    loss, grads = jax.value_and_grad(tt.loss_fn)(params, batch, c)
+    loss_r, grads_r = jax.value_and_grad(tt.loss_fn)(params, batch, tt.dataclasses.replace(c, remat=remat))
+    np.testing.assert_allclose(loss_r, loss, rtol=1e-6)
+    for g, g_r in zip(jax.tree.leaves(grads), jax.tree.leaves(grads_r)):
+        np.testing.assert_allclose(g_r, g, rtol=1e-5, atol=1e-7)
+
+
 def test_initial_loss_is_uniform_guess():
     c = tiny_config()
     params = tt.init_params(c, jax.random.key(0))
@@ -162,3 +176,20 @@ def test_pick_attention_on_cpu():
     c, note = tt.pick_attention(tiny_config(attention='splash', n_head=2, n_kv_head=1, d_head=128, seq_len=128,
                                             context=128))
     assert c.attention == 'splash' and note == 'splash'  # compiles in interpret mode
+
+
+@pytest.mark.parametrize('dtype, tol', [(jnp.float32, 1e-6), (jnp.bfloat16, 2e-2)])
+def test_unembed_gradient_is_the_matmul_gradient(dtype, tol):
+    """The output projection's custom gradient (its matmuls in the compute dtype) equals JAX's
+    own gradient of the plain einsum: exactly up to float rounding in fp32, and within bf16
+    rounding in bf16 (the incoming logit gradient is rounded to bf16 first)."""
+    x = jax.random.normal(jax.random.key(0), (2, 8, 16)).astype(dtype)
+    w = (0.1 * jax.random.normal(jax.random.key(1), (16, 40))).astype(dtype)
+    weights = jnp.cos(jnp.arange(2 * 8 * 40).reshape(2, 8, 40))  # every logit weighted differently
+    plain = lambda x, w: jnp.einsum('BTD,DV->BTV', x, w, preferred_element_type=jnp.float32)
+    grads = [jax.grad(lambda x, w: jnp.sum(f(x, w) * weights), argnums=(0, 1))(x, w) for f in (plain, tt.unembed)]
+    np.testing.assert_array_equal(tt.unembed(x, w), plain(x, w))
+    for g, g_custom in zip(*grads):
+        assert g_custom.dtype == g.dtype == dtype
+        np.testing.assert_allclose(g_custom.astype(np.float32), g.astype(np.float32), rtol=tol,
+                                   atol=tol * float(jnp.abs(g.astype(jnp.float32)).max()))

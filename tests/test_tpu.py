@@ -47,7 +47,7 @@ class Compiled:
 
 def test_estimate_counts_loop_iterations_kernels_and_collectives():
     chip = tt.Chip('test', 'test', peak=1e6, price=1.0, memory=1, clock=1e3, ici=8.0)
-    est = tt.estimate_step(Compiled(), chip, n_devices=2, kernel_flops={'dq': 7, 'fwd': 100})
+    est = tt.estimate_step(Compiled(), chip, n_devices=2, kernel_flops={'dkv': 7, 'fwd': 100})
     assert est['xla_seconds'] == pytest.approx((4 * 1000 + 500) / 1e3)        # cycles / clock
     assert est['kernel_seconds'] == pytest.approx(4 * 100 / (1e6 * tt.KERNEL_EFFICIENCY))
     # an all-reduce crosses the links twice (reduce-scatter, all-gather): 2 * 32 bytes * (n-1)/n
@@ -67,9 +67,9 @@ def test_splash_flops_count_the_causal_blocks_of_each_kernel():
     # 2 sequences per device, 4 heads, one 512 x 512 x 128 matmul = 2*512*512*128 FLOPs, of whose
     # 1 block of 512 the causal kernel computes all (the diagonal block is computed whole)
     per_matmul = 2 * 4 * 2 * 512 * 512 * 128
-    assert flops == {'fused': 5 * per_matmul, 'dkv': 4 * per_matmul, 'dq': 3 * per_matmul, 'fwd': 2 * per_matmul}
-    long = tiny_config(n_head=4, n_kv_head=1, d_head=128, seq_len=2048, context=2048, batch_size=8, grad_accum=2)
-    assert tt.splash_flops(long, Mesh)['fwd'] == 2 * 2 * 4 * 2 * 2048 ** 2 * 128 * 5 / 8  # 10 of 16 blocks
+    assert flops == {'dkv': 5 * per_matmul, 'fwd': 2 * per_matmul}  # the fused backward: one kernel
+    long = tiny_config(n_head=4, n_kv_head=1, d_head=128, seq_len=4096, context=4096, batch_size=8, grad_accum=2)
+    assert tt.splash_flops(long, Mesh)['fwd'] == 2 * 2 * 4 * 2 * 4096 ** 2 * 128 * 5 / 8  # 10 of 16 blocks
 
 
 def test_plan_uses_a_topology_estimate_and_says_so(tmp_path):
