@@ -355,14 +355,14 @@ def rope(x, sin, cos):
 
 
 def attention(q, k, v, q_pos, k_pos):
-    """Causal grouped-query attention, heads first. q (B,N,T,H), already scaled by 1/sqrt(H), k and
-    v (B,K,S,H) -> (B,N,T,H). Position arrays say which keys each query may see: k_pos <= q_pos.
-    Each K head serves N/K query heads; repeating it to N heads keeps every matmul a plain batched one."""
-    N, K = q.shape[1], k.shape[1]
+    """Causal grouped-query attention, heads first. q (B,N,T,H), k and v (B,K,S,H) -> (B,N,T,H).
+    Position arrays say which keys each query may see: k_pos <= q_pos. Each K head serves
+    N/K query heads; repeating it to N heads keeps every matmul a plain batched one."""
+    N, K, H = q.shape[1], k.shape[1], q.shape[3]
     k, v = jnp.repeat(k, N // K, axis=1), jnp.repeat(v, N // K, axis=1)
     scores = jnp.einsum('BNTH,BNSH->BNTS', q, k, preferred_element_type=wide(q.dtype))
     causal = jnp.where(q_pos[:, None] >= k_pos[None, :], 0.0, -jnp.inf)  # (T,S)
-    weights = jax.nn.softmax(scores + causal, axis=-1)                   # softmax in fp32
+    weights = jax.nn.softmax(scores / math.sqrt(H) + causal, axis=-1)    # softmax in fp32
     return jnp.einsum('BNTS,BNSH->BNTH', weights.astype(v.dtype), v)
 
 
@@ -380,23 +380,23 @@ def splash_attention(q, k, v, interpret=None):
     B, N, T, H = q.shape
     K = k.shape[1]
     block = splash_block(T)
-    # one backward kernel for dq, dk and dv (5 matmuls per block, not 4 + 3 in two kernels that
-    # each recompute the scores)
+    # The backward runs as two kernels (dk and dv; dq). splash's fused one does 2 matmuls fewer, but
+    # leaves XLA a sum of partial dq's that libtpu estimated at 77 ms of a 498 ms v6e step.
     sizes = sk.BlockSizes(block_q=block, block_kv=block, block_kv_compute=block, block_q_dkv=block,
-                          block_kv_dkv=block, block_kv_dkv_compute=block, use_fused_bwd_kernel=True)
+                          block_kv_dkv=block, block_kv_dkv_compute=block, block_q_dq=block, block_kv_dq=block)
     mask = sm.MultiHeadMask([sm.CausalMask((T, T))] * (N // K))
     if interpret is None:
         interpret = jax.default_backend() != 'tpu'
     kernel = sk.make_splash_mqa_single_device(mask, block_sizes=sizes, interpret=interpret)
-    q = q.reshape(B, K, N // K, T, H)
+    q = (q / math.sqrt(H)).astype(q.dtype).reshape(B, K, N // K, T, H)  # the kernel does not scale
     return jax.vmap(jax.vmap(kernel))(q, k, v).reshape(B, N, T, H)
 
 
 def splash_block(T):
-    """Query and key block length of the splash kernel: the largest of 1024, 512, 256, 128 that
-    divides T. Larger blocks keep the matrix units busier; tpuchat measured 1024 fastest on a v6e
-    at T = 2048 (25.3% vs 22.3% MXU utilization for 512; 2048 overflows the kernel's VMEM)."""
-    return max(b for b in (1024, 512, 256, 128) if T % b == 0)
+    """Query and key block length of the splash kernel: the largest of 512, 256, 128 dividing T.
+    (tpuchat measured 1024 about 5% faster on a real v6e, for heads of 128; libtpu's estimate
+    cannot see inside the kernel, and counts the extra masked FLOPs of larger blocks.)"""
+    return max(b for b in (512, 256, 128) if T % b == 0)
 
 
 def cudnn_attention(q, k, v, implementation='cudnn'):
@@ -404,8 +404,7 @@ def cudnn_attention(q, k, v, implementation='cudnn'):
     fp16). jax.nn.dot_product_attention wants (B,T,heads,H) and serves K < N heads itself; its
     default implementation is plain XLA, so cuDNN must be asked for by name."""
     t = lambda x: x.transpose(0, 2, 1, 3)
-    return t(jax.nn.dot_product_attention(t(q), t(k), t(v), scale=1.0, is_causal=True,
-                                          implementation=implementation))
+    return t(jax.nn.dot_product_attention(t(q), t(k), t(v), is_causal=True, implementation=implementation))
 
 
 KERNELS = {'splash': splash_attention, 'cudnn': cudnn_attention}
@@ -466,10 +465,7 @@ def block(x, w, c, pos, rot, cache=None):
     N, K = c.n_head, c.n_kv_head
     h = rms_norm(x)
     qkv = jnp.einsum('BTD,DJH->BJTH', h, w['qkv'])                     # J = N + 2K heads
-    # QK-norm, then RoPE; the query heads also take attention's 1/sqrt(H) here, in the same pass
-    # (a separate pass over q cost 4% of a v6e step in libtpu's estimate)
-    scale = jnp.where(jnp.arange(N + K) < N, 1 / math.sqrt(head_dim(c)), 1.0)[:, None, None]  # (J,1,1)
-    qk = rope(rms_norm(qkv[:, :N + K]), rot[0] * scale, rot[1] * scale)
+    qk = rope(rms_norm(qkv[:, :N + K]), *rot)                            # QK-norm, then RoPE
     q, k, v = qk[:, :N], qk[:, N:], qkv[:, N + K:]
     if cache is None:
         out = causal_attention(q, k, v, pos, c)
@@ -1684,12 +1680,12 @@ def estimate_step(compiled, chip, n_devices, kernel_flops):
 
 def splash_flops(c, mesh):
     """Matmul FLOPs of one call of each splash kernel on one device, blocks above the causal
-    diagonal skipped: forward QK^T and PV (2 matmuls); backward QK^T, dP, dV, dK and dQ (5) in the
-    one fused kernel splash_attention asks for (named dkv). Each matmul is 2*T*T*H per head."""
+    diagonal skipped: forward QK^T and PV (2 matmuls); backward dK and dV (QK^T, dP recomputed: 4)
+    and dQ (QK^T, dP, dQ: 3). Each matmul is 2*T*T*H per head."""
     micro = c.batch_size // c.grad_accum // mesh.size
     blocks = c.seq_len // splash_block(c.seq_len)
     per_matmul = micro * c.n_head * 2 * c.seq_len ** 2 * head_dim(c) * (blocks + 1) / (2 * blocks)
-    return {'dkv': 5 * per_matmul, 'fwd': 2 * per_matmul}
+    return {'dkv': 4 * per_matmul, 'dq': 3 * per_matmul, 'fwd': 2 * per_matmul}
 
 
 def bench_topology(c):

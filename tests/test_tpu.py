@@ -67,7 +67,7 @@ def test_splash_flops_count_the_causal_blocks_of_each_kernel():
     # 2 sequences per device, 4 heads, one 512 x 512 x 128 matmul = 2*512*512*128 FLOPs, of whose
     # 1 block of 512 the causal kernel computes all (the diagonal block is computed whole)
     per_matmul = 2 * 4 * 2 * 512 * 512 * 128
-    assert flops == {'dkv': 5 * per_matmul, 'fwd': 2 * per_matmul}  # the fused backward: one kernel
+    assert flops == {'dkv': 4 * per_matmul, 'dq': 3 * per_matmul, 'fwd': 2 * per_matmul}
     long = tiny_config(n_head=4, n_kv_head=1, d_head=128, seq_len=4096, context=4096, batch_size=8, grad_accum=2)
     assert tt.splash_flops(long, Mesh)['fwd'] == 2 * 2 * 4 * 2 * 4096 ** 2 * 128 * 5 / 8  # 10 of 16 blocks
 
