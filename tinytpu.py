@@ -491,8 +491,9 @@ REMAT = {'none': None, 'full': jax.checkpoint_policies.nothing_saveable,
 def unembed(x, w):
     """Output projection x (B,T,D) @ w (D,V) -> logits (B,T,V), multiplied in x's dtype and
     accumulated and returned in fp32 (the softmax needs the range). A custom gradient keeps its
-    backward matmuls in x's dtype too: JAX's own would multiply the fp32 logit gradient by
-    upcast fp32 copies of x and w, several times slower on a TPU's bf16 matrix units."""
+    two backward matmuls in x's dtype too: JAX's own gradient multiplies the fp32 logit gradient
+    by fp32 copies of x and w, TF32 at best on a GPU. (On a TPU libtpu estimates both the same:
+    its compiler already rounds there.)"""
     return jnp.einsum('BTD,DV->BTV', x, w, preferred_element_type=wide(x.dtype))
 
 
@@ -1651,6 +1652,7 @@ def estimate_step(compiled, chip, n_devices, kernel_flops):
     one call of each Pallas kernel, by a substring of its name. -> dict of seconds and bytes."""
     comps, entry = hlo_computations(compiled.as_text())
     totals = {'cycles': 0, 'kernel_flops': 0, 'collective_bytes': 0}
+    by_source = {}  # cycles by the JAX operation each fused op came from (its op_name metadata)
 
     def walk(name, times):
         for op_name, hlo_type, opcode, line in comps[name]:
@@ -1668,14 +1670,20 @@ def estimate_step(compiled, chip, n_devices, kernel_flops):
                 totals['collective_bytes'] += times * crossings * max(array_bytes(hlo_type)) * (n_devices - 1) / n_devices
             else:
                 cycles = re.search(r'"estimated_cycles":"(\d+)"', line)
-                totals['cycles'] += times * int(cycles[1]) if cycles else 0
+                if cycles:
+                    totals['cycles'] += times * int(cycles[1])
+                    source = re.search(r'op_name="([^"]*)"', line)
+                    source = f'{hlo_type.split("{")[0]} {source[1] if source else opcode}'
+                    by_source[source] = by_source.get(source, 0) + times * int(cycles[1])
 
     walk(entry, 1)
     xla = totals['cycles'] / chip.clock
     kernels = totals['kernel_flops'] / (chip.peak * KERNEL_EFFICIENCY)
     collectives = totals['collective_bytes'] / chip.ici if chip.ici else 0.0
+    costliest = sorted(by_source.items(), key=lambda kv: -kv[1])[:8]
     return {'seconds': xla + kernels + collectives, 'xla_seconds': xla, 'kernel_seconds': kernels,
-            'collective_seconds': collectives, 'collective_bytes': totals['collective_bytes']}
+            'collective_seconds': collectives, 'collective_bytes': totals['collective_bytes'],
+            'costliest': [(source, cycles / chip.clock) for source, cycles in costliest]}
 
 
 def splash_flops(c, mesh):
@@ -1726,6 +1734,9 @@ def bench_topology(c):
         f"+ collectives {r['est_ms_collectives']:.1f}, {size(r['collective_bytes_per_step'])} per chip) "
         f"| {tokens_per_sec:,.0f} tok/s | MFU {r['est_mfu']:.1%} | {dollars(price / 3600 / tokens_per_sec * 1e6)} "
         f"per million tokens at ${chip.price:g}/chip-hour")
+    say('costliest XLA ops (estimated ms per step; output type and the JAX operation they come from):')
+    for source, seconds in est['costliest']:
+        say(f'  {1000 * seconds:8.1f} ms  {source[:150]}')
     say(json.dumps(r))
     record_bench(c, r)
     return r
