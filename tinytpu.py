@@ -1605,8 +1605,9 @@ def record_bench(c, r):
 # at the chip's clock. Two things the cost model does not price are added by rule:
 #   - Pallas kernels (splash attention) are opaque custom calls: their matmul FLOPs, causal
 #     blocks only, are counted at KERNEL_EFFICIENCY of the chip's peak;
-#   - collectives (several chips): bytes each chip sends, by ring algorithm, over its ICI links
-#     at their published bandwidth, not overlapped with compute.
+#   - collectives (several chips): the bytes each chip sends, by ring algorithm, are counted;
+#     those the cost model leaves unpriced (TPUs run collectives as their own fusions beside
+#     compute) are timed over the chip's ICI links at their published bandwidth, not overlapped.
 # These are estimates, never measurements: README "TPU estimates" compares one with a real run.
 
 KERNEL_EFFICIENCY = 0.5  # an assumption: flash kernels reach roughly half of peak; see the README
@@ -1641,6 +1642,11 @@ def array_bytes(hlo_type):
             for dt, dims in re.findall(r'\b([a-z]+\d*)\[([\d,]*)\]', hlo_type)]
 
 
+def ring_bytes(collective, hlo_type, n_devices):
+    """Bytes one chip sends for a collective over n_devices whose largest array is hlo_type's."""
+    return COLLECTIVES[collective] * max(array_bytes(hlo_type)) * (n_devices - 1) / n_devices
+
+
 def trip_count(comps, condition):
     """Iterations of a while loop whose condition is `i < constant` (what scan and map compile to)."""
     constants = [int(m[1]) for *_, line in comps[condition] for m in [re.search(r'constant\((\d+)\)', line)] if m]
@@ -1651,7 +1657,7 @@ def estimate_step(compiled, chip, n_devices, kernel_flops):
     """The TPU compiler's cost estimate of one run of a compiled program. kernel_flops: FLOPs of
     one call of each Pallas kernel, by a substring of its name. -> dict of seconds and bytes."""
     comps, entry = hlo_computations(compiled.as_text())
-    totals = {'cycles': 0, 'kernel_flops': 0, 'collective_bytes': 0}
+    totals = {'cycles': 0, 'kernel_flops': 0, 'collective_bytes': 0, 'unpriced_bytes': 0}
     by_source = {}  # cycles by the JAX operation each fused op came from (its op_name metadata)
 
     def walk(name, times):
@@ -1661,25 +1667,33 @@ def estimate_step(compiled, chip, n_devices, kernel_flops):
                 n = trip_count(comps, loop['condition'])
                 walk(loop['body'], times * n)
                 walk(loop['condition'], times * n)
-            elif opcode == 'call':
+                continue
+            if opcode == 'call':
                 walk(re.search(r'to_apply=%([\w.\-]+)', line)[1], times)
-            elif opcode == 'custom-call' and 'tpu_custom_call' in line:
+                continue
+            if opcode == 'custom-call' and 'tpu_custom_call' in line:
                 totals['kernel_flops'] += times * next((f for key, f in kernel_flops.items() if key in op_name), 0)
-            elif opcode.removesuffix('-start') in COLLECTIVES and n_devices > 1:
-                crossings = COLLECTIVES[opcode.removesuffix('-start')]
-                totals['collective_bytes'] += times * crossings * max(array_bytes(hlo_type)) * (n_devices - 1) / n_devices
-            else:
-                cycles = re.search(r'"estimated_cycles":"(\d+)"', line)
-                if cycles:
-                    totals['cycles'] += times * int(cycles[1])
-                    source = re.search(r'op_name="([^"]*)"', line)
-                    source = f'{hlo_type.split("{")[0]} {source[1] if source else opcode}'
-                    by_source[source] = by_source.get(source, 0) + times * int(cycles[1])
+                continue
+            # a collective stands alone, or inside a fusion (TPUs run them as fusions beside compute)
+            callee = re.search(r'calls=%([\w.\-]+)', line) if opcode == 'fusion' else None
+            inner = comps.get(callee[1], []) if callee else []
+            parts = [(opcode, hlo_type)] + [(op, t) for _, t, op, _ in inner]
+            moved = sum(ring_bytes(op.removesuffix('-start'), t, n_devices) for op, t in parts
+                        if op.removesuffix('-start') in COLLECTIVES and n_devices > 1)
+            totals['collective_bytes'] += times * moved
+            cycles = re.search(r'"estimated_cycles":"(\d+)"', line)
+            if not cycles:  # the cost model did not price it: its bytes go over the links at ICI speed
+                totals['unpriced_bytes'] += times * moved
+                continue
+            totals['cycles'] += times * int(cycles[1])
+            source = re.search(r'op_name="([^"]*)"', line)
+            source = f'{hlo_type.split("{")[0]} {source[1] if source else opcode}'
+            by_source[source] = by_source.get(source, 0) + times * int(cycles[1])
 
     walk(entry, 1)
     xla = totals['cycles'] / chip.clock
     kernels = totals['kernel_flops'] / (chip.peak * KERNEL_EFFICIENCY)
-    collectives = totals['collective_bytes'] / chip.ici if chip.ici else 0.0
+    collectives = totals['unpriced_bytes'] / chip.ici if chip.ici else 0.0
     costliest = sorted(by_source.items(), key=lambda kv: -kv[1])[:8]
     return {'seconds': xla + kernels + collectives, 'xla_seconds': xla, 'kernel_seconds': kernels,
             'collective_seconds': collectives, 'collective_bytes': totals['collective_bytes'],

@@ -11,7 +11,8 @@ import tinytpu as tt
 
 # A compiled module as libtpu prints it, cut down: a loop run 4 times around a fusion of 1,000
 # estimated cycles, a splash kernel call whose metadata runs over two lines (its '}}' must not
-# end the computation), an all-reduce, and 500 cycles outside the loop.
+# end the computation), an all-reduce, an all-gather run as a fusion the cost model does not
+# price and one inside a fusion it does (100 cycles), and 500 cycles outside the loop.
 HLO = '''HloModule jit_train_step, entry_computation_layout={(f32[8]{0})->f32[8]{0}}
 
 %cond (p: (s32[], f32[8])) -> pred[] {
@@ -29,7 +30,14 @@ HLO = '''HloModule jit_train_step, entry_computation_layout={(f32[8]{0})->f32[8]
 "xprof_metadata":"{}"
 }}, metadata={op_name="splash_mqa_fwd"}
   %all-reduce.2 = f32[8]{0} all-reduce(%fusion.1), replica_groups={{0,1}}, to_apply=%add
+  %async-collective-start = (bf16[4]{0}, bf16[8]{0}) fusion(%fusion.1), kind=kCustom, calls=%gather
+  %fusion.3 = bf16[8]{0} fusion(%fusion.1), kind=kOutput, calls=%gather, backend_config={"estimated_cycles":"100"}
   ROOT %t = (s32[], f32[8]{0}) tuple(%i.2, %all-reduce.2)
+}
+
+%gather (q: bf16[4]) -> bf16[8] {
+  %q = bf16[4]{0} parameter(0)
+  ROOT %all-gather.1 = bf16[8]{0} all-gather(%q), dimensions={0}
 }
 
 ENTRY %main (a: f32[8]) -> f32[8] {
@@ -48,13 +56,16 @@ class Compiled:
 def test_estimate_counts_loop_iterations_kernels_and_collectives():
     chip = tt.Chip('test', 'test', peak=1e6, price=1.0, memory=1, clock=1e3, ici=8.0)
     est = tt.estimate_step(Compiled(), chip, n_devices=2, kernel_flops={'dkv': 7, 'fwd': 100})
-    assert est['xla_seconds'] == pytest.approx((4 * 1000 + 500) / 1e3)        # cycles / clock
+    assert est['xla_seconds'] == pytest.approx((4 * (1000 + 100) + 500) / 1e3)  # cycles / clock
     assert est['kernel_seconds'] == pytest.approx(4 * 100 / (1e6 * tt.KERNEL_EFFICIENCY))
-    # an all-reduce crosses the links twice (reduce-scatter, all-gather): 2 * 32 bytes * (n-1)/n
-    assert est['collective_bytes'] == 4 * 2 * 32 * 1 / 2
-    assert est['collective_seconds'] == pytest.approx(est['collective_bytes'] / 8.0)
+    # an all-reduce crosses the links twice (reduce-scatter, all-gather): 2 * 32 bytes * (n-1)/n;
+    # an all-gather of 16 bytes once: 16 * (n-1)/n; both gathers move bytes, the priced one's time
+    # is in its cycles already
+    all_reduce, gather = 2 * 32 * 1 / 2, 16 * 1 / 2
+    assert est['collective_bytes'] == 4 * (all_reduce + 2 * gather)
+    assert est['collective_seconds'] == pytest.approx(4 * (all_reduce + gather) / 8.0)
     assert est['seconds'] == pytest.approx(est['xla_seconds'] + est['kernel_seconds'] + est['collective_seconds'])
-    assert est['costliest'] == [('f32[8] fusion', pytest.approx(4.5))]  # both fusions: no op_name to tell apart
+    assert est['costliest'] == [('f32[8] fusion', pytest.approx(4.5)), ('bf16[8] fusion', pytest.approx(0.4))]
     one_chip = tt.estimate_step(Compiled(), chip, n_devices=1, kernel_flops={})
     assert one_chip['collective_bytes'] == 0 and one_chip['kernel_seconds'] == 0
 
