@@ -479,7 +479,45 @@ def prepare(dataset, args):
     return out
 
 
-FLAGS = ('tokenizer', 'out', 'input', 'val_fraction', 'shards', 'allow_http', 'shard_tokens', 'workers', 'mirror')
+# Every flag: (type, what a value must satisfy, the words for it). Parsed and checked in one place,
+# before anything is downloaded or written.
+FLAGS = {
+    'tokenizer': (str, bool, 'a name'), 'out': (str, bool, 'a directory'),
+    'input': (str, bool, 'a file, directory or URL'), 'mirror': (str, bool, 'a URL'),
+    'val_fraction': (float, lambda v: 0 < v < 1, 'between 0 and 1'),
+    'shards': (int, lambda v: v >= 1, 'at least 1'),
+    'shard_tokens': (int, lambda v: v >= 1, 'at least 1'),
+    'workers': (int, lambda v: v >= 0, 'at least 0 (0 = one per core)'),
+    'allow_http': (bool, lambda v: True, 'true or false'),
+}
+
+
+def parse_flags(argv):
+    """['--shards=2', '--allow_http', ...] -> {'shards': 2, 'allow_http': True, ...}, or a
+    PrepareError naming the first flag that is unknown, lacks a value or has a bad one."""
+    args = {}
+    for a in argv:
+        name, eq, value = a.removeprefix('--').partition('=')
+        if not a.startswith('--') or name not in FLAGS:
+            raise PrepareError(f'unknown flag {a!r} (python prepare.py --help lists them)')
+        kind, ok, words = FLAGS[name]
+        if kind is bool:
+            if not eq or value.lower() in ('1', 'true', 'yes'):
+                args[name] = True
+                continue
+            if value.lower() not in ('0', 'false', 'no'):
+                raise PrepareError(f'--{name}={value}: expected true or false')
+            args[name] = False
+            continue
+        if not eq:
+            raise PrepareError(f'--{name} needs a value: --{name}=...')
+        try:
+            args[name] = kind(value)
+        except ValueError:
+            raise PrepareError(f'--{name}={value}: expected {"an integer" if kind is int else "a number"}')
+        if not ok(args[name]):
+            raise PrepareError(f'--{name}={value}: must be {words}')
+    return args
 
 
 def main(argv):
@@ -488,20 +526,11 @@ def main(argv):
         print('flags: ' + ' '.join(f'--{f}' for f in FLAGS) + f'\ndatasets: {", ".join(DATASETS)}')
         return 0
     dataset = argv[0] if argv and not argv[0].startswith('-') else 'shakespeare'
-    args = {}
     try:
-        for a in argv[1:] if argv and argv[0] == dataset else argv:
-            name, eq, value = a.removeprefix('--').partition('=')
-            if not a.startswith('--') or name not in FLAGS:
-                raise PrepareError(f'unknown flag {a!r} (python prepare.py --help lists them)')
-            args[name] = value if eq else True
-        for name in ('val_fraction',):
-            if name in args and not 0 < float(args[name]) < 1:
-                raise PrepareError(f'--{name}={args[name]}: must be between 0 and 1')
-        prepare(dataset, args)
-    except (PrepareError, ValueError) as e:
+        prepare(dataset, parse_flags(argv[1:] if argv and argv[0] == dataset else argv))
+    except (PrepareError, ValueError) as e:  # a mistake the user can fix: one line, exit 2 (as tinytpu's)
         print(f'error: {e}', file=sys.stderr)
-        return 1
+        return 2
     except KeyboardInterrupt:
         print('\ninterrupted; re-run the same command to continue', file=sys.stderr)
         return 130

@@ -142,7 +142,7 @@ PRESETS = {
 }
 DEFAULT_PRESET = {'cpu': 'cpu', 'gpu': 'gpt2', 'tpu': 'tpu'}  # backend -> preset when none given
 MODEL_FIELDS = ('n_layer', 'd_model', 'n_head', 'n_kv_head', 'd_head', 'd_ff', 'mlp', 'vocab_size',
-                'tie_embed')  # what a checkpoint's arrays depend on
+                'tie_embed', 'rope_theta', 'logit_softcap')  # what a checkpoint's weights were trained to compute
 
 
 class UserError(Exception):
@@ -195,54 +195,64 @@ def make_config(flags, backend=None):
 
 def validate(c):
     """Reject impossible settings with one line, before anything is compiled."""
-    checks = [
-        (c.n_layer >= 1 and c.d_model >= 1 and c.n_head >= 1 and c.n_kv_head >= 1,
-         '--n_layer, --d_model, --n_head and --n_kv_head must be positive'),
-        (c.d_head > 0 or c.d_model % c.n_head == 0,
-         f'--d_model={c.d_model} is not divisible by --n_head={c.n_head} (or set --d_head)'),
-        (c.n_head % c.n_kv_head == 0,
-         f'--n_head={c.n_head} is not a multiple of --n_kv_head={c.n_kv_head}'),
-        (head_dim(c) % 2 == 0, f'head dim {head_dim(c)} must be even for RoPE'),
-        (c.mlp in ('relu2', 'swiglu'), f'--mlp={c.mlp}: choose relu2 or swiglu'),
-        (c.remat in REMAT, f'--remat={c.remat}: choose {", ".join(REMAT)}'),
-        (c.attention in ('auto', 'xla', 'splash', 'cudnn'),
-         f'--attention={c.attention}: choose auto, xla, splash or cudnn'),
-        (c.vocab_size >= 2, f'--vocab_size={c.vocab_size} must be at least 2'),
-        (1 <= c.seq_len <= c.context,
-         f'--seq_len={c.seq_len} must be between 1 and the model context (--context={c.context})'),
-        (c.steps >= 1, f'--steps={c.steps} must be at least 1'),
-        (c.batch_size >= 1 and c.grad_accum >= 0 and c.batch_size % max(c.grad_accum, 1) == 0,
-         f'--batch_size={c.batch_size} must be a positive multiple of --grad_accum={c.grad_accum}'),
-        (c.lr > 0, f'--lr={c.lr} must be positive'),
-        (0 <= c.min_lr_frac <= 1, f'--min_lr_frac={c.min_lr_frac} must be in [0, 1]'),
-        (c.warmup_steps >= 0, f'--warmup_steps={c.warmup_steps} must be >= 0'),
-        (0 <= c.warmdown_frac <= 1, f'--warmdown_frac={c.warmdown_frac} must be in [0, 1]'),
-        (c.warmdown in ('linear', 'cosine'), f'--warmdown={c.warmdown}: choose linear or cosine'),
-        (c.weight_decay >= 0 and c.grad_clip >= 0 and c.eps > 0,
-         '--weight_decay and --grad_clip must be >= 0, --eps > 0'),
-        (0 <= c.beta1 < 1 and 0 <= c.beta2 < 1, '--beta1 and --beta2 must be in [0, 1)'),
-        (c.dtype in ('auto', 'float32', 'bfloat16', 'float64'),
-         f'--dtype={c.dtype}: choose auto, float32 or bfloat16'),
-        (min(c.log_every, c.eval_every, c.eval_batches, c.ckpt_every, c.keep_ckpts) >= 1,
-         '--log_every, --eval_every, --eval_batches, --ckpt_every, --keep_ckpts must be >= 1'),
-        (c.temperature >= 0 and c.top_k >= 0 and 0 < c.top_p <= 1,
-         '--temperature and --top_k must be >= 0, --top_p in (0, 1]'),
-        (c.max_new_tokens >= 0, f'--max_new_tokens={c.max_new_tokens} must be >= 0'),
-        (c.cpu_devices >= 1, f'--cpu_devices={c.cpu_devices} must be at least 1'),
-        (c.bench_steps >= 1 and c.peak_flops >= 0 and c.price_per_hour >= 0,
-         '--bench_steps must be >= 1, --peak_flops and --price_per_hour >= 0'),
-        (not c.profile_steps or profile_range(c) is not None,
-         f'--profile_steps={c.profile_steps}: expected A:B with 0 <= A < B, e.g. 10:15'),
-        (c.fsdp in ('auto', 'true', 'false'), f'--fsdp={c.fsdp}: choose auto, true or false'),
-        (c.budget >= 0 and c.chips >= 1 and 0 <= c.mfu <= 1,
-         '--budget must be >= 0, --chips >= 1, --mfu in [0, 1]'),
-        (0 <= c.process_id < c.num_processes,
-         f'--process_id={c.process_id} must be in 0 .. --num_processes - 1 ({c.num_processes - 1})'),
-    ]
-    for ok, message in checks:
+    for ok, message in setting_checks(c):
         if not ok:
             raise UserError(message)
     return c
+
+
+def setting_checks(c):
+    """(holds, the line to print if not) for every setting, checked in this order and only while
+    the ones before hold: a later check may rely on them (--n_head=0 is reported, not divided by)."""
+    bad = next((f.name for f in dataclasses.fields(Config)
+                if f.type is float and not math.isfinite(getattr(c, f.name))), 'lr')
+    yield math.isfinite(getattr(c, bad)), f'--{bad}={getattr(c, bad)}: must be a finite number'
+    yield (c.n_layer >= 1 and c.d_model >= 1 and c.n_head >= 1 and c.n_kv_head >= 1,
+           '--n_layer, --d_model, --n_head and --n_kv_head must be positive')
+    yield c.d_head >= 0 and c.d_ff >= 0, '--d_head and --d_ff must be >= 0 (0 = the default width)'
+    yield (c.d_head > 0 or c.d_model % c.n_head == 0,
+           f'--d_model={c.d_model} is not divisible by --n_head={c.n_head} (or set --d_head)')
+    yield (c.n_head % c.n_kv_head == 0,
+           f'--n_head={c.n_head} is not a multiple of --n_kv_head={c.n_kv_head}')
+    yield head_dim(c) % 2 == 0, f'head dim {head_dim(c)} must be even for RoPE'
+    yield c.mlp in ('relu2', 'swiglu'), f'--mlp={c.mlp}: choose relu2 or swiglu'
+    yield c.remat in REMAT, f'--remat={c.remat}: choose {", ".join(REMAT)}'
+    yield (c.attention in ('auto', 'xla', 'splash', 'cudnn'),
+           f'--attention={c.attention}: choose auto, xla, splash or cudnn')
+    yield c.vocab_size >= 2, f'--vocab_size={c.vocab_size} must be at least 2'
+    yield (1 <= c.seq_len <= c.context,
+           f'--seq_len={c.seq_len} must be between 1 and the model context (--context={c.context})')
+    yield c.steps >= 1, f'--steps={c.steps} must be at least 1'
+    yield (c.batch_size >= 1 and c.grad_accum >= 0 and c.batch_size % max(c.grad_accum, 1) == 0,
+           f'--batch_size={c.batch_size} must be a positive multiple of --grad_accum={c.grad_accum}')
+    yield c.lr > 0, f'--lr={c.lr} must be positive'
+    yield 0 <= c.min_lr_frac <= 1, f'--min_lr_frac={c.min_lr_frac} must be in [0, 1]'
+    yield c.warmup_steps >= 0, f'--warmup_steps={c.warmup_steps} must be >= 0'
+    yield 0 <= c.warmdown_frac <= 1, f'--warmdown_frac={c.warmdown_frac} must be in [0, 1]'
+    yield c.warmdown in ('linear', 'cosine'), f'--warmdown={c.warmdown}: choose linear or cosine'
+    yield (c.weight_decay >= 0 and c.grad_clip >= 0 and c.eps > 0,
+           '--weight_decay and --grad_clip must be >= 0, --eps > 0')
+    yield 0 <= c.beta1 < 1 and 0 <= c.beta2 < 1, '--beta1 and --beta2 must be in [0, 1)'
+    yield (c.dtype in ('auto', 'float32', 'bfloat16', 'float64'),
+           f'--dtype={c.dtype}: choose auto, float32 or bfloat16')
+    yield (min(c.log_every, c.eval_every, c.eval_batches, c.ckpt_every, c.keep_ckpts) >= 1,
+           '--log_every, --eval_every, --eval_batches, --ckpt_every, --keep_ckpts must be >= 1')
+    yield (c.temperature >= 0 and c.top_k >= 0 and 0 < c.top_p <= 1,
+           '--temperature and --top_k must be >= 0, --top_p in (0, 1]')
+    yield c.max_new_tokens >= 0, f'--max_new_tokens={c.max_new_tokens} must be >= 0'
+    yield c.cpu_devices >= 1, f'--cpu_devices={c.cpu_devices} must be at least 1'
+    yield (c.bench_steps >= 1 and c.peak_flops >= 0 and c.price_per_hour >= 0,
+           '--bench_steps must be >= 1, --peak_flops and --price_per_hour >= 0')
+    yield (not c.profile_steps or profile_range(c) is not None,
+           f'--profile_steps={c.profile_steps}: expected A:B with 0 <= A < B, e.g. 10:15')
+    yield c.fsdp in ('auto', 'true', 'false'), f'--fsdp={c.fsdp}: choose auto, true or false'
+    yield (c.budget >= 0 and c.chips >= 1 and 0 <= c.mfu <= 1,
+           '--budget must be >= 0, --chips >= 1, --mfu in [0, 1]')
+    yield (0 <= c.process_id < c.num_processes,
+           f'--process_id={c.process_id} must be in 0 .. --num_processes - 1 ({c.num_processes - 1})')
+    yield c.rope_theta > 0, f'--rope_theta={c.rope_theta} must be positive'
+    yield c.logit_softcap >= 0, f'--logit_softcap={c.logit_softcap} must be >= 0 (0 = off)'
+    yield c.seed >= 0, f'--seed={c.seed} must be >= 0'
 
 
 def profile_range(c):
@@ -831,9 +841,13 @@ def read_checkpoint_meta(path):
         raise CorruptCheckpoint(f'{meta_path}: not a tinytpu checkpoint ({type(e).__name__})')
 
 
-def check_compatible(meta, c, path):
-    """The checkpoint's arrays must fit the model this config builds."""
+def check_compatible(meta, c, path, tokenizer=None):
+    """The checkpoint's weights must be the model this config builds, trained on tokens of this
+    data's tokenizer (when both say which)."""
     saved = meta['config']
+    if tokenizer and meta.get('tokenizer') and tokenizer != meta['tokenizer']:
+        raise UserError(f'{path} was trained on {meta["tokenizer"]} tokens, but --data={c.data} holds {tokenizer} '
+                        f'tokens; use data prepared with --tokenizer={meta["tokenizer"]}, or a new --out')
     for name in MODEL_FIELDS:
         if saved.get(name) != getattr(c, name):
             raise UserError(f'{path} was trained with --{name}={saved.get(name)}, but this run has '
@@ -1213,13 +1227,13 @@ def check_finite(stats, step, c):
                        f'--grad_clip=1 (now {c.grad_clip:g})')
 
 
-def restore(c, template):
+def restore(c, template, tokenizer=None):
     """The newest loadable checkpoint in c.out as (state, path), or (template, None) if there is
     none. A corrupt one (bad checksum, truncated) is skipped with a warning."""
     checkpoints, problems = list_checkpoints(c.out), []
     for _, path in reversed(checkpoints):
         try:
-            check_compatible(read_checkpoint_meta(path), c, path)
+            check_compatible(read_checkpoint_meta(path), c, path, tokenizer)
             state = load_checkpoint(path, template)
         except CorruptCheckpoint as e:
             problems.append(str(e))
@@ -1257,7 +1271,7 @@ def start_run(c):
         f'| attention {attention_note} '
         f'| {"FSDP" if use_fsdp(c, mesh) else "replicated"}, {state_bytes_per_device(c, mesh) / 2**20:,.1f} MiB '
         f'params+optimizer per device | data {c.data} -> {c.out}')
-    state, path = restore(c, shapes)
+    state, path = restore(c, shapes, meta.get('tokenizer'))
     if path:
         say(f'resuming from {path}')
         state = place(state, shardings)
@@ -1268,18 +1282,37 @@ def start_run(c):
 
 
 def trim_log(path, step):
-    """Drop log records past `step`, the checkpoint we resume from (and a line cut by a crash)."""
+    """Drop log records past `step`, the checkpoint we resume from (and a line cut by a crash).
+    The log is replaced by a complete new file (written beside it, then renamed), so a kill at
+    any moment leaves the old log or the new one, never a truncated one. A link is refused: the
+    log is written only where it appears to be."""
+    if os.path.islink(path):
+        raise UserError(f'{path} is a symbolic link; refusing to write the log through links')
+
     def keep(line):
         try:
             return json.loads(line)['step'] <= step
         except (ValueError, KeyError, TypeError):
             return False
 
-    if os.path.exists(path):
-        with open(path) as f:
-            kept = [line for line in f if keep(line)]
-        with open(path, 'w') as f:
+    if not os.path.exists(path):
+        return
+    with open(path) as f:
+        lines = f.readlines()
+    kept = [line.rstrip('\n') + '\n' for line in lines if keep(line)]  # whole lines, for the appends to come
+    if kept == lines:
+        return
+    tmp = f'{path}.tmp{os.getpid()}'
+    try:
+        with open(tmp, 'w') as f:
             f.writelines(kept)
+            f.flush()
+            os.fsync(f.fileno())
+        os.replace(tmp, path)
+    except OSError as e:
+        if os.path.exists(tmp):
+            os.remove(tmp)
+        raise UserError(f'{path}: could not rewrite the log ({e.strerror or e}); it is unchanged; free some space')
 
 
 def train(c):
@@ -1896,7 +1929,7 @@ def sample_token(logits, key, c):
         return jnp.argmax(logits, -1)
     logits = logits / c.temperature
     if c.top_k:
-        kth = jax.lax.top_k(logits, c.top_k)[0][:, -1:]
+        kth = jax.lax.top_k(logits, min(c.top_k, logits.shape[-1]))[0][:, -1:]  # top_k > vocab: all
         logits = jnp.where(logits < kth, -jnp.inf, logits)
     if c.top_p < 1:
         sorted_logits = jnp.sort(logits, -1)[:, ::-1]
@@ -2015,6 +2048,8 @@ def main(argv):
             if command != 'bench':
                 raise UserError(f'--topology is for bench (python tinytpu.py bench --topology={flags["topology"]})')
             jax.config.update('jax_platforms', 'cpu')  # compile only: leave any TPU here to others
+        if flags.get('cpu_devices', 1) < 1:  # used before validate: JAX takes it at start-up
+            raise UserError(f'--cpu_devices={flags["cpu_devices"]} must be at least 1')
         use_cpu_devices(flags.get('cpu_devices', Config.cpu_devices))
         init_distributed(flags)
         c = validate(make_config(flags, plan_backend(flags) if command == 'plan' else None))

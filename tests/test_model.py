@@ -193,3 +193,11 @@ def test_unembed_gradient_is_the_matmul_gradient(dtype, tol):
         assert g_custom.dtype == g.dtype == dtype
         np.testing.assert_allclose(g_custom.astype(np.float32), g.astype(np.float32), rtol=tol,
                                    atol=tol * float(jnp.abs(g.astype(jnp.float32)).max()))
+
+
+def test_top_k_beyond_the_vocabulary_means_all_tokens():
+    c = tiny_config(temperature=1.0)
+    logits = jax.random.normal(jax.random.key(0), (1, tt.padded_vocab(c)))
+    key = jax.random.key(1)
+    all_tokens = tt.sample_token(logits, key, c)
+    assert tt.sample_token(logits, key, tt.dataclasses.replace(c, top_k=10 ** 6)) == all_tokens

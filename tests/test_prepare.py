@@ -98,9 +98,9 @@ def test_404_and_no_network_are_one_line_errors(server, tmp_path):
     with pytest.raises(prepare.PrepareError, match='plain http'):
         prepare.download(f'{url}/ok.txt', str(tmp_path / 'e.txt'))
     r = run_cli('prepare.py', 'text', f'--input={url}/missing.txt', '--allow_http', '--tokenizer=byte', f'--out={tmp_path / "o"}')
-    assert r.returncode == 1 and r.stderr.count('\n') == 1 and 'HTTP 404' in r.stderr
+    assert r.returncode == 2 and r.stderr.count('\n') == 1 and 'HTTP 404' in r.stderr
     r = run_cli('prepare.py', 'text', '--input=https://no-such-host.invalid/x.txt', '--tokenizer=byte', f'--out={tmp_path / "o"}')
-    assert r.returncode == 1 and r.stderr.count('\n') == 1 and 'pass --input=PATH' in r.stderr
+    assert r.returncode == 2 and r.stderr.count('\n') == 1 and 'pass --input=PATH' in r.stderr
 
 
 @pytest.mark.skipif(not os.path.exists(SHAKESPEARE), reason='needs ../shared/data/tinyshakespeare.txt')
@@ -161,7 +161,29 @@ def test_bad_flags_and_unknown_dataset():
     for args, message in [(['nope'], 'unknown dataset'), (['--foo=1'], 'unknown flag'),
                           (['--val_fraction=2'], 'between 0 and 1'), (['--tokenizer=bert'], 'unknown')]:
         r = run_cli('prepare.py', *args)
-        assert r.returncode == 1 and message in r.stderr and r.stderr.count('\n') == 1, r.stderr
+        assert r.returncode == 2 and message in r.stderr and r.stderr.count('\n') == 1, r.stderr
+
+
+@pytest.mark.parametrize('flag, says', [
+    ('--shard_tokens=0', '--shard_tokens=0: must be at least 1'),     # wrote empty shards until the disk filled
+    ('--shard_tokens=-1', '--shard_tokens=-1: must be at least 1'),   # spun forever
+    ('--shards=two', '--shards=two: expected an integer'),
+    ('--workers', '--workers needs a value: --workers=...'),
+    ('--workers=-2', '--workers=-2: must be at least 0 (0 = one per core)'),
+    ('--val_fraction=abc', '--val_fraction=abc: expected a number'),
+    ('--allow_http=maybe', '--allow_http=maybe: expected true or false'),
+    ('--out', '--out needs a value: --out=...'),
+])
+def test_every_flag_is_checked_before_anything_is_written(flag, says, tmp_path):
+    r = run_cli('prepare.py', 'shakespeare', flag, cwd=str(tmp_path))
+    assert r.returncode == 2 and r.stderr.strip() == f'error: {says}' and os.listdir(tmp_path) == [], r.stderr
+
+
+def test_allow_http_false_means_false(tmp_path):
+    assert prepare.parse_flags(['--allow_http=false', '--shards=2']) == {'allow_http': False, 'shards': 2}
+    r = run_cli('prepare.py', 'text', '--input=http://127.0.0.1:9/corpus.txt', '--allow_http=false',
+                '--tokenizer=byte', f'--out={tmp_path / "o"}')
+    assert r.returncode == 2 and 'plain http can be tampered with' in r.stderr
 
 
 class HubHandler(http.server.BaseHTTPRequestHandler):
@@ -218,7 +240,7 @@ def test_fineweb_shards_download_and_header_check(hub, tmp_path):
     assert train.count == (1000 - 64) + (700 - 64)
     files['fineweb_train_000003.bin'] = shard_bytes(np.arange(10))[:-4]  # truncated upstream
     r = run_cli('prepare.py', 'fineweb10B', '--shards=3', f'--mirror={url}', '--allow_http', f'--out={tmp_path / "bad"}')
-    assert r.returncode == 1 and 'train_000003.bin: not a valid GPT-2 token shard' in r.stderr
+    assert r.returncode == 2 and 'train_000003.bin: not a valid GPT-2 token shard' in r.stderr
     assert not os.path.exists(tmp_path / 'bad' / 'train_000003.bin')
 
 

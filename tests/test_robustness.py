@@ -357,3 +357,76 @@ def test_eval_step_counts_against_memory_with_the_optimizer_state(byte_data, tmp
     with pytest.raises(tt.UserError, match='the eval step needs .* per device with microbatches of 1 sequences, but'):
         tt.train(c)
     assert tt.list_checkpoints(c.out) == []
+
+
+@pytest.mark.parametrize('flag, says', [
+    ('--n_head=0', '--n_layer, --d_model, --n_head and --n_kv_head must be positive'),
+    ('--n_kv_head=0', '--n_layer, --d_model, --n_head and --n_kv_head must be positive'),
+    ('--d_head=-1', '--d_head and --d_ff must be >= 0'),
+    ('--d_ff=-5', '--d_head and --d_ff must be >= 0'),
+    ('--seed=-1', '--seed=-1 must be >= 0'),
+    ('--rope_theta=0', '--rope_theta=0.0 must be positive'),
+    ('--lr=inf', '--lr=inf: must be a finite number'),
+    ('--logit_softcap=nan', '--logit_softcap=nan: must be a finite number'),
+    ('--temperature=inf', '--temperature=inf: must be a finite number'),
+    ('--budget=inf', '--budget=inf: must be a finite number'),
+])
+def test_settings_that_cannot_work_are_one_line_before_anything_runs(flag, says, tmp_path, capsys):
+    """Each is found before a check that would divide by it or train on it (exit 2, not a
+    traceback, not a divergence reported later with exit 3)."""
+    assert tt.main([flag, f'--out={tmp_path}']) == 2
+    err = capsys.readouterr().err.strip().splitlines()
+    assert len(err) == 1 and err[0].startswith('error: ') and says in err[0]
+    assert os.listdir(tmp_path) == []
+
+
+def test_cpu_devices_zero_is_one_line(tmp_path):
+    r = run_cli('--cpu_devices=0', f'--out={tmp_path}')
+    assert r.returncode == 2 and r.stderr.strip() == 'error: --cpu_devices=0 must be at least 1'
+
+
+def test_log_is_rewritten_whole_or_not_at_all(tmp_path, monkeypatch):
+    """Resuming from step 2 drops later records by writing a new log beside the old and renaming
+    it over: a failure (a kill, a full disk) before the rename leaves the old log as it was."""
+    log = tmp_path / 'log.jsonl'
+    history = ''.join(json.dumps({'step': s, 'loss': 1.0}) + '\n' for s in range(1, 6))
+    log.write_text(history + '{"step": 6, "lo')  # and a line cut by a crash
+    monkeypatch.setattr(tt.os, 'replace', lambda *a: (_ for _ in ()).throw(OSError(28, 'No space left on device')))
+    with pytest.raises(tt.UserError, match='could not rewrite the log .No space left on device.; it is unchanged'):
+        tt.trim_log(str(log), 2)
+    assert log.read_text() == history + '{"step": 6, "lo' and os.listdir(tmp_path) == ['log.jsonl']
+    monkeypatch.undo()
+    tt.trim_log(str(log), 2)
+    assert [json.loads(l)['step'] for l in log.read_text().splitlines()] == [1, 2]
+    log.write_text('{"step": 1}')  # a last record without its newline: the next append must not join it
+    tt.trim_log(str(log), 2)
+    assert log.read_text() == '{"step": 1}\n'
+
+
+def test_log_through_a_symlink_is_refused(byte_data, tmp_path):
+    target = tmp_path / 'elsewhere.txt'
+    target.write_text('precious\n')
+    out = tmp_path / 'out'
+    out.mkdir()
+    (out / 'log.jsonl').symlink_to(target)
+    with pytest.raises(tt.UserError, match='log.jsonl is a symbolic link; refusing to write the log through links'):
+        tt.train(tiny_config(data=byte_data, out=str(out)))
+    assert target.read_text() == 'precious\n'
+
+
+@pytest.mark.parametrize('field, value', [('rope_theta', 500.0), ('logit_softcap', 15.0)])
+def test_resume_refuses_settings_that_change_what_the_weights_compute(field, value, byte_data, tmp_path):
+    c = tiny_config(data=byte_data, out=str(tmp_path), steps=4)
+    tt.train(c)
+    with pytest.raises(tt.UserError, match=f'was trained with --{field}=.*, but this run has --{field}={value}'):
+        tt.train(tt.dataclasses.replace(c, steps=8, **{field: value}))
+
+
+def test_resume_refuses_data_of_another_tokenizer(byte_data, tmp_path):
+    c = tiny_config(data=byte_data, out=str(tmp_path / 'out'), steps=4)
+    tt.train(c)
+    meta = json.load(open(os.path.join(byte_data, 'meta.json')))
+    with open(os.path.join(byte_data, 'meta.json'), 'w') as f:
+        json.dump({**meta, 'tokenizer': 'cl100k_base'}, f)
+    with pytest.raises(tt.UserError, match='trained on byte tokens, but --data=.* holds cl100k_base tokens'):
+        tt.train(tt.dataclasses.replace(c, steps=8))
