@@ -39,7 +39,7 @@ def test_lr_schedule_shape():
     lr = np.array([float(tt.lr_schedule(s, c)) for s in range(100)])
     np.testing.assert_allclose(lr[:10], np.arange(1, 11) / 10)         # 1) linear warmup to lr
     assert np.all(lr[10:80] == 1.0)                                   # 2) constant
-    assert np.all(np.diff(lr[80:]) < 0) and abs(lr[99] - 0.1 - 0.9 * 1 / 20) < 1e-6  # 3) linear warmdown
-    assert abs(float(tt.lr_schedule(100, c)) - 0.1) < 1e-6            # ends at min_lr_frac * lr
+    assert np.all(np.diff(lr[80:]) < 0) and abs(lr[80] - (1 - 0.9 / 20)) < 1e-6  # 3) linear warmdown,
+    assert abs(lr[99] - 0.1) < 1e-6                 # whose last update (of 100: number 99) uses min_lr_frac * lr
     cos = tiny_config(**{**c.__dict__, 'warmdown': 'cosine'})
-    assert abs(float(tt.lr_schedule(90, cos)) - 0.55) < 1e-6         # cosine: halfway is the midpoint
+    assert abs(float(tt.lr_schedule(89, cos)) - 0.55) < 1e-6         # cosine: halfway is the midpoint
