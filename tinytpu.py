@@ -892,11 +892,15 @@ def topology_devices(name):
     from jax.experimental import topologies
     single = all(x == '1' for x in name.partition(':')[2].split('x'))  # v6e:1x1 names no host
     try:
-        return topologies.get_topology_desc(topology_name=name, platform='tpu',
-                                            **({'chips_per_host_bounds': (1, 1, 1)} if single else {})).devices
+        devices = topologies.get_topology_desc(topology_name=name, platform='tpu',
+                                               **({'chips_per_host_bounds': (1, 1, 1)} if single else {})).devices
     except Exception as e:  # whatever libtpu says of a name it does not know
         raise UserError(f'--topology={name}: not a TPU slice libtpu knows ({str(e).splitlines()[0][:120]}); '
                         'use a name like v5e:1x1, v6e:2x4 or v5p:2x2x1')
+    if not getattr(this_chip(devices[0].device_kind), 'clock', 0):
+        raise UserError(f'--topology={name}: the hardware table has no {devices[0].device_kind} (its memory, peak and '
+                        f'clock); use one of {", ".join(chip.name for chip in CHIPS if chip.clock)}')
+    return devices
 
 
 def target_devices(c):

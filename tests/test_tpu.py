@@ -104,9 +104,11 @@ needs_libtpu = pytest.mark.skipif(importlib.util.find_spec('libtpu') is None,
 
 
 @needs_libtpu
-def test_unknown_topology_is_one_line(tmp_path):
-    r = run_cli('bench', '--preset=tpu', '--topology=v9z:1x1', f'--out={tmp_path}')
-    assert r.returncode == 2 and "--topology=v9z:1x1: not a TPU slice libtpu knows" in r.stderr
+@pytest.mark.parametrize('name, says', [('v9z:1x1', 'not a TPU slice libtpu knows'),
+                                        ('v3:2x2', 'the hardware table has no TPU v3')])
+def test_unknown_topology_is_one_line(name, says, tmp_path):
+    r = run_cli('bench', '--preset=tpu', f'--topology={name}', f'--out={tmp_path}')
+    assert r.returncode == 2 and f'error: --topology={name}: {says}' in r.stderr
 
 
 @needs_libtpu
