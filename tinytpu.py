@@ -3,7 +3,7 @@
 One file, read top to bottom: config -> model -> loss -> optimizer -> data -> checkpoints ->
 devices -> train step -> hardware -> train loop -> benchmark -> TPU estimates -> plan -> sampling
 -> command line.
-Three commands to try, and two to size a run on a TPU or GPU:
+Three commands to try, and three to size a run on a TPU or GPU:
 
     python prepare.py shakespeare --tokenizer=byte       # 1.1 MB of Shakespeare as byte tokens
     python tinytpu.py --preset=cpu                       # train a 0.8M-parameter model (~75 s)
@@ -77,7 +77,8 @@ class Config:
     steps: int = _f(2000, 'optimizer steps in the whole run')
     batch_size: int = _f(12, 'sequences per optimizer step')
     grad_accum: int = _f(0, 'microbatches per step (batch_size must divide evenly); 0 = the fewest that fit '
-                            "the device's memory (1 where the device reports none, as a CPU)")
+                            "the device's memory, of at most 16K tokens per device (1 where the device reports "
+                            'no memory, as a CPU)')
     seq_len: int = _f(64, 'tokens per training sequence (at most context)')
     lr: float = _f(2e-3, 'peak learning rate')
     min_lr_frac: float = _f(0.1, 'learning rate at the end of the warmdown, as a fraction of lr')
