@@ -492,6 +492,23 @@ FLAGS = {
 }
 
 
+def flag_value(name, kind, eq, value):
+    """The value of `--name` (eq == '') or `--name=value` as kind (bool, int, float or str), or a
+    one-line PrepareError. tinytpu.py parses its flags with this too."""
+    if kind is bool:
+        if not eq or value.lower() in ('1', 'true', 'yes'):
+            return True
+        if value.lower() in ('0', 'false', 'no'):
+            return False
+        raise PrepareError(f'--{name}={value}: expected true or false')
+    if not eq:
+        raise PrepareError(f'--{name} needs a value: --{name}=...')
+    try:
+        return kind(value)
+    except ValueError:
+        raise PrepareError(f'--{name}={value}: expected {"an integer" if kind is int else "a number"}')
+
+
 def parse_flags(argv):
     """['--shards=2', '--allow_http', ...] -> {'shards': 2, 'allow_http': True, ...}, or a
     PrepareError naming the first flag that is unknown, lacks a value or has a bad one."""
@@ -501,20 +518,7 @@ def parse_flags(argv):
         if not a.startswith('--') or name not in FLAGS:
             raise PrepareError(f'unknown flag {a!r} (python prepare.py --help lists them)')
         kind, ok, words = FLAGS[name]
-        if kind is bool:
-            if not eq or value.lower() in ('1', 'true', 'yes'):
-                args[name] = True
-                continue
-            if value.lower() not in ('0', 'false', 'no'):
-                raise PrepareError(f'--{name}={value}: expected true or false')
-            args[name] = False
-            continue
-        if not eq:
-            raise PrepareError(f'--{name} needs a value: --{name}=...')
-        try:
-            args[name] = kind(value)
-        except ValueError:
-            raise PrepareError(f'--{name}={value}: expected {"an integer" if kind is int else "a number"}')
+        args[name] = flag_value(name, kind, eq, value)
         if not ok(args[name]):
             raise PrepareError(f'--{name}={value}: must be {words}')
     return args

@@ -40,7 +40,7 @@ import jax.numpy as jnp
 import numpy as np
 from jax.sharding import Mesh, NamedSharding, PartitionSpec as P
 
-from prepare import PrepareError, file_sha256, get_encoding  # the companion script: tokenizers, hashing
+from prepare import PrepareError, file_sha256, flag_value, get_encoding  # the companion script
 
 # ----------------------------------------------------------------------------------------------
 # Config: every setting in one frozen dataclass. `--name=value` overrides a field, a preset sets
@@ -161,28 +161,18 @@ class Diverged(UserError):
 
 
 def parse_flags(argv):
-    """['--lr=1e-3', ...] -> ({'lr': 0.001, ...}), converting each value to its field's type."""
-    types = {f.name: f.type.__name__ for f in dataclasses.fields(Config)}
+    """['--lr=1e-3', ...] -> ({'lr': 0.001, ...}), converting each value to its field's type
+    (prepare.flag_value: the same rules as prepare.py's flags)."""
+    types = {f.name: f.type for f in dataclasses.fields(Config)}
     flags = {}
     for arg in argv:
         name, eq, value = arg.removeprefix('--').partition('=')
         if not arg.startswith('--') or name not in types:
             raise UserError(f'unknown flag {arg!r} (python tinytpu.py --help lists them)')
-        kind = types[name]
-        if kind == 'bool':
-            if not eq or value.lower() in ('1', 'true', 'yes'):
-                flags[name] = True
-            elif value.lower() in ('0', 'false', 'no'):
-                flags[name] = False
-            else:
-                raise UserError(f'--{name}={value}: expected true or false')
-        else:
-            if not eq:
-                raise UserError(f'--{name} needs a value: --{name}=...')
-            try:
-                flags[name] = {'int': int, 'float': float, 'str': str}[kind](value)
-            except ValueError:
-                raise UserError(f'--{name}={value}: expected {"an" if kind == "int" else "a"} {kind}')
+        try:
+            flags[name] = flag_value(name, types[name], eq, value)
+        except PrepareError as e:
+            raise UserError(str(e))
     return flags
 
 
