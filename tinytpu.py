@@ -593,8 +593,8 @@ def lr_schedule(step, c):
     at the last update (step = steps - 1), as the warmup reaches lr at its last."""
     step = jnp.asarray(step, jnp.float32)
     warmup = jnp.minimum(1.0, (step + 1) / max(c.warmup_steps, 1))
-    warmdown_steps = max(round(c.warmdown_frac * c.steps), 1)
-    progress = jnp.clip((step + 1 - (c.steps - warmdown_steps)) / warmdown_steps, 0.0, 1.0)
+    warmdown_steps = round(c.warmdown_frac * c.steps)  # 0: no warmdown at all
+    progress = jnp.clip((step + 1 - (c.steps - warmdown_steps)) / max(warmdown_steps, 1), 0.0, 1.0)
     shape = 1 - progress if c.warmdown == 'linear' else 0.5 * (1 + jnp.cos(jnp.pi * progress))
     return c.lr * warmup * (c.min_lr_frac + (1 - c.min_lr_frac) * shape)
 

@@ -43,3 +43,5 @@ def test_lr_schedule_shape():
     assert abs(lr[99] - 0.1) < 1e-6                 # whose last update (of 100: number 99) uses min_lr_frac * lr
     cos = tiny_config(**{**c.__dict__, 'warmdown': 'cosine'})
     assert abs(float(tt.lr_schedule(89, cos)) - 0.55) < 1e-6         # cosine: halfway is the midpoint
+    none = tiny_config(**{**c.__dict__, 'warmdown_frac': 0.0})
+    assert float(tt.lr_schedule(99, none)) == 1.0                       # no warmdown: lr to the end
