@@ -987,11 +987,20 @@ def place(tree, shardings):
     return jax.tree.map(lambda x, s: jax.make_array_from_callback(x.shape, s, lambda i: x[i]), tree, shardings)
 
 
+def state_shapes(c, mesh):
+    """{'params', 'opt'} as shapes with their shardings: enough to compile for, nothing allocated."""
+    return jax.tree.map(lambda x, s: jax.ShapeDtypeStruct(x.shape, x.dtype, sharding=s),
+                        jax.eval_shape(lambda: fresh_state(c)), state_shardings(c, mesh))
+
+
+def resident_bytes(tree):
+    """Bytes one device holds of these arrays (or of shapes with shardings)."""
+    return sum(int(np.prod(x.sharding.shard_shape(x.shape))) * x.dtype.itemsize for x in jax.tree.leaves(tree))
+
+
 def state_bytes_per_device(c, mesh):
     """Bytes of params + AdamW state on one device, from the shardings (nothing is allocated)."""
-    shapes = jax.eval_shape(lambda: fresh_state(c))
-    return sum(int(np.prod(s.shard_shape(x.shape))) * x.dtype.itemsize for x, s in
-               zip(jax.tree.leaves(shapes), jax.tree.leaves(state_shardings(c, mesh))))
+    return resident_bytes(state_shapes(c, mesh))
 
 
 def batch_sharding(mesh, ndim):
@@ -1416,11 +1425,6 @@ def out_of_memory(e):
     return isinstance(e, TooBig) or isinstance(e, jax.errors.JaxRuntimeError) and 'RESOURCE_EXHAUSTED' in str(e)
 
 
-def resident_bytes(tree):
-    """Bytes one device holds of these arrays (or of shapes with shardings)."""
-    return sum(int(np.prod(x.sharding.shard_shape(x.shape))) * x.dtype.itemsize for x in jax.tree.leaves(tree))
-
-
 def step_bytes(compiled):
     """Device memory a compiled step uses while it runs: XLA's buffers for its arguments, outputs
     (less those that reuse a donated argument) and temporaries. None where XLA does not say."""
@@ -1461,10 +1465,6 @@ def compile_eval(params, opt, mesh, c):
     return step
 
 
-def compile_steps(params, opt, mesh, c):
-    return compile_step(params, opt, mesh, c), compile_eval(params, opt, mesh, c)
-
-
 # Beyond this many tokens per device a microbatch keeps the matrix units no busier, it only takes
 # memory: libtpu estimated the tpu preset's v6e step at 426 ms with 8 x 2048 tokens per
 # microbatch and 460 ms with 16 x 2048 (README "TPU estimates").
@@ -1478,18 +1478,18 @@ def compile_fitting_step(params, opt, mesh, c):
     that fit, of at most MAX_MICROBATCH_TOKENS per device; a given --grad_accum is doubled while
     it does not fit."""
     choices = microbatch_choices(c, mesh.size)
-    if not c.grad_accum:
-        small = [g for g in choices if c.batch_size // g // mesh.size * c.seq_len <= MAX_MICROBATCH_TOKENS]
-        choices = small or choices[-1:]
     if c.grad_accum:
         doublings = [c.grad_accum * 2 ** k for k in range(c.batch_size.bit_length())]
         choices = [g for g in choices if g in doublings]
+    else:
+        small = [g for g in choices if c.batch_size // g // mesh.size * c.seq_len <= MAX_MICROBATCH_TOKENS]
+        choices = small or choices[-1:]
     lo, hi, fitted, problem = 0, len(choices) - 1, None, None
     while lo <= hi:  # an explicit --grad_accum tries its doublings in order, auto bisects
         i = lo if c.grad_accum else (lo + hi) // 2
         trial = dataclasses.replace(c, grad_accum=choices[i])
         try:
-            fitted = (trial, *compile_steps(params, opt, mesh, trial))
+            fitted = (trial, compile_step(params, opt, mesh, trial), compile_eval(params, opt, mesh, trial))
             hi = i - 1
             if c.grad_accum:
                 break
@@ -1744,9 +1744,7 @@ def bench_topology(c):
     fewest microbatches that fit its memory, and print their memory and estimated speed."""
     c, mesh, attention_note = setup_devices(c)
     chip = this_chip(mesh.devices.flat[0].device_kind)
-    shapes = jax.eval_shape(lambda: fresh_state(c))
-    state = jax.tree.map(lambda x, s: jax.ShapeDtypeStruct(x.shape, x.dtype, sharding=s), shapes,
-                         state_shardings(c, mesh))
+    state = state_shapes(c, mesh)
     t = time.perf_counter()
     c, train, evaluate = compile_fitting_step(state['params'], state['opt'], mesh, c)
     compile_s = time.perf_counter() - t
@@ -1755,7 +1753,7 @@ def bench_topology(c):
     flops = flops_per_token(c)
     train_bytes, eval_bytes = step_bytes(train), step_bytes(evaluate) + resident_bytes(state['opt'])
     r = {'preset': c.preset, 'topology': c.topology, 'chip': chip.name, 'devices': mesh.size,
-         'attention': c.attention, 'fsdp': use_fsdp(c, mesh), 'params': count_params(shapes['params']),
+         'attention': c.attention, 'fsdp': use_fsdp(c, mesh), 'params': count_params(state['params']),
          'tokens_per_step': c.batch_size * c.seq_len, 'grad_accum': c.grad_accum,
          'microbatch': c.batch_size // c.grad_accum, 'compile_s': compile_s,
          'device_bytes': chip.memory, 'train_bytes_per_device': train_bytes, 'eval_bytes_per_device': eval_bytes,
