@@ -19,7 +19,9 @@ Dimension names used in einsum strings and comments (as in picodo):
     F MLP hidden, V padded vocabulary, L layers.
 """
 
+import contextlib
 import dataclasses
+import fcntl
 import functools
 import glob
 import json
@@ -783,11 +785,11 @@ def list_checkpoints(out):
 
 
 def save_checkpoint(out, state, c, meta_extra):
-    """Write state = {'params', 'opt'} atomically as OUT/ckpt_<step>, keep the newest keep_ckpts."""
+    """Write state = {'params', 'opt'} atomically as OUT/ckpt_<step>, keep the newest keep_ckpts
+    whole ones. A checkpoint already at this step is one this run could not load (damaged: a
+    whole one would have been resumed from): the new one replaces it."""
     step = int(state['opt']['step'])
     final = os.path.join(out, f'ckpt_{step:08d}')
-    if os.path.exists(final):
-        return final
     tmp = os.path.join(out, f'.tmp_ckpt_{step:08d}_{os.getpid()}')
     try:
         os.makedirs(tmp)
@@ -802,14 +804,53 @@ def save_checkpoint(out, state, c, meta_extra):
             json.dump(meta, f, indent=1)
             f.flush()
             os.fsync(f.fileno())
+        if os.path.lexists(final):
+            discard(final)
         os.rename(tmp, final)  # atomic: readers see the whole checkpoint or none of it
     except OSError as e:
         shutil.rmtree(tmp, ignore_errors=True)
         raise UserError(f'{out}: could not write the step-{step} checkpoint ({e.strerror or e}); '
                         'the previous checkpoint is intact; free some space and resume')
-    for _, old in list_checkpoints(out)[:-c.keep_ckpts]:
-        shutil.rmtree(old)
+    WHOLE[file_version(final)] = True  # just written and hashed: no need to read it back
+    whole = [s for s, path in reversed(list_checkpoints(out)) if checkpoint_is_whole(path)][:c.keep_ckpts]
+    for s, old in list_checkpoints(out):
+        if s < whole[-1]:  # older than the oldest one kept (damaged ones too)
+            discard(old)
     return final
+
+
+def discard(path):
+    """Delete a checkpoint directory, first renaming it out of the listing in one atomic step:
+    a reader (sample, while training saves) finds it whole or not at all, never half-deleted."""
+    trash = os.path.join(os.path.dirname(path), f'.tmp_ckpt_old_{os.path.basename(path)}_{os.getpid()}')
+    os.rename(path, trash)
+    shutil.rmtree(trash, ignore_errors=True)
+
+
+WHOLE = {}  # file_version(checkpoint) -> whether its state.npz matched its meta.json's size and hash
+
+
+def file_version(path):
+    """A checkpoint's identity for WHOLE: its path and its state.npz's size, time and inode."""
+    try:
+        st = os.stat(os.path.join(path, 'state.npz'))
+        return path, st.st_size, st.st_mtime_ns, st.st_ino
+    except OSError:
+        return path, None
+
+
+def checkpoint_is_whole(path):
+    """Whether a checkpoint's meta.json reads and its state.npz has the size and SHA-256 recorded
+    there (each file version hashed once per process)."""
+    key = file_version(path)
+    if key not in WHOLE:
+        try:
+            meta = read_checkpoint_meta(path)
+            npz = checkpoint_files(path)[1]
+            WHOLE[key] = os.path.getsize(npz) == meta['state_bytes'] and file_sha256(npz) == meta['state_sha256']
+        except (UserError, OSError):
+            WHOLE[key] = False
+    return WHOLE[key]
 
 
 def checkpoint_files(path):
@@ -851,13 +892,13 @@ def load_checkpoint(path, template):
     size and hash."""
     meta = read_checkpoint_meta(path)
     _, npz = checkpoint_files(path)
-    if not os.path.exists(npz) or os.path.getsize(npz) != meta['state_bytes'] or file_sha256(npz) != meta['state_sha256']:
-        raise CorruptCheckpoint(f'{npz}: missing, truncated or not matching its checksum')
     try:
+        if os.path.getsize(npz) != meta['state_bytes'] or file_sha256(npz) != meta['state_sha256']:
+            raise CorruptCheckpoint(f'{npz}: truncated or not matching its checksum')
         with np.load(npz, allow_pickle=False) as f:  # no pickle: loading runs no code
             state = unflatten_like(template, {k: f[k] for k in f.files})
     except (OSError, ValueError, KeyError) as e:
-        raise CorruptCheckpoint(f'{npz}: unreadable ({type(e).__name__}: {e})')
+        raise CorruptCheckpoint(f'{npz}: unreadable ({getattr(e, "strerror", None) or e})')
     for a, b in zip(jax.tree.leaves(state), jax.tree.leaves(template)):
         if a.shape != b.shape:
             raise UserError(f'{npz}: array shape {a.shape} does not match the model ({b.shape})')
@@ -1233,27 +1274,35 @@ def check_finite(stats, step, c):
 
 
 def restore(c, template, tokenizer=None):
-    """The newest loadable checkpoint in c.out as (state, path), or (template, None) if there is
-    none. A corrupt one (bad checksum, truncated) is skipped with a warning."""
-    checkpoints, problems = list_checkpoints(c.out), []
-    for _, path in reversed(checkpoints):
-        try:
-            check_compatible(read_checkpoint_meta(path), c, path, tokenizer)
-            state = load_checkpoint(path, template)
-        except CorruptCheckpoint as e:
-            problems.append(str(e))
-            continue
-        for problem in problems:
-            say(f'warning: {problem}; using the previous checkpoint', file=sys.stderr)
-        return state, path
+    """The newest loadable checkpoint in c.out as (state, path, meta), or (template, None, {}) if
+    there is none. A damaged one (bad checksum, truncated) is skipped with a warning. One that
+    vanishes while being read (a training run beside us deleting its oldest) means: look again."""
+    for attempt in range(5):
+        checkpoints, problems = list_checkpoints(c.out), []
+        for _, path in reversed(checkpoints):
+            try:
+                meta = read_checkpoint_meta(path)
+                check_compatible(meta, c, path, tokenizer)
+                state = load_checkpoint(path, template)
+            except CorruptCheckpoint as e:
+                if not os.path.isdir(path):
+                    break  # deleted under us: list again
+                problems.append(str(e))
+                continue
+            for problem in problems:
+                say(f'warning: {problem}; using the previous checkpoint', file=sys.stderr)
+            return state, path, meta
+        else:
+            break
     if checkpoints:
-        raise UserError(f'{problems[0]}; and no older checkpoint in --out={c.out} loads: move them '
-                        'away to start over, or use a new --out')
-    return template, None
+        raise UserError(f'{problems[0] if problems else "checkpoints kept vanishing"}; and no older checkpoint in '
+                        f'--out={c.out} loads: move them away to start over, or use a new --out')
+    return template, None, {}
 
 
-def start_run(c):
-    """Data, output directory, mesh, and the state to start from (fresh or resumed), in place."""
+def start_run(c, held):
+    """Data, output directory (locked for as long as `held`, an ExitStack, lasts), mesh, and the
+    state to start from (fresh or resumed), in place."""
     train_windows, val_windows, meta = load_data(c)
     if 'vocab_size' in meta:
         c = dataclasses.replace(c, vocab_size=int(meta['vocab_size']))
@@ -1265,6 +1314,7 @@ def start_run(c):
     if not os.access(c.out, os.W_OK):
         raise UserError(f'--out={c.out}: directory is not writable; choose another --out')
     if jax.process_index() == 0:
+        held.enter_context(only_run(c.out))  # before touching anything in it
         for stale in glob.glob(os.path.join(c.out, '.tmp_ckpt_*')):  # left by a crash mid-save
             shutil.rmtree(stale, ignore_errors=True)
     c, mesh, attention_note = setup_devices(c)
@@ -1276,14 +1326,38 @@ def start_run(c):
         f'| attention {attention_note} '
         f'| {"FSDP" if use_fsdp(c, mesh) else "replicated"}, {state_bytes_per_device(c, mesh) / 2**20:,.1f} MiB '
         f'params+optimizer per device | data {c.data} -> {c.out}')
-    state, path = restore(c, shapes, meta.get('tokenizer'))
+    state, path, saved = restore(c, shapes, meta.get('tokenizer'))
     if path:
         say(f'resuming from {path}')
         state = place(state, shardings)
     else:
         state = jax.jit(lambda: fresh_state(c), out_shardings=shardings)()
-    elapsed = read_checkpoint_meta(path).get('elapsed', 0.0) if path else 0.0  # earlier runs' time
+    elapsed = saved.get('elapsed', 0.0)  # earlier runs' time
     return c, mesh, state, (train_windows, val_windows, meta), elapsed
+
+
+@contextlib.contextmanager
+def only_run(out):
+    """One run per output directory: an exclusive lock on OUT/.lock (holding the owner's pid) for
+    as long as the run lasts. The OS releases it when the process ends, however it ends."""
+    f = open(os.path.join(out, '.lock'), 'a+')
+    try:
+        fcntl.flock(f, fcntl.LOCK_EX | fcntl.LOCK_NB)
+    except BlockingIOError:
+        f.seek(0)
+        owner = f.read().strip()
+        f.close()
+        raise UserError(f'--out={out} is in use by another training run{f" (pid {owner})" if owner else ""}; '
+                        'wait for it to finish, stop it, or choose another --out')
+    f.seek(0)
+    f.truncate()
+    f.write(f'{os.getpid()}\n')
+    f.flush()
+    try:
+        yield
+    finally:
+        f.truncate(0)
+        f.close()
 
 
 def trim_log(path, step):
@@ -1322,38 +1396,40 @@ def trim_log(path, step):
 
 def train(c):
     t_start = time.time()  # the dollars count from here: start-up and compilation are paid for too
-    c, mesh, state, (train_windows, val_windows, meta), elapsed_before = start_run(c)
-    params, opt = state['params'], state['opt']
-    start = int(fetch(opt['step']))
-    main = jax.process_index() == 0  # only process 0 prints, logs and writes checkpoints
-    log_path = os.path.join(c.out, 'log.jsonl')
-    if main:
-        trim_log(log_path, start)
-    if start >= c.steps:
-        say(f'already trained {start} steps (--steps={c.steps}); nothing to do')
-        return params
+    with contextlib.ExitStack() as held:  # what the run holds until it ends: the --out lock, signals, the log
+        c, mesh, state, (train_windows, val_windows, meta), elapsed_before = start_run(c, held)
+        params, opt = state['params'], state['opt']
+        start = int(fetch(opt['step']))
+        main = jax.process_index() == 0  # only process 0 prints, logs and writes checkpoints
+        log_path = os.path.join(c.out, 'log.jsonl')
+        if main:
+            trim_log(log_path, start)
+        if start >= c.steps:
+            say(f'already trained {start} steps (--steps={c.steps}); nothing to do')
+            return params
 
-    price, price_note = hourly_price(c, mesh)
-    say(f'cost: {price_note}')
-    t = time.time()
-    c, step_fn, eval_fn = compile_fitting_step(params, opt, mesh, c)
-    compiled = f'compiled the train step in {time.time() - t:.1f}s | {buffer_note(step_fn.memory_analysis())}'
-    val_idx = val_indices(val_windows, c)
-    vals = put_batch(local_blocks(val_windows, val_idx, mesh, c, 'val split'), val_idx.shape + (c.seq_len + 1,), mesh)
-    batch_shape = (c.grad_accum, c.batch_size // c.grad_accum, c.seq_len + 1)
-    batches = prefetch(lambda k: local_blocks(train_windows, train_indices(train_windows, c, k), mesh, c,
-                                              f'train batch {k}'), start)
-    tokens_per_step, flops, peak = c.batch_size * c.seq_len, flops_per_token(c), hardware_peak(c, mesh.size)
+        price, price_note = hourly_price(c, mesh)
+        say(f'cost: {price_note}')
+        t = time.time()
+        c, step_fn, eval_fn = compile_fitting_step(params, opt, mesh, c)
+        compiled = f'compiled the train step in {time.time() - t:.1f}s | {buffer_note(step_fn.memory_analysis())}'
+        val_idx = val_indices(val_windows, c)
+        vals = put_batch(local_blocks(val_windows, val_idx, mesh, c, 'val split'), val_idx.shape + (c.seq_len + 1,), mesh)
+        batch_shape = (c.grad_accum, c.batch_size // c.grad_accum, c.seq_len + 1)
+        batches = prefetch(lambda k: local_blocks(train_windows, train_indices(train_windows, c, k), mesh, c,
+                                                  f'train batch {k}'), start)
+        tokens_per_step, flops, peak = c.batch_size * c.seq_len, flops_per_token(c), hardware_peak(c, mesh.size)
 
+        def timing():  # wall time of this run and the earlier ones it resumes, and what it cost
+            seconds = elapsed_before + time.time() - t_start
+            return {'elapsed': seconds, 'cost': price * seconds / 3600 if price else None}
 
-    def timing():  # wall time of this run and the earlier ones it resumes, and what it cost
-        seconds = elapsed_before + time.time() - t_start
-        return {'elapsed': seconds, 'cost': price * seconds / 3600 if price else None}
-
-    t_last, step_last = time.time(), start
-    timed = {'seconds': 0.0, 'steps': 0}  # train-step time only (no compile, eval or checkpoints)
-    val = {}
-    with StopSignal() as stop, open(log_path, 'a') if main else open(os.devnull, 'w') as log, jax.set_mesh(mesh):
+        t_last, step_last = time.time(), start
+        timed = {'seconds': 0.0, 'steps': 0}  # train-step time only (no compile, eval or checkpoints)
+        val = {}
+        stop = held.enter_context(StopSignal())
+        log = held.enter_context(open(log_path, 'a') if main else open(os.devnull, 'w'))
+        held.enter_context(jax.set_mesh(mesh))
         say(compiled)  # from here on, a signal stops training with a checkpoint
         previous, profile = None, profile_range(c)
 
@@ -1411,8 +1487,8 @@ def train(c):
                    'mfu': (flops * tokens_per_step * timed['steps'] / timed['seconds'] / peak
                            if peak and timed['seconds'] else None)}  # over this run's timed steps
         log.write(json.dumps({'step': c.steps, 'summary': summary}) + '\n')
-    say(summary_line(c.steps, summary, price_note))
-    return params
+        say(summary_line(c.steps, summary, price_note))
+        return params
 
 
 class TooBig(UserError):
@@ -1971,8 +2047,8 @@ def sample(c, explicit):
             pass  # restore() below falls back past it with a warning, or explains
     saved = {k: v for k, v in config.items() if k not in explicit}
     c = validate(dataclasses.replace(c, **saved))
-    state, path = restore(c, {'params': jax.eval_shape(lambda: init_params(c, jax.random.key(0)))})
-    params, meta = jax.device_put(state['params']), read_checkpoint_meta(path)
+    state, path, meta = restore(c, {'params': jax.eval_shape(lambda: init_params(c, jax.random.key(0)))})
+    params = jax.device_put(state['params'])
     if not meta.get('tokenizer'):
         raise UserError(f'{path}: the training data had no meta.json naming a tokenizer')
     enc = get_encoding(meta['tokenizer'])

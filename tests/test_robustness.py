@@ -1,6 +1,8 @@
 """Nothing lost: signals, crashes mid-save, corrupt checkpoints, divergence, bad inputs, unsafe
 files. Every bad input gives one line naming the file or flag, a non-zero exit, and leaves the
 output directory exactly as it was."""
+import dataclasses
+import fcntl
 import hashlib
 import json
 import os
@@ -21,10 +23,11 @@ TINY = ['--n_layer=2', '--d_model=32', '--n_head=2', '--n_kv_head=1', '--seq_len
 
 
 def snapshot(directory):
-    """{relative path: sha256} of every file below directory (empty if it does not exist)."""
+    """{relative path: sha256} of every file below directory (empty if it does not exist), but
+    the run lock (.lock, an empty file while no run holds it)."""
     out = {}
     for dirpath, _, files in os.walk(directory):
-        for name in files:
+        for name in set(files) - {'.lock'}:
             path = os.path.join(dirpath, name)
             out[os.path.relpath(path, directory)] = hashlib.sha256(open(path, 'rb').read()).hexdigest()
     return out
@@ -122,12 +125,81 @@ def test_corrupt_latest_checkpoint_falls_back_with_warning(tmp_path, capsys):
     c = make_checkpoints(tmp_path)
     npz = tmp_path / 'ckpt_00000002' / 'state.npz'
     npz.write_bytes(npz.read_bytes()[:1000])  # truncated, as by a crash or a full disk
-    state, path = tt.restore(c, template())
+    state, path, _ = tt.restore(c, template())
     assert path.endswith('ckpt_00000001') and int(state['opt']['step']) == 1
-    assert 'ckpt_00000002/state.npz: missing, truncated' in capsys.readouterr().err
+    assert 'ckpt_00000002/state.npz: truncated or not matching' in capsys.readouterr().err
     (tmp_path / 'ckpt_00000001' / 'meta.json').write_text('{not json')  # and a garbage one
     with pytest.raises(tt.UserError, match='and no older checkpoint'):
         tt.restore(c, template())
+
+
+def test_damaged_newest_checkpoint_is_replaced_and_never_counted_as_kept(byte_data, tmp_path):
+    """ckpt 8 damaged: the run resumes from 4, trains back to 8 and replaces it (before the fix
+    it kept the damaged one, printed "saved", and deleted the good 4 as the older of two)."""
+    c = tiny_config(data=byte_data, out=str(tmp_path), keep_ckpts=2, steps=8, **tiny_shape())
+    tt.train(c)
+    assert [s for s, _ in tt.list_checkpoints(c.out)] == [4, 8]
+    npz = tmp_path / 'ckpt_00000008' / 'state.npz'
+    npz.write_bytes(npz.read_bytes()[:1000])
+    tt.train(c)
+    assert [s for s, _ in tt.list_checkpoints(c.out)] == [4, 8]
+    assert all(tt.checkpoint_is_whole(p) for _, p in tt.list_checkpoints(c.out))
+    (tmp_path / 'ckpt_00000008' / 'meta.json').unlink()  # no meta.json: not listed, still replaced
+    tt.train(c)
+    assert [s for s, _ in tt.list_checkpoints(c.out)] == [4, 8]
+    assert tt.checkpoint_is_whole(str(tmp_path / 'ckpt_00000008'))
+
+
+def test_retention_keeps_whole_checkpoints_only(tmp_path):
+    c = make_checkpoints(tmp_path, steps=(1, 2, 3))  # keep_ckpts=2: 2 and 3
+    npz = tmp_path / 'ckpt_00000003' / 'state.npz'
+    npz.write_bytes(npz.read_bytes()[:1000])
+    state = template()
+    state['opt']['step'] = np.int32(4)
+    tt.save_checkpoint(str(tmp_path), state, c, {})
+    assert [s for s, _ in tt.list_checkpoints(str(tmp_path))] == [2, 3, 4]  # 2 and 4 kept; 3 newer than 2
+    state['opt']['step'] = np.int32(5)
+    tt.save_checkpoint(str(tmp_path), state, c, {})
+    assert [s for s, _ in tt.list_checkpoints(str(tmp_path))] == [4, 5]
+
+
+def test_sample_retries_when_the_checkpoint_it_reads_is_rotated_away(tmp_path, monkeypatch):
+    """Training beside a reader saves step 3 and deletes step 2 (keep_ckpts=1) while the reader
+    hashes step 2: the reader lists again and loads step 3."""
+    c = make_checkpoints(tmp_path, steps=(2,))
+    c = dataclasses.replace(c, keep_ckpts=1)
+    real, calls = tt.file_sha256, []
+
+    def hash_while_training_saves(path):
+        calls.append(path)
+        if len(calls) == 1:
+            state = template()
+            state['opt']['step'] = np.int32(3)
+            tt.save_checkpoint(str(tmp_path), state, c, {'tokenizer': 'byte'})
+        return real(path)
+
+    monkeypatch.setattr(tt, 'file_sha256', hash_while_training_saves)
+    state, path, meta = tt.restore(c, template())
+    assert path.endswith('ckpt_00000003') and int(state['opt']['step']) == 3 and meta['step'] == 3
+
+
+def test_one_run_per_output_directory(byte_data, tmp_path):
+    """A second run on a locked --out is one line naming it, and touches nothing there (before
+    the fix it deleted the first run's in-progress checkpoint)."""
+    out = tmp_path / 'out'
+    out.mkdir()
+    (out / '.tmp_ckpt_00000004_1').mkdir()  # the first run's checkpoint being written
+    with open(out / '.lock', 'a+') as held:
+        fcntl.flock(held, fcntl.LOCK_EX | fcntl.LOCK_NB)
+        held.write('4242\n')
+        held.flush()
+        r = run_cli(f'--data={byte_data}', f'--out={out}', *TINY, '--steps=2')
+    assert r.returncode == 2 and r.stderr.strip().splitlines() == [
+        f'error: --out={out} is in use by another training run (pid 4242); wait for it to finish, stop it, '
+        'or choose another --out'], r.stderr
+    assert (out / '.tmp_ckpt_00000004_1').exists() and not (out / 'log.jsonl').exists()
+    r = run_cli(f'--data={byte_data}', f'--out={out}', *TINY, '--steps=2')  # released: runs
+    assert r.returncode == 0, r.stderr
 
 
 def test_crash_mid_save_leaves_previous_checkpoint(byte_data, tmp_path, monkeypatch):
@@ -208,7 +280,7 @@ def test_bad_data_is_one_line_and_changes_nothing(tmp_path, kind, message):
 
 
 @pytest.mark.parametrize('damage, message', [
-    ('truncate', 'state.npz: missing, truncated or not matching its checksum; and no older'),
+    ('truncate', 'state.npz: truncated or not matching its checksum; and no older'),
     ('garbage', 'meta.json: not a tinytpu checkpoint (JSONDecodeError); and no older'),
     ('shape', 'was trained with --d_model=64'),
 ])
