@@ -2012,25 +2012,30 @@ def sample_token(logits, key, c):
 
 
 def generate(params, prompt_ids, c, eot_id=None):
-    """Yield new token ids one at a time (batch of one), stopping at eot_id. When the cache is
-    full (context tokens), keep the last half and prefill again: a sliding window, like
-    nanoGPT's cropping, but recomputing only once every context/2 tokens."""
+    """Yield new token ids one at a time (batch of one), stopping at eot_id. The model sees a
+    window of at most `context` tokens: the prompt's last ones at first, then each new token is
+    added to the cache. When the cache is full and one more token comes, the window slides: its
+    last context/2 tokens are prefilled again (like nanoGPT's cropping, but recomputing only once
+    every context/2 tokens)."""
     tokens = list(prompt_ids)
     key = jax.random.key(c.seed)
-    pos = None
+    window = tokens[-c.context:]
+    logits, cache = prefill(params, jnp.asarray([window], jnp.int32), init_cache(c, 1), c)
+    pos = len(window)  # tokens in the cache
     for _ in range(c.max_new_tokens):
-        if pos is None or pos == c.context:  # (re)fill the cache from the last tokens
-            window = tokens[-(c.context // 2 if pos else c.context):]
-            logits, cache = prefill(params, jnp.asarray([window], jnp.int32), init_cache(c, 1), c)
-            pos = len(window)
         key, sub = jax.random.split(key)
         token = sample_token(logits, sub, c)
         if int(token[0]) == eot_id:
             return
         tokens.append(int(token[0]))
         yield tokens[-1]
-        logits, cache = decode_step(params, token, cache, pos, c)
-        pos += 1
+        if pos < c.context:
+            logits, cache = decode_step(params, token, cache, pos, c)
+            pos += 1
+        else:  # full: slide the window to the last context/2 tokens, this new one included
+            window = tokens[-(c.context // 2):]
+            logits, cache = prefill(params, jnp.asarray([window], jnp.int32), init_cache(c, 1), c)
+            pos = len(window)
 
 
 def sample(c, explicit):

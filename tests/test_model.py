@@ -93,6 +93,36 @@ def test_kv_cache_decoding_matches_full_forward():
         np.testing.assert_allclose(logits, full[:, pos], rtol=1e-5, atol=1e-5)
 
 
+@pytest.mark.parametrize('prompt_len', [5, 16, 23])  # shorter than, equal to, longer than the context
+def test_generated_logits_are_a_full_forward_over_the_kept_window(prompt_len, monkeypatch):
+    """Every logits vector generate() samples from equals a full forward over exactly the window
+    its policy keeps: the last `context` tokens at first; once the cache is full and a token
+    comes, the last context/2 (new token included). Before the fix, prompts of >= context tokens
+    wrote every new token onto the cache's last slot, and a full cache threw away the logits
+    that had seen the whole window."""
+    c = tiny_config(n_kv_head=1, context=16, max_new_tokens=40, temperature=0.0)
+    params = tt.init_params(c, jax.random.key(0))
+    prompt = [int(t) for t in jax.random.randint(jax.random.key(1), (prompt_len,), 0, c.vocab_size)]
+    seen = []
+
+    def record(logits, key, c):
+        seen.append(np.asarray(logits[0]))
+        return jnp.argmax(logits, -1)
+
+    monkeypatch.setattr(tt, 'sample_token', record)
+    new = list(tt.generate(params, prompt, c))
+    assert len(new) == len(seen) == 40
+    tokens, start = prompt, max(0, prompt_len - c.context)
+    for i, logits in enumerate(seen):
+        window = tokens[start:start + c.context] if i == 0 else tokens[start:]
+        assert len(window) <= c.context
+        full = tt.forward(params, jnp.asarray([window], jnp.int32), c)[0, -1]
+        np.testing.assert_allclose(logits, full, rtol=1e-4, atol=1e-4)
+        tokens = tokens + [new[i]]
+        if len(tokens) - start > c.context:  # one token too many: keep the last half
+            start = len(tokens) - c.context // 2
+
+
 def test_sampling_filters():
     c = tiny_config(temperature=1.0, top_k=2)
     logits = jnp.log(jnp.array([[0.5, 0.3, 0.15, 0.05, 0.0]]))
