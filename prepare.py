@@ -18,6 +18,7 @@ are separated by the end-of-text token. Runtime needs: requests, tiktoken, numpy
 
 import hashlib
 import json
+import math
 import multiprocessing
 import os
 import resource
@@ -50,6 +51,72 @@ DATASETS = {  # name: where the text (or tokens) come from
 
 class PrepareError(Exception):
     """A problem the user can fix: printed as one line, exit code 1."""
+
+
+# ----------------------------------------------------------------------------------------------
+# Metadata: every field of every JSON file either script reads (this one's meta.json, tinytpu's
+# checkpoint meta.json and bench.jsonl) is checked against a schema before it is used, so a
+# damaged or hand-edited file is one line naming the file and the field, never a traceback.
+
+
+def integer(lo=0, hi=None):
+    return lambda v: type(v) is int and v >= lo and (hi is None or v <= hi)
+
+
+def number(lo=0.0, hi=math.inf):
+    return lambda v: type(v) in (int, float) and math.isfinite(v) and lo <= v <= hi
+
+
+def text(v):
+    return type(v) is str
+
+
+def optional(test):
+    return lambda v: v is None or test(v)
+
+
+def shard_names(v):
+    """{'train': {'shards': ['train_000000.bin', ...], 'tokens': N}, 'val': {...}}: plain file names."""
+    return type(v) is dict and all(
+        type(s) is dict and type(s.get('shards', [])) is list and integer()(s.get('tokens', 0))
+        and all(text(n) and n and os.path.basename(n) == n and n not in ('.', '..') for n in s.get('shards', []))
+        for s in v.values())
+
+
+DATA_META = {  # field: (test, what it must be, required)
+    'tokenizer': (text, 'a tokenizer name', False),
+    'vocab_size': (integer(2, 2**32), 'an integer from 2 to 2^32', False),
+    'eot_id': (integer(0, 2**32 - 1), 'a token id', False),
+    'bytes_per_token': (number(1e-9), 'a positive number', False),
+    'splits': (shard_names, 'per split, a list of shard file names and a token count', False),
+}
+
+
+def field_problem(record, schema):
+    """What is wrong with a parsed JSON record, in words ('"vocab_size" is 1e9, expected an
+    integer ...'), or None if every field has the type and range the schema says."""
+    if type(record) is not dict:
+        return 'not a JSON object'
+    for name, (test, words, required) in schema.items():
+        if name not in record:
+            if required:
+                return f'no "{name}" field'
+        elif not test(record[name]):
+            return f'"{name}" is {json.dumps(record[name])[:40]}, expected {words}'
+    return None
+
+
+def read_json(path, schema):
+    """A JSON file checked against a schema: -> (record, None), or (None, what is wrong with it)."""
+    try:
+        with open(path, encoding='utf-8') as f:
+            record = json.load(f)
+    except OSError as e:
+        return None, f'unreadable: {e.strerror}'
+    except ValueError:
+        return None, 'not valid JSON'
+    problem = field_problem(record, schema)
+    return (None, problem) if problem else (record, None)
 
 
 # ----------------------------------------------------------------------------------------------

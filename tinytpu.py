@@ -42,7 +42,8 @@ import jax.numpy as jnp
 import numpy as np
 from jax.sharding import Mesh, NamedSharding, PartitionSpec as P
 
-from prepare import PrepareError, file_sha256, flag_value, get_encoding  # the companion script
+from prepare import (DATA_META, PrepareError, file_sha256, flag_value, get_encoding, integer, number,  # the companion script
+                     optional, read_json, text)
 
 # ----------------------------------------------------------------------------------------------
 # Config: every setting in one frozen dataclass. `--name=value` overrides a field, a preset sets
@@ -681,9 +682,9 @@ class TokenWindows:
         self.ends = np.cumsum([max(len(s) - window + 1, 0) for s in self.shards])
         self.count = int(self.ends[-1])
         if self.count == 0:
-            raise UserError(f'{os.path.dirname(paths[0])}: the {os.path.basename(paths[0]).split("_")[0]} '
-                            f'shards hold fewer tokens than one window of {window} (seq_len + 1); use a '
-                            'smaller --seq_len or more data')
+            raise UserError(f'{os.path.dirname(paths[0])}: {", ".join(map(os.path.basename, paths[:3]))}'
+                            f'{" ..." if len(paths) > 3 else ""} hold fewer tokens than one window of {window} '
+                            '(seq_len + 1); use a smaller --seq_len or more data')
 
     def get(self, idx):
         """Windows number idx (any int array) -> (len(idx), window) int32."""
@@ -693,24 +694,47 @@ class TokenWindows:
 
 
 def load_data(c):
-    """-> (train windows, val windows, meta dict) for the data directory c.data."""
+    """-> (train windows, val windows, meta dict) for the data directory c.data: the shards its
+    meta.json lists, else every *train*.bin and *val*.bin in it (llm.c's and modded-nanogpt's
+    downloads are named fineweb_train_000001.bin, TinyStories_val.bin, ...)."""
     if not os.path.isdir(c.data):
         raise UserError(f'--data={c.data}: no such directory; create it with '
                         f'`python prepare.py shakespeare --tokenizer=byte` (or another dataset)')
-    splits = {s: sorted(glob.glob(os.path.join(c.data, f'{s}_*.bin'))) for s in ('train', 'val')}
-    for split, paths in splits.items():
-        if not paths:
-            raise UserError(f'--data={c.data}: no {split}_*.bin files; create them with '
-                            '`python prepare.py DATASET --out=...`')
-    meta = {}
     meta_path = os.path.join(c.data, 'meta.json')
-    if os.path.exists(meta_path):
-        try:
-            with open(meta_path) as f:
-                meta = json.load(f)
-        except (json.JSONDecodeError, UnicodeDecodeError) as e:
-            raise UserError(f'{meta_path}: not valid JSON ({e}); re-create it with prepare.py')
-    return TokenWindows(splits['train'], c.seq_len + 1), TokenWindows(splits['val'], c.seq_len + 1), meta
+    meta = {}
+    if os.path.lexists(meta_path):
+        meta, problem = read_json(meta_path, DATA_META)
+        if problem:
+            raise UserError(f'{meta_path}: {problem}; re-create it with prepare.py (or fix it by hand)')
+    splits = {}
+    for split in ('train', 'val'):
+        listed = meta.get('splits', {}).get(split, {}).get('shards')
+        if listed:  # exactly what prepare.py wrote, never a stale shard beside it
+            splits[split] = [os.path.join(c.data, name) for name in listed]
+            missing = [p for p in splits[split] if not os.path.isfile(p)]
+            if missing:
+                raise UserError(f'{meta_path} lists {missing[0]}, which is missing; re-run prepare.py')
+        else:
+            splits[split] = sorted(p for p in glob.glob(os.path.join(c.data, f'*{split}*.bin')) if os.path.isfile(p))
+        if not splits[split]:
+            raise UserError(f'--data={c.data}: no {split} shards (*{split}*.bin); create them with '
+                            '`python prepare.py DATASET --out=...`')
+    train, val = (TokenWindows(splits[s], c.seq_len + 1) for s in ('train', 'val'))
+    if 'vocab_size' not in meta:
+        meta = {**meta, **vocab_from_shards(c, train)}
+    return train, val, meta
+
+
+def vocab_from_shards(c, windows):
+    """No meta.json says what the tokens are: uint16 shards (llm.c's and modded-nanogpt's) are
+    taken as GPT-2's, said in a line; uint32 ones could be any large vocabulary."""
+    if windows.shards[0].dtype.itemsize == 2:
+        say(f'--data={c.data}: no meta.json naming the tokenizer; 16-bit shards are taken as GPT-2 tokens '
+            '(vocabulary 50,257); write a meta.json with "tokenizer" and "vocab_size" to say otherwise')
+        return {'tokenizer': 'gpt2', 'vocab_size': 50257, 'eot_id': 50256}
+    raise UserError(f'--data={c.data}: 32-bit token shards and no meta.json saying their vocabulary; write '
+                    f'{os.path.join(c.data, "meta.json")} as {{"tokenizer": "cl100k_base", "vocab_size": 100277}} '
+                    '(your tokenizer and size)')
 
 
 def train_indices(windows, c, k):
@@ -863,15 +887,35 @@ def checkpoint_files(path):
     return files
 
 
+CHECKPOINT_META = {  # field: (test, what it must be, required); prepare.field_problem checks them
+    'step': (integer(), 'a step number', True),
+    'config': (lambda v: type(v) is dict, 'the settings', True),  # and each of its field's type: config_problem
+    'state_bytes': (integer(), 'a size in bytes', True),
+    'state_sha256': (lambda v: text(v) and re.fullmatch('[0-9a-f]{64}', v) is not None, 'a SHA-256', True),
+    'elapsed': (number(), 'seconds', False),
+    'tokenizer': (optional(text), 'a tokenizer name', False),
+    'eot_id': (optional(integer()), 'a token id', False),
+}
+
+
+def config_problem(saved):
+    """The first saved setting whose value is not of its Config field's type, in words, or None.
+    Settings this version does not know are ignored."""
+    types = {f.name: f.type for f in dataclasses.fields(Config)}
+    for name, value in saved.items():
+        kind = types.get(name)
+        if kind and not (type(value) is kind or kind is float and type(value) is int):
+            return f'its --{name} is {json.dumps(value)[:40]}, expected {"an" if kind is int else "a"} {kind.__name__}'
+    return None
+
+
 def read_checkpoint_meta(path):
     meta_path, _ = checkpoint_files(path)
-    try:
-        with open(meta_path) as f:
-            meta = json.load(f)
-        meta['config'], meta['state_bytes'], meta['state_sha256']  # noqa: B018 (must exist)
-        return meta
-    except (OSError, ValueError, KeyError, TypeError) as e:
-        raise CorruptCheckpoint(f'{meta_path}: not a tinytpu checkpoint ({type(e).__name__})')
+    meta, problem = read_json(meta_path, CHECKPOINT_META)
+    problem = problem or config_problem(meta['config'])
+    if problem:
+        raise CorruptCheckpoint(f'{meta_path}: not a tinytpu checkpoint ({problem})')
+    return meta
 
 
 def check_compatible(meta, c, path, tokenizer=None):
@@ -951,7 +995,9 @@ def device_memory(c):
 def microbatch_choices(c, n):
     """The --grad_accum values that cut a batch into equal microbatches that split evenly over
     n devices, fewest microbatches (the largest) first."""
-    return [g for g in range(1, c.batch_size + 1) if c.batch_size % g == 0 and c.batch_size // g % n == 0]
+    b = c.batch_size
+    divisors = sorted({d for i in range(1, math.isqrt(b) + 1) if b % i == 0 for d in (i, b // i)})
+    return [g for g in divisors if b // g % n == 0]
 
 
 def split_evenly(c):
@@ -995,7 +1041,41 @@ def setup_devices(c):
     c = split_evenly(c)
     mesh = make_mesh(c)
     c, attention_note = pick_attention(c, mesh.devices.flat[0])
+    check_memory(c, mesh)
     return c, mesh, attention_note
+
+
+def host_memory():
+    """Bytes of RAM in this machine, or None where the OS does not say."""
+    try:
+        return os.sysconf('SC_PAGE_SIZE') * os.sysconf('SC_PHYS_PAGES')
+    except (ValueError, OSError, AttributeError):
+        return None
+
+
+def least_memory(c, mesh):
+    """Bytes per device that training needs at the least: params, gradients and AdamW moments (all
+    fp32, as sharded), the validation set and a batch of int32 tokens."""
+    tokens = (c.eval_batches + 1) * c.batch_size * (c.seq_len + 1) * 4
+    return state_bytes_per_device(c, mesh) * 4 // 3 + tokens // mesh.size  # state = params + 2 moments
+
+
+def check_memory(c, mesh):
+    """Fail in one line, before anything is allocated or compiled, when params, their gradients,
+    the AdamW moments and the token batches cannot fit in the device's memory (TPU/GPU) or, on a
+    CPU, in the machine's (its devices share it). A lower bound: activations come on top, and
+    compile_fitting_step checks the whole step once it is compiled."""
+    n_params = count_params(jax.eval_shape(lambda: init_params(c, jax.random.key(0))))
+    need = least_memory(c, mesh)
+    limit, where = device_memory(c), f'{target_devices(c)[0].device_kind} has'
+    if not limit:
+        need, limit, where = need * len(mesh.local_devices), host_memory(), 'this machine has'
+    if limit and need > limit:
+        per = '' if where == 'this machine has' else ' per device'
+        raise UserError(f'{n_params / 1e6:,.1f}M params with their gradients and AdamW moments, and {c.eval_batches + 1} '
+                        f'batches of {c.batch_size} x {c.seq_len} tokens (validation set and training), need at '
+                        f'least {size(need)}{per} but {where} {size(limit)}; shrink the model (--n_layer, --d_model, '
+                        'the vocabulary), --batch_size or --eval_batches, or shard over more chips (--fsdp)')
 
 
 def use_fsdp(c, mesh):
@@ -1307,6 +1387,7 @@ def start_run(c, held):
     if 'vocab_size' in meta:
         c = dataclasses.replace(c, vocab_size=int(meta['vocab_size']))
     validate(c)
+    c, mesh, attention_note = setup_devices(c)
     try:
         os.makedirs(c.out, exist_ok=True)
     except OSError as e:
@@ -1317,7 +1398,6 @@ def start_run(c, held):
         held.enter_context(only_run(c.out))  # before touching anything in it
         for stale in glob.glob(os.path.join(c.out, '.tmp_ckpt_*')):  # left by a crash mid-save
             shutil.rmtree(stale, ignore_errors=True)
-    c, mesh, attention_note = setup_devices(c)
     shardings = state_shardings(c, mesh)
     shapes = jax.eval_shape(lambda: fresh_state(c))
     say(f'tinytpu | preset {c.preset} | {jax.default_backend()} x{mesh.size} '
@@ -1888,14 +1968,20 @@ def plan_backend(flags):
 def bench_mfu(c, chip):
     """The MFU `bench` found for this chip, from OUT/bench.jsonl: the newest measured one, else the
     newest estimate of bench --topology. -> (mfu, where it comes from), or (None, None)."""
+    def record(line):  # a line that is not a result (damaged, hand-edited) is skipped
+        try:
+            r = json.loads(line)
+        except ValueError:
+            return None
+        return r if type(r) is dict and r.get('chip') == chip.name else None
+
     try:
-        with open(os.path.join(c.out, 'bench.jsonl')) as f:
-            results = [json.loads(line) for line in f if line.strip()]
-    except (OSError, ValueError):
+        with open(os.path.join(c.out, 'bench.jsonl'), encoding='utf-8', errors='replace') as f:
+            mine = [r for r in map(record, f) if r]
+    except OSError:
         return None, None
-    mine = [r for r in results if isinstance(r, dict) and r.get('chip') == chip.name]
     for key, how in (('mfu', 'measured by bench'), ('est_mfu', "ESTIMATED by bench --topology from libtpu's cost model")):
-        found = [r[key] for r in mine if isinstance(r.get(key), (int, float)) and 0 < r[key] <= 1]
+        found = [r[key] for r in mine if number(1e-6, 1)(r.get(key))]
         if found:
             return found[-1], f'{how}, {c.out}/bench.jsonl'
     return None, None
@@ -2050,7 +2136,8 @@ def sample(c, explicit):
             break
         except CorruptCheckpoint:
             pass  # restore() below falls back past it with a warning, or explains
-    saved = {k: v for k, v in config.items() if k not in explicit}
+    fields = {f.name for f in dataclasses.fields(Config)}
+    saved = {k: v for k, v in config.items() if k in fields and k not in explicit}
     c = validate(dataclasses.replace(c, **saved))
     state, path, meta = restore(c, {'params': jax.eval_shape(lambda: init_params(c, jax.random.key(0)))})
     params = jax.device_put(state['params'])

@@ -258,12 +258,25 @@ def bad_data(tmp_path, kind):
         if kind != 'noval':
             write_shard(d / 'val_000000.bin', tokens, **val)
         (d / 'meta.json').write_text(json.dumps({'tokenizer': 'byte', 'vocab_size': 257, 'eot_id': 256}))
+    if kind == 'vocab1e9':
+        (d / 'meta.json').write_text(json.dumps({'tokenizer': 'byte', 'vocab_size': 1e9}))
+    elif kind == 'splits':
+        (d / 'meta.json').write_text(json.dumps({'splits': {'train': {'shards': ['../x.bin']}}}))
+    elif kind == 'listed':
+        (d / 'meta.json').write_text(json.dumps({'splits': {'train': {'shards': ['train_000009.bin']}}}))
+    elif kind == 'meta_dir':
+        (d / 'meta.json').unlink()
+        (d / 'meta.json').mkdir()
     return d
 
 
 @pytest.mark.parametrize('kind, message', [
-    ('empty', 'no train_*.bin files; create them with `python prepare.py'),
-    ('noval', 'no val_*.bin files'),
+    ('empty', 'no train shards (*train*.bin); create them with `python prepare.py'),
+    ('noval', 'no val shards (*val*.bin)'),
+    ('vocab1e9', 'meta.json: "vocab_size" is 1000000000.0, expected an integer from 2 to 2^32; re-create it'),
+    ('splits', 'meta.json: "splits" is {"train": {"shards": ["../x.bin"]}}, expected per split'),
+    ('listed', 'meta.json lists'),
+    ('meta_dir', 'meta.json: unreadable: Is a directory'),
     ('magic', 'train_000000.bin: not a token shard (magic 123'),
     ('version', 'val_000000.bin: unsupported shard version 9'),
     ('size', 'train_000000.bin: header says 5000 tokens'),
@@ -281,7 +294,8 @@ def test_bad_data_is_one_line_and_changes_nothing(tmp_path, kind, message):
 
 @pytest.mark.parametrize('damage, message', [
     ('truncate', 'state.npz: truncated or not matching its checksum; and no older'),
-    ('garbage', 'meta.json: not a tinytpu checkpoint (JSONDecodeError); and no older'),
+    ('garbage', 'meta.json: not a tinytpu checkpoint (not valid JSON); and no older'),
+    ('types', 'meta.json: not a tinytpu checkpoint (its --n_layer is "2", expected an int); and no older'),
     ('shape', 'was trained with --d_model=64'),
 ])
 def test_bad_checkpoints_are_one_line_and_change_nothing(byte_data, tmp_path, damage, message):
@@ -292,6 +306,10 @@ def test_bad_checkpoints_are_one_line_and_change_nothing(byte_data, tmp_path, da
         (path / 'state.npz').write_bytes((path / 'state.npz').read_bytes()[:500])
     elif damage == 'garbage':
         (path / 'meta.json').write_text('this is not a checkpoint')
+    elif damage == 'types':
+        meta = json.loads((path / 'meta.json').read_text())
+        meta['config']['n_layer'] = '2'
+        (path / 'meta.json').write_text(json.dumps(meta))
     else:
         meta = json.loads((path / 'meta.json').read_text())
         meta['config']['d_model'] = 64
@@ -390,13 +408,30 @@ def test_a_step_too_big_for_the_device_gets_smaller_microbatches(how, byte_data,
         assert np.array_equal(a, b)
 
 
+@pytest.mark.parametrize('flag', ['--d_model=1000000', '--n_layer=100000', '--batch_size=100000000',
+                                  '--eval_batches=1000000000'])
+def test_absurd_sizes_fail_fast_before_allocating(flag, byte_data, tmp_path):
+    """Before the fix, these ran until the kernel killed them (or hung compiling)."""
+    r = run_cli(f'--data={byte_data}', f'--out={tmp_path}/out', flag, timeout=60)
+    assert r.returncode == 2 and r.stderr.count('\n') == 1, r.stderr
+    assert 'need at least' in r.stderr and 'but this machine has' in r.stderr, r.stderr
+
+
+def test_the_memory_floor_is_checked_against_the_device(byte_data, tmp_path, monkeypatch):
+    c = tiny_config(data=byte_data, out=str(tmp_path / 'out'))
+    fake_device_memory(monkeypatch, tt.least_memory(c, tt.make_mesh(c)) - 1)
+    with pytest.raises(tt.UserError, match=r'0.0M params .* need at least 0.5 MiB per device but cpu has 0.5 MiB'):
+        tt.train(c)
+    assert not os.path.exists(c.out)
+
+
 def test_a_step_that_cannot_fit_stops_before_training(byte_data, tmp_path, monkeypatch):
     """Microbatches as small as the devices allow and still too big: one line, nothing written."""
     c = tiny_config(data=byte_data, out=str(tmp_path / 'out'), grad_accum=2)
     smallest = tt.make_mesh(c).size  # one sequence per device
-    fake_device_memory(monkeypatch, 1000)
+    fake_device_memory(monkeypatch, tt.least_memory(c, tt.make_mesh(c)) + 1000)  # enough to get to compiling
     with pytest.raises(tt.UserError, match=rf'needs .* MiB per device with microbatches of {smallest} sequences, '
-                                           r'but .* has 0.0 MiB; use more chips'):
+                                           r'but .* has 0.5 MiB; use more chips'):
         tt.train(c)
     assert tt.list_checkpoints(c.out) == [] and not os.path.exists(os.path.join(c.out, 'log.jsonl'))
 
@@ -425,7 +460,8 @@ def test_eval_step_counts_against_memory_with_the_optimizer_state(byte_data, tmp
     limit = 1 + max(tt.step_bytes(compile(state['params'], state['opt'], mesh, c))
                     for compile in (tt.compile_step, tt.compile_eval))
     fake_device_memory(monkeypatch, limit)
-    monkeypatch.setattr(tt, 'resident_bytes', lambda tree: limit)  # "moments" as large as the memory
+    real = tt.resident_bytes  # "moments" as large as the memory:
+    monkeypatch.setattr(tt, 'resident_bytes', lambda tree: limit if 'mu' in tree else real(tree))
     with pytest.raises(tt.UserError, match='the eval step needs .* per device with microbatches of 1 sequences, but'):
         tt.train(c)
     assert tt.list_checkpoints(c.out) == []
