@@ -31,6 +31,7 @@ import queue
 import re
 import shutil
 import signal
+import socket
 import sys
 import threading
 import time
@@ -100,6 +101,8 @@ class Config:
     coordinator: str = _f('', 'multi-host elsewhere: address:port of process 0 (implies --distributed)')
     num_processes: int = _f(1, 'multi-host elsewhere: number of processes')
     process_id: int = _f(0, 'multi-host elsewhere: this process, 0 .. num_processes - 1')
+    coordinator_timeout: int = _f(300, 'multi-host elsewhere: seconds to wait for the coordinator (process 0) '
+                                       'and the other processes')
     seed: int = _f(1337, 'seed for initialization, data order and sampling')
     # logging, eval, checkpoints
     log_every: int = _f(100, 'print and log a progress line every this many steps')
@@ -2184,15 +2187,53 @@ def use_cpu_devices(n):
 
 def init_distributed(flags):
     """Join the other hosts (before JAX touches a device). On a TPU pod slice, --distributed lets
-    JAX find them itself; elsewhere --coordinator, --num_processes and --process_id say."""
+    JAX find them itself; elsewhere --coordinator, --num_processes and --process_id say. What JAX
+    would only report by aborting the process (a bad address, a port in use, no coordinator
+    after --coordinator_timeout) is checked here first, and said in one line."""
     if not (flags.get('distributed') or flags.get('coordinator')):
         return
-    if flags.get('coordinator'):
-        jax.config.update('jax_cpu_collectives_implementation', 'gloo')  # CPU hosts talk over TCP
-        jax.distributed.initialize(flags['coordinator'], flags.get('num_processes', 1),
-                                   flags.get('process_id', 0))
-    else:
+    if not flags.get('coordinator'):
         jax.distributed.initialize()
+        return
+    address, n = flags['coordinator'], flags.get('num_processes', 1)
+    i, timeout = flags.get('process_id', 0), flags.get('coordinator_timeout', Config.coordinator_timeout)
+    host, _, port = address.rpartition(':')
+    if not host or not port.isdigit() or not 0 < int(port) < 65536:
+        raise UserError(f'--coordinator={address}: expected HOST:PORT, like 10.0.0.2:1234')
+    if not (n >= 1 and 0 <= i < n and timeout >= 1):
+        raise UserError('--num_processes must be >= 1, --process_id in 0 .. num_processes - 1, '
+                        '--coordinator_timeout >= 1')
+    try:
+        socket.getaddrinfo(host.strip('[]'), int(port), type=socket.SOCK_STREAM)
+    except OSError as e:
+        raise UserError(f'--coordinator={address}: cannot resolve {host} ({e.strerror or e})')
+    if i == 0:  # the coordinator runs here: its port must be free
+        with socket.socket(socket.AF_INET6 if ':' in host.strip('[]') else socket.AF_INET) as probe:
+            try:
+                probe.bind(('', int(port)))
+            except OSError as e:
+                raise UserError(f'--coordinator={address}: cannot listen on port {port} ({e.strerror}); '
+                                'choose a free port for every process')
+        print(f'coordinator at {address}: waiting up to {timeout}s for {n - 1} more process(es) to join')
+    else:
+        wait_for_coordinator(host.strip('[]'), int(port), address, timeout)
+    jax.config.update('jax_cpu_collectives_implementation', 'gloo')  # CPU hosts talk over TCP
+    jax.distributed.initialize(address, n, i, initialization_timeout=timeout)
+
+
+def wait_for_coordinator(host, port, address, timeout):
+    """Return once something listens at host:port, or fail in one line after `timeout` seconds."""
+    deadline = time.time() + timeout
+    while True:
+        try:
+            socket.create_connection((host, port), timeout=2).close()
+            return
+        except OSError:
+            if time.time() > deadline:
+                raise UserError(f'--coordinator={address}: nothing listening there after {timeout}s; start '
+                                'process 0 (it runs the coordinator), check the address, port and firewall, '
+                                'or wait longer with --coordinator_timeout')
+            time.sleep(0.5)
 
 
 def main(argv):

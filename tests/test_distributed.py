@@ -6,12 +6,13 @@ import os
 import socket
 import subprocess
 import sys
+import time
 
 import numpy as np
 import pytest
 
 import tinytpu as tt
-from conftest import ROOT
+from conftest import ROOT, run_cli
 
 FLAGS = ['--n_layer=2', '--d_model=32', '--n_head=4', '--n_kv_head=2', '--seq_len=16', '--context=16',
          '--batch_size=8', '--eval_batches=2', '--log_every=1', '--eval_every=100000', '--lr=3e-3',
@@ -127,7 +128,7 @@ def test_two_processes_match_one_and_write_one_checkpoint(single):
     assert 'cpu x4' in outputs[0] and '2 hosts' in outputs[0] and 'saved' in outputs[0]
     ours = ('tinytpu |', 'compiled', 'step ', 'saved', 'resuming')  # gloo's own C++ logging aside,
     assert not any(marker in outputs[1] for marker in ours), outputs[1]  # only process 0 prints
-    assert sorted(os.listdir(out)) == ['ckpt_00000006', 'log.jsonl']
+    assert sorted(os.listdir(out)) == ['.lock', 'ckpt_00000006', 'log.jsonl']
     assert_close(losses(out), {s: l for s, l in reference.items() if s <= 6})
     finish(run(d / 'data', out, 12, '--cpu_devices=1'))
     assert_close(losses(out), reference)
@@ -145,3 +146,27 @@ def test_microbatches_split_evenly_over_several_chips(monkeypatch, capsys):
     assert tt.split_evenly(tt.dataclasses.replace(c, grad_accum=4)).grad_accum == 4  # 16 per microbatch: even
     monkeypatch.setattr(tt.jax, 'devices', lambda: [object()] * 6)
     assert tt.split_evenly(c) is c  # 64 sequences never split over 6: make_mesh says so
+
+
+@pytest.mark.parametrize('flags, says', [
+    (['--coordinator=nohost', '--num_processes=2', '--process_id=1'], 'expected HOST:PORT'),
+    (['--coordinator=127.0.0.1:99999', '--num_processes=2', '--process_id=1'], 'expected HOST:PORT'),
+    (['--coordinator=127.0.0.1:1234', '--num_processes=2', '--process_id=2'], '--process_id in 0 .. num_processes - 1'),
+    (['--coordinator={free}', '--num_processes=2', '--process_id=1', '--coordinator_timeout=2'],
+     'nothing listening there after 2s; start process 0'),
+    (['--coordinator={busy}', '--num_processes=2', '--process_id=0', '--coordinator_timeout=2'],
+     'cannot listen on port'),
+])
+def test_coordinator_problems_are_one_line(flags, says, tmp_path):
+    """Before the fix: an IndexError traceback, or JAX waiting 5 minutes and aborting in C++."""
+    with socket.socket() as busy:
+        busy.bind(('127.0.0.1', 0))
+        busy.listen()
+        with socket.socket() as s:
+            s.bind(('127.0.0.1', 0))
+            free = s.getsockname()[1]
+        flags = [f.format(free=f'127.0.0.1:{free}', busy=f'127.0.0.1:{busy.getsockname()[1]}') for f in flags]
+        t = time.time()
+        r = run_cli(f'--out={tmp_path}/out', *flags, timeout=60)
+    assert r.returncode == 2 and r.stderr.count('\n') == 1 and says in r.stderr, r.stderr
+    assert time.time() - t < 30
