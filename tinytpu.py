@@ -701,7 +701,7 @@ def load_data(c):
     meta.json lists, else every *train*.bin and *val*.bin in it (llm.c's and modded-nanogpt's
     downloads are named fineweb_train_000001.bin, TinyStories_val.bin, ...)."""
     if not os.path.isdir(c.data):
-        raise UserError(f'--data={c.data}: no such directory; create it with '
+        raise UserError(f'--data={c.data}: {"not a directory" if os.path.exists(c.data) else "no such directory"}; create it with '
                         f'`python prepare.py shakespeare --tokenizer=byte` (or another dataset)')
     meta_path = os.path.join(c.data, 'meta.json')
     meta = {}
@@ -1164,9 +1164,15 @@ def host_state(state):
 
 
 def say(*args, **kw):
-    """print, on process 0 only: a pod slice's other hosts train silently."""
+    """print, on process 0 only: a pod slice's other hosts train silently. Output piped into a
+    program that stops reading (python tinytpu.py | head) is dropped from then on: training goes
+    on to its end and its checkpoints."""
     if jax.process_index() == 0:
-        print(*args, **kw)
+        try:
+            print(*args, **kw)
+        except BrokenPipeError:
+            stream = kw.get('file') or sys.stdout
+            os.dup2(os.open(os.devnull, os.O_WRONLY), stream.fileno())
 
 
 # ----------------------------------------------------------------------------------------------
@@ -1477,6 +1483,17 @@ def trim_log(path, step):
         raise UserError(f'{path}: could not rewrite the log ({e.strerror or e}); it is unchanged; free some space')
 
 
+def append(log, record):
+    """One line of log.jsonl, written now. A full disk stops the run in one line: the last
+    checkpoint is intact, and on resume the log is cut back to it (a half-written line too)."""
+    try:
+        log.write(json.dumps(record) + '\n')
+        log.flush()
+    except OSError as e:
+        raise UserError(f'{log.name}: could not write the log ({e.strerror or e}); the last checkpoint is intact; '
+                        'free some space and run the same command to resume')
+
+
 def train(c):
     t_start = time.time()  # the dollars count from here: start-up and compilation are paid for too
     with contextlib.ExitStack() as held:  # what the run holds until it ends: the --out lock, signals, the log
@@ -1548,8 +1565,7 @@ def train(c):
                 val = evaluate(eval_fn, params, vals, meta, done)
                 record |= val
             if record:
-                log.write(json.dumps(record) + '\n')
-                log.flush()
+                append(log, record)
             stopping = stop_requested(stop)
             if done % c.ckpt_every == 0 or done == c.steps or stopping:
                 check_finite(fetch(stats), done, c)
@@ -1569,7 +1585,7 @@ def train(c):
         summary = {'tokens': c.steps * tokens_per_step, **timing(), 'val_loss': val.get('val_loss'),
                    'mfu': (flops * tokens_per_step * timed['steps'] / timed['seconds'] / peak
                            if peak and timed['seconds'] else None)}  # over this run's timed steps
-        log.write(json.dumps({'step': c.steps, 'summary': summary}) + '\n')
+        append(log, {'step': c.steps, 'summary': summary})
         say(summary_line(c.steps, summary, price_note))
         return params
 
@@ -2274,6 +2290,14 @@ def main(argv):
     except KeyboardInterrupt:
         print(f'\ninterrupted; the last checkpoint in --out is intact', file=sys.stderr)
         return 130
+    except BrokenPipeError:  # sample | head: the reader has all it wanted
+        os.dup2(os.open(os.devnull, os.O_WRONLY), sys.stdout.fileno())
+        return 0
+    except OSError as e:  # a file the user named or made: missing, a directory, not allowed, disk full
+        if not e.filename:
+            raise
+        print(f'error: {e.filename}: {e.strerror}', file=sys.stderr)
+        return 2
     except jax.errors.JaxRuntimeError as e:
         if not out_of_memory(e):
             raise

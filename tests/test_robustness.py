@@ -538,3 +538,62 @@ def test_resume_refuses_data_of_another_tokenizer(byte_data, tmp_path):
         json.dump({**meta, 'tokenizer': 'cl100k_base'}, f)
     with pytest.raises(tt.UserError, match='trained on byte tokens, but --data=.* holds cl100k_base tokens'):
         tt.train(tt.dataclasses.replace(c, steps=8))
+
+
+def test_output_piped_into_a_reader_that_stops_still_trains_to_the_end(byte_data, tmp_path):
+    """python tinytpu.py | head: before the fix, BrokenPipeError aborted training unsaved."""
+    out = tmp_path / 'out'
+    p = subprocess.Popen(train_cli(byte_data, out, 30, '--ckpt_every=30'), stdout=subprocess.PIPE,
+                         stderr=subprocess.PIPE, cwd=ROOT)
+    p.stdout.readline()
+    p.stdout.close()  # as head does after its lines
+    _, err = p.communicate(timeout=300)
+    assert p.returncode == 0, err
+    assert [s for s, _ in tt.list_checkpoints(str(out))] == [30] and b'Traceback' not in err
+
+
+@pytest.mark.parametrize('where, says', [
+    ('out_is_file', 'cannot create the directory (File exists)'),
+    ('data_is_file', 'data.txt: not a directory'),
+    ('log_is_dir', 'log.jsonl: Is a directory'),
+])
+def test_a_file_where_a_directory_should_be_and_back_is_one_line(where, says, byte_data, tmp_path):
+    out = tmp_path / 'out'
+    data = byte_data
+    if where == 'out_is_file':
+        out.write_text('my notes')
+    elif where == 'data_is_file':
+        data = tmp_path / 'data.txt'
+        data.write_text('not a directory')
+    else:
+        (out / 'log.jsonl').mkdir(parents=True)
+    before = snapshot(tmp_path)
+    r = run_cli(f'--data={data}', f'--out={out}', *TINY, '--steps=2')
+    assert r.returncode == 2 and r.stderr.count('\n') == 1 and says in r.stderr, r.stderr
+    assert snapshot(tmp_path) == before
+
+
+def test_a_full_disk_while_logging_stops_in_one_line_with_the_checkpoint_intact(byte_data, tmp_path, monkeypatch):
+    c = tiny_config(data=byte_data, out=str(tmp_path), steps=4)
+    tt.train(c)
+    before = snapshot(tmp_path / 'ckpt_00000004')
+
+    class FullDisk:
+        name = str(tmp_path / 'log.jsonl')
+
+        def write(self, text):
+            raise OSError(28, 'No space left on device')
+
+        def __enter__(self):
+            return self
+
+        def __exit__(self, *a):
+            pass
+
+    real = open
+    monkeypatch.setattr(tt, 'open', lambda path, *a, **k: FullDisk() if str(path).endswith('log.jsonl') and a == ('a',)
+                        else real(path, *a, **k), raising=False)
+    with pytest.raises(tt.UserError, match=r'log.jsonl: could not write the log \(No space left on device\); the last '
+                                           'checkpoint is intact'):
+        tt.train(dataclasses.replace(c, steps=8))
+    assert snapshot(tmp_path / 'ckpt_00000004') == before
