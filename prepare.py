@@ -9,13 +9,17 @@
 Flags: --tokenizer=gpt2|cl100k_base|o200k_base|byte --out=DIR --input=PATH_OR_URL --val_fraction=0.1
 --shards=N (fineweb) --workers=N (tokenizer processes; default one per core) --allow_http
 --mirror=URL (fetch Hugging Face files from a mirror instead of https://huggingface.co)
+--encoding=NAME (text that is not UTF-8, for BPE tokenizers: latin-1, cp1252, utf-16, ...)
 
-Output: DIR/train_000000.bin ..., DIR/val_000000.bin ..., DIR/meta.json. Shards use the llm.c
-format: a header of 256 int32 (magic, version, token count), then the tokens as uint16, or as
-uint32 (magic 20240801, version 7) when the vocabulary has more than 65,536 tokens. Documents
-are separated by the end-of-text token. Runtime needs: requests, tiktoken, numpy.
+Output: DIR/train_000000.bin ..., DIR/val_000000.bin ..., DIR/meta.json (listing the shards).
+Shards use the llm.c format: a header of 256 int32 (magic, version, token count), then the tokens
+as uint16, or as uint32 (magic 20240801, version 7) when the vocabulary has more than 65,536
+tokens. Every document starts with the end-of-text token, as in llm.c. `byte` tokens are the
+files' raw bytes. Runtime needs: requests, tiktoken, numpy.
 """
 
+import codecs
+import glob
 import hashlib
 import json
 import math
@@ -23,6 +27,7 @@ import multiprocessing
 import os
 import resource
 import sys
+import threading
 import time
 from collections import deque
 from concurrent.futures import ProcessPoolExecutor
@@ -30,6 +35,7 @@ from concurrent.futures import ProcessPoolExecutor
 import numpy as np
 import requests
 import tiktoken
+import urllib3
 
 SHARD_TOKENS = 100_000_000  # tokens per shard, as in llm.c and modded-nanogpt
 CHUNK_BYTES = 1 << 20       # text per tokenization task: big enough to amortize, small for memory
@@ -44,13 +50,13 @@ DATASETS = {  # name: where the text (or tokens) come from
         train=f'{HF}/roneneldan/TinyStories/resolve/main/TinyStoriesV2-GPT4-train.txt',
         val=f'{HF}/roneneldan/TinyStories/resolve/main/TinyStoriesV2-GPT4-valid.txt'),
     'fineweb10B': dict(tokens=f'{HF}/kjj0/fineweb10B-gpt2/resolve/main/fineweb_{{split}}_{{i:06d}}.bin'),
-    'finewebedu10B': dict(tokens=f'{HF}/kjj0/finewebedu10B-gpt2/resolve/main/edu_fineweb_{{split}}_{{i:06d}}.bin'),
+    'finewebedu10B': dict(tokens=f'{HF}/kjj0/finewebedu10B-gpt2/resolve/main/finewebedu_{{split}}_{{i:06d}}.bin'),
     'text': {},
 }
 
 
 class PrepareError(Exception):
-    """A problem the user can fix: printed as one line, exit code 1."""
+    """A problem the user can fix: printed as one line, exit code 2."""
 
 
 # ----------------------------------------------------------------------------------------------
@@ -138,7 +144,13 @@ def get_encoding(name):
 
 # ----------------------------------------------------------------------------------------------
 # Downloads: stream to NAME.part, resume with an HTTP Range request, retry timeouts and 5xx with
-# backoff, verify SHA-256 where known, then rename to NAME.
+# backoff, verify the size and (where known) the SHA-256, then rename to NAME. NAME.part.json
+# ties a .part to its URL and the file's version (ETag) and size, so it never continues another
+# download. Each read times out after `timeout` s; a download slower than SLOW (a trickle) is
+# retried, and one still unfinished after DEADLINE gives up.
+
+SLOW = (16_384, 60)           # fewer bytes than this in this many seconds: too slow, retry
+DEADLINE = (3600, 100_000)    # a file gets this many seconds plus one per this many bytes
 
 
 def download(url, path, sha256=None, retries=5, timeout=30, allow_http=False):
@@ -148,13 +160,19 @@ def download(url, path, sha256=None, retries=5, timeout=30, allow_http=False):
     if os.path.exists(path):
         return file_sha256(path)
     part = path + '.part'
+    started = read_json(part + '.json', PART)[0]
+    if not started or started['url'] != url:  # a .part of another URL (or of unknown origin)
+        for leftover in (part, part + '.json'):
+            if os.path.lexists(leftover):
+                os.remove(leftover)
+    t0 = time.time()
     for attempt in range(retries + 1):
         try:
-            fetch(url, part, timeout)
+            fetch(url, part, timeout, t0)
             break
         except (requests.ConnectionError, requests.Timeout, requests.exceptions.ChunkedEncodingError,
                 ServerError) as e:
-            if attempt == retries or is_dns_failure(e):
+            if attempt == retries or is_dns_failure(e) or isinstance(e, OverDeadline):
                 raise PrepareError(f'{url}: download failed ({describe(e)}); check your network, or '
                                    'download it yourself and pass --input=PATH')
             wait = min(2 ** attempt, 30)
@@ -166,10 +184,19 @@ def download(url, path, sha256=None, retries=5, timeout=30, allow_http=False):
         raise PrepareError(f'{url}: SHA-256 {digest} does not match the expected {sha256}; '
                            'the download was corrupted or the file changed upstream')
     os.replace(part, path)
+    os.remove(part + '.json')
     return digest
 
 
+PART = {'url': (text, 'a URL', True), 'etag': (optional(text), 'an ETag', False),
+        'total': (optional(integer()), 'a size in bytes', False)}
+
+
 class ServerError(Exception):
+    pass
+
+
+class OverDeadline(requests.Timeout):
     pass
 
 
@@ -181,29 +208,81 @@ def describe(e):
     return 'DNS lookup failed' if is_dns_failure(e) else (str(e).split('\n')[0][:160] or type(e).__name__)
 
 
-def fetch(url, part, timeout):
-    """One attempt: continue part from where it ends (Range), writing as data arrives."""
-    have = os.path.getsize(part) if os.path.exists(part) else 0
-    headers = {'Range': f'bytes={have}-'} if have else {}
+def fetch(url, part, timeout, t0):
+    """One attempt: continue part from where it ends (Range, If-Range: the same version), writing
+    as data arrives; the part is complete when it has the size the server gave."""
+    started = read_json(part + '.json', PART)[0]
+    have = os.path.getsize(part) if started and os.path.exists(part) else 0
+    headers = {'Range': f'bytes={have}-', **({'If-Range': started['etag']} if started.get('etag') else {})} if have else {}
     with requests.get(url, headers=headers, stream=True, timeout=timeout) as r:
-        if r.status_code == 416:  # nothing left to fetch: the part is complete
-            return
+        if r.status_code == 416:  # nothing after `have`: complete if that is the file's size
+            if (full_size(r) or started.get('total')) == have == started.get('total'):
+                return
+            os.remove(part)
+            raise ServerError('the partial download is larger than the file: starting over')
         if r.status_code >= 500:
             raise ServerError(f'HTTP {r.status_code}')
         if r.status_code >= 400:
             raise PrepareError(f'{url}: HTTP {r.status_code} {r.reason}; check the URL, or download '
                                'the file yourself and pass --input=PATH')
-        if r.status_code != 206:  # the server ignored the Range: start over
+        total = full_size(r)
+        if have and r.status_code == 206 and started.get('total') != total:
+            os.remove(part)
+            raise ServerError('the file changed since the partial download: starting over')
+        if r.status_code != 206:  # the server sent the whole file (it ignored the Range, or If-Range saw a new version)
             have = 0
-        total = have + int(r.headers.get('Content-Length', 0)) or None
+        write_json(part + '.json', {'url': url, 'etag': r.headers.get('ETag'), 'total': total})
+        deadline = t0 + DEADLINE[0] + (total or 0) / DEADLINE[1]
         progress = Progress(os.path.basename(part)[:-5], total, have)
+        window = (time.time(), have)  # SLOW: bytes by then
         with open(part, 'ab' if have else 'wb') as f:
-            for block in r.iter_content(1 << 16):
+            while block := read_some(r):
                 f.write(block)
                 progress.update(len(block))
+                now = time.time()
+                if now > deadline:
+                    raise OverDeadline(f'not finished after {now - t0:.0f}s at {progress.have / 1e6:,.1f} MB')
+                if now - window[0] >= SLOW[1]:
+                    if progress.have - window[1] < SLOW[0]:
+                        raise requests.Timeout(f'slower than {SLOW[0]:,} bytes in {SLOW[1]}s')
+                    window = (now, progress.have)
         progress.done()
-        if total and os.path.getsize(part) < total:
+        size = os.path.getsize(part)
+        if total and size < total:
             raise requests.exceptions.ChunkedEncodingError('connection closed before the end')
+        if total and size > total:
+            os.remove(part)
+            raise ServerError(f'got {size:,} bytes of a {total:,}-byte file: starting over')
+
+
+def read_some(r):
+    """The next bytes of a streamed response as they arrive (up to 64 KB; b'' at the end), with
+    urllib3's errors as requests' (requests' own iter_content waits for a full block, so a trickle
+    would never reach the speed checks)."""
+    read = getattr(r.raw, 'read1', None) or r.raw.read  # read1: urllib3 >= 2
+    try:
+        return read(1 << 16, decode_content=True)
+    except urllib3.exceptions.ReadTimeoutError as e:
+        raise requests.Timeout(e)
+    except (urllib3.exceptions.ProtocolError, urllib3.exceptions.DecodeError) as e:
+        raise requests.exceptions.ChunkedEncodingError(e)
+
+
+def full_size(r):
+    """The whole file's size from a response: Content-Range's total for a 206 or 416, else
+    Content-Length."""
+    if r.status_code in (206, 416):
+        total = r.headers.get('Content-Range', '').rpartition('/')[2]
+        return int(total) if total.isdigit() else None
+    length = r.headers.get('Content-Length', '')
+    return int(length) if length.isdigit() else None
+
+
+def write_json(path, record):
+    """Replace a JSON file whole: written beside it, then renamed over it."""
+    with open(path + '.tmp', 'w') as f:
+        json.dump(record, f, indent=1)
+    os.replace(path + '.tmp', path)
 
 
 class Progress:
@@ -269,19 +348,34 @@ class ShardWriter:
             if self.file is None:
                 self.start()
             take = tokens[:self.shard_tokens - self.in_file]
-            self.file.write(take.tobytes())
+            self.write(take.tobytes())
             self.in_file += len(take)
             tokens = tokens[len(take):]
             if self.in_file == self.shard_tokens:
                 self.finish()
+
+    def write(self, data):
+        """Write to the current file; a failure (a full disk) removes it and says so in one line."""
+        try:
+            self.file.write(data)
+        except OSError as e:
+            self.file.close()
+            os.remove(self.path + '.tmp')
+            raise PrepareError(f'{self.path}.tmp: could not write ({e.strerror or e}); free some space and run '
+                               'the same command again')
 
     def finish(self):
         magic, version = MAGIC[self.dtype.type]
         header = np.zeros(256, '<i4')
         header[:3] = magic, version, self.in_file
         self.file.seek(0)
-        self.file.write(header.tobytes())
-        self.file.close()
+        self.write(header.tobytes())
+        try:
+            self.file.close()  # flushes: a full disk can show here
+        except OSError as e:
+            os.remove(self.path + '.tmp')
+            raise PrepareError(f'{self.path}.tmp: could not write ({e.strerror or e}); free some space and run '
+                               'the same command again')
         os.replace(self.path + '.tmp', self.path)
         self.paths.append(self.path)
         self.file = None
@@ -289,7 +383,7 @@ class ShardWriter:
     def start(self):
         self.path = os.path.join(self.out, f'{self.split}_{len(self.paths):06d}.bin')
         self.file, self.in_file = open(self.path + '.tmp', 'wb'), 0
-        self.file.write(b'\0' * 1024)  # header placeholder, filled in by finish()
+        self.write(b'\0' * 1024)  # header placeholder, filled in by finish()
 
     def close(self):
         if self.file is None and not self.paths:  # no tokens at all: still one (empty) shard
@@ -300,36 +394,55 @@ class ShardWriter:
 
 
 # ----------------------------------------------------------------------------------------------
-# Tokenization: the text is cut into ~1 MB chunks at document or line boundaries, and the chunks
-# are tokenized by a pool of processes, one per core, at most 2 chunks per worker in flight so
-# memory stays bounded whatever the corpus size. Results are written in order.
+# Tokenization: text is read as bytes, in pieces of about CHUNK_BYTES cut where the tokenizer
+# would put a token boundary anyway, so tokenizing the pieces apart gives exactly the tokens of
+# the whole text. A pool of processes, one per core, tokenizes them, at most 2 chunks per worker
+# in flight so memory stays bounded whatever the corpus size; results are written in order.
+# `byte` tokens are the file's raw bytes; BPE tokenizers take UTF-8 text (another encoding is
+# converted first, with --encoding) and refuse anything else with the file and byte offset.
+# As in llm.c, every document starts with the end-of-text token.
 
 _encoder = None
 
 
-def _init_worker(name):
+def _init_worker(name, parent):
     global _encoder
     _encoder = get_encoding(name)
+    threading.Thread(target=_exit_with, args=(parent,), daemon=True).start()
+
+
+def _exit_with(parent):
+    """A worker ends when prepare.py does, even when it is killed (SIGKILL runs no clean-up)."""
+    while os.getppid() == parent:
+        time.sleep(1)
+    os._exit(1)
 
 
 def _encode(chunk):
-    """[(text, eot_before), ...] -> (uint32 tokens, an end-of-text token where eot_before is set;
-    UTF-8 bytes of text), both computed here in the worker, off the main process."""
+    """[(bytes, eot_before, (path, offset)), ...] -> (uint32 tokens, an end-of-text token where
+    eot_before is set; bytes read), computed here in the worker, off the main process."""
     out, n_bytes = [], 0
-    for text, eot_before in chunk:
+    for data, eot_before, (path, offset) in chunk:
         if eot_before:
-            out.append(_encoder.eot_token)
-        out.extend(_encoder.encode_ordinary(text))
-        n_bytes += len(text.encode('utf-8'))
-    return np.asarray(out, np.uint32), n_bytes
+            out.append([_encoder.eot_token])
+        if _encoder.name == 'byte':
+            out.append(np.frombuffer(data, np.uint8))
+        else:
+            try:
+                out.append(_encoder.encode_ordinary(data.decode('utf-8')))
+            except UnicodeDecodeError as e:
+                raise PrepareError(f'{path}: not UTF-8 at byte {offset + e.start:,}; pass --encoding=NAME '
+                                   '(latin-1, cp1252, utf-16, ...) or --tokenizer=byte')
+        n_bytes += len(data)
+    return np.concatenate([np.asarray(t, np.uint32) for t in out] or [np.zeros(0, np.uint32)]), n_bytes
 
 
 def tokenize(chunks, tokenizer, writer, workers=None):
-    """Tokenize an iterable of chunks (lists of (text, eot_before)) in parallel into writer."""
+    """Tokenize an iterable of chunks (lists of (bytes, eot_before, where)) in parallel into writer."""
     workers = workers or os.cpu_count()  # one process per core
     in_bytes, t0 = 0, time.time()
     spawn = multiprocessing.get_context('spawn')  # fork is unsafe if the caller runs threads (JAX)
-    with ProcessPoolExecutor(workers, spawn, initializer=_init_worker, initargs=(tokenizer,)) as pool:
+    with ProcessPoolExecutor(workers, spawn, initializer=_init_worker, initargs=(tokenizer, os.getpid())) as pool:
         pending = deque()
 
         def write_oldest():
@@ -338,55 +451,86 @@ def tokenize(chunks, tokenizer, writer, workers=None):
             writer.add(tokens)
             in_bytes += n_bytes
 
-        for chunk in chunks:
-            pending.append(pool.submit(_encode, chunk))
-            if len(pending) >= 2 * workers:
+        try:
+            for chunk in chunks:
+                pending.append(pool.submit(_encode, chunk))
+                if len(pending) >= 2 * workers:
+                    write_oldest()
+            while pending:
                 write_oldest()
-        while pending:
-            write_oldest()
+        except BaseException:
+            pool.shutdown(cancel_futures=True)  # stop at once, not after the queued chunks
+            raise
     return in_bytes, time.time() - t0
 
 
-def read_documents(paths, split_at_eot):
-    """Yield (text, starts_a_document) pieces of about CHUNK_BYTES, streaming from text files.
-    Each file is a document; with split_at_eot, '<|endoftext|>' separates documents inside a
-    file too (and blocks are cut just after one, so each document is read whole)."""
-    for path in paths:
+def read_documents(ranges, split_at_eot, cut_anywhere):
+    """Yield (bytes, starts_a_document, (path, offset)) pieces of about CHUNK_BYTES from byte
+    ranges (path, start, end) of files. Each range is a document; with split_at_eot,
+    '<|endoftext|>' separates documents inside it too (and newlines around it are dropped)."""
+    eot = EOT.encode()
+    for path, start, end in ranges:
         new_doc = True
-        for block in read_blocks(path, EOT if split_at_eot else '\n'):
-            parts = block.split(EOT) if split_at_eot else [block]
-            for i, part in enumerate(parts):
+        for block, offset in read_blocks(path, start, end, eot if split_at_eot else None, cut_anywhere):
+            at = offset
+            for i, part in enumerate(block.split(eot) if split_at_eot else [block]):
                 if i > 0:  # an end-of-text marker came before this part
-                    new_doc = True
-                if split_at_eot:
-                    part = part.strip('\n')
-                if part:
-                    yield part, new_doc
+                    new_doc, at = True, at + len(eot)
+                body = part.strip(b'\n') if split_at_eot else part
+                if body:
+                    yield body, new_doc, (path, at + len(part) - len(part.lstrip(b'\n')) if split_at_eot else at)
                     new_doc = False
+                at += len(part)
 
 
-def read_blocks(path, sep):
-    """The text of a file in blocks of about CHUNK_BYTES characters, each cut just after the
-    last `sep` in it (after a newline if there is no `sep`)."""
-    with open(path, encoding='utf-8', errors='replace', newline='') as f:
-        carry = ''
-        for block in iter(lambda: f.read(CHUNK_BYTES), ''):
-            text = carry + block
-            cut = text.rfind(sep) + len(sep) if sep in text else text.rfind('\n') + 1 or len(text)
-            yield text[:cut]
-            carry = text[cut:]
+def read_blocks(path, start, end, sep, cut_anywhere):
+    """Bytes start..end of a file as (block, offset) of about CHUNK_BYTES each, cut just after the
+    last `sep` (an end-of-text marker) in a block, else at a token boundary: anywhere for byte
+    tokens, else before a newline that follows an ASCII letter or digit (no BPE pattern of
+    tiktoken's joins a letter or digit to the newline after it)."""
+    with open(path, 'rb') as f:
+        f.seek(start)
+        carry, offset, left = b'', start, end - start
+        while left > 0:
+            block = f.read(min(CHUNK_BYTES, left))
+            if not block:
+                break
+            left -= len(block)
+            data = carry + block
+            if left <= 0:
+                cut = len(data)
+            elif sep and sep in data:
+                cut = data.rfind(sep) + len(sep)
+            elif cut_anywhere:  # but not inside an end-of-text marker
+                cut = len(data) - (len(sep) - 1 if sep else 0)
+            else:
+                cut = safe_cut(data)
+            if cut == 0 and len(data) > 64 * CHUNK_BYTES:  # no boundary in 64 MB: cut at a newline
+                cut = data.rfind(b'\n') + 1 or len(data)
+            if cut:
+                yield data[:cut], offset
+                offset += cut
+            carry = data[cut:]
         if carry:
-            yield carry
+            yield carry, offset
+
+
+def safe_cut(data):
+    """The last position in data of a newline after an ASCII letter or digit, or 0."""
+    i = len(data)
+    while (i := data.rfind(b'\n', 0, i)) > 0:
+        if data[i - 1:i].isalnum():
+            return i
+    return 0
 
 
 def chunked(pieces, size=CHUNK_BYTES):
-    """Group (text, new_doc) pieces into chunks of about `size` characters, marking where an
-    end-of-text token goes: before every document but the first of the split."""
-    chunk, n, seen_any = [], 0, False
-    for text, new_doc in pieces:
-        chunk.append((text, new_doc and seen_any))
-        seen_any = True
-        n += len(text)
+    """Group (bytes, new_doc, where) pieces into chunks of about `size` bytes, marking where an
+    end-of-text token goes: before every document."""
+    chunk, n = [], 0
+    for data, new_doc, where in pieces:
+        chunk.append((data, new_doc, where))
+        n += len(data)
         if n >= size:
             yield chunk
             chunk, n = [], 0
@@ -394,25 +538,53 @@ def chunked(pieces, size=CHUNK_BYTES):
         yield chunk
 
 
-def split_file(path, val_fraction, workdir):
-    """Split one text file into train and val files by characters (the first 1 - val_fraction
-    of the text is train, as in nanoGPT). Streams: never holds the file in memory."""
-    train_path, val_path = os.path.join(workdir, 'train.txt'), os.path.join(workdir, 'val.txt')
-    with open(path, encoding='utf-8', errors='replace', newline='') as f:
-        n_chars = sum(len(block) for block in iter(lambda: f.read(CHUNK_BYTES), ''))
-    cut = int(n_chars * (1 - val_fraction))
-    with open(path, encoding='utf-8', errors='replace', newline='') as f, \
-            open(train_path + '.tmp', 'w', encoding='utf-8', newline='') as tr, \
-            open(val_path + '.tmp', 'w', encoding='utf-8', newline='') as va:
-        done = 0
-        for block in iter(lambda: f.read(CHUNK_BYTES), ''):
-            take = max(0, min(len(block), cut - done))
-            tr.write(block[:take])
-            va.write(block[take:])
-            done += len(block)
-    os.replace(train_path + '.tmp', train_path)
-    os.replace(val_path + '.tmp', val_path)
-    return [train_path], [val_path]
+def split_point(path, fraction, by_bytes):
+    """Where the first `fraction` of a file ends, as a byte offset: of its bytes (byte tokens), or
+    of its UTF-8 characters, as nanoGPT splits text (a character starts at every byte that is
+    not 0b10xxxxxx). Streams: never holds the file in memory."""
+    size = os.path.getsize(path)
+    if by_bytes:
+        return int(size * fraction)
+
+    def starts(block):
+        return np.flatnonzero((np.frombuffer(block, np.uint8) & 0xC0) != 0x80)
+
+    with open(path, 'rb') as f:
+        target = int(sum(len(starts(b)) for b in iter(lambda: f.read(CHUNK_BYTES), b'')) * fraction)
+        f.seek(0)
+        offset = 0
+        for block in iter(lambda: f.read(CHUNK_BYTES), b''):
+            s = starts(block)
+            if target < len(s):
+                return offset + int(s[target])
+            target -= len(s)
+            offset += len(block)
+    return size
+
+
+def transcode(path, encoding, raw):
+    """A copy of a text file in UTF-8 (in raw/), from --encoding; a byte that is not valid in that
+    encoding is a one-line error with its offset."""
+    try:
+        decoder = codecs.getincrementaldecoder(encoding)('strict')
+    except LookupError:
+        raise PrepareError(f'--encoding={encoding}: not an encoding Python knows (latin-1, cp1252, utf-16, ...)')
+    out = os.path.join(raw, os.path.basename(path) + '.utf8')
+    with open(path, 'rb') as src, open(out + '.tmp', 'wb') as dst:
+        offset = 0
+        for block in iter(lambda: src.read(CHUNK_BYTES), b''):
+            pending = len(decoder.getstate()[0])
+            try:
+                dst.write(decoder.decode(block).encode('utf-8'))
+            except UnicodeDecodeError as e:
+                raise PrepareError(f'{path}: not valid {encoding} at byte {offset - pending + e.start:,}')
+            offset += len(block)
+        try:
+            dst.write(decoder.decode(b'', final=True).encode('utf-8'))
+        except UnicodeDecodeError:
+            raise PrepareError(f'{path}: not valid {encoding}: it ends inside a character')
+    os.replace(out + '.tmp', out)
+    return out
 
 
 # ----------------------------------------------------------------------------------------------
@@ -420,16 +592,32 @@ def split_file(path, val_fraction, workdir):
 
 
 def text_sources(dataset, args, raw):
-    """-> ({'train': [text paths], 'val': [...]}, [source records]) for a text dataset."""
+    """-> ({'train': [(path, start, end) byte ranges], 'val': [...]}, [source records]) for a text
+    dataset: one file is split by characters (the first 1 - val_fraction is train, as in nanoGPT;
+    bytes for the byte tokenizer), several files are split whole."""
     spec = DATASETS[dataset]
     if dataset == 'tinystories' and not args.get('input'):
-        sources, paths = [], {}
+        sources, files = [], {}
         for split in ('train', 'val'):
             url = mirrored(spec[split], args)
             path = os.path.join(raw, os.path.basename(url))
             sources.append({'url': url, 'sha256': download(url, path, **dl_args(args))})
-            paths[split] = [path]
-        return paths, sources
+            files[split] = [path]
+    else:
+        sources = []
+        files = split_files(input_files(spec, args, raw, sources), args)
+    if args.get('tokenizer', 'gpt2') != 'byte' and args.get('encoding', 'utf-8').lower() not in ('utf-8', 'utf8'):
+        utf8 = {f: transcode(f, args['encoding'], raw) for f in dict.fromkeys(files['train'] + files['val'])}
+        files = {split: [utf8[f] for f in fs] for split, fs in files.items()}
+    if len(files['train']) == 1 and files['train'] == files['val']:  # one file: split it
+        path = files['train'][0]
+        cut = split_point(path, 1 - args.get('val_fraction', 0.1), args.get('tokenizer', 'gpt2') == 'byte')
+        return {'train': [(path, 0, cut)], 'val': [(path, cut, os.path.getsize(path))]}, sources
+    return {split: [(f, 0, os.path.getsize(f)) for f in fs] for split, fs in files.items()}, sources
+
+
+def input_files(spec, args, raw, sources):
+    """The text files of --input (a file, a directory of .txt files, a URL) or of the dataset's URL."""
     source = args.get('input') or spec.get('url')
     if not source:
         raise PrepareError('text: pass --input=FILE, --input=DIR (of .txt files) or --input=URL')
@@ -447,15 +635,19 @@ def text_sources(dataset, args, raw):
         files, digest = [source], file_sha256(source)
     else:
         raise PrepareError(f'--input={source}: no such file or directory')
-    record = {'url' if '://' in source else 'path': source, 'sha256': digest}
-    val_fraction = float(args.get('val_fraction', 0.1))
+    sources.append({'url' if '://' in source else 'path': source, 'sha256': digest})
+    return files
+
+
+def split_files(files, args):
+    """{'train': files, 'val': files}: one file goes to both (text_sources splits it); of several,
+    the last val_fraction of them by bytes are validation."""
     if len(files) == 1:
-        train, val = split_file(files[0], val_fraction, raw)
-    else:  # whole files: the last val_fraction of them (by bytes) are validation
-        sizes = np.cumsum([os.path.getsize(f) for f in files])
-        n_train = min(max(int(np.searchsorted(sizes, sizes[-1] * (1 - val_fraction), side='right')), 1), len(files) - 1)
-        train, val = files[:n_train], files[n_train:]
-    return {'train': train, 'val': val}, [record]
+        return {'train': files, 'val': files}
+    sizes = np.cumsum([os.path.getsize(f) for f in files])
+    cut = np.searchsorted(sizes, sizes[-1] * (1 - args.get('val_fraction', 0.1)), side='right')
+    n_train = min(max(int(cut), 1), len(files) - 1)
+    return {'train': files[:n_train], 'val': files[n_train:]}
 
 
 def mirrored(url, args):
@@ -478,7 +670,7 @@ def prepare_text(dataset, args, out):
     splits = {}
     for split in ('train', 'val'):
         writer = ShardWriter(out, split, dtype, int(args.get('shard_tokens', SHARD_TOKENS)))
-        pieces = read_documents(paths[split], split_at_eot=(dataset == 'tinystories'))
+        pieces = read_documents(paths[split], split_at_eot=(dataset == 'tinystories'), cut_anywhere=(tokenizer == 'byte'))
         n_bytes, seconds = tokenize(chunked(pieces), tokenizer, writer, int(args.get('workers', 0)))
         shards = writer.close()
         splits[split] = {'tokens': writer.tokens, 'bytes': n_bytes, 'shards': [os.path.basename(p) for p in shards]}
@@ -526,24 +718,31 @@ def prepare(dataset, args):
     tokenizer = args.get('tokenizer', 'gpt2')
     out = args.get('out') or os.path.join('data', dataset + ('' if tokenizer == 'gpt2' else f'_{tokenizer}'))
     meta_path = os.path.join(out, 'meta.json')
+    request = {'dataset': dataset, **{k: v for k, v in args.items() if k in OUTPUT_FLAGS}}
     if os.path.exists(meta_path):
-        with open(meta_path) as f:
-            meta = json.load(f)
-        files = [os.path.join(out, s) for split in meta['splits'].values() for s in split['shards']]
-        if all(os.path.exists(p) for p in files):
+        meta, problem = read_json(meta_path, DATA_META)
+        files = [os.path.join(out, s) for split in (meta or {}).get('splits', {}).values() for s in split['shards']]
+        if meta and meta.get('request') == request and all(os.path.isfile(p) for p in files):
             print(f'{out} is already prepared ({meta_path}); delete it to prepare again')
             return out
+        print(f'preparing {out} again: {problem or "made by another command or version"}')
+        os.remove(meta_path)  # until the new one is complete, the directory is not
     os.makedirs(out, exist_ok=True)
     if not os.access(out, os.W_OK):
         raise PrepareError(f'--out={out}: directory is not writable')
     meta = (prepare_tokens if 'tokens' in DATASETS[dataset] else prepare_text)(dataset, args, out)
+    written = {name for split in meta['splits'].values() for name in split['shards']}
+    for stale in glob.glob(os.path.join(out, '*_*.bin')) + glob.glob(os.path.join(out, '*_*.bin.tmp')):
+        if os.path.basename(stale).startswith(('train_', 'val_')) and os.path.basename(stale) not in written:
+            os.remove(stale)  # left by an earlier preparation: only what meta.json lists stays
     mine, child = (resource.getrusage(who).ru_maxrss / 1024 for who in (resource.RUSAGE_SELF, resource.RUSAGE_CHILDREN))
     print(f'peak memory: {mine:.0f} MB in this process, {child:.0f} MB in the largest worker')
-    with open(meta_path + '.tmp', 'w') as f:
-        json.dump(meta, f, indent=1)
-    os.replace(meta_path + '.tmp', meta_path)  # meta.json last: its presence means "complete"
+    write_json(meta_path, {**meta, 'request': request})  # meta.json last: its presence means "complete"
     print(f'wrote {out}: train {meta["splits"]["train"]["tokens"]:,} tokens, val {meta["splits"]["val"]["tokens"]:,} tokens')
     return out
+
+
+OUTPUT_FLAGS = ('tokenizer', 'input', 'val_fraction', 'shards', 'shard_tokens', 'encoding')  # what shapes the output
 
 
 # Every flag: (type, what a value must satisfy, the words for it). Parsed and checked in one place,
@@ -556,6 +755,7 @@ FLAGS = {
     'shard_tokens': (int, lambda v: v >= 1, 'at least 1'),
     'workers': (int, lambda v: v >= 0, 'at least 0 (0 = one per core)'),
     'allow_http': (bool, lambda v: True, 'true or false'),
+    'encoding': (str, bool, 'a text encoding'),
 }
 
 
@@ -605,6 +805,11 @@ def main(argv):
     except KeyboardInterrupt:
         print('\ninterrupted; re-run the same command to continue', file=sys.stderr)
         return 130
+    except OSError as e:  # a file the user named or made: missing, a directory, not allowed, disk full
+        if not e.filename:
+            raise
+        print(f'error: {e.filename}: {e.strerror}', file=sys.stderr)
+        return 2
     return 0
 
 

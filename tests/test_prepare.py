@@ -4,14 +4,18 @@ import hashlib
 import http.server
 import json
 import os
+import signal
+import subprocess
+import sys
 import threading
+import time
 
 import numpy as np
 import pytest
 
 import prepare
 import tinytpu as tt
-from conftest import SHAKESPEARE, run_cli
+from conftest import ROOT, SHAKESPEARE, run_cli
 
 CORPUS = (open(SHAKESPEARE, 'rb').read() if os.path.exists(SHAKESPEARE)
           else b'First Citizen:\nBefore we proceed any further, hear me speak.\n' * 20000)
@@ -34,12 +38,31 @@ class Handler(http.server.BaseHTTPRequestHandler):
             self.state['flaked'] = True
             self.send_error(500)
             return
+        if self.path == '/trickle.txt':  # 1,000 bytes, one every 0.05 s
+            self.send_response(200)
+            self.send_header('Content-Length', '1000')
+            self.end_headers()
+            try:
+                for _ in range(1000):
+                    self.wfile.write(b'x')
+                    self.wfile.flush()
+                    time.sleep(0.05)
+            except OSError:
+                pass
+            return
         if self.path not in ('/ok.txt', '/drop.txt', '/flaky.txt'):
             self.send_error(404)
             return
         start = int(self.headers['Range'][6:-1]) if self.headers.get('Range') else 0
+        if start >= len(CORPUS):
+            self.send_response(416)
+            self.send_header('Content-Range', f'bytes */{len(CORPUS)}')
+            self.end_headers()
+            return
         body = CORPUS[start:]
         self.send_response(206 if start else 200)
+        if start:
+            self.send_header('Content-Range', f'bytes {start}-{len(CORPUS) - 1}/{len(CORPUS)}')
         self.send_header('Content-Length', str(len(body)))
         self.end_headers()
         if self.path == '/drop.txt' and not self.state.get('dropped'):
@@ -75,7 +98,6 @@ def test_download_follows_redirects_and_verifies(server, tmp_path):
 
 
 def test_dropped_connection_resumes_with_range(server, tmp_path, monkeypatch):
-    monkeypatch.setattr(prepare.time, 'sleep', lambda s: None)
     url, state = server
     path = str(tmp_path / 'c.txt')
     prepare.download(f'{url}/drop.txt', path, hashlib.sha256(CORPUS).hexdigest(), allow_http=True)
@@ -85,7 +107,6 @@ def test_dropped_connection_resumes_with_range(server, tmp_path, monkeypatch):
 
 
 def test_server_error_is_retried(server, tmp_path, monkeypatch):
-    monkeypatch.setattr(prepare.time, 'sleep', lambda s: None)
     url, state = server
     prepare.download(f'{url}/flaky.txt', str(tmp_path / 'd.txt'), allow_http=True)
     assert [p for p, _ in state['requests']] == ['/flaky.txt', '/flaky.txt']
@@ -109,12 +130,13 @@ def test_shakespeare_gpt2_counts_match_nanogpt(tmp_path):
     r = run_cli('prepare.py', 'shakespeare', f'--input={SHAKESPEARE}', f'--out={out}')
     assert r.returncode == 0, r.stderr
     meta = json.load(open(out / 'meta.json'))
-    assert meta['splits']['train']['tokens'] == 301966 and meta['splits']['val']['tokens'] == 36059
+    # nanoGPT's counts (301,966 and 36,059), plus the end-of-text token that starts each split's document
+    assert meta['splits']['train']['tokens'] == 301967 and meta['splits']['val']['tokens'] == 36060
     assert (meta['tokenizer'], meta['vocab_size'], meta['eot_id'], meta['dtype']) == ('gpt2', 50257, 50256, 'uint16')
     c = tt.validate(tt.Config(data=str(out), vocab_size=50257, seq_len=64))
     train, val, loaded = tt.load_data(c)
-    assert train.count == 301966 - 64 and loaded == meta
-    assert abs(meta['bytes_per_token'] - 111540 / 36059) < 1e-9
+    assert train.count == 301967 - 64 and loaded == meta
+    assert abs(meta['bytes_per_token'] - 111540 / 36060) < 1e-9
     mtime = os.path.getmtime(out / 'train_000000.bin')
     r = run_cli('prepare.py', 'shakespeare', f'--input={SHAKESPEARE}', f'--out={out}')
     assert 'already prepared' in r.stdout and os.path.getmtime(out / 'train_000000.bin') == mtime
@@ -139,8 +161,8 @@ def test_text_directory_is_documents_separated_by_eot(tmp_path):
     assert r.returncode == 0, r.stderr
     train = np.asarray(tt.open_shard(str(out / 'train_000000.bin')))
     val = np.asarray(tt.open_shard(str(out / 'val_000000.bin')))
-    assert (train == 256).sum() == 7 and (val == 256).sum() == 1  # 8 + 2 documents
-    assert bytes(train[:11].astype(np.uint8)) == b'document 0\n'
+    assert (train == 256).sum() == 8 and (val == 256).sum() == 2  # 8 + 2 documents, each after an end-of-text
+    assert train[0] == 256 and bytes(train[1:12].astype(np.uint8)) == b'document 0\n'
 
 
 def test_tinystories_style_eot_split_and_sharding(tmp_path, monkeypatch):
@@ -149,12 +171,13 @@ def test_tinystories_style_eot_split_and_sharding(tmp_path, monkeypatch):
     f.write_text(stories)
     monkeypatch.setattr(prepare, 'CHUNK_BYTES', 500)  # many chunks, so boundaries are exercised
     writer = prepare.ShardWriter(str(tmp_path), 'train', np.uint16, shard_tokens=3000)
-    prepare.tokenize(prepare.chunked(prepare.read_documents([str(f)], True), 500), 'byte', writer, workers=2)
+    pieces = prepare.read_documents([(str(f), 0, len(stories))], True, cut_anywhere=True)
+    prepare.tokenize(prepare.chunked(pieces, 500), 'byte', writer, workers=2)
     paths = writer.close()
     assert len(paths) == 3 and [len(tt.open_shard(p)) for p in paths[:2]] == [3000, 3000]
     tokens = np.concatenate([np.asarray(tt.open_shard(p)) for p in paths])
     docs = bytes(np.where(tokens == 256, ord('|'), tokens).astype(np.uint8)).decode().split('|')
-    assert docs == [f'Story {i} begins.\nIt ends.' for i in range(300)]
+    assert docs == [''] + [f'Story {i} begins.\nIt ends.' for i in range(300)]  # each story starts with end-of-text
 
 
 def test_bad_flags_and_unknown_dataset():
@@ -244,6 +267,33 @@ def test_fineweb_shards_download_and_header_check(hub, tmp_path):
     assert not os.path.exists(tmp_path / 'bad' / 'train_000003.bin')
 
 
+def test_finewebedu_shards_download_under_their_hub_names(hub, tmp_path):
+    """kjj0/finewebedu10B-gpt2 names its files finewebedu_*: before the fix nothing downloaded."""
+    url, files = hub
+    files.update({'finewebedu_val_000000.bin': shard_bytes(np.arange(300)),
+                  'finewebedu_train_000001.bin': shard_bytes(np.arange(400))})
+    out = tmp_path / 'edu'
+    r = run_cli('prepare.py', 'finewebedu10B', f'--mirror={url}', '--allow_http', f'--out={out}')
+    assert r.returncode == 0, r.stderr
+    assert json.load(open(out / 'meta.json'))['splits']['train']['tokens'] == 400
+
+
+def test_llmc_shard_directories_load_as_they_are(tmp_path, capsys):
+    """llm.c / modded-nanogpt download directories: their names, no meta.json."""
+    for name, n in [('fineweb_train_000001.bin', 600), ('fineweb_train_000002.bin', 500), ('fineweb_val_000000.bin', 300)]:
+        (tmp_path / name).write_bytes(shard_bytes(np.arange(n)))
+    train, val, meta = tt.load_data(tt.validate(tt.Config(data=str(tmp_path), seq_len=64)))
+    assert train.count == (600 - 64) + (500 - 64) and val.count == 300 - 64
+    assert (meta['tokenizer'], meta['vocab_size']) == ('gpt2', 50257)
+    assert '16-bit shards are taken as GPT-2 tokens' in capsys.readouterr().out
+    d = tmp_path / 'ts'
+    d.mkdir()
+    (d / 'TinyStories_train.bin').write_bytes(shard_bytes(np.arange(200)))
+    (d / 'TinyStories_val.bin').write_bytes(shard_bytes(np.arange(100)))
+    train, val, _ = tt.load_data(tt.validate(tt.Config(data=str(d), seq_len=16)))
+    assert (train.count, val.count) == (200 - 16, 100 - 16)
+
+
 def test_tinystories_download_and_tokenize(hub, tmp_path):
     url, files = hub
     stories = lambda n: ''.join(f'Once upon a time {i}.\n<|endoftext|>\n' for i in range(n)).encode()
@@ -253,6 +303,170 @@ def test_tinystories_download_and_tokenize(hub, tmp_path):
     assert r.returncode == 0, r.stderr
     meta = json.load(open(out / 'meta.json'))
     val = np.asarray(tt.open_shard(str(out / 'val_000000.bin')))
-    assert (val == 256).sum() == 4 and meta['splits']['val']['tokens'] == len(val)
+    assert (val == 256).sum() == 5 and meta['splits']['val']['tokens'] == len(val)
     assert meta['sources'][1]['sha256'] == hashlib.sha256(stories(5)).hexdigest()
-    assert bytes(val[:18].astype(np.uint8)) == b'Once upon a time 0'
+    assert val[0] == 256 and bytes(val[1:19].astype(np.uint8)) == b'Once upon a time 0'
+
+
+@pytest.mark.parametrize('left', ['smaller, no record', 'larger, no record', 'another URL', 'another version',
+                                  'larger than the file'])
+def test_a_stale_part_is_never_spliced_into_a_download(left, server, tmp_path):
+    url, _ = server
+    path = str(tmp_path / 'corpus.txt')
+    part = path + '.part'
+    garbage = b'#' * (100 if left in ('smaller, no record', 'another URL', 'another version') else len(CORPUS) + 50)
+    open(part, 'wb').write(garbage)
+    record = {'another URL': {'url': f'{url}/old.txt', 'total': len(CORPUS)},
+              'another version': {'url': f'{url}/ok.txt', 'total': len(CORPUS) + 7},
+              'larger than the file': {'url': f'{url}/ok.txt', 'total': len(CORPUS) + 50}}.get(left)
+    if record:
+        json.dump(record, open(part + '.json', 'w'))
+    prepare.download(f'{url}/ok.txt', path, allow_http=True)
+    assert open(path, 'rb').read() == CORPUS
+    assert not os.path.exists(part) and not os.path.exists(part + '.json')
+
+
+def test_a_trickling_download_gives_up(server, tmp_path, monkeypatch):
+    """One byte every 0.05 s: before the fix, it never ended (each read was within the timeout)."""
+    url, _ = server
+    monkeypatch.setattr(prepare, 'SLOW', (200, 1))  # 200 bytes a second at least
+    t = time.time()
+    with pytest.raises(prepare.PrepareError, match=r'trickle.txt: download failed \(slower than 200 bytes in 1s\)'):
+        prepare.download(f'{url}/trickle.txt', str(tmp_path / 't.txt'), retries=1, allow_http=True)
+    monkeypatch.setattr(prepare, 'SLOW', (1, 100))
+    monkeypatch.setattr(prepare, 'DEADLINE', (1, 10**12))  # an overall deadline of 1 s
+    with pytest.raises(prepare.PrepareError, match=r'download failed \(not finished after 1s'):
+        prepare.download(f'{url}/trickle.txt', str(tmp_path / 't.txt'), retries=3, allow_http=True)
+    assert time.time() - t < 15
+
+
+def encoded(text, tokenizer='gpt2'):
+    enc = prepare.get_encoding(tokenizer)
+    return [enc.eot_token] + enc.encode_ordinary(text)
+
+
+def shard_tokens(out, split):
+    return np.concatenate([np.asarray(tt.open_shard(str(p))) for p in sorted(out.glob(f'{split}_*.bin'))]).tolist()
+
+
+@pytest.mark.skipif(not os.path.exists(SHAKESPEARE), reason='needs ../shared/data/tinyshakespeare.txt')
+def test_parallel_tokenization_equals_encoding_the_whole_text(tmp_path, monkeypatch, capsys):
+    """~500 pieces of 2 KB, tokenized apart by 2 workers, give the tokens of one whole-text encode
+    (before the fix, a cut after a newline split GPT-2's '\\n\\n' tokens)."""
+    monkeypatch.setattr(prepare, 'CHUNK_BYTES', 2048)
+    out = tmp_path / 'out'
+    assert prepare.main(['text', f'--input={SHAKESPEARE}', f'--out={out}', '--workers=2', '--val_fraction=0.5']) == 0
+    text = open(SHAKESPEARE, encoding='utf-8').read()
+    half = int(len(text) * 0.5)
+    assert shard_tokens(out, 'train') == encoded(text[:half]) and shard_tokens(out, 'val') == encoded(text[half:])
+
+
+def test_byte_tokens_are_the_raw_bytes(tmp_path):
+    """latin-1 text, invalid UTF-8, binary and UTF-16: byte tokens are exactly the file's bytes
+    (before the fix they were decoded with errors='replace')."""
+    data = 'café naïve — ø\n'.encode('latin-1', errors='replace') * 50 + bytes(range(256)) + '☃'.encode('utf-16')
+    (tmp_path / 'in.bin').write_bytes(data)
+    out = tmp_path / 'out'
+    r = run_cli('prepare.py', 'text', f'--input={tmp_path / "in.bin"}', '--tokenizer=byte', f'--out={out}')
+    assert r.returncode == 0, r.stderr
+    cut = int(len(data) * 0.9)
+    assert shard_tokens(out, 'train') == [256] + list(data[:cut]) and shard_tokens(out, 'val') == [256] + list(data[cut:])
+
+
+def test_bpe_refuses_text_that_is_not_utf8_or_takes_its_encoding(tmp_path):
+    text = 'Voilà, ça marche.\n' * 200
+    (tmp_path / 'latin.txt').write_bytes(text.encode('latin-1'))
+    r = run_cli('prepare.py', 'text', f'--input={tmp_path / "latin.txt"}', f'--out={tmp_path / "o"}')
+    assert r.returncode == 2 and r.stderr.strip() == (
+        f'error: {tmp_path / "latin.txt"}: not UTF-8 at byte 4; pass --encoding=NAME (latin-1, cp1252, utf-16, ...) '
+        'or --tokenizer=byte'), r.stderr
+    for encoding in ('latin-1', 'utf-16'):
+        (tmp_path / 'in.txt').write_bytes(text.encode(encoding))
+        out = tmp_path / encoding
+        r = run_cli('prepare.py', 'text', f'--input={tmp_path / "in.txt"}', f'--encoding={encoding}', f'--out={out}')
+        assert r.returncode == 0, r.stderr
+        half = int(len(text) * 0.9)
+        assert shard_tokens(out, 'train') == encoded(text[:half]) and shard_tokens(out, 'val') == encoded(text[half:])
+    (tmp_path / 'bad.txt').write_bytes(b'abc\xff')
+    r = run_cli('prepare.py', 'text', f'--input={tmp_path / "bad.txt"}', '--encoding=ascii', f'--out={tmp_path / "a"}')
+    assert r.returncode == 2 and 'bad.txt: not valid ascii at byte 3' in r.stderr, r.stderr
+
+
+def test_reprepare_keeps_only_what_meta_lists(tmp_path):
+    """Fewer shards the second time: before the fix the old ones stayed and were trained on."""
+    out = tmp_path / 'out'
+    args = ['text', f'--input={SHAKESPEARE}', '--tokenizer=byte', f'--out={out}']
+    assert run_cli('prepare.py', *args, '--shard_tokens=300000').returncode == 0
+    assert sorted(p.name for p in out.glob('train_*.bin')) == [f'train_00000{i}.bin' for i in range(4)]
+    r = run_cli('prepare.py', *args)
+    assert r.returncode == 0 and 'preparing' in r.stdout and 'again' in r.stdout, r.stderr
+    assert sorted(p.name for p in out.glob('*.bin')) == ['train_000000.bin', 'val_000000.bin']
+    assert 'already prepared' in run_cli('prepare.py', *args).stdout
+    write_shard = tt.open_shard  # a stale shard that meta.json does not list is not trained on
+    (out / 'train_000007.bin').write_bytes((out / 'train_000000.bin').read_bytes())
+    train, _, _ = tt.load_data(tt.validate(tt.Config(data=str(out), seq_len=64)))
+    assert len(train.shards) == 1
+
+
+def test_workers_end_when_prepare_is_killed(tmp_path):
+    """SIGKILL runs no clean-up: before the fix the tokenizer processes lived on, orphaned."""
+    if not os.path.isdir('/proc'):
+        pytest.skip('needs /proc (Linux)')
+    (tmp_path / 'big.txt').write_bytes(open(SHAKESPEARE, 'rb').read() * 40 if os.path.exists(SHAKESPEARE) else CORPUS * 40)
+    p = subprocess.Popen([sys.executable, os.path.join(ROOT, 'prepare.py'), 'text', f'--input={tmp_path / "big.txt"}',
+                          f'--out={tmp_path / "o"}', '--workers=2'], cwd=ROOT, stdout=subprocess.PIPE, stderr=subprocess.PIPE)
+
+    def children():
+        found = []
+        for pid in filter(str.isdigit, os.listdir('/proc')):
+            try:
+                if int(open(f'/proc/{pid}/stat').read().rsplit(')', 1)[1].split()[1]) == p.pid:
+                    found.append(int(pid))
+            except (OSError, IndexError, ValueError):
+                pass
+        return found
+
+    deadline = time.time() + 60
+    while len(workers := children()) < 2 and time.time() < deadline:
+        time.sleep(0.2)
+    assert len(workers) >= 2
+    time.sleep(2)  # tokenizing now
+    p.send_signal(signal.SIGKILL)
+    p.wait()
+    deadline = time.time() + 15
+    while any(os.path.exists(f'/proc/{w}') for w in workers) and time.time() < deadline:
+        time.sleep(0.2)
+    assert not any(os.path.exists(f'/proc/{w}') for w in workers)
+
+
+def test_a_full_disk_while_writing_shards_is_one_line_and_leaves_no_shard(tmp_path, monkeypatch, capsys):
+    real = open
+
+    class FullDisk:
+        def __init__(self, f):
+            self.f, self.written = f, 0
+
+        def write(self, data):
+            self.written += len(data)
+            if self.written > 5000:
+                raise OSError(28, 'No space left on device')
+            return self.f.write(data)
+
+        def __getattr__(self, name):
+            return getattr(self.f, name)
+
+    monkeypatch.setattr(prepare, 'open', lambda p, mode='r', *a, **k: FullDisk(real(p, mode, *a, **k))
+                        if str(p).endswith('.bin.tmp') else real(p, mode, *a, **k), raising=False)
+    out = tmp_path / 'out'
+    assert prepare.main(['text', f'--input={SHAKESPEARE}', '--tokenizer=byte', f'--out={out}']) == 2
+    err = capsys.readouterr().err
+    assert err.strip() == f'error: {out}/train_000000.bin.tmp: could not write (No space left on device); free some space ' \
+                          'and run the same command again', err
+    assert not list(out.glob('*.bin*')) and not (out / 'meta.json').exists()
+
+
+def test_out_that_is_a_file_is_one_line(tmp_path):
+    (tmp_path / 'notes').write_text('mine')
+    r = run_cli('prepare.py', 'text', f'--input={SHAKESPEARE}', '--tokenizer=byte', f'--out={tmp_path / "notes"}')
+    assert r.returncode == 2 and r.stderr.count('\n') == 1 and 'notes' in r.stderr, r.stderr
+    assert (tmp_path / 'notes').read_text() == 'mine'
