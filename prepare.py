@@ -565,10 +565,7 @@ def split_point(path, fraction, by_bytes):
 def transcode(path, encoding, raw):
     """A copy of a text file in UTF-8 (in raw/), from --encoding; a byte that is not valid in that
     encoding is a one-line error with its offset."""
-    try:
-        decoder = codecs.getincrementaldecoder(encoding)('strict')
-    except LookupError:
-        raise PrepareError(f'--encoding={encoding}: not an encoding Python knows (latin-1, cp1252, utf-16, ...)')
+    decoder = codecs.getincrementaldecoder(encoding)('strict')  # a known one: parse_flags checked
     out = os.path.join(raw, os.path.basename(path) + '.utf8')
     with open(path, 'rb') as src, open(out + '.tmp', 'wb') as dst:
         offset = 0
@@ -755,8 +752,15 @@ FLAGS = {
     'shard_tokens': (int, lambda v: v >= 1, 'at least 1'),
     'workers': (int, lambda v: v >= 0, 'at least 0 (0 = one per core)'),
     'allow_http': (bool, lambda v: True, 'true or false'),
-    'encoding': (str, bool, 'a text encoding'),
+    'encoding': (str, lambda v: known_encoding(v), 'an encoding Python knows (latin-1, cp1252, utf-16, ...)'),
 }
+
+
+def known_encoding(name):
+    try:
+        return bool(codecs.lookup(name))
+    except LookupError:
+        return False
 
 
 def flag_value(name, kind, eq, value):

@@ -220,8 +220,9 @@ def setting_checks(c):
     yield (1 <= c.seq_len <= c.context,
            f'--seq_len={c.seq_len} must be between 1 and the model context (--context={c.context})')
     yield c.steps >= 1, f'--steps={c.steps} must be at least 1'
-    yield (c.batch_size >= 1 and c.grad_accum >= 0 and c.batch_size % max(c.grad_accum, 1) == 0,
-           f'--batch_size={c.batch_size} must be a positive multiple of --grad_accum={c.grad_accum}')
+    yield c.batch_size >= 1 and c.grad_accum >= 0, '--batch_size must be >= 1, --grad_accum >= 0 (0 = the fewest that fit)'
+    yield (c.batch_size % max(c.grad_accum, 1) == 0,
+           f'--batch_size={c.batch_size} must be a multiple of --grad_accum={c.grad_accum}')
     yield c.lr > 0, f'--lr={c.lr} must be positive'
     yield 0 <= c.min_lr_frac <= 1, f'--min_lr_frac={c.min_lr_frac} must be in [0, 1]'
     yield c.warmup_steps >= 0, f'--warmup_steps={c.warmup_steps} must be >= 0'
@@ -2102,7 +2103,7 @@ def sample_token(logits, key, c):
     """logits (B, V) fp32 -> token ids (B,), with temperature, top-k and top-p (nucleus)."""
     if c.temperature == 0:
         return jnp.argmax(logits, -1)
-    logits = logits / c.temperature
+    logits = (logits - logits.max(-1, keepdims=True)) / c.temperature  # max first: no inf at tiny temperatures
     if c.top_k:
         kth = jax.lax.top_k(logits, min(c.top_k, logits.shape[-1]))[0][:, -1:]  # top_k > vocab: all
         logits = jnp.where(logits < kth, -jnp.inf, logits)
@@ -2157,7 +2158,8 @@ def sample(c, explicit):
             pass  # restore() below falls back past it with a warning, or explains
     fields = {f.name for f in dataclasses.fields(Config)}
     saved = {k: v for k, v in config.items() if k in fields and k not in explicit}
-    c = validate(dataclasses.replace(c, **saved))
+    c = dataclasses.replace(c, **saved)
+    c = validate(dataclasses.replace(c, seq_len=min(c.seq_len, c.context)))  # --context may shrink for sampling
     state, path, meta = restore(c, {'params': jax.eval_shape(lambda: init_params(c, jax.random.key(0)))})
     params = jax.device_put(state['params'])
     if not meta.get('tokenizer'):

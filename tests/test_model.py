@@ -132,6 +132,8 @@ def test_sampling_filters():
     draws = {int(tt.sample_token(logits, jax.random.key(i), c)[0]) for i in range(200)}
     assert draws == {0, 1}
     assert int(tt.sample_token(logits, jax.random.key(0), tiny_config(temperature=0))[0]) == 0
+    big = jnp.array([[3.0, 5.0, 4.0, -jnp.inf]])  # a tiny temperature is greedy (it overflowed to inf ties)
+    assert int(tt.sample_token(big, jax.random.key(0), tiny_config(temperature=1e-40))[0]) == 1
 
 
 def test_flops_per_token_formula():
