@@ -718,7 +718,7 @@ def prepare(dataset, args):
     request = {'dataset': dataset, **{k: v for k, v in args.items() if k in OUTPUT_FLAGS}}
     if os.path.exists(meta_path):
         meta, problem = read_json(meta_path, DATA_META)
-        files = [os.path.join(out, s) for split in (meta or {}).get('splits', {}).values() for s in split['shards']]
+        files = [os.path.join(out, s) for split in (meta or {}).get('splits', {}).values() for s in split.get('shards', [])]
         if meta and meta.get('request') == request and all(os.path.isfile(p) for p in files):
             print(f'{out} is already prepared ({meta_path}); delete it to prepare again')
             return out

@@ -1466,7 +1466,7 @@ def trim_log(path, step):
 
     if not os.path.exists(path):
         return
-    with open(path) as f:
+    with open(path, encoding='utf-8', errors='replace') as f:  # a damaged line is dropped, not a traceback
         lines = f.readlines()
     kept = [line.rstrip('\n') + '\n' for line in lines if keep(line)]  # whole lines, for the appends to come
     if kept == lines:

@@ -85,6 +85,17 @@ def test_plan_spends_the_budget_on_twenty_tokens_per_param():
         assert m.d_model % 128 == 0 and tt.head_dim(m) == 128 and abs(m.d_model / m.n_layer - 64) <= 64
 
 
+def test_damaged_bench_records_are_skipped(tmp_path):
+    """Lines plan cannot use (not JSON, a string or boolean MFU, out of range, not an object) are
+    skipped; the last good one counts."""
+    lines = [json.dumps({'chip': 'v5e', 'mfu': 0.3}), '{"chip": "v5e", "mfu": ', json.dumps({'chip': 'v5e', 'mfu': 'fast'}),
+             json.dumps({'chip': 'v5e', 'mfu': True}), json.dumps({'chip': 'v5e', 'mfu': 7}), '[1, 2]', '\xff\xfe']
+    (tmp_path / 'bench.jsonl').write_text('\n'.join(lines) + '\n', encoding='latin-1')
+    c = tt.validate(tt.make_config({'budget': 40.0, 'hardware': 'v5e', 'out': str(tmp_path)}, 'tpu'))
+    mfu, how = tt.bench_mfu(c, tt.chip_named('v5e'))
+    assert mfu == 0.3 and how.startswith('measured by bench')
+
+
 def test_plan_command_prints_a_runnable_command(tmp_path):
     (tmp_path / 'bench.jsonl').write_text(json.dumps({'chip': 'v5e', 'mfu': 0.25}) + '\n')
     r = run_cli('plan', '--budget=40', '--hardware=v5e', f'--out={tmp_path}')

@@ -509,6 +509,9 @@ def test_log_is_rewritten_whole_or_not_at_all(tmp_path, monkeypatch):
     log.write_text('{"step": 1}')  # a last record without its newline: the next append must not join it
     tt.trim_log(str(log), 2)
     assert log.read_text() == '{"step": 1}\n'
+    log.write_bytes(b'{"step": 1}\n\xff\xfe garbage\n{"step": "2"}\n[3]\n')  # damaged lines: dropped
+    tt.trim_log(str(log), 2)
+    assert log.read_text() == '{"step": 1}\n'
 
 
 def test_log_through_a_symlink_is_refused(byte_data, tmp_path):
