@@ -96,7 +96,8 @@ class Config:
     grad_clip: float = _f(1.0, 'clip gradients to this global norm (0 = off)')
     dtype: str = _f('auto', 'matmul dtype: auto (bfloat16 on TPU/GPU, float32 on CPU), float32, bfloat16')
     cpu_devices: int = _f(2, 'CPU only: virtual devices to split each batch over (data parallel)')
-    fsdp: str = _f('auto', 'shard params and optimizer state over devices: auto (on for >1 TPU/GPU), true, false')
+    fsdp: str = _f('auto', 'shard params and optimizer state over devices: auto (when replicated they would take '
+                           'over half of a TPU/GPU), true, false')
     distributed: bool = _f(False, 'multi-host: call jax.distributed.initialize() first (TPU pod slices)')
     coordinator: str = _f('', 'multi-host elsewhere: address:port of process 0 (implies --distributed)')
     num_processes: int = _f(1, 'multi-host elsewhere: number of processes')
@@ -426,15 +427,11 @@ def kernel_for(name, c):
 
 def causal_attention(q, k, v, pos, c):
     """Attention over one chunk of positions pos (no KV cache), by the kernel c.attention names
-    (auto = xla until pick_attention resolves it). XLA splits plain jnp code over the devices of
-    a mesh by itself, but not a custom kernel: shard_map hands each device its rows of the batch."""
+    (auto = xla until pick_attention resolves it). On several devices this runs inside
+    shard_map (device_grads): a kernel sees only this device's rows of the batch."""
     if c.attention not in KERNELS:
         return attention(q, k, v, pos, pos)
-    kernel = kernel_for(c.attention, c)
-    mesh = jax.sharding.get_abstract_mesh()
-    if not mesh.empty and 'data' in mesh.axis_names:
-        kernel = jax.shard_map(kernel, in_specs=P('data'), out_specs=P('data'), check_vma=False)
-    return kernel(q, k, v)
+    return kernel_for(c.attention, c)(q, k, v)
 
 
 def pick_attention(c, device=None):
@@ -466,11 +463,13 @@ def pick_attention(c, device=None):
     return dataclasses.replace(c, attention=want), want
 
 
-def block(x, w, c, pos, rot, cache=None):
+def block(x, w, c, pos, rot, cache=None, gather=None):
     """One pre-norm transformer block. x (B,T,D); w holds this layer's weights (cast to x.dtype);
     rot = rope_table(pos). With a KV cache (k, v of shape (B, K, context, H)), this chunk's keys
-    and values are written at positions pos and attention runs over the whole cache."""
+    and values are written at positions pos and attention runs over the whole cache. With FSDP,
+    w holds this device's shards and gather assembles them here, where they are used."""
     N, K = c.n_head, c.n_kv_head
+    w = gather('layers', w) if gather else w
     h = rms_norm(x)
     qkv = jnp.einsum('BTD,DJH->BJTH', h, w['qkv'])                     # J = N + 2K heads
     qk = rope(rms_norm(qkv[:, :N + K]), *rot)                            # QK-norm, then RoPE
@@ -520,32 +519,43 @@ def unembed_bwd(saved, g):
 unembed.defvjp(unembed_fwd, unembed_bwd)
 
 
-def forward(params, tokens, c, cache=None, pos0=0):
+def forward(params, tokens, c, cache=None, pos0=0, gather=None):
     """tokens (B,T) int32 -> logits (B,T,V) fp32, padded vocab entries at -inf.
     With `cache` (stacked per-layer k, v: (L,B,K,context,H)), tokens sit at positions pos0.. and
-    the updated cache is returned too: that is how sampling avoids recomputing the prefix."""
+    the updated cache is returned too: that is how sampling avoids recomputing the prefix.
+    With FSDP (inside shard_map, see device_grads), params are this device's shards and
+    gather(name, weights) all-gathers them, in the compute dtype, where each is used."""
     dt = compute_dtype(c)
     T = tokens.shape[1]
     pos = pos0 + jnp.arange(T)
     rot = rope_table(pos, head_dim(c), c.rope_theta)
     layers = jax.tree.map(lambda w: w.astype(dt), params['layers'])
-    block_fn = block if c.remat == 'none' else jax.checkpoint(block, policy=REMAT[c.remat], static_argnums=(2,))
-    x = params['embed'].astype(dt)[tokens]                                 # (B,T,D)
+    block_fn = lambda x, w, pos, rot, cache: block(x, w, c, pos, rot, cache, gather)  # noqa: E731
+    if c.remat != 'none':
+        block_fn = jax.checkpoint(block_fn, policy=REMAT[c.remat])
+    embed = params['embed'].astype(dt)
+    embed = gather('embed', embed) if gather else embed
+    x = embed[tokens]                                                      # (B,T,D)
     if c.scan_layers:  # one compiled block, looped L times: compile time independent of depth
         def body(x, layer):
             w, layer_cache = layer
-            return block_fn(x, w, c, pos, rot, layer_cache)
+            return block_fn(x, w, pos, rot, layer_cache)
         x, cache = jax.lax.scan(body, x, (layers, cache))
     else:              # L copies of the block: longer compile, lets XLA fuse across layers
         caches = []
         for l in range(c.n_layer):
             w = jax.tree.map(lambda a: a[l], layers)
-            x, layer_cache = block_fn(x, w, c, pos, rot, None if cache is None else (cache[0][l], cache[1][l]))
+            x, layer_cache = block_fn(x, w, pos, rot, None if cache is None else (cache[0][l], cache[1][l]))
             caches.append(layer_cache)
         if cache is not None:
             cache = tuple(jnp.stack(kv) for kv in zip(*caches))
     x = rms_norm(x)
-    logits = unembed(x, (params['embed'].T if c.tie_embed else params['unembed']).astype(dt))
+    if c.tie_embed:
+        out = embed.T
+    else:
+        out = params['unembed'].astype(dt)
+        out = gather('unembed', out) if gather else out
+    logits = unembed(x, out)
     if c.logit_softcap:
         logits = c.logit_softcap * jnp.tanh(logits / c.logit_softcap)
     logits = jnp.where(jnp.arange(logits.shape[-1]) < c.vocab_size, logits, -jnp.inf)
@@ -580,9 +590,9 @@ def flops_per_token(c):
 # Loss: mean next-token cross-entropy in fp32, in nats per token.
 
 
-def loss_fn(params, batch, c):
+def loss_fn(params, batch, c, gather=None):
     """batch (B, T+1) int32: inputs are batch[:, :-1], targets batch[:, 1:]."""
-    logits = forward(params, batch[:, :-1], c)                            # (B,T,V) fp32
+    logits = forward(params, batch[:, :-1], c, gather=gather)            # (B,T,V) fp32
     target_logit = jnp.take_along_axis(logits, batch[:, 1:, None], -1)[..., 0]
     return jnp.mean(jax.nn.logsumexp(logits, -1) - target_logit)
 
@@ -1040,13 +1050,35 @@ def make_mesh(c):
 
 
 def setup_devices(c):
-    """What train and bench start from: the microbatches split evenly, the mesh, and the attention
-    kernel resolved. -> (config, mesh, a note on the kernel)."""
+    """What train and bench start from: the microbatches split evenly, the mesh, the attention
+    kernel and FSDP resolved. -> (config, mesh, a note on the kernel and the sharding)."""
     c = split_evenly(c)
     mesh = make_mesh(c)
     c, attention_note = pick_attention(c, mesh.devices.flat[0])
+    c, sharding_note = choose_fsdp(c, mesh)
     check_memory(c, mesh)
-    return c, mesh, attention_note
+    return c, mesh, f'attention {attention_note} | {sharding_note}'
+
+
+def choose_fsdp(c, mesh):
+    """Resolve --fsdp=auto: data parallel (params and AdamW state replicated: the least traffic,
+    one gradient all-reduce per step) while params, gradients and AdamW moments, 16 bytes per
+    parameter, take at most half of a device's memory, leaving the rest for activations; FSDP
+    above that (and on devices that do not report their memory). A CPU stays data parallel.
+    -> (config with --fsdp true or false, a note saying which, with the numbers)."""
+    replicated = 16 * count_params(jax.eval_shape(lambda: init_params(c, jax.random.key(0))))
+    limit = device_memory(c)
+    fsdp = c.fsdp == 'true' or (c.fsdp == 'auto' and mesh.size > 1 and backend(c) != 'cpu'
+                                and (not limit or replicated > limit / 2))
+    c = dataclasses.replace(c, fsdp='true' if fsdp else 'false')
+    of = f' of {size(limit)}' if limit else ''
+    if mesh.size == 1:
+        return c, f'one device: params, gradients and AdamW {size(replicated)}{of}'
+    if fsdp:
+        return c, (f'FSDP over {mesh.size} devices: params, gradients and AdamW {size(replicated / mesh.size)} per '
+                   f'device{of} ({size(replicated)} replicated{", over half" if limit and replicated > limit / 2 else ""})')
+    return c, (f'data parallel over {mesh.size} devices: params, gradients and AdamW {size(replicated)} per device{of}'
+               f'{" (FSDP from half)" if limit else ""}')
 
 
 def host_memory():
@@ -1083,6 +1115,8 @@ def check_memory(c, mesh):
 
 
 def use_fsdp(c, mesh):
+    """Whether params are sharded: --fsdp as choose_fsdp resolved it (auto, unresolved: on for
+    several TPUs or GPUs)."""
     return c.fsdp == 'true' or (c.fsdp == 'auto' and mesh.size > 1 and backend(c) != 'cpu')
 
 
@@ -1185,22 +1219,70 @@ def say(*args, **kw):
 @partial(jax.jit, static_argnames='c', donate_argnums=(0, 1))
 def train_step(params, opt, batch, c):
     """batch (grad_accum, micro_batch, seq_len + 1) -> new params, new opt state, stats."""
-    def micro(grad_sum, mb):
-        loss, grads = jax.value_and_grad(loss_fn)(params, mb, c)
-        return jax.tree.map(jnp.add, grad_sum, grads), loss
-
-    zeros = jax.tree.map(jnp.zeros_like, params)
-    grads, losses = jax.lax.scan(micro, zeros, batch)
-    grads = jax.tree.map(lambda g: g / batch.shape[0], grads)
+    loss, grads = on_devices(device_grads, params, batch, c, grads=True)
     lr = lr_schedule(opt['step'], c)
     params, opt, grad_norm = adamw_update(params, grads, opt, c)
-    return params, opt, {'loss': jnp.mean(losses), 'grad_norm': grad_norm, 'lr': lr}
+    return params, opt, {'loss': loss, 'grad_norm': grad_norm, 'lr': lr}
+
+
+def device_grads(params, batch, c, gather, axis):
+    """One device's part of a step: the mean loss and gradient of the microbatch rows it holds,
+    summed over the microbatches under lax.scan (grad_accum=4 gives the update of one 4x larger
+    batch at a quarter of the memory), then combined over the devices once: data parallel sums
+    the gradients in one all-reduce per step. With FSDP the gradient of each gathered weight
+    comes back already summed and scattered to this device's shard (the transpose of the
+    all-gather is a reduce-scatter), once per microbatch."""
+    def micro(grad_sum, mb):
+        loss, grads = jax.value_and_grad(loss_fn)(params, mb, c, gather)
+        return jax.tree.map(jnp.add, grad_sum, grads), loss
+
+    grads, losses = jax.lax.scan(micro, jax.tree.map(jnp.zeros_like, params), batch)
+    n, loss = batch.shape[0], jnp.mean(losses)
+    if axis:
+        n, loss = n * jax.lax.axis_size(axis), jax.lax.pmean(loss, axis)
+        grads = grads if gather else jax.lax.psum(grads, axis)
+    return loss, jax.tree.map(lambda g: g / n, grads)
+
+
+def device_loss(params, batches, c, gather, axis):
+    """One device's part of evaluating: the mean loss of its rows of a stack of batches."""
+    loss = jnp.mean(jax.lax.map(lambda b: loss_fn(params, b, c, gather), batches))
+    return jax.lax.pmean(loss, axis) if axis else loss
+
+
+def on_devices(fn, params, batches, c, grads=False):
+    """Run fn(params, batches, c, gather, axis) on every device of the mesh (jax.set_mesh) with
+    shard_map, each device on its rows of the batches (split along their second axis) and its
+    params: whole (data parallel) or its FSDP shards, which gather assembles where used. Its
+    output is replicated; with grads, a second output is sharded like the params. Without a mesh
+    of several devices, fn runs as it is."""
+    mesh = jax.sharding.get_abstract_mesh()
+    if mesh.empty or mesh.size == 1:
+        return fn(params, batches, c, None, None)
+    specs = jax.tree.map(lambda s: s.spec, state_shardings(c, mesh)['params'])
+    gather = all_gather_weights(c) if use_fsdp(c, mesh) else None
+    # check_vma=False: Pallas kernels (splash) do not declare how their outputs vary over the mesh;
+    # and so a device's gradient of replicated params stays its own until device_grads' psum
+    return jax.shard_map(partial(fn, c=c, gather=gather, axis='data'), mesh=mesh, in_specs=(specs, P(None, 'data')),
+                         out_specs=(P(), specs) if grads else P(), check_vma=False)(params, batches)
+
+
+def all_gather_weights(c):
+    """FSDP's gather(name, w): a layer's weights ('layers', its L axis already indexed away) or the
+    embedding, assembled from every device's shard along the FSDP axis param_specs names."""
+    axes = spec_map(lambda shape, std, axis: axis, param_specs(c))
+
+    def gather(name, w):
+        if name == 'layers':
+            return {k: jax.lax.all_gather(v, 'data', axis=axes['layers'][k] - 1, tiled=True) for k, v in w.items()}
+        return jax.lax.all_gather(w, 'data', axis=axes[name], tiled=True)
+    return gather
 
 
 @partial(jax.jit, static_argnames='c')
 def eval_loss(params, batches, c):
     """Mean loss over a stack of batches (n, B, T+1)."""
-    return jnp.mean(jax.lax.map(lambda b: loss_fn(params, b, c), batches))
+    return on_devices(device_loss, params, batches, c)
 
 
 # ----------------------------------------------------------------------------------------------
@@ -1397,7 +1479,7 @@ def start_run(c, held):
     if 'vocab_size' in meta:
         c = dataclasses.replace(c, vocab_size=int(meta['vocab_size']))
     validate(c)
-    c, mesh, attention_note = setup_devices(c)
+    c, mesh, device_note = setup_devices(c)
     try:
         os.makedirs(c.out, exist_ok=True)
     except OSError as e:
@@ -1413,9 +1495,7 @@ def start_run(c, held):
     say(f'tinytpu | preset {c.preset} | {jax.default_backend()} x{mesh.size} '
         f'({jax.devices()[0].device_kind}{f", {jax.process_count()} hosts" if jax.process_count() > 1 else ""}) '
         f'| {count_params(shapes["params"]) / 1e6:.2f}M params | dtype {jnp.dtype(compute_dtype(c)).name} '
-        f'| attention {attention_note} '
-        f'| {"FSDP" if use_fsdp(c, mesh) else "replicated"}, {state_bytes_per_device(c, mesh) / 2**20:,.1f} MiB '
-        f'params+optimizer per device | data {c.data} -> {c.out}')
+        f'| {device_note} | data {c.data} -> {c.out}')
     state, path, saved = restore(c, shapes, meta.get('tokenizer'))
     if path:
         say(f'resuming from {path}')
@@ -1757,7 +1837,7 @@ def time_steps(c, mesh):
 def bench(c):
     if c.topology:
         return bench_topology(c)
-    c, mesh, attention_note = setup_devices(c)
+    c, mesh, device_note = setup_devices(c)
     c, compile_s, times, buffers, params = time_steps(c, mesh)
     median, flops, peak = float(np.median(times)), flops_per_token(c), hardware_peak(c, mesh.size)
     tokens_per_sec = c.batch_size * c.seq_len / median
@@ -1776,7 +1856,7 @@ def bench(c):
          'price_per_hour': price,
          'dollars_per_million_tokens': price / 3600 / tokens_per_sec * 1e6 if price else None}
     say(f"bench | {c.preset} | {r['backend']} x{mesh.size} ({r['device']}) | {r['params'] / 1e6:.2f}M params "
-        f"| {r['tokens_per_step']} tokens/step | attention {attention_note} | compile {compile_s:.1f}s")
+        f"| {r['tokens_per_step']} tokens/step | {device_note} | compile {compile_s:.1f}s")
     mfu = f"MFU {r['mfu']:.1%} of {peak / 1e12:.3g} TFLOP/s" if peak else \
         'MFU unknown (unknown chip: pass --peak_flops)'
     say(f"{r['ms_per_step']:.1f} ms/step, median of {c.bench_steps} (min {r['ms_min']:.1f}, max {r['ms_max']:.1f}) "
@@ -1918,7 +1998,7 @@ def splash_flops(c, mesh):
 def bench_topology(c):
     """bench --topology: compile (never run) the train and eval steps for a TPU slice, with the
     fewest microbatches that fit its memory, and print their memory and estimated speed."""
-    c, mesh, attention_note = setup_devices(c)
+    c, mesh, device_note = setup_devices(c)
     chip = this_chip(mesh.devices.flat[0].device_kind)
     state = state_shapes(c, mesh)
     t = time.perf_counter()
@@ -1941,8 +2021,7 @@ def bench_topology(c):
          'collective_bytes_per_step': est['collective_bytes'], 'flops_per_token': flops}
     price = chip.price * mesh.size
     say(f"bench | {c.preset} | compiled for {c.topology}: {mesh.size} x {chip.name} ({mesh.devices.flat[0].device_kind}) "
-        f"| {r['params'] / 1e6:.2f}M params | attention {attention_note} "
-        f"| {'FSDP' if r['fsdp'] else 'replicated'} | compile {compile_s:.1f}s (not run)")
+        f"| {r['params'] / 1e6:.2f}M params | {device_note} | compile {compile_s:.1f}s (not run)")
     say(f"memory per device: train step {size(train_bytes)}, eval step {size(eval_bytes)} of {size(chip.memory)} HBM "
         f"-> {'fits' if all(r['fits'].values()) else 'DOES NOT FIT'} with {c.grad_accum} microbatches of "
         f"{r['microbatch']} x {c.seq_len} tokens")

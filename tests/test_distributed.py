@@ -59,7 +59,7 @@ def single(tmp_path_factory, request):
 def test_eight_devices_match_one(single, fsdp):
     d, reference = single
     out = finish(run(d / 'data', d / f'eight_{fsdp}', 12, '--cpu_devices=8', f'--fsdp={fsdp}'))
-    assert f'cpu x8' in out and ('FSDP' if fsdp == 'true' else 'replicated') in out
+    assert f'cpu x8' in out and ('FSDP over 8 devices' if fsdp == 'true' else 'data parallel over 8 devices') in out
     assert_close(losses(d / f'eight_{fsdp}'), reference)
 
 
@@ -96,6 +96,43 @@ print('ok')
 '''
     r = subprocess.run([sys.executable, '-c', script], cwd=ROOT, capture_output=True, text=True, timeout=300)
     assert r.returncode == 0 and r.stdout.strip() == 'ok', r.stderr
+
+
+def test_what_moves_between_devices_is_gradients_once_or_weights():
+    """Compiled for 8 virtual devices with 2 microbatches per step. Data parallel: the gradients
+    are all-reduced once per step, after the microbatch loop, and nothing is gathered. FSDP: what
+    is all-gathered (and reduce-scattered back) is weights, never activations."""
+    script = '''
+import jax, tinytpu as tt
+tt.use_cpu_devices(8)
+for fsdp in ('false', 'true'):
+    c = tt.validate(tt.Config(n_layer=2, d_model=32, n_head=4, n_kv_head=2, seq_len=16, context=16, batch_size=16,
+                              grad_accum=2, fsdp=fsdp))
+    mesh = tt.make_mesh(c)
+    state = tt.state_shapes(c, mesh)
+    with jax.set_mesh(mesh):
+        hlo = tt.compile_step(state['params'], state['opt'], mesh, c).as_text()
+    comps, entry = tt.hlo_computations(hlo)
+    loops = {b for ops in comps.values() for *_, op, line in ops if op == 'while' for b in __import__('re').findall(r'body=%([\\w.\\-]+)', line)}
+    found = [(name in loops, op.removesuffix('-start'), t) for name, ops in comps.items() for _, t, op, _ in ops
+             if op.removesuffix('-start') in tt.COLLECTIVES]
+    if fsdp == 'false':
+        assert [op for _, op, _ in found] == ['all-reduce'], found  # one, combining every gradient (and the loss)
+        assert not found[0][0], 'the all-reduce runs inside the microbatch loop'
+        grads = sum(tt.array_bytes(found[0][2]))
+        assert grads >= 4 * tt.count_params(state['params']), (grads, found)
+    else:
+        weights = {tuple(shape[1:]) for shape, std, axis in jax.tree.leaves(tt.param_specs(c)['layers'],
+                   is_leaf=lambda s: isinstance(s, tuple) and len(s) == 3)} | {tt.param_specs(c)['embed'][0]}
+        gathered = [tuple(int(d) for d in __import__('re').search(r'\\[([\\d,]*)\\]', t)[1].split(',')) for _, op, t in found
+                    if op == 'all-gather']
+        assert gathered and set(gathered) <= weights, (gathered, weights)
+        assert sum(op == 'reduce-scatter' for _, op, _ in found) == len(gathered), found
+        assert not [f for f in found if f[1] == 'all-to-all'], found
+print('ok')
+'''
+    r = subprocess.run([sys.executable, '-c', script], cwd=ROOT, capture_output=True, text=True, timeout=300)
+    assert r.returncode == 0 and r.stdout.strip() == 'ok', r.stderr[-3000:]
 
 
 def test_checkpoints_move_between_topologies(single):
