@@ -1927,9 +1927,18 @@ def array_bytes(hlo_type):
             for dt, dims in re.findall(r'\b([a-z]+\d*)\[([\d,]*)\]', hlo_type)]
 
 
-def ring_bytes(collective, hlo_type, n_devices):
-    """Bytes one chip sends for a collective over n_devices whose largest array is hlo_type's."""
-    return COLLECTIVES[collective] * max(array_bytes(hlo_type)) * (n_devices - 1) / n_devices
+def ring_bytes(opcode, hlo_type, n_devices):
+    """Bytes one chip sends, by ring algorithm, for a collective over n_devices whose output type
+    is hlo_type (a tuple when XLA combined several; an async -start op's tuple holds its operands
+    first, then its outputs). A reduce-scatter's output is 1/n of the data it reduces; an all-reduce
+    that XLA slices right after (an "all-reduce-scatter" fusion) is counted like one too."""
+    collective, arrays = opcode.removesuffix('-start'), array_bytes(hlo_type)
+    if collective == 'collective-permute':  # each chip sends its operand once, to one neighbour
+        return max(arrays)
+    if opcode.endswith('-start'):
+        arrays = arrays[len(arrays) // 2:]
+    data = sum(arrays) * (n_devices if collective == 'reduce-scatter' else 1)
+    return COLLECTIVES[collective] * data * (n_devices - 1) / n_devices
 
 
 def trip_count(comps, condition):
@@ -1963,8 +1972,9 @@ def estimate_step(compiled, chip, n_devices, kernel_flops):
             callee = re.search(r'calls=%([\w.\-]+)', line) if opcode == 'fusion' else None
             inner = comps.get(callee[1], []) if callee else []
             parts = [(opcode, hlo_type)] + [(op, t) for _, t, op, _ in inner]
-            moved = sum(ring_bytes(op.removesuffix('-start'), t, n_devices) for op, t in parts
-                        if op.removesuffix('-start') in COLLECTIVES and n_devices > 1)
+            scatter = callee and 'all-reduce-scatter' in callee[1]  # all-reduce + slice: a reduce-scatter
+            moved = sum(ring_bytes('reduce-scatter' if scatter else op, t, n_devices) / (n_devices if scatter else 1)
+                        for op, t in parts if op.removesuffix('-start') in COLLECTIVES and n_devices > 1)
             totals['collective_bytes'] += times * moved
             cycles = re.search(r'"estimated_cycles":"(\d+)"', line)
             if not cycles:  # the cost model did not price it: its bytes go over the links at ICI speed

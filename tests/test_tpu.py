@@ -12,7 +12,8 @@ import tinytpu as tt
 # A compiled module as libtpu prints it, cut down: a loop run 4 times around a fusion of 1,000
 # estimated cycles, a splash kernel call whose metadata runs over two lines (its '}}' must not
 # end the computation), an all-reduce, an all-gather run as a fusion the cost model does not
-# price and one inside a fusion it does (100 cycles), and 500 cycles outside the loop.
+# price and one inside a fusion it does (100 cycles), and 500 cycles outside the loop with a
+# reduce-scatter, two all-reduces XLA combined into one, and a collective permute.
 HLO = '''HloModule jit_train_step, entry_computation_layout={(f32[8]{0})->f32[8]{0}}
 
 %cond (p: (s32[], f32[8])) -> pred[] {
@@ -43,6 +44,9 @@ HLO = '''HloModule jit_train_step, entry_computation_layout={(f32[8]{0})->f32[8]
 ENTRY %main (a: f32[8]) -> f32[8] {
   %a = f32[8]{0} parameter(0)
   %while.1 = (s32[], f32[8]{0}) while(%t.0), condition=%cond, body=%body
+  %reduce-scatter.1 = bf16[4]{0} reduce-scatter(%a), dimensions={0}, to_apply=%add
+  %all-reduce.3 = (f32[8]{0}, f32[4]{0}) all-reduce(%a, %a), to_apply=%add
+  %collective-permute-start.1 = (bf16[8]{0}, bf16[8]{0}, u32[], u32[]) collective-permute-start(%a)
   ROOT %fusion.2 = f32[8]{0} fusion(%while.1), kind=kLoop, calls=%g, backend_config={"estimated_cycles":"500"}
 }
 '''
@@ -62,8 +66,11 @@ def test_estimate_counts_loop_iterations_kernels_and_collectives():
     # an all-gather of 16 bytes once: 16 * (n-1)/n; both gathers move bytes, the priced one's time
     # is in its cycles already
     all_reduce, gather = 2 * 32 * 1 / 2, 16 * 1 / 2
-    assert est['collective_bytes'] == 4 * (all_reduce + 2 * gather)
-    assert est['collective_seconds'] == pytest.approx(4 * (all_reduce + gather) / 8.0)
+    # outside the loop: a reduce-scatter to bf16[4] reduces 16 bytes: 16 * (n-1)/n; two arrays
+    # all-reduced together (48 bytes): 2 * 48 * (n-1)/n; a collective permute sends its 16 bytes
+    once = 16 * 1 / 2 + 2 * 48 * 1 / 2 + 16
+    assert est['collective_bytes'] == 4 * (all_reduce + 2 * gather) + once
+    assert est['collective_seconds'] == pytest.approx((4 * (all_reduce + gather) + once) / 8.0)
     assert est['seconds'] == pytest.approx(est['xla_seconds'] + est['kernel_seconds'] + est['collective_seconds'])
     assert est['costliest'] == [('f32[8] fusion', pytest.approx(4.5)), ('bf16[8] fusion', pytest.approx(0.4))]
     one_chip = tt.estimate_step(Compiled(), chip, n_devices=1, kernel_flops={})
