@@ -966,9 +966,10 @@ def load_checkpoint(path, template):
 # ----------------------------------------------------------------------------------------------
 # Devices: one Mesh over every device (of every host) with a 'data' axis. Each batch is split
 # along it, so every device computes the gradient of its slice. Params and AdamW moments are
-# either replicated (XLA all-reduces the gradients) or, with FSDP (ZeRO-3), split along one large
-# axis per weight, chosen in param_specs: XLA all-gathers each weight where it is used and
-# reduce-scatters its gradient, so a model too big for one chip trains on several. On CPU the
+# either replicated (one all-reduce of the gradients per step) or, with FSDP (ZeRO-3), split
+# along one large axis per weight, chosen in param_specs: each weight is all-gathered where it is
+# used and its gradient reduce-scattered (train step, below), so a model too big for one chip
+# trains on several. choose_fsdp picks by memory. On CPU the
 # mesh pays off too: XLA threads small matmuls poorly, and splitting the batch over one virtual
 # device per core (--cpu_devices) ran the quickstart 1.4x faster on 2 cores.
 
@@ -1212,8 +1213,10 @@ def say(*args, **kw):
 
 # ----------------------------------------------------------------------------------------------
 # Train step: one jit-compiled function with the params and optimizer state donated (updated in
-# place, no second copy). Microbatches run under lax.scan, summing gradients, so grad_accum=4
-# gives the same update as one 4x larger batch (within fp32 rounding) at a quarter the memory.
+# place, no second copy). On several devices it runs under shard_map, so what moves between
+# them is written here, not left to the compiler: each device computes the gradient of its rows
+# of the batch (device_grads), and the devices combine them once per step, or, with FSDP,
+# assemble each layer's weights where it runs and scatter its gradient back (all_gather_weights).
 
 
 @partial(jax.jit, static_argnames='c', donate_argnums=(0, 1))
@@ -1229,9 +1232,10 @@ def device_grads(params, batch, c, gather, axis):
     """One device's part of a step: the mean loss and gradient of the microbatch rows it holds,
     summed over the microbatches under lax.scan (grad_accum=4 gives the update of one 4x larger
     batch at a quarter of the memory), then combined over the devices once: data parallel sums
-    the gradients in one all-reduce per step. With FSDP the gradient of each gathered weight
-    comes back already summed and scattered to this device's shard (the transpose of the
-    all-gather is a reduce-scatter), once per microbatch."""
+    the gradients in one all-reduce per step, in the compute dtype (bf16 on TPU/GPU: half the
+    bytes). With FSDP the gradient of each gathered weight comes back already summed and
+    scattered to this device's shard (the transpose of the all-gather is a reduce-scatter, in
+    the compute dtype too), once per microbatch."""
     def micro(grad_sum, mb):
         loss, grads = jax.value_and_grad(loss_fn)(params, mb, c, gather)
         return jax.tree.map(jnp.add, grad_sum, grads), loss
@@ -1240,7 +1244,9 @@ def device_grads(params, batch, c, gather, axis):
     n, loss = batch.shape[0], jnp.mean(losses)
     if axis:
         n, loss = n * jax.lax.axis_size(axis), jax.lax.pmean(loss, axis)
-        grads = grads if gather else jax.lax.psum(grads, axis)
+        if not gather:
+            summed = jax.lax.psum(jax.tree.map(lambda g: g.astype(compute_dtype(c)), grads), axis)
+            grads = jax.tree.map(lambda g: g.astype(jnp.float32), summed)
     return loss, jax.tree.map(lambda g: g / n, grads)
 
 
