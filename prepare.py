@@ -809,12 +809,18 @@ def main(argv):
     except KeyboardInterrupt:
         print('\ninterrupted; re-run the same command to continue', file=sys.stderr)
         return 130
-    except OSError as e:  # a file the user named or made: missing, a directory, not allowed, disk full
-        if not e.filename:
-            raise
-        print(f'error: {e.filename}: {e.strerror}', file=sys.stderr)
-        return 2
+    except OSError as e:
+        return file_error(e)
     return 0
+
+
+def file_error(e):
+    """An OSError on a file the user named or made (missing, a directory, not allowed, a full
+    disk) as one line and exit code 2, for both scripts; one that names no file is re-raised."""
+    if not e.filename:
+        raise e
+    print(f'error: {e.filename}: {e.strerror}', file=sys.stderr)
+    return 2
 
 
 if __name__ == '__main__':

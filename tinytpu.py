@@ -43,8 +43,8 @@ import jax.numpy as jnp
 import numpy as np
 from jax.sharding import Mesh, NamedSharding, PartitionSpec as P
 
-from prepare import (DATA_META, PrepareError, file_sha256, flag_value, get_encoding, integer, number,  # the companion script
-                     optional, read_json, text)
+from prepare import (DATA_META, PrepareError, file_error, file_sha256, flag_value,  # the companion script
+                     get_encoding, integer, number, optional, read_json, text)
 
 # ----------------------------------------------------------------------------------------------
 # Config: every setting in one frozen dataclass. `--name=value` overrides a field, a preset sets
@@ -2391,10 +2391,7 @@ def main(argv):
         os.dup2(os.open(os.devnull, os.O_WRONLY), sys.stdout.fileno())
         return 0
     except OSError as e:  # a file the user named or made: missing, a directory, not allowed, disk full
-        if not e.filename:
-            raise
-        print(f'error: {e.filename}: {e.strerror}', file=sys.stderr)
-        return 2
+        return file_error(e)
     except jax.errors.JaxRuntimeError as e:
         if not out_of_memory(e):
             raise
