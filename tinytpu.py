@@ -363,13 +363,59 @@ def rope(x, sin, cos):
     return x * cos.astype(x.dtype) + (x @ rotate_half) * sin.astype(x.dtype)
 
 
+@partial(jax.custom_vjp, nondiff_argnums=(0,))
+def wide_einsum(spec, a, b):
+    """einsum(spec, a, b) multiplied in a's dtype, accumulated and returned in fp32, for what a
+    softmax follows (the logits, attention scores: it needs the range). A custom gradient keeps
+    the two backward matmuls in a's dtype too: JAX's own would multiply the fp32 gradient by fp32
+    copies of a and b, TF32 at best on a GPU. (On a TPU libtpu estimates both the same: its
+    compiler already rounds there.)"""
+    return jnp.einsum(spec, a, b, preferred_element_type=wide(a.dtype))
+
+
+def wide_einsum_fwd(spec, a, b):
+    return wide_einsum(spec, a, b), (a, b)
+
+
+def wide_einsum_bwd(spec, saved, g):
+    a, b = saved
+    (x, y), z = spec.split('->')[0].split(','), spec.split('->')[1]
+    g = g.astype(a.dtype)
+    da = jnp.einsum(f'{z},{y}->{x}', g, b, preferred_element_type=wide(a.dtype))
+    db = jnp.einsum(f'{x},{z}->{y}', a, g, preferred_element_type=wide(a.dtype))
+    return da.astype(a.dtype), db.astype(b.dtype)
+
+
+wide_einsum.defvjp(wide_einsum_fwd, wide_einsum_bwd)
+
+
+@jax.custom_vjp
+def embed_lookup(table, tokens):
+    """table[tokens]. Its gradient adds up the rows of repeated tokens in fp32, whatever the
+    table's dtype (JAX's own scatter-add would sum a bf16 table's in bf16), then rounds once."""
+    return table[tokens]
+
+
+def embed_lookup_fwd(table, tokens):
+    return table[tokens], (table, tokens)
+
+
+def embed_lookup_bwd(saved, g):
+    table, tokens = saved
+    summed = jnp.zeros(table.shape, wide(table.dtype)).at[tokens].add(g.astype(wide(table.dtype)))
+    return summed.astype(table.dtype), None
+
+
+embed_lookup.defvjp(embed_lookup_fwd, embed_lookup_bwd)
+
+
 def attention(q, k, v, q_pos, k_pos):
     """Causal grouped-query attention, heads first. q (B,N,T,H), k and v (B,K,S,H) -> (B,N,T,H).
     Position arrays say which keys each query may see: k_pos <= q_pos. Each K head serves
     N/K query heads; repeating it to N heads keeps every matmul a plain batched one."""
     N, K, H = q.shape[1], k.shape[1], q.shape[3]
     k, v = jnp.repeat(k, N // K, axis=1), jnp.repeat(v, N // K, axis=1)
-    scores = jnp.einsum('BNTH,BNSH->BNTS', q, k, preferred_element_type=wide(q.dtype))
+    scores = wide_einsum('BNTH,BNSH->BNTS', q, k)
     causal = jnp.where(q_pos[:, None] >= k_pos[None, :], 0.0, -jnp.inf)  # (T,S)
     weights = jax.nn.softmax(scores / math.sqrt(H) + causal, axis=-1)    # softmax in fp32
     return jnp.einsum('BNTS,BNSH->BNTH', weights.astype(v.dtype), v)
@@ -494,31 +540,6 @@ REMAT = {'none': None, 'full': jax.checkpoint_policies.nothing_saveable,
          'dots': jax.checkpoint_policies.dots_with_no_batch_dims_saveable}
 
 
-@jax.custom_vjp
-def unembed(x, w):
-    """Output projection x (B,T,D) @ w (D,V) -> logits (B,T,V), multiplied in x's dtype and
-    accumulated and returned in fp32 (the softmax needs the range). A custom gradient keeps its
-    two backward matmuls in x's dtype too: JAX's own gradient multiplies the fp32 logit gradient
-    by fp32 copies of x and w, TF32 at best on a GPU. (On a TPU libtpu estimates both the same:
-    its compiler already rounds there.)"""
-    return jnp.einsum('BTD,DV->BTV', x, w, preferred_element_type=wide(x.dtype))
-
-
-def unembed_fwd(x, w):
-    return unembed(x, w), (x, w)
-
-
-def unembed_bwd(saved, g):
-    x, w = saved
-    g = g.astype(x.dtype)                                                 # (B,T,V)
-    dx = jnp.einsum('BTV,DV->BTD', g, w, preferred_element_type=wide(x.dtype))
-    dw = jnp.einsum('BTD,BTV->DV', x, g, preferred_element_type=wide(x.dtype))
-    return dx.astype(x.dtype), dw.astype(w.dtype)
-
-
-unembed.defvjp(unembed_fwd, unembed_bwd)
-
-
 def forward(params, tokens, c, cache=None, pos0=0, gather=None):
     """tokens (B,T) int32 -> logits (B,T,V) fp32, padded vocab entries at -inf.
     With `cache` (stacked per-layer k, v: (L,B,K,context,H)), tokens sit at positions pos0.. and
@@ -535,7 +556,7 @@ def forward(params, tokens, c, cache=None, pos0=0, gather=None):
         block_fn = jax.checkpoint(block_fn, policy=REMAT[c.remat])
     embed = params['embed'].astype(dt)
     embed = gather('embed', embed) if gather else embed
-    x = embed[tokens]                                                      # (B,T,D)
+    x = embed_lookup(embed, tokens)                                        # (B,T,D)
     if c.scan_layers:  # one compiled block, looped L times: compile time independent of depth
         def body(x, layer):
             w, layer_cache = layer
@@ -555,7 +576,7 @@ def forward(params, tokens, c, cache=None, pos0=0, gather=None):
     else:
         out = params['unembed'].astype(dt)
         out = gather('unembed', out) if gather else out
-    logits = unembed(x, out)
+    logits = wide_einsum('BTD,DV->BTV', x, out)                            # fp32
     if c.logit_softcap:
         logits = c.logit_softcap * jnp.tanh(logits / c.logit_softcap)
     logits = jnp.where(jnp.arange(logits.shape[-1]) < c.vocab_size, logits, -jnp.inf)

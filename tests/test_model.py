@@ -1,4 +1,7 @@
 """Model: shapes, causality, padded vocab, gradients against float64 finite differences, KV cache."""
+import dataclasses
+import math
+import re
 from functools import partial
 
 import jax
@@ -210,21 +213,50 @@ def test_pick_attention_on_cpu():
     assert c.attention == 'splash' and note == 'splash'  # compiles in interpret mode
 
 
+@pytest.mark.parametrize('spec, a_shape, b_shape', [('BTD,DV->BTV', (2, 8, 16), (16, 40)),      # logits
+                                                   ('BNTH,BNSH->BNTS', (2, 3, 8, 16), (2, 3, 8, 16))])  # scores
 @pytest.mark.parametrize('dtype, tol', [(jnp.float32, 1e-6), (jnp.bfloat16, 2e-2)])
-def test_unembed_gradient_is_the_matmul_gradient(dtype, tol):
-    """The output projection's custom gradient (its matmuls in the compute dtype) equals JAX's
-    own gradient of the plain einsum: exactly up to float rounding in fp32, and within bf16
-    rounding in bf16 (the incoming logit gradient is rounded to bf16 first)."""
-    x = jax.random.normal(jax.random.key(0), (2, 8, 16)).astype(dtype)
-    w = (0.1 * jax.random.normal(jax.random.key(1), (16, 40))).astype(dtype)
-    weights = jnp.cos(jnp.arange(2 * 8 * 40).reshape(2, 8, 40))  # every logit weighted differently
-    plain = lambda x, w: jnp.einsum('BTD,DV->BTV', x, w, preferred_element_type=jnp.float32)
-    grads = [jax.grad(lambda x, w: jnp.sum(f(x, w) * weights), argnums=(0, 1))(x, w) for f in (plain, tt.unembed)]
-    np.testing.assert_array_equal(tt.unembed(x, w), plain(x, w))
+def test_wide_einsum_gradient_is_the_matmul_gradient(spec, a_shape, b_shape, dtype, tol):
+    """The custom gradient of the fp32-output matmuls (logits, attention scores; its matmuls in
+    the compute dtype) equals JAX's own gradient of the plain einsum: up to float rounding in
+    fp32, within bf16 rounding in bf16 (the incoming gradient is rounded to bf16 first)."""
+    a = jax.random.normal(jax.random.key(0), a_shape).astype(dtype)
+    b = (0.1 * jax.random.normal(jax.random.key(1), b_shape)).astype(dtype)
+    plain = lambda a, b: jnp.einsum(spec, a, b, preferred_element_type=jnp.float32)
+    out = plain(a, b)
+    weights = jnp.cos(jnp.arange(out.size).reshape(out.shape))  # every output weighted differently
+    grads = [jax.grad(lambda a, b: jnp.sum(f(a, b) * weights), argnums=(0, 1))(a, b)
+             for f in (plain, partial(tt.wide_einsum, spec))]
+    np.testing.assert_array_equal(tt.wide_einsum(spec, a, b), out)
     for g, g_custom in zip(*grads):
         assert g_custom.dtype == g.dtype == dtype
         np.testing.assert_allclose(g_custom.astype(np.float32), g.astype(np.float32), rtol=tol,
                                    atol=tol * float(jnp.abs(g.astype(jnp.float32)).max()))
+
+
+def test_embedding_gradient_sums_repeated_tokens_in_fp32():
+    """4,096 lookups of one row of a bf16 table: its gradient is the fp32 sum rounded once to
+    bf16 (a bf16 scatter-add, JAX's own, drifts: each add rounds)."""
+    table = jnp.zeros((5, 8), jnp.bfloat16)
+    tokens = jnp.full((4096,), 3)
+    g = (1 + jnp.arange(4096 * 8).reshape(4096, 8) % 7 / 1000).astype(jnp.bfloat16)
+    ours = jax.grad(lambda t: jnp.sum(tt.embed_lookup(t, tokens).astype(jnp.float32) * g))(table)
+    exact = jnp.sum(g.astype(jnp.float32), 0).astype(jnp.bfloat16)
+    np.testing.assert_array_equal(ours[3], exact)
+    theirs = jax.grad(lambda t: jnp.sum(t[tokens].astype(jnp.float32) * g))(table)
+    assert not np.array_equal(theirs[3], exact)  # what the custom gradient avoids
+
+
+def test_bf16_loss_is_the_fp32_loss_within_bf16_rounding():
+    c = tiny_config(dtype='float32')
+    params = tt.init_params(c, jax.random.key(0))
+    batch = jax.random.randint(jax.random.key(1), (4, 17), 0, c.vocab_size)
+    loss32, grads32 = jax.value_and_grad(tt.loss_fn)(params, batch, c)
+    loss16, grads16 = jax.value_and_grad(tt.loss_fn)(params, batch, dataclasses.replace(c, dtype='bfloat16'))
+    assert abs(float(loss16) - float(loss32)) <= 1e-2 * float(loss32)
+    for a, b in zip(jax.tree.leaves(grads16), jax.tree.leaves(grads32)):
+        assert a.dtype == jnp.float32
+        assert float(jnp.linalg.norm(a - b)) <= 0.05 * float(jnp.linalg.norm(b))
 
 
 def test_top_k_beyond_the_vocabulary_means_all_tokens():
@@ -233,3 +265,24 @@ def test_top_k_beyond_the_vocabulary_means_all_tokens():
     key = jax.random.key(1)
     all_tokens = tt.sample_token(logits, key, c)
     assert tt.sample_token(logits, key, tt.dataclasses.replace(c, top_k=10 ** 6)) == all_tokens
+
+
+def large_fp32_matmuls(preset, platform):
+    """The dot_generals of a preset's train step, lowered for a platform (no device needed), whose
+    output has more than 2^20 elements and that take an fp32 operand."""
+    c = tt.validate(tt.make_config({'preset': preset, 'batch_size': 8, 'grad_accum': 1, 'attention': 'xla',
+                                    'dtype': 'bfloat16', 'scan_layers': True}, 'cpu'))
+    state = jax.eval_shape(lambda: tt.fresh_state(c))
+    batch = jax.ShapeDtypeStruct((1, 8, c.seq_len + 1), jnp.int32)
+    text = tt.train_step.trace(state['params'], state['opt'], batch, c).lower(lowering_platforms=(platform,)).as_text()
+    found = re.findall(r'stablehlo\.dot_general[^\n]*?:\s*\((tensor<[^>]*>),\s*(tensor<[^>]*>)\)\s*->\s*tensor<([\dx]*)x\w+>', text)
+    assert found, 'no dot_general found: the pattern no longer matches the lowering'
+    return [(a, b, out) for a, b, out in found if math.prod(map(int, out.split('x'))) > 2**20 and 'f32' in a + b]
+
+
+@pytest.mark.parametrize('platform', ['cuda', 'tpu'])
+@pytest.mark.parametrize('preset', ['gpt2', 'tpu'])
+def test_no_large_matmul_takes_an_fp32_operand(preset, platform):
+    """Lowered for a GPU and a TPU: every large matmul, forward and backward, multiplies bf16 (the
+    logit and attention-score gradients were fp32 x fp32 before wide_einsum's custom gradient)."""
+    assert large_fp32_matmuls(preset, platform) == []
