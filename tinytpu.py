@@ -1007,6 +1007,9 @@ def topology_devices(name):
         devices = topologies.get_topology_desc(topology_name=name, platform='tpu',
                                                **({'chips_per_host_bounds': (1, 1, 1)} if single else {})).devices
     except Exception as e:  # whatever libtpu says of a name it does not know
+        if 'lockfile' in str(e):  # only one process may load libtpu at a time
+            raise UserError(f'--topology={name}: libtpu is in use by another process; wait for it to finish, or '
+                            'set ALLOW_MULTIPLE_LIBTPU_LOAD=1 to share it')
         raise UserError(f'--topology={name}: not a TPU slice libtpu knows ({str(e).splitlines()[0][:120]}); '
                         'use a name like v5e:1x1, v6e:2x4 or v5p:2x2x1')
     if not getattr(this_chip(devices[0].device_kind), 'clock', 0):
