@@ -555,8 +555,11 @@ def forward(params, tokens, c, cache=None, pos0=0, gather=None):
     if c.remat != 'none':
         block_fn = jax.checkpoint(block_fn, policy=REMAT[c.remat])
     embed = params['embed'].astype(dt)
-    embed = gather('embed', embed) if gather else embed
-    x = embed_lookup(embed, tokens)                                        # (B,T,D)
+    if gather:  # FSDP: the table is assembled in bf16; embed_lookup sums its rows' gradient in fp32
+        embed = gather('embed', embed)
+        x = embed_lookup(embed, tokens)                                    # (B,T,D)
+    else:       # rows of the fp32 table, then cast: JAX sums their gradient in fp32 itself
+        x = params['embed'][tokens].astype(dt)
     if c.scan_layers:  # one compiled block, looped L times: compile time independent of depth
         def body(x, layer):
             w, layer_cache = layer
