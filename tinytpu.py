@@ -379,7 +379,8 @@ def wide_einsum_fwd(spec, a, b):
 
 def wide_einsum_bwd(spec, saved, g):
     a, b = saved
-    (x, y), z = spec.split('->')[0].split(','), spec.split('->')[1]
+    inputs, z = spec.split('->')                                          # 'x,y->z'
+    x, y = inputs.split(',')
     g = g.astype(a.dtype)
     da = jnp.einsum(f'{z},{y}->{x}', g, b, preferred_element_type=wide(a.dtype))
     db = jnp.einsum(f'{x},{z}->{y}', a, g, preferred_element_type=wide(a.dtype))
