@@ -596,6 +596,11 @@ def count_params(params):
     return sum(x.size for x in jax.tree.leaves(params))
 
 
+def param_count(c):
+    """Parameters the config builds, from the weights' shapes alone (nothing is allocated)."""
+    return count_params(jax.eval_shape(lambda: init_params(c, jax.random.key(0))))
+
+
 def matmul_params(c):
     """Weights that take part in matmuls: every block's, plus the output projection (the input
     embedding is a lookup). The N of 6N, and of tokens-per-parameter rules."""
@@ -1095,10 +1100,9 @@ def choose_fsdp(c, mesh):
     parameter, take at most half of a device's memory, leaving the rest for activations; FSDP
     above that (and on devices that do not report their memory). A CPU stays data parallel.
     -> (config with --fsdp true or false, a note saying which, with the numbers)."""
-    replicated = 16 * count_params(jax.eval_shape(lambda: init_params(c, jax.random.key(0))))
+    replicated = 16 * param_count(c)
     limit = device_memory(c)
-    fsdp = c.fsdp == 'true' or (c.fsdp == 'auto' and mesh.size > 1 and backend(c) != 'cpu'
-                                and (not limit or replicated > limit / 2))
+    fsdp = use_fsdp(c, mesh) and (c.fsdp == 'true' or not limit or replicated > limit / 2)
     c = dataclasses.replace(c, fsdp='true' if fsdp else 'false')
     of = f' of {size(limit)}' if limit else ''
     if mesh.size == 1:
@@ -1130,7 +1134,7 @@ def check_memory(c, mesh):
     the AdamW moments and the token batches cannot fit in the device's memory (TPU/GPU) or, on a
     CPU, in the machine's (its devices share it). A lower bound: activations come on top, and
     compile_fitting_step checks the whole step once it is compiled."""
-    n_params = count_params(jax.eval_shape(lambda: init_params(c, jax.random.key(0))))
+    n_params = param_count(c)
     need = least_memory(c, mesh)
     limit, where = device_memory(c), f'{target_devices(c)[0].device_kind} has'
     if not limit:
@@ -1235,8 +1239,12 @@ def say(*args, **kw):
         try:
             print(*args, **kw)
         except BrokenPipeError:
-            stream = kw.get('file') or sys.stdout
-            os.dup2(os.open(os.devnull, os.O_WRONLY), stream.fileno())
+            drop_output(kw.get('file') or sys.stdout)
+
+
+def drop_output(stream):
+    """Send what is still written to a stream whose reader has gone (a closed pipe) to /dev/null."""
+    os.dup2(os.open(os.devnull, os.O_WRONLY), stream.fileno())
 
 
 # ----------------------------------------------------------------------------------------------
@@ -2185,7 +2193,7 @@ def plan(c):
     if p['steps'] < 10 * c.warmup_steps:  # short runs: warm up for a tenth of them
         flags['warmup_steps'] = max(1, p['steps'] // 10)
     flags['out'] = f"out/plan_{chip.name}_{round(c.budget)}usd"
-    state = 12 * count_params(jax.eval_shape(lambda: init_params(m, jax.random.key(0)))) / c.chips  # fp32 p, mu, nu
+    state = 12 * param_count(m) / c.chips  # fp32 p, mu, nu
     say(f"plan | {dollars(c.budget)} on {chip.name} at ${p['price']:g}/chip-hour = {p['chip_hours']:,.1f} chip-hours "
         f"| peak {p['peak'] / 1e12:g} TFLOP/s x MFU {p['mfu']:.1%} ({p['mfu_source']}) = {p['budget_flops']:.3g} FLOPs")
     say(f"model | {m.n_layer} layers, d_model {m.d_model}, {m.n_head} heads of {m.d_head}, ReLU^2 MLP {ff_dim(m)} "
@@ -2416,7 +2424,7 @@ def main(argv):
         print(f'\ninterrupted; the last checkpoint in --out is intact', file=sys.stderr)
         return 130
     except BrokenPipeError:  # sample | head: the reader has all it wanted
-        os.dup2(os.open(os.devnull, os.O_WRONLY), sys.stdout.fileno())
+        drop_output(sys.stdout)
         return 0
     except OSError as e:  # a file the user named or made: missing, a directory, not allowed, disk full
         return file_error(e)
