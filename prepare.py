@@ -5,13 +5,16 @@
     python prepare.py tinystories                         # 2.2 GB of short stories, streamed
     python prepare.py fineweb10B --shards=8               # pre-tokenized GPT-2 shards, 100M tokens each
     python prepare.py text --input=my_corpus/             # your own .txt files (or one file, or a URL)
+    python prepare.py hellaswag                           # HellaSwag's 10,042 validation examples (eval)
+    python prepare.py choices                             # a multiple-choice test made of held-out text
 
 Flags: --tokenizer=gpt2|cl100k_base|o200k_base|byte --out=DIR --input=PATH_OR_URL --val_fraction=0.1
 --shards=N (fineweb) --workers=N (tokenizer processes; default one per core) --allow_http
 --mirror=URL (fetch Hugging Face files from a mirror instead of https://huggingface.co)
 --encoding=NAME (text that is not UTF-8, for BPE tokenizers: latin-1, cp1252, utf-16, ...)
 
-Output: DIR/train_000000.bin ..., DIR/val_000000.bin ..., DIR/meta.json (listing the shards).
+Output: DIR/train_000000.bin ..., DIR/val_000000.bin ..., DIR/meta.json (listing the shards);
+for hellaswag and choices, DIR/NAME_val.jsonl, the examples `python tinytpu.py eval` scores.
 Shards use the llm.c format: a header of 256 int32 (magic, version, token count), then the tokens
 as uint16, or as uint32 (magic 20240801, version 7) when the vocabulary has more than 65,536
 tokens. Every document starts with the end-of-text token, as in llm.c. `byte` tokens are the
@@ -25,7 +28,9 @@ import json
 import math
 import multiprocessing
 import os
+import random
 import resource
+import shutil
 import sys
 import threading
 import time
@@ -52,6 +57,9 @@ DATASETS = {  # name: where the text (or tokens) come from
     'fineweb10B': dict(tokens=f'{HF}/kjj0/fineweb10B-gpt2/resolve/main/fineweb_{{split}}_{{i:06d}}.bin'),
     'finewebedu10B': dict(tokens=f'{HF}/kjj0/finewebedu10B-gpt2/resolve/main/finewebedu_{{split}}_{{i:06d}}.bin'),
     'text': {},
+    # multiple-choice tasks for `tinytpu.py eval` (below): a jsonl file, not token shards
+    'hellaswag': dict(task='https://raw.githubusercontent.com/rowanz/hellaswag/master/data/hellaswag_val.jsonl'),
+    'choices': dict(task='shakespeare'),  # made from a text's held-out part: by default, shakespeare's
 }
 
 
@@ -95,6 +103,7 @@ DATA_META = {  # field: (test, what it must be, required)
     'eot_id': (integer(0, 2**32 - 1), 'a token id', False),
     'bytes_per_token': (number(1e-9), 'a positive number', False),
     'splits': (shard_names, 'per split, a list of shard file names and a token count', False),
+    'task': (lambda v: text(v) and v and os.path.basename(v) == v and v not in ('.', '..'), 'a file name', False),
 }
 
 
@@ -709,16 +718,138 @@ def prepare_tokens(dataset, args, out):
             'splits': splits, 'sources': sources}
 
 
+# ----------------------------------------------------------------------------------------------
+# Multiple-choice tasks, for `python tinytpu.py eval`: a jsonl file with one example per line in
+# HellaSwag's format: the context ("ctx", or "ctx_a" and "ctx_b"), candidate "endings" and the
+# index of the right one, "label". `hellaswag` downloads HellaSwag's validation set; `choices`
+# makes such a file from the held-out part of a text (by default the validation 10% of
+# Shakespeare, which `prepare.py shakespeare` keeps out of training): the right ending is the
+# rest of a line, the wrong ones are its words in other orders.
+
+TASK_EXAMPLE = {
+    'ctx': (text, 'text', False), 'ctx_a': (text, 'text', False), 'ctx_b': (text, 'text', False),
+    'endings': (lambda v: type(v) is list and len(v) >= 2 and all(map(text, v)), 'a list of 2 or more strings', True),
+    'label': (integer(), 'the index of the right ending', True),
+}
+
+
+def read_task(path, limit=0):
+    """The first `limit` (0: all) examples of a multiple-choice jsonl as [(context, endings, label)],
+    or a one-line PrepareError naming the file and the line that is not such an example."""
+    examples = []
+    try:
+        with open(path, encoding='utf-8') as f:
+            for n, line in enumerate(f, 1):
+                if limit and len(examples) == limit:
+                    break
+                if not line.strip():
+                    continue
+                try:
+                    example = json.loads(line)
+                except ValueError:
+                    raise PrepareError(f'{path}, line {n}: not valid JSON')
+                problem = field_problem(example, TASK_EXAMPLE)
+                if not problem and 'ctx' not in example and 'ctx_a' not in example:
+                    problem = 'no "ctx" (or "ctx_a") field'
+                if not problem and example['label'] >= len(example['endings']):
+                    problem = f'"label" is {example["label"]}, but there are {len(example["endings"])} endings'
+                if problem:
+                    raise PrepareError(f'{path}, line {n}: {problem}; each line needs "ctx" (or "ctx_a" and '
+                                       '"ctx_b"), "endings" and "label", as in HellaSwag')
+                context = example.get('ctx', ' '.join(p for p in (example.get('ctx_a'), example.get('ctx_b')) if p))
+                examples.append((context, example['endings'], example['label']))
+    except UnicodeDecodeError:
+        raise PrepareError(f'{path}: not UTF-8 text')
+    if not examples:
+        raise PrepareError(f'{path}: no examples in it')
+    return examples
+
+
+def make_choices(text, n=1000, choices=4, seed=0):
+    """Up to n HellaSwag-format examples from a text. The context is a passage of up to 300
+    characters that ends inside a line, after its first words; the right ending is the rest of
+    the line (4 or more words), the wrong ones are those same words in other orders. So nothing
+    but knowing how words go together tells them apart: an untrained model is at chance."""
+    rng = random.Random(seed)
+    lines = text.split('\n')
+    examples = []
+    for i in range(1, len(lines)):  # line 0 may start mid-line (where the held-out part begins)
+        words = lines[i].split(' ')
+        if len(words) < 5 or len(set(words)) < 3:
+            continue
+        cut = rng.randrange(1, len(words) - 3)
+        rest, orders = words[cut:], [words[cut:]]  # the right order first
+        for _ in range(20 * choices):
+            order = rng.sample(rest, len(rest))
+            if len(orders) < choices and order not in orders:
+                orders.append(order)
+        if len(orders) < choices:
+            continue
+        first = i
+        while first > 1 and sum(len(line) + 1 for line in lines[first - 1:i]) <= 300:
+            first -= 1
+        endings = [' '.join(order) for order in orders[1:]]
+        label = rng.randrange(choices)
+        endings.insert(label, ' '.join(rest))
+        examples.append({'ctx': '\n'.join(lines[first:i] + [' '.join(words[:cut])]), 'endings': endings, 'label': label})
+    return rng.sample(examples, min(n, len(examples)))
+
+
+def prepare_task(dataset, args, out):
+    """OUT/DATASET_val.jsonl: HellaSwag's (downloaded, or a copy of --input) or made by make_choices
+    from the held-out part of --input (a file, a directory of .txt files or a URL; by default
+    Shakespeare). Checked example by example before it is kept; written whole or not at all."""
+    for flag in ('tokenizer', 'shards', 'shard_tokens'):
+        if flag in args:
+            raise PrepareError(f'--{flag}: {dataset} is a file of text examples, tokenized by `tinytpu.py eval` '
+                               'with the model\'s own tokenizer; drop the flag')
+    path, sources = os.path.join(out, f'{dataset}_val.jsonl'), []
+    source = args.get('input') or DATASETS[dataset]['task']
+    if dataset == 'hellaswag' and source.startswith(('http://', 'https://')):
+        digest = download(source, path + '.download', **dl_args(args))
+        try:
+            read_task(path + '.download')
+        except PrepareError:
+            os.remove(path + '.download')
+            raise
+        os.replace(path + '.download', path)
+        sources.append({'url': source, 'sha256': digest})
+    elif dataset == 'hellaswag':
+        if not os.path.isfile(source):
+            raise PrepareError(f'--input={source}: no such file (a copy of hellaswag_val.jsonl)')
+        read_task(source)
+        shutil.copyfile(source, path + '.tmp')
+        os.replace(path + '.tmp', path)
+        sources.append({'path': source, 'sha256': file_sha256(path)})
+    else:
+        raw = os.path.join(out, 'raw')
+        os.makedirs(raw, exist_ok=True)
+        ranges, sources = text_sources('shakespeare' if not args.get('input') else 'text', args, raw)
+        held_out = b''.join(open(p, 'rb').read()[start:end] for p, start, end in ranges['val'])
+        try:
+            examples = make_choices(held_out.decode('utf-8'))  # --encoding was converted to UTF-8 already
+        except UnicodeDecodeError:
+            raise PrepareError(f'{source}: not UTF-8 text; pass --encoding=NAME (latin-1, cp1252, utf-16, ...)')
+        if not examples:
+            raise PrepareError(f'{source}: too little held-out text to make examples of (lines of 20+ characters)')
+        with open(path + '.tmp', 'w', encoding='utf-8') as f:
+            f.writelines(json.dumps(e) + '\n' for e in examples)
+        os.replace(path + '.tmp', path)
+    return {'dataset': dataset, 'task': os.path.basename(path), 'examples': len(read_task(path)), 'sources': sources}
+
+
 def prepare(dataset, args):
     if dataset not in DATASETS:
         raise PrepareError(f'unknown dataset {dataset!r} (choose {", ".join(DATASETS)})')
     tokenizer = args.get('tokenizer', 'gpt2')
-    out = args.get('out') or os.path.join('data', dataset + ('' if tokenizer == 'gpt2' else f'_{tokenizer}'))
+    suffix = '' if tokenizer == 'gpt2' or 'task' in DATASETS[dataset] else f'_{tokenizer}'
+    out = args.get('out') or os.path.join('data', dataset + suffix)
     meta_path = os.path.join(out, 'meta.json')
     request = {'dataset': dataset, **{k: v for k, v in args.items() if k in OUTPUT_FLAGS}}
     if os.path.exists(meta_path):
         meta, problem = read_json(meta_path, DATA_META)
         files = [os.path.join(out, s) for split in (meta or {}).get('splits', {}).values() for s in split.get('shards', [])]
+        files += [os.path.join(out, meta['task'])] if meta and meta.get('task') else []
         if meta and meta.get('request') == request and all(os.path.isfile(p) for p in files):
             print(f'{out} is already prepared ({meta_path}); delete it to prepare again')
             return out
@@ -727,6 +858,11 @@ def prepare(dataset, args):
     os.makedirs(out, exist_ok=True)
     if not os.access(out, os.W_OK):
         raise PrepareError(f'--out={out}: directory is not writable')
+    if 'task' in DATASETS[dataset]:
+        meta = prepare_task(dataset, args, out)
+        write_json(meta_path, {**meta, 'request': request})
+        print(f'wrote {os.path.join(out, meta["task"])}: {meta["examples"]:,} examples')
+        return out
     meta = (prepare_tokens if 'tokens' in DATASETS[dataset] else prepare_text)(dataset, args, out)
     written = {name for split in meta['splits'].values() for name in split['shards']}
     for stale in glob.glob(os.path.join(out, '*_*.bin')) + glob.glob(os.path.join(out, '*_*.bin.tmp')):

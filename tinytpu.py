@@ -24,6 +24,7 @@ import dataclasses
 import fcntl
 import functools
 import glob
+import itertools
 import json
 import math
 import os
@@ -44,7 +45,7 @@ import numpy as np
 from jax.sharding import Mesh, NamedSharding, PartitionSpec as P
 
 from prepare import (DATA_META, PrepareError, file_error, file_sha256, flag_value,  # the companion script
-                     get_encoding, integer, number, optional, read_json, text)
+                     get_encoding, integer, number, optional, read_json, read_task, text)
 
 # ----------------------------------------------------------------------------------------------
 # Config: every setting in one frozen dataclass. `--name=value` overrides a field, a preset sets
@@ -123,6 +124,14 @@ class Config:
     hardware: str = _f('', 'plan: chip to plan for (v6e, v5e, v5p, v4, h100, h200, a100); default: this one')
     chips: int = _f(1, 'plan: chips to train on (divides the hours, not the cost)')
     mfu: float = _f(0.0, 'plan: expected MFU; 0 = the last bench result for the chip, else 0.4')
+    # evaluation (python tinytpu.py eval) and loss curves (python tinytpu.py plot)
+    task: str = _f('hellaswag', 'eval: multiple-choice task to score: hellaswag or choices (python prepare.py NAME '
+                                'makes its file), or any name with --task_data')
+    task_data: str = _f('', "eval: the task's jsonl (ctx or ctx_a + ctx_b, endings, label); '' = data/TASK/TASK_val.jsonl")
+    task_limit: int = _f(0, 'eval and --hellaswag_every: score the first N examples only; 0 = all')
+    hellaswag_every: int = _f(0, 'train: score --task (HellaSwag) every this many steps and at the end, logged as '
+                                 'TASK_acc_norm; 0 = off')
+    plot_file: str = _f('', 'plot: the picture to write (.svg, .png or .pdf); default OUT/loss.svg of the first --out')
     # sampling
     prompt: str = _f('\n', 'text to continue (sample)')
     max_new_tokens: int = _f(500, 'tokens to generate (sample)')
@@ -252,6 +261,7 @@ def setting_checks(c):
     yield c.rope_theta > 0, f'--rope_theta={c.rope_theta} must be positive'
     yield c.logit_softcap >= 0, f'--logit_softcap={c.logit_softcap} must be >= 0 (0 = off)'
     yield c.seed >= 0, f'--seed={c.seed} must be >= 0'
+    yield c.task_limit >= 0 and c.hellaswag_every >= 0, '--task_limit and --hellaswag_every must be >= 0 (0 = all, off)'
 
 
 def profile_range(c):
@@ -1631,6 +1641,11 @@ def train(c):
             say(f'already trained {start} steps (--steps={c.steps}); nothing to do')
             return params
 
+        task = None
+        if c.hellaswag_every:  # read and checked before anything is compiled
+            if not meta.get('tokenizer'):
+                raise UserError(f'--hellaswag_every needs the tokenizer: {c.data} has no meta.json naming it')
+            task = read_task(task_file(c), c.task_limit), get_encoding(meta['tokenizer'])
         price, price_note = hourly_price(c, mesh)
         say(f'cost: {price_note}')
         t = time.time()
@@ -1684,11 +1699,14 @@ def train(c):
                           'mfu': flops * tokens_per_step / dt / peak if peak else None,
                           **timing()}
                 say(log_line(record))
+            aside = time.time()  # evaluation and checkpoints are kept out of ms/step
             if done % c.eval_every == 0 or done == c.steps:
                 val = evaluate(eval_fn, params, vals, meta, done)
                 record |= val
+            if task and (done % c.hellaswag_every == 0 or done == c.steps):
+                record |= task_scores(params, task, c, mesh, done)
             if record:
-                append(log, record)
+                append(log, {'step': done, 'tokens': done * tokens_per_step} | record)
             stopping = stop_requested(stop)
             if done % c.ckpt_every == 0 or done == c.steps or stopping:
                 check_finite(fetch(stats), done, c)
@@ -1703,8 +1721,7 @@ def train(c):
                 if stopping:
                     raise Preempted(f'stopped by {signal.Signals(stopping).name} after step {done}; '
                                     f'checkpoint saved in {c.out}; run the same command to resume', stopping)
-            if record:
-                t_last = time.time()  # keep eval and checkpoint time out of ms/step
+            t_last += time.time() - aside
         summary = {'tokens': c.steps * tokens_per_step, **timing(), 'val_loss': val.get('val_loss'),
                    'mfu': (flops * tokens_per_step * timed['steps'] / timed['seconds'] / peak
                            if peak and timed['seconds'] else None)}  # over this run's timed steps
@@ -1841,6 +1858,16 @@ def evaluate(eval_fn, params, vals, meta, step):
         line += f" | val bits/byte {record['val_bpb']:.4f}"
     say(line)
     return record
+
+
+def task_scores(params, task, c, mesh, step):
+    """--hellaswag_every: the task's scores, printed, and returned as log fields. Each pass scores
+    at most a training microbatch's tokens per device: that much fits beside the optimizer state."""
+    examples, enc = task
+    micro_tokens = c.batch_size // c.grad_accum // mesh.size * c.seq_len
+    r = score_task(params, examples, enc, c, mesh, min(TASK_TOKENS, max(micro_tokens, 1)), c.task)
+    say(f"step {step:6d} | {c.task} acc {r['acc']:.4f} | acc_norm {r['acc_norm']:.4f} ({r['examples']:,} examples)")
+    return {f'{c.task}_acc': r['acc'], f'{c.task}_acc_norm': r['acc_norm']}
 
 
 # ----------------------------------------------------------------------------------------------
@@ -2275,8 +2302,10 @@ def generate(params, prompt_ids, c, eot_id=None):
             pos = len(window)
 
 
-def sample(c, explicit):
-    """Load the newest checkpoint in c.out and print a continuation of c.prompt."""
+def load_model(c, explicit):
+    """The newest checkpoint in c.out, for using the model (sample, eval): -> (config, its params in
+    host memory, its meta.json, the tokenizer). The model's settings come from the checkpoint,
+    the others from the flags (`explicit`: those given on the command line)."""
     checkpoints = list_checkpoints(c.out)
     if not checkpoints:
         raise UserError(f'--out={c.out}: no checkpoint found; train first: python tinytpu.py --out={c.out}')
@@ -2292,10 +2321,15 @@ def sample(c, explicit):
     c = dataclasses.replace(c, **saved)
     c = validate(dataclasses.replace(c, seq_len=min(c.seq_len, c.context)))  # --context may shrink for sampling
     state, path, meta = restore(c, {'params': jax.eval_shape(lambda: init_params(c, jax.random.key(0)))})
-    params = jax.device_put(state['params'])
     if not meta.get('tokenizer'):
         raise UserError(f'{path}: the training data had no meta.json naming a tokenizer')
-    enc = get_encoding(meta['tokenizer'])
+    return c, state['params'], meta, get_encoding(meta['tokenizer'])
+
+
+def sample(c, explicit):
+    """Load the newest checkpoint in c.out and print a continuation of c.prompt."""
+    c, params, meta, enc = load_model(c, explicit)
+    params = jax.device_put(params)
     prompt_ids = enc.encode(c.prompt, allowed_special='all')
     if not prompt_ids:
         raise UserError('--prompt is empty; give some text to continue')
@@ -2315,11 +2349,207 @@ def sample(c, explicit):
 
 
 # ----------------------------------------------------------------------------------------------
-# Command line: python tinytpu.py [train|sample|bench|plan] [--name=value ...]
+# Evaluation on a multiple-choice task (HellaSwag), the way llm.c scores it ("completion style"):
+# each candidate ending follows the context, and the model's log-probability of the ending's
+# tokens (not the context's) scores it. acc picks the ending with the highest total; acc_norm the
+# highest mean per token (per byte for the byte tokenizer), which does not favour short endings.
+# The candidates are sorted by length and padded, a batch at a time, to the next power of two
+# (a few compiled shapes), and each batch is one forward pass, split over the devices like
+# training's batches.
+
+TASK_TOKENS = 8192  # tokens per device in one scoring pass (its fp32 logits: 8192 x vocab x 4 bytes)
+
+
+def task_file(c):
+    path = c.task_data or os.path.join('data', c.task, f'{c.task}_val.jsonl')
+    if not os.path.isfile(path):
+        made = c.task in ('hellaswag', 'choices') and not c.task_data
+        raise UserError(f'{path}: no such file; ' + (f'make it with: python prepare.py {c.task}' if made else
+                        'pass --task_data=PATH.jsonl (HellaSwag\'s format), or --task=hellaswag or choices'))
+    return path
+
+
+def task_rows(examples, enc, context):
+    """Every (example, ending) as (tokens, first scored position): the context's tokens and then
+    the ending's, joined by a space unless the context ends in whitespace, cut from the left to
+    the model's context. The ending's tokens are scored."""
+    rows = []
+    for ctx, endings, _ in examples:
+        ctx_ids = enc.encode_ordinary(ctx)
+        join = '' if not ctx or ctx[-1].isspace() else ' '
+        for ending in endings:
+            end_ids = enc.encode_ordinary(join + ending)
+            ids = (ctx_ids + end_ids)[-(context + 1):]
+            rows.append((ids, len(ids) - min(len(end_ids), len(ids) - 1)))
+    return rows
+
+
+def ending_logprobs(params, batch, c, gather, axis):
+    """One device's rows (tokens (1, R, T+1), mask (1, R, T)): the summed log-probability of each
+    row's masked next tokens, gathered from every device. -> (R_all,) fp32"""
+    tokens, mask = batch['tokens'][0], batch['mask'][0]
+    logits = forward(params, tokens[:, :-1], c, gather=gather)           # (R,T,V) fp32
+    target = jnp.take_along_axis(logits, tokens[:, 1:, None], -1)[..., 0]
+    logp = jnp.sum(jnp.where(mask, target - jax.nn.logsumexp(logits, -1), 0.0), -1)
+    return jax.lax.all_gather(logp, axis, tiled=True) if axis else logp
+
+
+@partial(jax.jit, static_argnames='c')
+def score_rows(params, batch, c):
+    return on_devices(ending_logprobs, params, batch, c)
+
+
+def score_task(params, examples, enc, c, mesh, tokens_per_device=TASK_TOKENS, what='task'):
+    """acc and acc_norm of a model on [(context, endings, label)]. -> {'acc', 'acc_norm', 'examples'}"""
+    rows = task_rows(examples, enc, c.context)
+    logp = ending_logprob_sums(params, rows, c, mesh, tokens_per_device, what)
+    counts = np.array([max(len(ids) - first, 1) for ids, first in rows])  # an empty ending: 1, not 0
+    return choice_accuracy(logp, counts, [(len(endings), label) for _, endings, label in examples])
+
+
+def ending_logprob_sums(params, rows, c, mesh, tokens_per_device, what):
+    """The log-probability of each row's scored tokens, in batches of at most tokens_per_device
+    tokens per device (one row at the least), with a progress line every 10 s."""
+    order = sorted(range(len(rows)), key=lambda r: len(rows[r][0]))
+    logp = np.zeros(len(rows))
+    n, i, t0 = mesh.size, 0, time.time()
+    last = t0
+    while i < len(order):
+        T = min(c.context, 1 << max(len(rows[order[i]][0]) - 2, 15).bit_length())   # the bucket of row i
+        R = n * max(1, tokens_per_device // T)
+        T = min(c.context, 1 << max(len(rows[order[min(i + R, len(order)) - 1]][0]) - 2, 15).bit_length())
+        R = n * max(1, tokens_per_device // T)   # the last row of the batch may need a longer bucket
+        chunk = order[i:i + R]
+        tokens, mask = np.zeros((1, R, T + 1), np.int32), np.zeros((1, R, T), bool)
+        for k, r in enumerate(chunk):
+            ids, first = rows[r]
+            tokens[0, k, :len(ids)] = ids
+            mask[0, k, first - 1:len(ids) - 1] = True
+        batch = place({'tokens': tokens, 'mask': mask}, {'tokens': batch_sharding(mesh, 3), 'mask': batch_sharding(mesh, 3)})
+        with jax.set_mesh(mesh):
+            out = score_rows(params, batch, c)
+        logp[chunk] = np.asarray(out.addressable_data(0))[:len(chunk)]
+        i += len(chunk)
+        if time.time() - last > 10 and i < len(order):
+            last = time.time()
+            say(f'{what}: {i:,} of {len(order):,} endings scored ({duration(last - t0)})', flush=True)
+    return logp
+
+
+def choice_accuracy(logp, counts, examples):
+    """From each ending's summed log-probability and token count, and each example's (number of
+    endings, label): the fraction picked right by the total (acc) and by the mean (acc_norm)."""
+    right = right_norm = i = 0
+    for n, label in examples:
+        right += int(np.argmax(logp[i:i + n])) == label
+        right_norm += int(np.argmax(logp[i:i + n] / counts[i:i + n])) == label
+        i += n
+    return {'acc': right / len(examples), 'acc_norm': right_norm / len(examples), 'examples': len(examples)}
+
+
+def evaluate_task(c, explicit):
+    """python tinytpu.py eval: score the newest checkpoint in c.out on a multiple-choice task."""
+    path = task_file(c)
+    c, params, meta, enc = load_model(c, explicit)
+    examples = read_task(path, c.task_limit)
+    mesh = Mesh(np.array(jax.devices()), ('data',))
+    c, _ = choose_fsdp(c, mesh)
+    params = place(params, state_shardings(c, mesh)['params'])
+    step = meta.get('step')
+    say(f'{c.task}: {len(examples):,} examples of {path} | step {step} of {c.out} | {mesh.size} device(s)', flush=True)
+    t = time.time()
+    r = score_task(params, examples, enc, c, mesh, what=c.task)
+    say(f"{c.task}: acc {r['acc']:.4f} | acc_norm {r['acc_norm']:.4f} (by mean log-probability per token) | "
+        f"{r['examples']:,} examples | step {step} | {time.time() - t:.1f}s")
+    say(json.dumps({'task': c.task, **r, 'step': step}))
+
+
+# ----------------------------------------------------------------------------------------------
+# Loss curves: python tinytpu.py plot --out=A[,B,...] draws each run's log.jsonl (train and val
+# loss, and bits per byte and the task score where logged) against tokens seen, on a log scale.
+
+
+def read_log(out):
+    """A run's log.jsonl as its training and evaluation records, each with its tokens seen."""
+    path = os.path.join(out, 'log.jsonl')
+    if not os.path.isfile(path):
+        raise UserError(f'{path}: no such file; --out names a training run\'s directory (train first)')
+    records = []
+    with open(path, encoding='utf-8', errors='replace') as f:
+        for line in f:
+            try:
+                r = json.loads(line)
+            except ValueError:
+                continue  # a line cut by a crash
+            if type(r) is dict and type(r.get('step')) is int and 'summary' not in r:
+                records.append(r)
+    if records and any('tokens' not in r for r in records):  # logs older than the tokens field
+        checkpoints = list_checkpoints(out)
+        if not checkpoints:
+            raise UserError(f'{path} does not record tokens and {out} has no checkpoint saying the batch size')
+        saved = read_checkpoint_meta(checkpoints[-1][1])['config']
+        for r in records:
+            r.setdefault('tokens', r['step'] * saved['batch_size'] * saved['seq_len'])
+    return records
+
+
+def plot(c):
+    """Write the loss curves of the runs in c.out (comma-separated) to c.plot_file."""
+    runs = [out for out in c.out.split(',') if out]
+    path = c.plot_file or os.path.join(runs[0], 'loss.svg')
+    kind = os.path.splitext(path)[1].lstrip('.').lower()
+    if kind not in ('svg', 'png', 'pdf'):
+        raise UserError(f'--plot_file={path}: name a .svg, .png or .pdf file')
+    try:
+        import matplotlib
+        matplotlib.use('Agg')  # files only, no window
+        import matplotlib.pyplot as plt
+        plt.rcParams['svg.fonttype'] = 'none'  # text in an SVG stays text: smaller, searchable
+    except ImportError:
+        raise UserError('plot needs matplotlib, an optional extra: pip install matplotlib')
+    logs = {out: read_log(out) for out in runs}
+    panels = [('loss', 'loss (nats per token)')]
+    for key, label in (('val_bpb', 'validation bits per byte'), (f'{c.task}_acc_norm', f'{c.task} acc_norm')):
+        if any(key in r for records in logs.values() for r in records):
+            panels.append((key, label))
+    fig, axes = plt.subplots(1, len(panels), figsize=(6 * len(panels), 4.2), squeeze=False)
+    for color, (out, records) in zip(itertools.cycle(plt.rcParams['axes.prop_cycle'].by_key()['color']), logs.items()):
+        for ax, (key, label) in zip(axes[0], panels):
+            series = [('loss', 'train', '-'), ('val_loss', 'val', '--')] if key == 'loss' else [(key, None, '-')]
+            for field, name, style in series:
+                points = [(r['tokens'], r[field]) for r in records if type(r.get(field)) in (int, float) and r['tokens'] > 0]
+                if points:
+                    ax.plot(*zip(*points), style, color=color, marker='o' if field != 'loss' else None, markersize=3,
+                            label=f'{out} {name}' if name else out)
+    for ax, (key, label) in zip(axes[0], panels):
+        if key.endswith('_acc_norm'):
+            ax.axhline(0.25, color='gray', linewidth=0.8, linestyle=':', label='chance (4 endings)')
+        ax.set_xscale('log')
+        ax.set_xlabel('tokens')
+        ax.set_ylabel(label)
+        ax.grid(True, which='both', alpha=0.3)
+        ax.legend(fontsize=8)
+    fig.tight_layout()
+    tmp = f'{path}.tmp{os.getpid()}'
+    try:
+        fig.savefig(tmp, format=kind)
+        os.replace(tmp, path)
+    finally:
+        plt.close(fig)
+        if os.path.exists(tmp):
+            os.remove(tmp)
+    say(f'wrote {path}')
+
+
+# ----------------------------------------------------------------------------------------------
+# Command line: python tinytpu.py [train|sample|eval|plot|bench|plan] [--name=value ...]
+
+
+COMMANDS = ('train', 'sample', 'eval', 'plot', 'bench', 'plan')
 
 
 def usage():
-    lines = ['usage: python tinytpu.py [train|sample|bench|plan] [--name=value ...]', '',
+    lines = [f'usage: python tinytpu.py [{"|".join(COMMANDS)}] [--name=value ...]', '',
              'settings (default; presets: ' + ', '.join(f'{k}' for k in PRESETS) + '):']
     for f in dataclasses.fields(Config):
         lines.append(f'  --{f.name}={f.default!r:<24} {f.metadata["help"]}')
@@ -2393,8 +2623,8 @@ def main(argv):
     args = argv[1:] if argv and argv[0] == command else argv
     c = None
     try:
-        if command not in ('train', 'sample', 'bench', 'plan'):
-            raise UserError(f'unknown command {command!r}: use train, sample, bench or plan (or --help)')
+        if command not in COMMANDS:
+            raise UserError(f'unknown command {command!r}: use {", ".join(COMMANDS)} (or --help)')
         flags = parse_flags(args)
         if flags.get('topology'):
             if command != 'bench':
@@ -2411,6 +2641,10 @@ def main(argv):
             bench(c)
         elif command == 'plan':
             plan(c)
+        elif command == 'plot':
+            plot(c)
+        elif command == 'eval':
+            evaluate_task(c, set(flags) - set(MODEL_FIELDS))
         else:
             sample(c, set(flags) - set(MODEL_FIELDS))
     except (UserError, PrepareError) as e:
