@@ -162,6 +162,10 @@ MODEL_FIELDS = ('n_layer', 'd_model', 'n_head', 'n_kv_head', 'd_head', 'd_ff', '
                 'tie_embed', 'rope_theta', 'logit_softcap')  # what a checkpoint's weights were trained to compute
 
 
+USE_FIELDS = ('task', 'task_data', 'task_limit', 'plot_file', 'prompt', 'max_new_tokens', 'temperature', 'top_k',
+              'top_p')  # how a trained model is used: from the flags, never from its checkpoint
+
+
 class UserError(Exception):
     """A mistake the user can fix: printed as one line, exit code 2."""
     code = 2
@@ -2316,7 +2320,7 @@ def load_model(c, explicit):
             break
         except CorruptCheckpoint:
             pass  # restore() below falls back past it with a warning, or explains
-    fields = {f.name for f in dataclasses.fields(Config)}
+    fields = {f.name for f in dataclasses.fields(Config)} - set(USE_FIELDS)
     saved = {k: v for k, v in config.items() if k in fields and k not in explicit}
     c = dataclasses.replace(c, **saved)
     c = validate(dataclasses.replace(c, seq_len=min(c.seq_len, c.context)))  # --context may shrink for sampling

@@ -1,0 +1,202 @@
+"""Evaluation on multiple-choice tasks (HellaSwag's format) and loss-curve plots: the scorer
+against hand-computed choices and a float reference forward, a held-out task a trained model
+passes and an untrained one does not, prepare.py hellaswag through a local HTTP server, plot."""
+import http.server
+import json
+import os
+import sys
+import threading
+import xml.etree.ElementTree as ET
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+import pytest
+
+import prepare
+import tinytpu as tt
+from conftest import SHAKESPEARE, run_cli, tiny_config
+
+TEXT = open(SHAKESPEARE, encoding='utf-8').read() if os.path.exists(SHAKESPEARE) else None
+needs_text = pytest.mark.skipif(TEXT is None, reason='needs ../shared/data/tinyshakespeare.txt')
+
+
+def test_acc_picks_by_total_and_acc_norm_by_mean_per_token():
+    # example 1: totals -10, -6, -9, -12 over 5, 2, 9, 4 tokens: means -2, -3, -1, -3
+    # example 2 (label 0): totals -4, -8; means -4, -2
+    logp = np.array([-10., -6., -9., -12., -4., -8.])
+    counts = np.array([5, 2, 9, 4, 1, 4])
+    r = tt.choice_accuracy(logp, counts, [(4, 1), (2, 0)])
+    assert r == {'acc': 1.0, 'acc_norm': 0.0, 'examples': 2}
+    r = tt.choice_accuracy(logp, counts, [(4, 2), (2, 1)])
+    assert r == {'acc': 0.0, 'acc_norm': 1.0, 'examples': 2}
+
+
+def test_rows_join_with_a_space_and_cut_from_the_left():
+    enc = prepare.get_encoding('byte')
+    rows = tt.task_rows([('abc', ['de', 'f'], 0), ('xy\n', ['zz'], 0), ('0123456789', ['abcdef'], 0)], enc, 8)
+    assert rows[0] == (list(b'abc de'), 3)    # ' de' is scored: 3 tokens
+    assert rows[1] == (list(b'abc f'), 3)
+    assert rows[2] == (list(b'xy\nzz'), 3)    # the context ends in whitespace: no space added
+    assert rows[3] == (list(b'89 abcdef'), 2)  # context 8: the last 9 tokens, all 7 ending tokens scored
+
+
+def test_batched_scores_equal_a_float64_forward_of_each_ending():
+    """Sorted, padded to buckets, several batches, split over 2 devices, with a last partial
+    batch: each ending's log-probability equals one unpadded float64 forward of its tokens."""
+    c = tiny_config(context=24, dtype='float64', cpu_devices=2)
+    with jax.enable_x64(True):
+        params = jax.tree.map(lambda x: x.astype(jnp.float64), tt.init_params(c, jax.random.key(3)))
+        enc = prepare.get_encoding('byte')
+        rng = np.random.default_rng(0)
+        words = ['the', 'king', 'is', 'dead', 'long', 'live', 'queen', 'and', 'so', 'on']
+        examples = [(' '.join(rng.choice(words, rng.integers(1, 9))),
+                     [' '.join(rng.choice(words, rng.integers(1, 4))) for _ in range(4)], 0) for _ in range(5)]
+        rows = tt.task_rows(examples, enc, c.context)
+        lengths = [len(ids) for ids, _ in rows]
+        assert max(lengths) == c.context + 1 and min(lengths) <= 17  # some cut from the left; two buckets
+        mesh = jax.sharding.Mesh(np.array(jax.devices()[:2]), ('data',))
+        got = tt.ending_logprob_sums(params, rows, c, mesh, tokens_per_device=32, what='test')
+        forward = jax.jit(tt.forward, static_argnames='c')  # compiled once per length: faster than op by op
+        for (ids, first), value in zip(rows, got):
+            logits = forward(params, jnp.asarray([ids[:-1]]), c)[0]
+            logp = jax.nn.log_softmax(logits, -1)[np.arange(len(ids) - 1), np.array(ids[1:])]
+            assert value == pytest.approx(float(jnp.sum(logp[first - 1:])), abs=1e-9)
+
+
+@needs_text
+def test_a_trained_model_finds_the_held_out_continuation_and_an_untrained_one_does_not(byte_data, tmp_path):
+    """`prepare.py choices`'s examples from text the model never saw (Shakespeare after the
+    fixture's 70 KB): the rest of a line against its words in other orders."""
+    task = tmp_path / 'choices.jsonl'
+    task.write_text(''.join(json.dumps(e) + '\n' for e in prepare.make_choices(TEXT[100_000:300_000], n=200)))
+    out = str(tmp_path / 'run')
+    r = run_cli('--preset=cpu', f'--data={byte_data}', f'--out={out}', '--steps=300', '--log_every=100',
+                '--eval_every=300', '--hellaswag_every=150', f'--task_data={task}', '--task_limit=40')
+    assert r.returncode == 0, r.stderr
+    logged = [json.loads(line) for line in open(os.path.join(out, 'log.jsonl'))]
+    assert [x['step'] for x in logged if 'hellaswag_acc_norm' in x] == [150, 300]
+    assert all(x['tokens'] == x['step'] * 12 * 64 for x in logged if 'summary' not in x)
+
+    r = run_cli('eval', f'--out={out}', '--task=choices', f'--task_data={task}')
+    assert r.returncode == 0, r.stderr
+    trained = json.loads(r.stdout.strip().splitlines()[-1])
+    assert trained['task'] == 'choices' and trained['examples'] == 200 and trained['step'] == 300
+    assert trained['acc_norm'] > 0.45, trained  # chance is 0.25
+
+    c = tt.validate(tt.make_config({'preset': 'cpu', 'out': out}))
+    untrained = tt.init_params(c, jax.random.key(0))
+    mesh = jax.sharding.Mesh(np.array(jax.devices()[:1]), ('data',))
+    r = tt.score_task(untrained, prepare.read_task(str(task)), prepare.get_encoding('byte'), c, mesh)
+    assert 0.15 < r['acc_norm'] < 0.35, r
+
+
+def test_eval_errors_are_one_line(tmp_path, byte_data):
+    r = run_cli('eval', f'--out={tmp_path}/nothing', f'--task_data={tmp_path}/missing.jsonl')
+    assert r.returncode == 2 and 'missing.jsonl: no such file' in r.stderr and len(r.stderr.splitlines()) == 1
+    r = run_cli('eval', f'--out={tmp_path}/nothing', '--task=hellaswag', cwd=str(tmp_path))
+    assert r.returncode == 2 and 'python prepare.py hellaswag' in r.stderr
+    bad = tmp_path / 'bad.jsonl'
+    bad.write_text('{"ctx": "a", "endings": ["b", "c"], "label": 1}\n{"ctx": "a", "endings": ["b"], "label": 3}\n')
+    with pytest.raises(prepare.PrepareError, match=r'bad.jsonl, line 2: "endings"'):
+        prepare.read_task(str(bad))
+    bad.write_text('{"ctx": "a", "endings": ["b", "c"], "label": 2}\n')
+    with pytest.raises(prepare.PrepareError, match='line 1: "label" is 2, but there are 2 endings'):
+        prepare.read_task(str(bad))
+
+
+HELLASWAG = [{'ind': i, 'ctx_a': f'A man is {w}.', 'ctx_b': 'he', 'ctx': f'A man is {w}. he', 'label': i % 4,
+              'endings': ['sits.', 'stands.', 'runs.', 'walks.']} for i, w in enumerate(['here', 'there', 'home'])]
+
+
+class Hub(http.server.BaseHTTPRequestHandler):
+    body = b''.join(json.dumps(e).encode() + b'\n' for e in HELLASWAG)
+
+    def do_GET(self):
+        body = self.body if self.path == '/hellaswag_val.jsonl' else b'<html>not here</html>'
+        self.send_response(200)
+        self.send_header('Content-Length', str(len(body)))
+        self.end_headers()
+        self.wfile.write(body)
+
+    def log_message(self, *args):
+        pass
+
+
+@pytest.fixture
+def hub():
+    httpd = http.server.ThreadingHTTPServer(('127.0.0.1', 0), Hub)
+    threading.Thread(target=httpd.serve_forever, daemon=True).start()
+    yield f'http://127.0.0.1:{httpd.server_address[1]}'
+    httpd.shutdown()
+
+
+def test_prepare_hellaswag_downloads_checks_and_records_it(hub, tmp_path, monkeypatch, capsys):
+    monkeypatch.setitem(prepare.DATASETS, 'hellaswag', {'task': f'{hub}/hellaswag_val.jsonl'})
+    out = tmp_path / 'hs'
+    assert prepare.main(['hellaswag', f'--out={out}', '--allow_http']) == 0
+    assert (out / 'hellaswag_val.jsonl').read_bytes() == Hub.body
+    meta = json.loads((out / 'meta.json').read_text())
+    assert meta['examples'] == 3 and meta['sources'][0]['sha256'] == prepare.file_sha256(out / 'hellaswag_val.jsonl')
+    assert prepare.read_task(str(out / 'hellaswag_val.jsonl'))[1] == ('A man is there. he', HELLASWAG[1]['endings'], 1)
+    assert prepare.main(['hellaswag', f'--out={out}', '--allow_http']) == 0
+    assert 'already prepared' in capsys.readouterr().out
+
+    # a page that is not the file: one line, nothing kept
+    assert prepare.main(['hellaswag', f'--out={tmp_path}/x', '--allow_http', f'--input={hub}/moved']) == 2
+    assert 'line 1: not valid JSON' in capsys.readouterr().err
+    assert os.listdir(tmp_path / 'x') == []
+    # a local copy; flags that do not apply
+    assert prepare.main(['hellaswag', f'--out={tmp_path}/y', f'--input={out}/hellaswag_val.jsonl']) == 0
+    assert (tmp_path / 'y' / 'hellaswag_val.jsonl').read_bytes() == Hub.body
+    assert prepare.main(['hellaswag', f'--out={tmp_path}/z', '--tokenizer=byte']) == 2
+    assert 'drop the flag' in capsys.readouterr().err
+    assert prepare.main(['hellaswag', '--help']) == 0
+
+
+@needs_text
+def test_prepare_choices_is_held_out_and_deterministic(tmp_path):
+    for d in ('a', 'b'):
+        assert prepare.main(['choices', f'--input={SHAKESPEARE}', f'--out={tmp_path}/{d}']) == 0
+    made = (tmp_path / 'a' / 'choices_val.jsonl').read_bytes()
+    assert made == (tmp_path / 'b' / 'choices_val.jsonl').read_bytes()
+    examples = prepare.read_task(str(tmp_path / 'a' / 'choices_val.jsonl'))
+    held_out = TEXT[len(TEXT) * 9 // 10 - 100:]
+    assert len(examples) == 1000
+    for ctx, endings, label in examples:
+        assert ctx + ' ' + endings[label] in held_out  # the true continuation, from the last 10%
+        assert len(set(endings)) == 4 and all(sorted(e.split()) == sorted(endings[label].split()) for e in endings)
+
+
+def write_log(out, losses, extra=lambda step: {}):
+    os.makedirs(out, exist_ok=True)
+    with open(os.path.join(out, 'log.jsonl'), 'w') as f:
+        for step, loss in enumerate(losses, 1):
+            f.write(json.dumps({'step': step * 10, 'tokens': step * 7680, 'loss': loss, **extra(step)}) + '\n')
+        f.write('{"step": 30, "summary": {}}\n{"cut by a cra')
+
+
+def test_plot_writes_svg_and_png_overlaying_runs(tmp_path, capsys):
+    pytest.importorskip('matplotlib')
+    a, b = str(tmp_path / 'run_a'), str(tmp_path / 'run_b')
+    write_log(a, [3.0, 2.5, 2.2], lambda s: {'val_loss': 2.4, 'val_bpb': 3.4} if s == 3 else {})
+    write_log(b, [3.1, 2.4, 2.0], lambda s: {'hellaswag_acc_norm': 0.3} if s > 1 else {})
+    assert tt.main(['plot', f'--out={a},{b}']) == 0
+    svg = ET.parse(os.path.join(a, 'loss.svg')).getroot()
+    words = ' '.join(t.text or '' for t in svg.iter('{http://www.w3.org/2000/svg}text'))
+    assert 'run_a train' in words and 'run_b train' in words and 'run_a val' in words
+    assert 'hellaswag acc_norm' in words and 'validation bits per byte' in words
+    png = tmp_path / 'curves.png'
+    assert tt.main(['plot', f'--out={a}', f'--plot_file={png}']) == 0
+    assert png.read_bytes()[:8] == b'\x89PNG\r\n\x1a\n'
+    assert tt.main(['plot', f'--out={a}', f'--plot_file={tmp_path}/x.gif']) == 2
+    assert tt.main(['plot', f'--out={tmp_path}/none']) == 2
+    assert 'log.jsonl: no such file' in capsys.readouterr().err
+
+
+def test_plot_without_matplotlib_says_how_to_install_it(tmp_path, monkeypatch, capsys):
+    write_log(str(tmp_path), [3.0])
+    monkeypatch.setitem(sys.modules, 'matplotlib', None)
+    assert tt.main(['plot', f'--out={tmp_path}']) == 2
+    assert 'pip install matplotlib' in capsys.readouterr().err
+    assert not os.path.exists(tmp_path / 'loss.svg')
