@@ -2390,21 +2390,6 @@ def task_rows(examples, enc, context):
     return rows
 
 
-def ending_logprobs(params, batch, c, gather, axis):
-    """One device's rows (tokens (1, R, T+1), mask (1, R, T)): the summed log-probability of each
-    row's masked next tokens, gathered from every device. -> (R_all,) fp32"""
-    tokens, mask = batch['tokens'][0], batch['mask'][0]
-    logits = forward(params, tokens[:, :-1], c, gather=gather)           # (R,T,V) fp32
-    target = jnp.take_along_axis(logits, tokens[:, 1:, None], -1)[..., 0]
-    logp = jnp.sum(jnp.where(mask, target - jax.nn.logsumexp(logits, -1), 0.0), -1)
-    return jax.lax.all_gather(logp, axis, tiled=True) if axis else logp
-
-
-@partial(jax.jit, static_argnames='c')
-def score_rows(params, batch, c):
-    return on_devices(ending_logprobs, params, batch, c)
-
-
 def score_task(params, examples, enc, c, mesh, tokens_per_device=TASK_TOKENS, what='task'):
     """acc and acc_norm of a model on [(context, endings, label)]. -> {'acc', 'acc_norm', 'examples'}"""
     rows = task_rows(examples, enc, c.context)
@@ -2420,11 +2405,14 @@ def ending_logprob_sums(params, rows, c, mesh, tokens_per_device, what):
     logp = np.zeros(len(rows))
     n, i, t0 = mesh.size, 0, time.time()
     last = t0
+
+    def bucket(r):  # row r's inputs, padded to a power of two: at least 16, at most the context
+        return min(c.context, 1 << max(len(rows[r][0]) - 2, 15).bit_length())
+
     while i < len(order):
-        T = min(c.context, 1 << max(len(rows[order[i]][0]) - 2, 15).bit_length())   # the bucket of row i
-        R = n * max(1, tokens_per_device // T)
-        T = min(c.context, 1 << max(len(rows[order[min(i + R, len(order)) - 1]][0]) - 2, 15).bit_length())
-        R = n * max(1, tokens_per_device // T)   # the last row of the batch may need a longer bucket
+        R = n * max(1, tokens_per_device // bucket(order[i]))
+        T = bucket(order[min(i + R, len(order)) - 1])  # the longest row of the batch
+        R = n * max(1, tokens_per_device // T)         # fewer rows if it is longer than the first
         chunk = order[i:i + R]
         tokens, mask = np.zeros((1, R, T + 1), np.int32), np.zeros((1, R, T), bool)
         for k, r in enumerate(chunk):
@@ -2440,6 +2428,21 @@ def ending_logprob_sums(params, rows, c, mesh, tokens_per_device, what):
             last = time.time()
             say(f'{what}: {i:,} of {len(order):,} endings scored ({duration(last - t0)})', flush=True)
     return logp
+
+
+def device_ending_logprobs(params, batch, c, gather, axis):
+    """One device's rows (tokens (1, R, T+1), mask (1, R, T)): the summed log-probability of each
+    row's masked next tokens, gathered from every device. -> (R_all,) fp32"""
+    tokens, mask = batch['tokens'][0], batch['mask'][0]
+    logits = forward(params, tokens[:, :-1], c, gather=gather)           # (R,T,V) fp32
+    target = jnp.take_along_axis(logits, tokens[:, 1:, None], -1)[..., 0]
+    logp = jnp.sum(jnp.where(mask, target - jax.nn.logsumexp(logits, -1), 0.0), -1)
+    return jax.lax.all_gather(logp, axis, tiled=True) if axis else logp
+
+
+@partial(jax.jit, static_argnames='c')
+def score_rows(params, batch, c):
+    return on_devices(device_ending_logprobs, params, batch, c)
 
 
 def choice_accuracy(logp, counts, examples):
