@@ -134,6 +134,10 @@ class Config:
     hellaswag_every: int = _f(0, 'train: score --task (HellaSwag) every this many steps and at the end, logged as '
                                  'TASK_acc_norm; 0 = off')
     plot_file: str = _f('', 'plot: the picture to write (.svg, .png or .pdf); default OUT/loss.svg of the first --out')
+    # export (python tinytpu.py export)
+    export_dir: str = _f('', 'export: directory to write the Hugging Face model to (config.json, model.safetensors, '
+                             'tokenizer); must not exist yet')
+    export_dtype: str = _f('bfloat16', 'export: dtype of the exported weights: bfloat16, float16 or float32')
     # sampling
     prompt: str = _f('\n', 'text to continue (sample)')
     max_new_tokens: int = _f(500, 'tokens to generate (sample)')
@@ -164,8 +168,8 @@ MODEL_FIELDS = ('n_layer', 'd_model', 'n_head', 'n_kv_head', 'd_head', 'd_ff', '
                 'tie_embed', 'rope_theta', 'logit_softcap')  # what a checkpoint's weights were trained to compute
 
 
-USE_FIELDS = ('task', 'task_data', 'task_limit', 'plot_file', 'prompt', 'max_new_tokens', 'temperature', 'top_k',
-              'top_p')  # how a trained model is used: from the flags, never from its checkpoint
+USE_FIELDS = ('task', 'task_data', 'task_limit', 'plot_file', 'export_dir', 'export_dtype', 'prompt', 'max_new_tokens',
+              'temperature', 'top_k', 'top_p')  # how a trained model is used: from the flags, never from its checkpoint
 
 
 class UserError(Exception):
@@ -268,6 +272,8 @@ def setting_checks(c):
     yield c.logit_softcap >= 0, f'--logit_softcap={c.logit_softcap} must be >= 0 (0 = off)'
     yield c.seed >= 0, f'--seed={c.seed} must be >= 0'
     yield c.task_limit >= 0 and c.hellaswag_every >= 0, '--task_limit and --hellaswag_every must be >= 0 (0 = all, off)'
+    yield (c.export_dtype in EXPORT_DTYPES,
+           f'--export_dtype={c.export_dtype}: choose {", ".join(EXPORT_DTYPES)}')
 
 
 def profile_range(c):
@@ -352,7 +358,10 @@ def init_params(c, key):
     return spec_map(lambda shape, std, axis: std * jax.random.normal(next(keys), shape), param_specs(c))
 
 
-def rms_norm(x, eps=1e-6):
+NORM_EPS = 1e-6  # RMSNorm's epsilon (export writes it into the Hugging Face config)
+
+
+def rms_norm(x, eps=NORM_EPS):
     x32 = x.astype(jnp.promote_types(x.dtype, jnp.float32))  # statistics in (at least) fp32
     return (x32 * jax.lax.rsqrt(jnp.mean(x32 * x32, -1, keepdims=True) + eps)).astype(x.dtype)
 
@@ -2551,10 +2560,196 @@ def plot(c):
 
 
 # ----------------------------------------------------------------------------------------------
-# Command line: python tinytpu.py [train|sample|eval|plot|bench|plan] [--name=value ...]
+# Export to the Hugging Face format: python tinytpu.py export --export_dir=DIR writes the newest
+# checkpoint so that `transformers` loads it with no custom code (and from there vLLM, llama.cpp's
+# converter, the Hub). A SwiGLU model is, weight for weight, a Qwen3ForCausalLM: Llama's
+# pre-norm blocks with RMSNorm, RoPE pairing entry i with i + H/2 ("rotate half"), grouped-query
+# attention and a SwiGLU MLP, no biases, plus Qwen3's per-head RMSNorm of q and k. tinytpu's
+# norms have no gain, so theirs are exported as ones; the vocabulary's padding rows are dropped.
+# The ReLU^2 MLP and the logit soft-cap have no standard architecture: such models are refused.
+# model.safetensors is written by its published format (an 8-byte header length, a JSON header
+# naming each tensor's dtype, shape and byte range, then the bytes): 20 lines that keep the
+# runtime needs at four packages. The tokenizer is converted from tiktoken's: a tokenizer.json
+# (byte-level BPE: tiktoken's split pattern, its vocabulary and the merges that rebuild it).
+
+EXPORT_DTYPES = {'bfloat16': 'BF16', 'float16': 'F16', 'float32': 'F32'}  # numpy name: safetensors name
 
 
-COMMANDS = ('train', 'sample', 'eval', 'plot', 'bench', 'plan')
+def export_problem(c):
+    """Why a model cannot be exported as a standard architecture, naming the setting, or None."""
+    if c.mlp != 'swiglu':
+        return (f'--mlp={c.mlp}: the ReLU^2 MLP has no standard Hugging Face architecture; export takes SwiGLU '
+                'models (train with --mlp=swiglu)')
+    if c.logit_softcap:
+        return (f'--logit_softcap={c.logit_softcap:g}: the logit soft-cap has no place in Qwen3ForCausalLM; export takes '
+                'models trained with --logit_softcap=0')
+    return None
+
+
+def hf_config(c, meta):
+    """config.json of Qwen3ForCausalLM for this model."""
+    eot = meta.get('eot_id')
+    return {'architectures': ['Qwen3ForCausalLM'], 'model_type': 'qwen3', 'vocab_size': c.vocab_size,
+            'hidden_size': c.d_model, 'intermediate_size': ff_dim(c), 'num_hidden_layers': c.n_layer,
+            'num_attention_heads': c.n_head, 'num_key_value_heads': c.n_kv_head, 'head_dim': head_dim(c),
+            'hidden_act': 'silu', 'max_position_embeddings': c.context, 'rms_norm_eps': NORM_EPS,
+            'rope_theta': c.rope_theta, 'rope_parameters': {'rope_type': 'default', 'rope_theta': c.rope_theta},
+            'tie_word_embeddings': c.tie_embed, 'attention_bias': False, 'attention_dropout': 0.0,
+            'use_sliding_window': False, 'initializer_range': 0.02, 'use_cache': True,
+            'bos_token_id': eot, 'eos_token_id': eot, 'torch_dtype': c.export_dtype}
+
+
+def hf_weights(params, c):
+    """The params as Qwen3ForCausalLM's tensors, fp32: name -> array. torch's Linear weights are
+    (out, in); q/k/v/o heads are laid out head after head, each of head_dim entries."""
+    L, D, N, K, H, V = c.n_layer, c.d_model, c.n_head, c.n_kv_head, head_dim(c), c.vocab_size
+    p = jax.tree.map(lambda x: np.asarray(x, np.float32), params)
+    w, ones = p['layers'], lambda n: np.ones(n, np.float32)
+    tensors = {'model.embed_tokens.weight': p['embed'][:V], 'model.norm.weight': ones(D)}
+    for l in range(L):
+        layer = f'model.layers.{l}.'
+        qkv = w['qkv'][l]                                                 # (D, N+2K, H)
+        tensors |= {
+            layer + 'input_layernorm.weight': ones(D),
+            layer + 'self_attn.q_proj.weight': qkv[:, :N].reshape(D, N * H).T,
+            layer + 'self_attn.k_proj.weight': qkv[:, N:N + K].reshape(D, K * H).T,
+            layer + 'self_attn.v_proj.weight': qkv[:, N + K:].reshape(D, K * H).T,
+            layer + 'self_attn.q_norm.weight': ones(H), layer + 'self_attn.k_norm.weight': ones(H),
+            layer + 'self_attn.o_proj.weight': w['o'][l].reshape(N * H, D).T,
+            layer + 'post_attention_layernorm.weight': ones(D),
+            layer + 'mlp.gate_proj.weight': w['gate'][l].T, layer + 'mlp.up_proj.weight': w['up'][l].T,
+            layer + 'mlp.down_proj.weight': w['down'][l].T,
+        }
+    if not c.tie_embed:
+        tensors['lm_head.weight'] = p['unembed'][:, :V].T
+    return tensors
+
+
+def write_safetensors(path, tensors, dtype):
+    """tensors (name -> array) in the safetensors format, converted to dtype (an EXPORT_DTYPES key)."""
+    header, offset = {'__metadata__': {'format': 'pt'}}, 0
+    for name, x in tensors.items():
+        size = x.size * jnp.dtype(dtype).itemsize
+        header[name] = {'dtype': EXPORT_DTYPES[dtype], 'shape': list(x.shape), 'data_offsets': [offset, offset + size]}
+        offset += size
+    blob = json.dumps(header, separators=(',', ':')).encode()
+    blob += b' ' * (-len(blob) % 8)  # the tensors start 8-byte aligned
+    with open(path, 'wb') as f:
+        f.write(len(blob).to_bytes(8, 'little') + blob)
+        for x in tensors.values():  # little-endian, row-major
+            f.write(np.ascontiguousarray(x.astype(jnp.dtype(dtype))).tobytes())
+
+
+def byte_chars():
+    """The printable character that stands for each byte in a byte-level BPE vocabulary (GPT-2's
+    convention, which Hugging Face's tokenizers follow): printable Latin-1 bytes stand for
+    themselves, the others for the characters from U+0100 on, in order."""
+    keep = [*range(0x21, 0x7F), *range(0xA1, 0xAD), *range(0xAE, 0x100)]
+    others = iter(range(0x100, 0x200))
+    return {b: chr(b) if b in keep else chr(next(others)) for b in range(256)}
+
+
+def bpe_merges(ranks):
+    """The merges of a byte-level BPE from tiktoken's ranks (token bytes -> id): a token of 2+ bytes
+    is the merge of the two parts that BPE, applying only merges of lower rank, leaves it in."""
+    merges = []
+    for token, rank in sorted(ranks.items(), key=lambda t: t[1]):
+        if len(token) < 2:
+            continue
+        parts = [token[i:i + 1] for i in range(len(token))]
+        while len(parts) > 2:
+            i = min(range(len(parts) - 1), key=lambda i: ranks.get(parts[i] + parts[i + 1], math.inf))
+            if ranks.get(parts[i] + parts[i + 1], math.inf) >= rank:
+                break
+            parts[i:i + 2] = [parts[i] + parts[i + 1]]
+        if len(parts) == 2:  # else no merge makes it (ignore_merges still finds it whole)
+            merges.append((parts[0], parts[1]))
+    return merges
+
+
+def hf_tokenizer(enc):
+    """tokenizer.json (Hugging Face's tokenizers format) that splits and merges as tiktoken's enc."""
+    chars = byte_chars()
+    spell = lambda token: ''.join(chars[b] for b in token)  # noqa: E731
+    ranks = enc._mergeable_ranks
+    specials = [{'id': i, 'content': t, 'single_word': False, 'lstrip': False, 'rstrip': False, 'normalized': False,
+                 'special': True} for t, i in sorted(enc._special_tokens.items(), key=lambda t: t[1])]
+    return {'version': '1.0', 'truncation': None, 'padding': None, 'added_tokens': specials, 'normalizer': None,
+            'pre_tokenizer': {'type': 'Sequence', 'pretokenizers': [
+                {'type': 'Split', 'pattern': {'Regex': enc._pat_str}, 'behavior': 'Isolated', 'invert': False},
+                {'type': 'ByteLevel', 'add_prefix_space': False, 'trim_offsets': True, 'use_regex': False}]},
+            'post_processor': None,
+            'decoder': {'type': 'ByteLevel', 'add_prefix_space': False, 'trim_offsets': True, 'use_regex': False},
+            'model': {'type': 'BPE', 'dropout': None, 'unk_token': None, 'continuing_subword_prefix': None,
+                      'end_of_word_suffix': None, 'fuse_unk': False, 'byte_fallback': False,
+                      'ignore_merges': True,  # as tiktoken: a piece that is a token stays one
+                      'vocab': {spell(t): i for t, i in ranks.items()},
+                      'merges': [f'{spell(a)} {spell(b)}' for a, b in bpe_merges(ranks)]}}
+
+
+def write_tokenizer(out, enc, eot, context):
+    """The tokenizer files AutoTokenizer loads offline: tokenizer.json and tokenizer_config.json."""
+    eot_text = enc.decode([eot]) if eot is not None else None
+    with open(os.path.join(out, 'tokenizer.json'), 'w', encoding='utf-8') as f:
+        json.dump(hf_tokenizer(enc), f, ensure_ascii=False)
+    with open(os.path.join(out, 'tokenizer_config.json'), 'w') as f:
+        json.dump({'tokenizer_class': 'PreTrainedTokenizerFast', 'bos_token': eot_text, 'eos_token': eot_text,
+                   'pad_token': eot_text, 'model_max_length': context, 'clean_up_tokenization_spaces': False}, f, indent=1)
+
+
+def export(c, explicit):
+    """python tinytpu.py export: the newest checkpoint in c.out as a Hugging Face model in
+    c.export_dir, written into a temporary directory beside it and renamed into place."""
+    if not c.export_dir:
+        raise UserError('export needs --export_dir=DIR, the directory to write the model to')
+    if os.path.lexists(c.export_dir):
+        raise UserError(f'--export_dir={c.export_dir} already exists; choose a new directory (nothing is overwritten)')
+    c, params, meta, enc = load_model(c, explicit)
+    problem = export_problem(c)
+    if problem:
+        raise UserError(f'{c.out}: cannot export: {problem}')
+    eot = meta.get('eot_id')
+    parent = os.path.dirname(os.path.abspath(c.export_dir))
+    os.makedirs(parent, exist_ok=True)
+    tmp = os.path.join(parent, f'.tmp_export_{os.getpid()}')
+    os.makedirs(tmp)
+    try:
+        write_safetensors(os.path.join(tmp, 'model.safetensors'), hf_weights(params, c), c.export_dtype)
+        files = {'config.json': hf_config(c, meta),
+                 'generation_config.json': {'bos_token_id': eot, 'eos_token_id': eot, 'pad_token_id': eot}}
+        for name, record in files.items():
+            with open(os.path.join(tmp, name), 'w') as f:
+                json.dump(record, f, indent=1)
+        write_tokenizer(tmp, enc, eot, c.context)
+        with open(os.path.join(tmp, 'README.md'), 'w') as f:
+            f.write(model_card(c, meta))
+        os.rename(tmp, c.export_dir)
+    finally:
+        shutil.rmtree(tmp, ignore_errors=True)
+    say(f'wrote {c.export_dir}: Qwen3ForCausalLM, {param_count(c) / 1e6:.2f}M params in {c.export_dtype} '
+        f'(step {meta.get("step")} of {c.out}), tokenizer {meta["tokenizer"]}')
+
+
+def model_card(c, meta):
+    """README.md of an exported model: where it came from and how to load it."""
+    byte_note = ('\nThe tokenizer is `byte`: token i < 256 is byte i, token 256 is <|endoftext|>; '
+                 'tokenizer.json spells this mapping out as a byte-level BPE with no merges.\n'
+                 if meta['tokenizer'] == 'byte' else '')
+    return (f'# {os.path.basename(os.path.normpath(c.export_dir))}\n\nA {param_count(c) / 1e6:.2f}M-parameter GPT '
+            f'trained from scratch with tinytpu ({meta.get("step")} steps on `{c.data}`, tokenizer `{meta["tokenizer"]}`), '
+            f'exported as Qwen3ForCausalLM: {c.n_layer} layers, d_model {c.d_model}, {c.n_head} query heads and '
+            f'{c.n_kv_head} key/value heads of width {head_dim(c)}, SwiGLU {ff_dim(c)}, context {c.context}.\n'
+            f'{byte_note}\n```python\nfrom transformers import AutoModelForCausalLM, AutoTokenizer\n'
+            f'tok = AutoTokenizer.from_pretrained("DIR")\nmodel = AutoModelForCausalLM.from_pretrained("DIR")\n'
+            f'out = model.generate(**tok("Hello", return_tensors="pt"), max_new_tokens=50)\n'
+            f'print(tok.decode(out[0]))\n```\n')
+
+
+# ----------------------------------------------------------------------------------------------
+# Command line: python tinytpu.py [train|sample|eval|plot|export|bench|plan] [--name=value ...]
+
+
+COMMANDS = ('train', 'sample', 'eval', 'plot', 'export', 'bench', 'plan')
 
 
 def usage():
@@ -2654,6 +2849,8 @@ def main(argv):
             plot(c)
         elif command == 'eval':
             evaluate_task(c, set(flags) - set(MODEL_FIELDS))
+        elif command == 'export':
+            export(c, set(flags) - set(MODEL_FIELDS))
         else:
             sample(c, set(flags) - set(MODEL_FIELDS))
     except (UserError, PrepareError) as e:
