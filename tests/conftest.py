@@ -1,7 +1,10 @@
-"""Shared fixtures: a tiny config, a tiny byte-level data set, and an offline tiktoken cache."""
+"""Shared fixtures: a tiny config, a tiny byte-level data set, an offline tiktoken cache, and a
+local stand-in for the Hugging Face Hub."""
+import http.server
 import os
 import subprocess
 import sys
+import threading
 
 import numpy as np
 import pytest
@@ -51,3 +54,37 @@ def run_cli(*args, cwd=ROOT, timeout=600):
     rest = args[1:] if script == args[0] else args
     return subprocess.run([sys.executable, os.path.join(ROOT, script), *rest], cwd=cwd, capture_output=True,
                           text=True, timeout=timeout)
+
+
+class HubHandler(http.server.BaseHTTPRequestHandler):
+    """A stand-in for huggingface.co with the real URL layout: /datasets/<repo>/resolve/main/<file>
+    answers a 302 to /cdn/<file>, as the Hub does, which serves the bytes."""
+    files = {}
+
+    def do_GET(self):
+        if '/resolve/main/' in self.path:
+            self.send_response(302)
+            self.send_header('Location', '/cdn/' + self.path.split('/resolve/main/')[1])
+            self.end_headers()
+            return
+        body = self.files.get(self.path[len('/cdn/'):])
+        if body is None:
+            self.send_error(404)
+            return
+        self.send_response(200)
+        self.send_header('Content-Length', str(len(body)))
+        self.end_headers()
+        self.wfile.write(body)
+
+    def log_message(self, *args):
+        pass
+
+
+@pytest.fixture
+def hub():
+    """(its URL, the files it serves: name -> bytes), on 127.0.0.1 for this test only."""
+    HubHandler.files = {}
+    httpd = http.server.ThreadingHTTPServer(('127.0.0.1', 0), HubHandler)
+    threading.Thread(target=httpd.serve_forever, daemon=True).start()
+    yield f'http://127.0.0.1:{httpd.server_address[1]}', HubHandler.files
+    httpd.shutdown()

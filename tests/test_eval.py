@@ -1,11 +1,9 @@
 """Evaluation on multiple-choice tasks (HellaSwag's format) and loss-curve plots: the scorer
 against hand-computed choices and a float reference forward, a held-out task a trained model
 passes and an untrained one does not, prepare.py hellaswag through a local HTTP server, plot."""
-import http.server
 import json
 import os
 import sys
-import threading
 import xml.etree.ElementTree as ET
 
 import jax
@@ -109,33 +107,14 @@ HELLASWAG = [{'ind': i, 'ctx_a': f'A man is {w}.', 'ctx_b': 'he', 'ctx': f'A man
               'endings': ['sits.', 'stands.', 'runs.', 'walks.']} for i, w in enumerate(['here', 'there', 'home'])]
 
 
-class Hub(http.server.BaseHTTPRequestHandler):
-    body = b''.join(json.dumps(e).encode() + b'\n' for e in HELLASWAG)
-
-    def do_GET(self):
-        body = self.body if self.path == '/hellaswag_val.jsonl' else b'<html>not here</html>'
-        self.send_response(200)
-        self.send_header('Content-Length', str(len(body)))
-        self.end_headers()
-        self.wfile.write(body)
-
-    def log_message(self, *args):
-        pass
-
-
-@pytest.fixture
-def hub():
-    httpd = http.server.ThreadingHTTPServer(('127.0.0.1', 0), Hub)
-    threading.Thread(target=httpd.serve_forever, daemon=True).start()
-    yield f'http://127.0.0.1:{httpd.server_address[1]}'
-    httpd.shutdown()
-
-
 def test_prepare_hellaswag_downloads_checks_and_records_it(hub, tmp_path, monkeypatch, capsys):
-    monkeypatch.setitem(prepare.DATASETS, 'hellaswag', {'task': f'{hub}/hellaswag_val.jsonl'})
+    url, files = hub
+    files['hellaswag_val.jsonl'] = body = b''.join(json.dumps(e).encode() + b'\n' for e in HELLASWAG)
+    files['moved'] = b'<html>not here</html>'
+    monkeypatch.setitem(prepare.DATASETS, 'hellaswag', {'task': f'{url}/cdn/hellaswag_val.jsonl'})
     out = tmp_path / 'hs'
     assert prepare.main(['hellaswag', f'--out={out}', '--allow_http']) == 0
-    assert (out / 'hellaswag_val.jsonl').read_bytes() == Hub.body
+    assert (out / 'hellaswag_val.jsonl').read_bytes() == body
     meta = json.loads((out / 'meta.json').read_text())
     assert meta['examples'] == 3 and meta['sources'][0]['sha256'] == prepare.file_sha256(out / 'hellaswag_val.jsonl')
     assert prepare.read_task(str(out / 'hellaswag_val.jsonl'))[1] == ('A man is there. he', HELLASWAG[1]['endings'], 1)
@@ -143,12 +122,12 @@ def test_prepare_hellaswag_downloads_checks_and_records_it(hub, tmp_path, monkey
     assert 'already prepared' in capsys.readouterr().out
 
     # a page that is not the file: one line, nothing kept
-    assert prepare.main(['hellaswag', f'--out={tmp_path}/x', '--allow_http', f'--input={hub}/moved']) == 2
+    assert prepare.main(['hellaswag', f'--out={tmp_path}/x', '--allow_http', f'--input={url}/cdn/moved']) == 2
     assert 'line 1: not valid JSON' in capsys.readouterr().err
     assert os.listdir(tmp_path / 'x') == []
     # a local copy; flags that do not apply
     assert prepare.main(['hellaswag', f'--out={tmp_path}/y', f'--input={out}/hellaswag_val.jsonl']) == 0
-    assert (tmp_path / 'y' / 'hellaswag_val.jsonl').read_bytes() == Hub.body
+    assert (tmp_path / 'y' / 'hellaswag_val.jsonl').read_bytes() == body
     assert prepare.main(['hellaswag', f'--out={tmp_path}/z', '--tokenizer=byte']) == 2
     assert 'drop the flag' in capsys.readouterr().err
     assert prepare.main(['hellaswag', '--help']) == 0

@@ -11,7 +11,7 @@ import pytest
 
 import prepare
 import tinytpu as tt
-from conftest import SHAKESPEARE, run_cli, write_shard
+from conftest import SHAKESPEARE, write_shard
 
 torch = pytest.importorskip('torch')
 transformers = pytest.importorskip('transformers')
@@ -32,16 +32,15 @@ def gpt2_data(tmp_path_factory):
 
 
 def train(data, out, *flags):
-    r = run_cli(f'--data={data}', f'--out={out}', '--mlp=swiglu', '--n_layer=2', '--d_model=64', '--n_head=4',
-                '--context=32', '--seq_len=32', '--batch_size=8', '--steps=30', '--warmup_steps=5', '--log_every=10',
-                '--eval_every=30', '--eval_batches=2', *flags)
-    assert r.returncode == 0, r.stderr
+    """A small SwiGLU model trained for 30 steps (in this process: no second JAX start-up)."""
+    assert tt.main([f'--data={data}', f'--out={out}', '--mlp=swiglu', '--n_layer=2', '--d_model=64', '--n_head=4',
+                    '--context=32', '--seq_len=32', '--batch_size=8', '--steps=30', '--warmup_steps=5',
+                    '--log_every=10', '--eval_every=30', '--eval_batches=2', *flags]) == 0
     return out
 
 
 def export(out, export_dir, *flags):
-    r = run_cli('export', f'--out={out}', f'--export_dir={export_dir}', *flags)
-    assert r.returncode == 0, r.stderr
+    assert tt.main(['export', f'--out={out}', f'--export_dir={export_dir}', *flags]) == 0
     return str(export_dir)
 
 
@@ -107,16 +106,30 @@ def test_gpt2_tokenizer_files_tokenize_as_tiktoken(tmp_path):
     assert tok.eos_token_id == 50256 and len(tok) == 50257
 
 
-def test_what_does_not_map_is_refused_in_one_line(byte_data, tmp_path):
-    relu = train(byte_data, str(tmp_path / 'relu'), '--mlp=relu2', '--steps=1')
-    r = run_cli('export', f'--out={relu}', f'--export_dir={tmp_path}/a')
-    assert r.returncode == 2 and '--mlp=relu2' in r.stderr and len(r.stderr.splitlines()) == 1
-    capped = train(byte_data, str(tmp_path / 'capped'), '--logit_softcap=30', '--steps=1')
-    r = run_cli('export', f'--out={capped}', f'--export_dir={tmp_path}/b')
-    assert r.returncode == 2 and '--logit_softcap=30' in r.stderr
+def untrained(out, **settings):
+    """A checkpoint of a freshly initialized model (step 0) in out, written as training writes one."""
+    os.makedirs(out)
+    c = tt.validate(tt.Config(**{'out': out, 'mlp': 'swiglu', 'n_layer': 1, 'd_model': 32, **settings}))
+    tt.save_checkpoint(out, tt.fresh_state(c), c, {'tokenizer': 'byte', 'eot_id': 256})
+    return out
+
+
+def test_what_does_not_map_is_refused_in_one_line(tmp_path, capsys):
+    def refused(*flags):
+        assert tt.main(['export', *flags]) == 2
+        err = capsys.readouterr().err
+        assert len(err.splitlines()) == 1
+        return err
+
+    relu = untrained(str(tmp_path / 'relu'), mlp='relu2')
+    assert '--mlp=relu2' in refused(f'--out={relu}', f'--export_dir={tmp_path}/a')
+    capped = untrained(str(tmp_path / 'capped'), logit_softcap=30.0)
+    assert '--logit_softcap=30' in refused(f'--out={capped}', f'--export_dir={tmp_path}/b')
     (tmp_path / 'taken').mkdir()
-    r = run_cli('export', f'--out={capped}', f'--export_dir={tmp_path}/taken')
-    assert r.returncode == 2 and 'already exists' in r.stderr
-    r = run_cli('export', f'--out={capped}')
-    assert r.returncode == 2 and '--export_dir' in r.stderr
-    assert sorted(os.listdir(tmp_path)) == ['capped', 'data', 'relu', 'taken']  # nothing half-written left
+    assert 'already exists' in refused(f'--out={untrained(str(tmp_path / "fine"))}', f'--export_dir={tmp_path}/taken')
+    assert '--export_dir' in refused(f'--out={capped}')
+    assert '--export_dtype=int8' in refused(f'--out={capped}', f'--export_dir={tmp_path}/c', '--export_dtype=int8')
+    assert sorted(os.listdir(tmp_path)) == ['capped', 'fine', 'relu', 'taken']  # nothing half-written left
+    assert tt.main(['export', f'--out={tmp_path}/fine', f'--export_dir={tmp_path}/d']) == 0
+    assert sorted(os.listdir(tmp_path / 'd')) == ['README.md', 'config.json', 'generation_config.json',
+                                                 'model.safetensors', 'tokenizer.json', 'tokenizer_config.json']

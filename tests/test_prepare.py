@@ -209,38 +209,6 @@ def test_allow_http_false_means_false(tmp_path):
     assert r.returncode == 2 and 'plain http can be tampered with' in r.stderr
 
 
-class HubHandler(http.server.BaseHTTPRequestHandler):
-    """A stand-in for huggingface.co with the real URL layout: /datasets/<repo>/resolve/main/<file>
-    answers a 302 to /cdn/<file>, as the Hub does, which serves the bytes."""
-    files = {}
-
-    def do_GET(self):
-        if '/resolve/main/' in self.path:
-            self.send_response(302)
-            self.send_header('Location', '/cdn/' + self.path.split('/resolve/main/')[1])
-            self.end_headers()
-            return
-        body = self.files.get(self.path[len('/cdn/'):])
-        if body is None:
-            self.send_error(404)
-            return
-        self.send_response(200)
-        self.send_header('Content-Length', str(len(body)))
-        self.end_headers()
-        self.wfile.write(body)
-
-    def log_message(self, *args):
-        pass
-
-
-@pytest.fixture
-def hub():
-    httpd = http.server.ThreadingHTTPServer(('127.0.0.1', 0), HubHandler)
-    threading.Thread(target=httpd.serve_forever, daemon=True).start()
-    yield f'http://127.0.0.1:{httpd.server_address[1]}', HubHandler.files
-    httpd.shutdown()
-
-
 def shard_bytes(tokens):
     header = np.zeros(256, '<i4')
     header[:3] = 20240520, 1, len(tokens)
