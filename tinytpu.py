@@ -2,7 +2,7 @@
 
 One file, read top to bottom: config -> model -> loss -> optimizer -> data -> checkpoints ->
 devices -> train step -> hardware -> train loop -> benchmark -> TPU estimates -> plan -> sampling
--> evaluation -> loss plots -> command line.
+-> evaluation -> loss plots -> export to Hugging Face -> command line.
 Commands to try, and three to size a run on a TPU or GPU:
 
     python prepare.py shakespeare --tokenizer=byte       # 1.1 MB of Shakespeare as byte tokens
@@ -10,6 +10,7 @@ Commands to try, and three to size a run on a TPU or GPU:
     python tinytpu.py sample --preset=cpu --prompt="ROMEO:"
     python prepare.py choices && python tinytpu.py eval --task=choices  # a held-out multiple-choice test
     python tinytpu.py plot                               # its loss curves -> out/shakespeare_byte/loss.svg
+    python tinytpu.py export --export_dir=hf/my_model    # a SwiGLU model (--mlp=swiglu) for transformers
     python tinytpu.py bench                              # time the train step: tokens/s, MFU, $
     python tinytpu.py bench --preset=tpu --topology=v6e:1x1  # compile for a TPU that is not here:
                                                          # fits? estimated speed (needs jax[tpu])
