@@ -1244,7 +1244,7 @@ def put_batch(blocks, shape, mesh):
     return jax.make_array_from_single_device_arrays(shape, batch_sharding(mesh, len(shape)), arrays)
 
 
-def fetch(tree):
+def as_floats(tree):
     """Replicated device values (loss, norms) -> Python floats, on any host."""
     return jax.tree.map(lambda x: float(np.asarray(x.addressable_data(0))), tree)
 
@@ -1540,9 +1540,33 @@ def restore(c, template, tokenizer=None):
     return template, None, {}
 
 
+@dataclass
+class Run:
+    """What a training run starts from, made by start_run."""
+    c: Config                 # with the vocabulary, the devices' choices and the microbatches resolved
+    mesh: Mesh
+    params: dict
+    opt: dict
+    start: int                # the first step to take (0, or the resumed checkpoint's)
+    meta: dict                # the data's meta.json
+    elapsed: float            # wall time of the earlier runs this one resumes
+    t0: float                 # when this run began: start-up and compiling are paid for too
+    step: callable = None     # the compiled train step, step(params, opt, batch)
+    eval: callable = None     # the compiled eval step, eval(params, vals)
+    vals: object = None       # the validation set, on the devices
+    batches: object = None    # next(batches): the next training batch, on the devices
+    task: tuple = None        # --hellaswag_every: (examples, tokenizer)
+    price: float = None       # dollars per hour of all the chips, or None
+    price_note: str = ''
+    compiled_note: str = ''
+
+
 def start_run(c, held):
-    """Data, output directory (locked for as long as `held`, an ExitStack, lasts), mesh, and the
-    state to start from (fresh or resumed), in place."""
+    """Everything training needs, in place: the data, the output directory (locked for as long as
+    `held`, an ExitStack, lasts; its log cut back to the checkpoint), the mesh, the state (fresh
+    or resumed), and unless there is nothing left to train, the compiled steps, the validation set,
+    the batches and the cost. -> Run"""
+    t0 = time.time()
     train_windows, val_windows, meta = load_data(c)
     if 'vocab_size' in meta:
         c = dataclasses.replace(c, vocab_size=int(meta['vocab_size']))
@@ -1570,8 +1594,30 @@ def start_run(c, held):
         state = place(state, shardings)
     else:
         state = jax.jit(lambda: fresh_state(c), out_shardings=shardings)()
-    elapsed = saved.get('elapsed', 0.0)  # earlier runs' time
-    return c, mesh, state, (train_windows, val_windows, meta), elapsed
+    run = Run(c, mesh, state['params'], state['opt'], int(as_floats(state['opt']['step'])), meta,
+              saved.get('elapsed', 0.0), t0)
+    if jax.process_index() == 0:
+        trim_log(os.path.join(c.out, 'log.jsonl'), run.start)
+    if run.start >= c.steps:
+        return run
+    if c.hellaswag_every:  # read and checked before anything is compiled
+        if not meta.get('tokenizer'):
+            raise UserError(f'--hellaswag_every needs the tokenizer: {c.data} has no meta.json naming it')
+        run.task = read_task(task_file(c), c.task_limit), get_encoding(meta['tokenizer'])
+    run.price, run.price_note = hourly_price(c, mesh)
+    say(f'cost: {run.price_note}')
+    t = time.time()
+    run.c, run.step, run.eval = compile_fitting_step(run.params, run.opt, mesh, c)
+    run.compiled_note = (f'compiled the train step in {time.time() - t:.1f}s | '
+                         f'{buffer_note(run.step.memory_analysis())}')
+    val_idx = val_indices(val_windows, run.c)
+    run.vals = put_batch(local_blocks(val_windows, val_idx, mesh, run.c, 'val split'),
+                         val_idx.shape + (run.c.seq_len + 1,), mesh)
+    shape = (run.c.grad_accum, run.c.batch_size // run.c.grad_accum, run.c.seq_len + 1)
+    blocks = prefetch(lambda k: local_blocks(train_windows, train_indices(train_windows, run.c, k), mesh, run.c,
+                                             f'train batch {k}'), run.start)
+    run.batches = (put_batch(b, shape, mesh) for b in blocks)
+    return run
 
 
 @contextlib.contextmanager
@@ -1644,106 +1690,146 @@ def append(log, record):
 
 
 def train(c):
-    t_start = time.time()  # the dollars count from here: start-up and compilation are paid for too
+    """Pretrain: take a batch, take a step, log, evaluate, checkpoint; until step c.steps."""
     with contextlib.ExitStack() as held:  # what the run holds until it ends: the --out lock, signals, the log
-        c, mesh, state, (train_windows, val_windows, meta), elapsed_before = start_run(c, held)
-        params, opt = state['params'], state['opt']
-        start = int(fetch(opt['step']))
-        main = jax.process_index() == 0  # only process 0 prints, logs and writes checkpoints
-        log_path = os.path.join(c.out, 'log.jsonl')
-        if main:
-            trim_log(log_path, start)
-        if start >= c.steps:
-            say(f'already trained {start} steps (--steps={c.steps}); nothing to do')
+        run = start_run(c, held)  # data, devices, state (fresh or resumed), compiled steps
+        c, params, opt = run.c, run.params, run.opt
+        if run.start >= c.steps:
+            say(f'already trained {run.start} steps (--steps={c.steps}); nothing to do')
             return params
-
-        task = None
-        if c.hellaswag_every:  # read and checked before anything is compiled
-            if not meta.get('tokenizer'):
-                raise UserError(f'--hellaswag_every needs the tokenizer: {c.data} has no meta.json naming it')
-            task = read_task(task_file(c), c.task_limit), get_encoding(meta['tokenizer'])
-        price, price_note = hourly_price(c, mesh)
-        say(f'cost: {price_note}')
-        t = time.time()
-        c, step_fn, eval_fn = compile_fitting_step(params, opt, mesh, c)
-        compiled = f'compiled the train step in {time.time() - t:.1f}s | {buffer_note(step_fn.memory_analysis())}'
-        val_idx = val_indices(val_windows, c)
-        vals = put_batch(local_blocks(val_windows, val_idx, mesh, c, 'val split'), val_idx.shape + (c.seq_len + 1,), mesh)
-        batch_shape = (c.grad_accum, c.batch_size // c.grad_accum, c.seq_len + 1)
-        batches = prefetch(lambda k: local_blocks(train_windows, train_indices(train_windows, c, k), mesh, c,
-                                                  f'train batch {k}'), start)
-        tokens_per_step, flops, peak = c.batch_size * c.seq_len, flops_per_token(c), hardware_peak(c, mesh.size)
-
-        def timing():  # wall time of this run and the earlier ones it resumes, and what it cost
-            seconds = elapsed_before + time.time() - t_start
-            return {'elapsed': seconds, 'cost': price * seconds / 3600 if price else None}
-
-        t_last, step_last = time.time(), start
-        timed = {'seconds': 0.0, 'steps': 0}  # train-step time only (no compile, eval or checkpoints)
+        meter = Meter(c, run)                 # time, tokens/s, MFU and dollars; the profiler
+        guard = held.enter_context(Guard(c))  # signals stop training with a checkpoint; so does divergence
+        log = held.enter_context(open(os.path.join(c.out, 'log.jsonl'), 'a') if lead() else open(os.devnull, 'w'))
+        held.enter_context(jax.set_mesh(run.mesh))
+        say(run.compiled_note)
         val = {}
-        stop = held.enter_context(StopSignal())
-        log = held.enter_context(open(log_path, 'a') if main else open(os.devnull, 'w'))
-        held.enter_context(jax.set_mesh(mesh))
-        say(compiled)  # from here on, a signal stops training with a checkpoint
-        previous, profile = None, profile_range(c)
-
-        for step in range(start, c.steps):
-            if profile and step == profile[0]:  # view in Perfetto (ui.perfetto.dev) or XProf
-                jax.profiler.start_trace(os.path.join(c.out, 'profile'), create_perfetto_trace=True)
-            params, opt, stats = step_fn(params, opt, put_batch(next(batches), batch_shape, mesh))
-            if profile and step + 1 == profile[1]:
-                jax.block_until_ready(stats)
-                jax.profiler.stop_trace()
-                say(f'wrote a trace of steps {profile[0]}..{step} to {os.path.join(c.out, "profile")}')
-            # Wait for the step before this one (keeping at most one queued behind the running
-            # step: on CPU a deep queue of all-reduces can deadlock XLA's shared thread pool)
-            # and check it did not diverge.
-            if previous is not None:
-                check_finite(fetch(previous), step, c)
-            previous = stats
+        for step in range(run.start, c.steps):
+            with meter.profile(step):
+                params, opt, stats = run.step(params, opt, next(run.batches))
+            guard.check(stats, step)  # the step before this one, once done
             done = step + 1
-            record = {}
-            if done % c.log_every == 0 or done == c.steps:
-                values = fetch(stats)
-                now = time.time()
-                dt = (now - t_last) / max(done - step_last, 1)
-                timed['seconds'] += now - t_last
-                timed['steps'] += done - step_last
-                t_last, step_last = now, done
-                record = {'step': done, **values, 'ms_per_step': 1000 * dt,
-                          'tokens_per_sec': tokens_per_step / dt,
-                          'mfu': flops * tokens_per_step / dt / peak if peak else None,
-                          **timing()}
-                say(log_line(record))
-            aside = time.time()  # evaluation and checkpoints are kept out of ms/step
-            if done % c.eval_every == 0 or done == c.steps:
-                val = evaluate(eval_fn, params, vals, meta, done)
-                record |= val
-            if task and (done % c.hellaswag_every == 0 or done == c.steps):
-                record |= task_scores(params, task, c, mesh, done)
-            if record:
-                append(log, {'step': done, 'tokens': done * tokens_per_step} | record)
-            stopping = stop_requested(stop)
-            if done % c.ckpt_every == 0 or done == c.steps or stopping:
-                check_finite(fetch(stats), done, c)
-                if not fetch(all_finite(params)):  # never write NaNs into a checkpoint
-                    raise Diverged(f'training diverged at step {done}: parameters are not finite. '
-                                   f'The last good checkpoint in {c.out} is kept; try a lower --lr')
-                host = host_state({'params': params, 'opt': opt})  # every process takes part
-                meta_extra = {'tokenizer': meta.get('tokenizer'), 'eot_id': meta.get('eot_id'),
-                              'elapsed': timing()['elapsed']}
-                path = save_checkpoint(c.out, host, c, meta_extra) if main else None
-                say(f'saved {path}', flush=True)
-                if stopping:
-                    raise Preempted(f'stopped by {signal.Signals(stopping).name} after step {done}; '
-                                    f'checkpoint saved in {c.out}; run the same command to resume', stopping)
-            t_last += time.time() - aside
-        summary = {'tokens': c.steps * tokens_per_step, **timing(), 'val_loss': val.get('val_loss'),
-                   'mfu': (flops * tokens_per_step * timed['steps'] / timed['seconds'] / peak
-                           if peak and timed['seconds'] else None)}  # over this run's timed steps
+            record = meter.log_line(done, stats) if done % c.log_every == 0 or done == c.steps else {}
+            with meter.aside():  # evaluation and checkpoints are not step time
+                if done % c.eval_every == 0 or done == c.steps:
+                    val = evaluate(run.eval, params, run.vals, run.meta, done)
+                    record |= val
+                if run.task and (done % c.hellaswag_every == 0 or done == c.steps):
+                    record |= task_scores(params, run.task, c, run.mesh, done)
+                if record:
+                    append(log, {'step': done, 'tokens': done * meter.tokens_per_step} | record)
+                stopping = guard.stop_requested()
+                if done % c.ckpt_every == 0 or done == c.steps or stopping:
+                    guard.check_params(params, stats, done)
+                    save(c, {'params': params, 'opt': opt}, run.meta, meter.clock()['elapsed'])
+                    guard.stop_if(stopping, done)
+        summary = meter.summary(val.get('val_loss'))
         append(log, {'step': c.steps, 'summary': summary})
-        say(summary_line(c.steps, summary, price_note))
+        say(summary_line(c.steps, summary, run.price_note))
         return params
+
+
+def lead():
+    """Whether this is process 0, which alone prints, logs and writes checkpoints."""
+    return jax.process_index() == 0
+
+
+def save(c, state, meta, elapsed):
+    """A checkpoint of the state, gathered from every process, written by process 0."""
+    host = host_state(state)  # every process takes part
+    extra = {'tokenizer': meta.get('tokenizer'), 'eot_id': meta.get('eot_id'), 'elapsed': elapsed}
+    say(f'saved {save_checkpoint(c.out, host, c, extra) if lead() else None}', flush=True)
+
+
+class Meter:
+    """The clock of a run: wall time since it began plus the runs it resumes (start-up and
+    compiling are paid for too), dollars at its price, and the step time, tokens/s and MFU of the
+    steps between log lines, leaving out evaluation and checkpoints (`aside`). It also starts and
+    stops the --profile_steps trace."""
+
+    def __init__(self, c, run):
+        self.c, self.t0, self.before, self.price = c, run.t0, run.elapsed, run.price
+        self.tokens_per_step = c.batch_size * c.seq_len
+        self.flops, self.peak = flops_per_token(c), hardware_peak(c, run.mesh.size)
+        self.last, self.last_step = time.time(), run.start
+        self.timed_seconds, self.timed_steps = 0.0, 0  # step time only
+        self.trace = profile_range(c)
+
+    def clock(self):
+        """Wall time so far (this run and those it resumes) and what it cost."""
+        seconds = self.before + time.time() - self.t0
+        return {'elapsed': seconds, 'cost': self.price * seconds / 3600 if self.price else None}
+
+    def mfu(self, seconds_per_step):
+        return self.flops * self.tokens_per_step / seconds_per_step / self.peak if self.peak else None
+
+    def log_line(self, done, stats):
+        """Print a progress line and return it as a log record."""
+        values, now = as_floats(stats), time.time()  # waits for the step
+        dt = (now - self.last) / max(done - self.last_step, 1)
+        self.timed_seconds += now - self.last
+        self.timed_steps += done - self.last_step
+        self.last, self.last_step = now, done
+        record = {'step': done, **values, 'ms_per_step': 1000 * dt, 'tokens_per_sec': self.tokens_per_step / dt,
+                  'mfu': self.mfu(dt), **self.clock()}
+        say(log_line(record))
+        return record
+
+    @contextlib.contextmanager
+    def aside(self):
+        t = time.time()
+        yield
+        self.last += time.time() - t
+
+    @contextlib.contextmanager
+    def profile(self, step):
+        """--profile_steps=A:B: a trace of steps A..B-1 in OUT/profile (Perfetto, ui.perfetto.dev, or XProf)."""
+        if self.trace and step == self.trace[0]:
+            jax.profiler.start_trace(os.path.join(self.c.out, 'profile'), create_perfetto_trace=True)
+        yield
+        if self.trace and step + 1 == self.trace[1]:
+            jax.block_until_ready(jax.live_arrays())  # the traced steps, finished
+            jax.profiler.stop_trace()
+            say(f'wrote a trace of steps {self.trace[0]}..{step} to {os.path.join(self.c.out, "profile")}')
+
+    def summary(self, val_loss):
+        """The run's totals: tokens, wall time, cost, the last validation loss, MFU over the timed steps."""
+        mfu = self.mfu(self.timed_seconds / self.timed_steps) if self.timed_steps and self.timed_seconds else None
+        return {'tokens': self.c.steps * self.tokens_per_step, **self.clock(), 'val_loss': val_loss, 'mfu': mfu}
+
+
+class Guard(StopSignal):
+    """Signals and divergence: SIGTERM or SIGINT stop training after the step, with a checkpoint
+    (StopSignal), on every host at the same step; a NaN or inf loss, gradient or parameter stops
+    it before anything garbage is written."""
+
+    def __init__(self, c):
+        self.c, self.previous = c, None
+
+    def check(self, stats, step):
+        """Wait for the step before this one (keeping at most one queued behind the running step:
+        on CPU a deep queue of all-reduces can deadlock XLA's shared thread pool) and check it."""
+        if self.previous is not None:
+            check_finite(as_floats(self.previous), step, self.c)
+        self.previous = stats
+
+    def check_params(self, params, stats, step):
+        check_finite(as_floats(stats), step, self.c)
+        if not as_floats(all_finite(params)):  # never write NaNs into a checkpoint
+            raise Diverged(f'training diverged at step {step}: parameters are not finite. '
+                           f'The last good checkpoint in {self.c.out} is kept; try a lower --lr')
+
+    def stop_requested(self):
+        """The signal that asked to stop, or 0. On several hosts, any host's signal stops them all
+        at the same step (they must all take part in saving the checkpoint)."""
+        if jax.process_count() == 1:
+            return self.signum or 0
+        from jax.experimental import multihost_utils
+        return int(multihost_utils.process_allgather(np.int32(self.signum or 0)).max())
+
+    def stop_if(self, signum, step):
+        if signum:
+            raise Preempted(f'stopped by {signal.Signals(signum).name} after step {step}; '
+                            f'checkpoint saved in {self.c.out}; run the same command to resume', signum)
 
 
 class TooBig(UserError):
@@ -1854,19 +1940,10 @@ def summary_line(steps, r, price_note):
     return s + (f" | val loss {r['val_loss']:.4f}" if r['val_loss'] is not None else '')
 
 
-def stop_requested(stop):
-    """The signal that asked to stop, or 0. On several hosts, any host's signal stops them all
-    at the same step (they must all take part in saving the checkpoint)."""
-    if jax.process_count() == 1:
-        return stop.signum or 0
-    from jax.experimental import multihost_utils
-    return int(multihost_utils.process_allgather(np.int32(stop.signum or 0)).max())
-
-
 def evaluate(eval_fn, params, vals, meta, step):
     """Validation loss over the fixed val batches (and bits per byte when meta.json says how
     many bytes a token is): printed, and returned as log fields."""
-    val_loss = fetch(eval_fn(params, vals))
+    val_loss = as_floats(eval_fn(params, vals))
     record = {'step': step, 'val_loss': val_loss}
     line = f'step {step:6d} | val loss {val_loss:.4f}'
     if meta.get('bytes_per_token'):
