@@ -334,7 +334,29 @@ def file_sha256(path):
 # Shards: tokens are appended to a writer that cuts a new file every SHARD_TOKENS tokens. Each file
 # is written as NAME.tmp with its header last, then renamed: a .bin that exists is complete.
 
-MAGIC = {np.uint16: (20240520, 1), np.uint32: (20240801, 7)}
+HEADER_BYTES = 256 * 4  # 256 int32: magic, version, token count, zeros; then the tokens, little-endian
+SHARD_FORMATS = {20240520: (1, np.uint16), 20240801: (7, np.uint32)}  # magic: (version, token dtype)
+
+
+def shard_header(path):
+    """A token shard's (token count, token dtype, problem): problem says what is wrong with its
+    header or size, or is None. tinytpu.py reads shards with this too."""
+    header = np.fromfile(path, dtype='<i4', count=256)
+    if header.size < 256:
+        return 0, None, f'{path}: shorter than a shard header ({os.path.getsize(path)} bytes); re-create it with prepare.py'
+    magic, version, n_tokens = (int(v) for v in header[:3])
+    if magic not in SHARD_FORMATS:
+        return 0, None, (f'{path}: not a token shard (magic {magic}, expected {" or ".join(map(str, SHARD_FORMATS))}); '
+                         're-create it with prepare.py')
+    expected_version, dtype = SHARD_FORMATS[magic]
+    if version != expected_version:
+        return 0, None, (f'{path}: unsupported shard version {version} for magic {magic} (expected '
+                         f'{expected_version}); re-create it with prepare.py')
+    size, expected = os.path.getsize(path), HEADER_BYTES + n_tokens * np.dtype(dtype).itemsize
+    if size != expected:
+        return 0, None, (f'{path}: header says {n_tokens} tokens ({expected} bytes) but the file has {size} bytes '
+                         '(interrupted download?); delete it and re-run prepare.py')
+    return n_tokens, np.dtype(dtype), None
 
 
 def token_dtype(vocab_size):
@@ -374,7 +396,8 @@ class ShardWriter:
                                'the same command again')
 
     def finish(self):
-        magic, version = MAGIC[self.dtype.type]
+        magic = next(m for m, (_, dtype) in SHARD_FORMATS.items() if dtype == self.dtype.type)
+        version = SHARD_FORMATS[magic][0]
         header = np.zeros(256, '<i4')
         header[:3] = magic, version, self.in_file
         self.file.seek(0)
@@ -392,7 +415,7 @@ class ShardWriter:
     def start(self):
         self.path = os.path.join(self.out, f'{self.split}_{len(self.paths):06d}.bin')
         self.file, self.in_file = open(self.path + '.tmp', 'wb'), 0
-        self.write(b'\0' * 1024)  # header placeholder, filled in by finish()
+        self.write(b'\0' * HEADER_BYTES)  # header placeholder, filled in by finish()
 
     def close(self):
         if self.file is None and not self.paths:  # no tokens at all: still one (empty) shard
@@ -688,13 +711,13 @@ def prepare_text(dataset, args, out):
 
 
 def check_shard(path):
-    header = np.fromfile(path, '<i4', count=256)
-    ok = (header.size == 256 and header[0] == 20240520 and header[1] == 1
-          and os.path.getsize(path) == 1024 + 2 * int(header[2]))
-    if not ok:
+    """A downloaded GPT-2 shard's token count; a bad one is removed (re-running downloads it again)."""
+    n_tokens, dtype, problem = shard_header(path)
+    if problem or dtype != np.uint16:
         os.remove(path)
-        raise PrepareError(f'{path}: not a valid GPT-2 token shard (bad header or size); removed it, re-run to download again')
-    return int(header[2])
+        why = problem.removeprefix(f'{path}: ').split(';')[0] if problem else 'its tokens are not uint16'
+        raise PrepareError(f'{path}: not a valid GPT-2 token shard ({why}); removed it, re-run to download again')
+    return n_tokens
 
 
 def prepare_tokens(dataset, args, out):

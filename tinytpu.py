@@ -47,8 +47,8 @@ import jax.numpy as jnp
 import numpy as np
 from jax.sharding import Mesh, NamedSharding, PartitionSpec as P
 
-from prepare import (DATA_META, PrepareError, file_error, file_sha256, flag_value,  # the companion script
-                     get_encoding, integer, number, optional, read_json, read_task, text)
+from prepare import (DATA_META, HEADER_BYTES, PrepareError, file_error, file_sha256, flag_value,  # the companion
+                     get_encoding, integer, number, optional, read_json, read_task, shard_header, text)  # script
 
 # ----------------------------------------------------------------------------------------------
 # Config: every setting in one frozen dataclass. `--name=value` overrides a field, a preset sets
@@ -711,35 +711,18 @@ def adamw_update(params, grads, opt, c):
 
 
 # ----------------------------------------------------------------------------------------------
-# Data: token shards in the llm.c / modded-nanogpt format, so their FineWeb shards load as is:
-# a header of 256 int32 (magic, version, token count, zeros), then the tokens, little-endian.
-# Batch k is a pure function of (seed, k): a resumed run sees exactly the batches of an
-# uninterrupted one, with nothing to save but the step.
-
-HEADER_BYTES = 256 * 4
-SHARD_FORMATS = {20240520: (1, np.uint16), 20240801: (7, np.uint32)}  # magic: (version, dtype)
+# Data: token shards in the llm.c / modded-nanogpt format (prepare.py owns it: a header of 256
+# int32, then the tokens), so their FineWeb shards load as is. Batch k is a pure function of
+# (seed, k): a resumed run sees exactly the batches of an uninterrupted one, with nothing to save
+# but the step.
 
 
 def open_shard(path):
-    """Memory-map a token shard (never read whole), checking its header against its size."""
-    header = np.fromfile(path, dtype='<i4', count=256)
-    if header.size < 256:
-        raise UserError(f'{path}: shorter than a shard header ({os.path.getsize(path)} bytes); '
-                        're-create it with prepare.py')
-    magic, version, n_tokens = (int(v) for v in header[:3])
-    if magic not in SHARD_FORMATS:
-        raise UserError(f'{path}: not a token shard (magic {magic}, expected 20240520 or 20240801); '
-                        're-create it with prepare.py')
-    expected_version, dtype = SHARD_FORMATS[magic]
-    if version != expected_version:
-        raise UserError(f'{path}: unsupported shard version {version} for magic {magic} '
-                        f'(expected {expected_version}); re-create it with prepare.py')
-    size, expected = os.path.getsize(path), HEADER_BYTES + n_tokens * np.dtype(dtype).itemsize
-    if size != expected:
-        raise UserError(f'{path}: header says {n_tokens} tokens ({expected} bytes) but the file has '
-                        f'{size} bytes (interrupted download?); delete it and re-run prepare.py')
-    return np.memmap(path, dtype=np.dtype(dtype).newbyteorder('<'), mode='r', offset=HEADER_BYTES,
-                     shape=(n_tokens,))
+    """Memory-map a token shard (never read whole), its header checked against its size."""
+    n_tokens, dtype, problem = shard_header(path)
+    if problem:
+        raise UserError(problem)
+    return np.memmap(path, dtype=dtype.newbyteorder('<'), mode='r', offset=HEADER_BYTES, shape=(n_tokens,))
 
 
 class TokenWindows:
