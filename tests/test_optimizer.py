@@ -13,18 +13,15 @@ from conftest import tiny_config
 def test_adamw_matches_optax(warmdown):
     c = tiny_config(steps=6, warmup_steps=2, warmdown_frac=0.5, warmdown=warmdown, grad_clip=0.05,
                     weight_decay=0.1, lr=1e-2)
-    params = tt.init_params(c, jax.random.key(0))
-    params['layers']['attn_norm'] = jnp.ones((c.n_layer, c.d_model))  # a vector leaf: must not decay
-    mask = tt.decay_mask(params)
-    assert mask['layers']['attn_norm'] is False and mask['layers']['qkv'] is True and mask['embed'] is True
+    params = tt.init_params(c, jax.random.key(0))  # every weight a matrix: every weight decays
     oracle = optax.chain(optax.clip_by_global_norm(c.grad_clip),
                          optax.adamw(lambda n: tt.lr_schedule(n, c), b1=c.beta1, b2=c.beta2, eps=c.eps,
-                                     weight_decay=c.weight_decay, mask=mask))
+                                     weight_decay=c.weight_decay))
     ostate, opt = oracle.init(params), tt.adamw_init(params)
     ours = theirs = params
     for step in range(c.steps):
         grads = jax.tree.map(lambda p: jax.random.normal(jax.random.key(step), p.shape) * 0.1, params)
-        ours, opt, norm = tt.adamw_update(ours, grads, opt, c)
+        ours, opt, norm = tt.adamw_update(ours, grads, opt, tt.lr_schedule(opt['step'], c), c)
         updates, ostate = oracle.update(grads, ostate, theirs)
         theirs = optax.apply_updates(theirs, updates)
         np.testing.assert_allclose(norm, np.sqrt(sum(np.sum(np.square(g)) for g in jax.tree.leaves(grads))), rtol=1e-6)
