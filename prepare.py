@@ -788,13 +788,13 @@ def read_task(path, limit=0):
     return examples
 
 
-def make_choices(text, n=1000, choices=4, seed=0):
+def make_choices(corpus, n=1000, choices=4, seed=0):
     """Up to n HellaSwag-format examples from a text. The context is a passage of up to 300
     characters that ends inside a line, after its first words; the right ending is the rest of
     the line (4 or more words), the wrong ones are those same words in other orders. So nothing
     but knowing how words go together tells them apart: an untrained model is at chance."""
     rng = random.Random(seed)
-    lines = text.split('\n')
+    lines = corpus.split('\n')
     examples = []
     for i in range(1, len(lines)):  # line 0 may start mid-line (where the held-out part begins)
         words = lines[i].split(' ')

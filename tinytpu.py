@@ -203,9 +203,9 @@ def parse_flags(argv):
     return flags
 
 
-def make_config(flags, backend=None):
-    """Defaults <- preset <- explicit flags. With no --preset, the backend's default preset."""
-    preset = flags.get('preset') or DEFAULT_PRESET.get(backend or jax.default_backend(), 'cpu')
+def make_config(flags, platform=None):
+    """Defaults <- preset <- explicit flags. With no --preset, the platform's default preset."""
+    preset = flags.get('preset') or DEFAULT_PRESET.get(platform or jax.default_backend(), 'cpu')
     if preset not in PRESETS:
         raise UserError(f'--preset={preset}: unknown preset (choose from {", ".join(PRESETS)})')
     return Config(**{**PRESETS[preset], **flags, 'preset': preset})
@@ -461,11 +461,11 @@ def splash_attention(q, k, v, interpret=None):
     from jax.experimental.pallas.ops.tpu.splash_attention import splash_attention_mask as sm
     B, N, T, H = q.shape
     K = k.shape[1]
-    block = splash_block(T)
+    b = splash_block(T)
     # The backward runs as two kernels (dk and dv; dq). splash's fused one does 2 matmuls fewer, but
     # leaves XLA a sum of partial dq's that libtpu estimated at 77 ms of a 498 ms v6e step.
-    sizes = sk.BlockSizes(block_q=block, block_kv=block, block_kv_compute=block, block_q_dkv=block,
-                          block_kv_dkv=block, block_kv_dkv_compute=block, block_q_dq=block, block_kv_dq=block)
+    sizes = sk.BlockSizes(block_q=b, block_kv=b, block_kv_compute=b, block_q_dkv=b,
+                          block_kv_dkv=b, block_kv_dkv_compute=b, block_q_dq=b, block_kv_dq=b)
     mask = sm.MultiHeadMask([sm.CausalMask((T, T))] * (N // K))
     if interpret is None:
         interpret = jax.default_backend() != 'tpu'
@@ -629,15 +629,16 @@ def param_count(c):
 
 def matmul_params(c):
     """Weights that take part in matmuls: every block's, plus the output projection (the input
-    embedding is a lookup). The N of 6N, and of tokens-per-parameter rules."""
+    embedding is a lookup). The P of 6P, and of tokens-per-parameter rules."""
     L, D, N, K, H, F = c.n_layer, c.d_model, c.n_head, c.n_kv_head, head_dim(c), ff_dim(c)
     per_layer = D * N * H * 2 + D * K * H * 2 + D * F * (3 if c.mlp == 'swiglu' else 2)
     return L * per_layer + D * padded_vocab(c)
 
 
 def flops_per_token(c):
-    """Training FLOPs per token, PaLM appendix B: 6N + 12*L*N*H*T, N = matmul_params(c). The
-    attention term 12LNHT counts the full T x T score matrix: causal masking is NOT halved,
+    """Training FLOPs per token, PaLM appendix B: 6P + 12*L*N*H*T, with P = matmul_params(c), L
+    layers, N query heads of width H, T = seq_len. The attention term counts the full T x T
+    score matrix: causal masking is NOT halved,
     matching PaLM and nanoGPT, so MFUs compare with theirs."""
     return 6 * matmul_params(c) + 12 * c.n_layer * c.n_head * head_dim(c) * c.seq_len
 
@@ -766,10 +767,10 @@ def load_data(c):
         if not splits[split]:
             raise UserError(f'--data={c.data}: no {split} shards (*{split}*.bin); create them with '
                             '`python prepare.py DATASET --out=...`')
-    train, val = (TokenWindows(splits[s], c.seq_len + 1) for s in ('train', 'val'))
+    train_windows, val_windows = (TokenWindows(splits[s], c.seq_len + 1) for s in ('train', 'val'))
     if 'vocab_size' not in meta:
-        meta = {**meta, **vocab_from_shards(c, train)}
-    return train, val, meta
+        meta = {**meta, **vocab_from_shards(c, train_windows)}
+    return train_windows, val_windows, meta
 
 
 def vocab_from_shards(c, windows):
@@ -1955,8 +1956,8 @@ def peak_memory():
 
 def time_steps(c, mesh):
     """Compile the train step ahead of time (with more microbatches if it does not fit), then time
-    3 + bench_steps steps on one synthetic batch. -> (config, compile seconds, the step times
-    after the 3 warm-up ones, XLA's buffer sizes, params)."""
+    3 + bench_steps steps on one synthetic batch. -> (config, {'compile_s', 'times': the step times
+    after the 3 warm-up ones, 'buffers': XLA's buffer sizes})."""
     state = jax.jit(lambda: fresh_state(c), out_shardings=state_shardings(c, mesh))()
     params, opt = state['params'], state['opt']
     t = time.perf_counter()
@@ -1970,14 +1971,15 @@ def time_steps(c, mesh):
         params, opt, stats = step(params, opt, batch)
         jax.block_until_ready(stats)
         times.append(time.perf_counter() - t)
-    return c, compile_s, np.array(times[3:]), step.memory_analysis(), params
+    return c, {'compile_s': compile_s, 'times': np.array(times[3:]), 'buffers': step.memory_analysis()}
 
 
 def bench(c):
     if c.topology:
         return bench_topology(c)
     c, mesh, device_note = setup_devices(c)
-    c, compile_s, times, buffers, params = time_steps(c, mesh)
+    c, timed = time_steps(c, mesh)
+    times, compile_s, buffers = timed['times'], timed['compile_s'], timed['buffers']
     median, flops, peak = float(np.median(times)), flops_per_token(c), hardware_peak(c, mesh.size)
     tokens_per_sec = c.batch_size * c.seq_len / median
     memory, where = peak_memory()
@@ -1985,7 +1987,7 @@ def bench(c):
     chip = this_chip()
     r = {'preset': c.preset, 'backend': jax.default_backend(), 'device': jax.devices()[0].device_kind,
          'chip': chip.name if chip else None, 'attention': c.attention,
-         'devices': mesh.size, 'params': count_params(params), 'tokens_per_step': c.batch_size * c.seq_len,
+         'devices': mesh.size, 'params': param_count(c), 'tokens_per_step': c.batch_size * c.seq_len,
          'grad_accum': c.grad_accum, 'compile_s': compile_s, 'ms_per_step': 1000 * median, 'ms_min': 1000 * times.min(),
          'ms_max': 1000 * times.max(), 'tokens_per_sec': tokens_per_sec, 'flops_per_token': flops,
          'achieved_flops': flops * tokens_per_sec, 'peak_flops': peak,
@@ -2000,7 +2002,7 @@ def bench(c):
         'MFU unknown (unknown chip: pass --peak_flops)'
     say(f"{r['ms_per_step']:.1f} ms/step, median of {c.bench_steps} (min {r['ms_min']:.1f}, max {r['ms_max']:.1f}) "
         f"| {tokens_per_sec:,.0f} tok/s | {r['achieved_flops'] / 1e9:,.1f} GFLOP/s | {mfu}")
-    say(f'FLOPs/token {flops:,} = 6N + 12*L*H*Q*T (N: matmul weights with the output projection, without the '
+    say(f'FLOPs/token {flops:,} = 6P + 12*L*N*H*T (P: matmul weights with the output projection, without the '
         f'input embedding; causal attention not halved)')
     say(f'memory: {buffer_note(buffers)} | peak {size(memory)} ({where})')
     say(f"{dollars(r['dollars_per_million_tokens'])} per million tokens ({price_note})" if price else
@@ -2151,12 +2153,12 @@ def bench_topology(c):
     chip = this_chip(mesh.devices.flat[0].device_kind)
     state = state_shapes(c, mesh)
     t = time.perf_counter()
-    c, train, evaluate = compile_fitting_step(state['params'], state['opt'], mesh, c)
+    c, compiled_train, compiled_eval = compile_fitting_step(state['params'], state['opt'], mesh, c)
     compile_s = time.perf_counter() - t
-    est = estimate_step(train, chip, mesh.size, splash_flops(c, mesh) if c.attention == 'splash' else {})
+    est = estimate_step(compiled_train, chip, mesh.size, splash_flops(c, mesh) if c.attention == 'splash' else {})
     tokens_per_sec = c.batch_size * c.seq_len / est['seconds']
     flops = flops_per_token(c)
-    train_bytes, eval_bytes = step_bytes(train), step_bytes(evaluate) + resident_bytes(state['opt'])
+    train_bytes, eval_bytes = step_bytes(compiled_train), step_bytes(compiled_eval) + resident_bytes(state['opt'])
     r = {'preset': c.preset, 'topology': c.topology, 'chip': chip.name, 'devices': mesh.size,
          'attention': c.attention, 'fsdp': use_fsdp(c, mesh), 'params': count_params(state['params']),
          'tokens_per_step': c.batch_size * c.seq_len, 'grad_accum': c.grad_accum,
@@ -2684,9 +2686,9 @@ def write_safetensors(path, tensors, dtype):
     """tensors (name -> array) in the safetensors format, converted to dtype (an EXPORT_DTYPES key)."""
     header, offset = {'__metadata__': {'format': 'pt'}}, 0
     for name, x in tensors.items():
-        size = x.size * jnp.dtype(dtype).itemsize
-        header[name] = {'dtype': EXPORT_DTYPES[dtype], 'shape': list(x.shape), 'data_offsets': [offset, offset + size]}
-        offset += size
+        nbytes = x.size * jnp.dtype(dtype).itemsize
+        header[name] = {'dtype': EXPORT_DTYPES[dtype], 'shape': list(x.shape), 'data_offsets': [offset, offset + nbytes]}
+        offset += nbytes
     blob = json.dumps(header, separators=(',', ':')).encode()
     blob += b' ' * (-len(blob) % 8)  # the tensors start 8-byte aligned
     with open(path, 'wb') as f:
