@@ -60,8 +60,9 @@ def _f(default, help):
 
 
 @dataclass(frozen=True)
-class Config:
-    preset: str = _f('', "named group of settings (cpu, gpt2, tpu); '' picks one for the backend")
+class GPTConfig:
+    """The settings of the model and of its training. Each is a flag, `--name=value`; Part II adds
+    those of running it (devices, costs, tools) in Config, which is what the functions receive."""
     data: str = _f('data/shakespeare_byte', 'directory with train_*.bin, val_*.bin, meta.json')
     out: str = _f('out/shakespeare_byte', 'directory for checkpoints and log.jsonl')
     # model shape
@@ -99,6 +100,27 @@ class Config:
     eps: float = _f(1e-8, 'AdamW epsilon')
     grad_clip: float = _f(1.0, 'clip gradients to this global norm (0 = off)')
     dtype: str = _f('auto', 'matmul dtype: auto (bfloat16 on TPU/GPU, float32 on CPU), float32, bfloat16')
+    seed: int = _f(1337, 'seed for initialization, data order and sampling')
+    # logging, eval, checkpoints
+    log_every: int = _f(100, 'print and log a progress line every this many steps')
+    eval_every: int = _f(500, 'validation loss every this many steps (and at the end)')
+    eval_batches: int = _f(40, 'batches in the fixed validation set')
+    ckpt_every: int = _f(1000, 'write a checkpoint every this many steps (and at the end)')
+    keep_ckpts: int = _f(2, 'checkpoints to keep; older ones are deleted')
+    # sampling (python tinytpu.py sample)
+    prompt: str = _f('\n', 'text to continue (sample)')
+    max_new_tokens: int = _f(500, 'tokens to generate (sample)')
+    temperature: float = _f(0.8, 'sampling temperature; 0 = greedy (sample)')
+    top_k: int = _f(0, 'sample from the k most likely tokens; 0 = all (sample)')
+    top_p: float = _f(1.0, 'sample from the smallest set with this much probability (sample)')
+
+
+@dataclass(frozen=True)
+class Config(GPTConfig):
+    """Every setting: GPTConfig's (Part I) and those of running it. Frozen, so it can be a static jit
+    argument; `--name=value` overrides a field, a preset sets a group of them."""
+    preset: str = _f('', "named group of settings (cpu, gpt2, tpu); '' picks one for the backend")
+    # devices and hosts
     cpu_devices: int = _f(2, 'CPU only: virtual devices to split each batch over (data parallel)')
     fsdp: str = _f('auto', 'shard params and optimizer state over devices: auto (when replicated they would take '
                            'over half of a TPU/GPU), true, false')
@@ -108,13 +130,6 @@ class Config:
     process_id: int = _f(0, 'multi-host elsewhere: this process, 0 .. num_processes - 1')
     coordinator_timeout: int = _f(300, 'multi-host elsewhere: seconds to wait for the coordinator (process 0) '
                                        'and the other processes')
-    seed: int = _f(1337, 'seed for initialization, data order and sampling')
-    # logging, eval, checkpoints
-    log_every: int = _f(100, 'print and log a progress line every this many steps')
-    eval_every: int = _f(500, 'validation loss every this many steps (and at the end)')
-    eval_batches: int = _f(40, 'batches in the fixed validation set')
-    ckpt_every: int = _f(1000, 'write a checkpoint every this many steps (and at the end)')
-    keep_ckpts: int = _f(2, 'checkpoints to keep; older ones are deleted')
     profile_steps: str = _f('', 'A:B writes a jax.profiler trace of steps A..B-1 to OUT/profile')
     # benchmark (python tinytpu.py bench)
     bench_steps: int = _f(50, 'train steps timed by bench, after 3 untimed warm-up steps')
@@ -139,12 +154,6 @@ class Config:
     export_dir: str = _f('', 'export: directory to write the Hugging Face model to (config.json, model.safetensors, '
                              'tokenizer); must not exist yet')
     export_dtype: str = _f('bfloat16', 'export: dtype of the exported weights: bfloat16, float16 or float32')
-    # sampling
-    prompt: str = _f('\n', 'text to continue (sample)')
-    max_new_tokens: int = _f(500, 'tokens to generate (sample)')
-    temperature: float = _f(0.8, 'sampling temperature; 0 = greedy (sample)')
-    top_k: int = _f(0, 'sample from the k most likely tokens; 0 = all (sample)')
-    top_p: float = _f(1.0, 'sample from the smallest set with this much probability (sample)')
 
 
 # Presets override the defaults above. `cpu` is nanoGPT's CPU demo size on byte-level Shakespeare;
@@ -1268,26 +1277,33 @@ def train_step(params, opt, batch, c):
     return params, opt, {'loss': loss, 'grad_norm': grad_norm, 'lr': lr}
 
 
-def device_grads(params, batch, c, gather, axis):
-    """One device's part of a step: the mean loss and gradient of the microbatch rows it holds,
-    summed over the microbatches under lax.scan (grad_accum=4 gives the update of one 4x larger
-    batch at a quarter of the memory), then combined over the devices once: data parallel sums
-    the gradients in one all-reduce per step, in the compute dtype (bf16 on TPU/GPU: half the
-    bytes). With FSDP the gradient of each gathered weight comes back already summed and
-    scattered to this device's shard (the transpose of the all-gather is a reduce-scatter, in
-    the compute dtype too), once per microbatch."""
+def batch_grads(params, batch, c, gather=None):
+    """The mean loss and gradient of a batch given as microbatches (grad_accum, B, T+1): the
+    gradients of the microbatches are summed under lax.scan, so grad_accum=4 gives the update of
+    one 4x larger batch at a quarter of the memory."""
     def micro(grad_sum, mb):
         loss, grads = jax.value_and_grad(loss_fn)(params, mb, c, gather)
         return jax.tree.map(jnp.add, grad_sum, grads), loss
 
     grads, losses = jax.lax.scan(micro, jax.tree.map(jnp.zeros_like, params), batch)
-    n, loss = batch.shape[0], jnp.mean(losses)
-    if axis:
-        n, loss = n * jax.lax.axis_size(axis), jax.lax.pmean(loss, axis)
-        if not gather:
-            summed = jax.lax.psum(jax.tree.map(lambda g: g.astype(compute_dtype(c)), grads), axis)
-            grads = jax.tree.map(lambda g: g.astype(jnp.float32), summed)
-    return loss, jax.tree.map(lambda g: g / n, grads)
+    return jnp.mean(losses), jax.tree.map(lambda g: g / batch.shape[0], grads)
+
+
+def device_grads(params, batch, c, gather, axis):
+    """One device's part of a step (under on_devices): batch_grads of the rows it holds, then
+    combined over the devices once: data parallel sums the gradients in one all-reduce per step,
+    in the compute dtype (bf16 on TPU/GPU: half the bytes). With FSDP the gradient of each
+    gathered weight comes back already summed and scattered to this device's shard (the
+    transpose of the all-gather is a reduce-scatter, in the compute dtype too), once per
+    microbatch."""
+    loss, grads = batch_grads(params, batch, c, gather)
+    if not axis:
+        return loss, grads
+    if not gather:
+        summed = jax.lax.psum(jax.tree.map(lambda g: g.astype(compute_dtype(c)), grads), axis)
+        grads = jax.tree.map(lambda g: g.astype(jnp.float32), summed)
+    n = jax.lax.axis_size(axis)
+    return jax.lax.pmean(loss, axis), jax.tree.map(lambda g: g / n, grads)
 
 
 def device_loss(params, batches, c, gather, axis):
@@ -1691,8 +1707,7 @@ def train(c):
                 if done % c.eval_every == 0 or done == c.steps:
                     val = evaluate(run.eval, params, run.vals, run.meta, done)
                     record |= val
-                if run.task and (done % c.hellaswag_every == 0 or done == c.steps):
-                    record |= task_scores(params, run.task, c, run.mesh, done)
+                record |= task_scores(params, run, done)  # --hellaswag_every
                 if record:
                     append(log, {'step': done, 'tokens': done * meter.tokens_per_step} | record)
                 stopping = guard.stop_requested()
@@ -1931,12 +1946,16 @@ def evaluate(eval_fn, params, vals, meta, step):
     return record
 
 
-def task_scores(params, task, c, mesh, step):
-    """--hellaswag_every: the task's scores, printed, and returned as log fields. Each pass scores
-    at most a training microbatch's tokens per device: that much fits beside the optimizer state."""
-    examples, enc = task
-    micro_tokens = c.batch_size // c.grad_accum // mesh.size * c.seq_len
-    r = score_task(params, examples, enc, c, mesh, min(TASK_TOKENS, max(micro_tokens, 1)), c.task)
+def task_scores(params, run, step):
+    """--hellaswag_every: the task's scores at its steps and the last, printed, and returned as log
+    fields ({} at other steps). Each pass scores at most a training microbatch's tokens per
+    device: that much fits beside the optimizer state."""
+    c = run.c
+    if not run.task or (step % c.hellaswag_every and step != c.steps):
+        return {}
+    examples, enc = run.task
+    micro_tokens = c.batch_size // c.grad_accum // run.mesh.size * c.seq_len
+    r = score_task(params, examples, enc, c, run.mesh, min(TASK_TOKENS, max(micro_tokens, 1)), c.task)
     say(f"step {step:6d} | {c.task} acc {r['acc']:.4f} | acc_norm {r['acc_norm']:.4f} ({r['examples']:,} examples)")
     return {f'{c.task}_acc': r['acc'], f'{c.task}_acc_norm': r['acc_norm']}
 
