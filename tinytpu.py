@@ -21,7 +21,6 @@ Dimension names used in einsum strings and comments (as in picodo):
     K key/value heads, J = N + 2K (query, key and value heads together), H head dim,
     F MLP hidden, V padded vocabulary, L layers.
 """
-
 import contextlib
 import dataclasses
 import fcntl
@@ -41,19 +40,22 @@ import threading
 import time
 from dataclasses import dataclass, field
 from functools import partial
-
 import jax
 import jax.numpy as jnp
 import numpy as np
 from jax.sharding import Mesh, NamedSharding, PartitionSpec as P
-
 from prepare import (DATA_META, HEADER_BYTES, PrepareError, file_error, file_sha256, flag_value,  # the companion
                      get_encoding, integer, number, optional, read_json, read_task, shard_header, text)  # script
+# ==============================================================================================
+# Part I: the GPT. The model, its loss, AdamW, the train step, the data, checkpoints, the
+# training loop and sampling, in the order a step needs them. Whatever concerns running it on
+# real hardware (several chips and hosts, fitting memory, surviving failures, costs, the tools
+# around training) is Part II's, reached by one named call where it is needed.
+# ==============================================================================================
 
 # ----------------------------------------------------------------------------------------------
-# Config: every setting in one frozen dataclass. `--name=value` overrides a field, a preset sets
-# a group of fields, and explicit flags win over the preset. Frozen so it can be a static jit arg.
-
+# Config: the settings of the model and its training, one frozen dataclass (a static argument of
+# the jit-compiled functions). Part II's Config adds those of running it.
 
 def _f(default, help):
     return field(default=default, metadata={'help': help})
@@ -115,6 +117,690 @@ class GPTConfig:
     top_p: float = _f(1.0, 'sample from the smallest set with this much probability (sample)')
 
 
+def head_dim(c):
+    return c.d_head or c.d_model // c.n_head
+
+
+def ff_dim(c):
+    return c.d_ff or (4 if c.mlp == 'relu2' else 3) * c.d_model
+
+
+def padded_vocab(c):
+    # A multiple of 128 keeps the output matmul on full matrix-unit tiles; the extra logits
+    # are masked to -inf, so they take no probability in the loss or in sampling.
+    return -(-c.vocab_size // 128) * 128
+
+
+def wide(dtype):
+    """The dtype for softmax, norms and the loss: fp32, or fp64 when computing in fp64 (tests)."""
+    return jnp.promote_types(dtype, jnp.float32)
+
+
+def compute_dtype(c):
+    if c.dtype == 'auto':  # bf16 matmuls are native on TPU/GPU, emulated (slow) on CPU
+        return jnp.float32 if backend(c) == 'cpu' else jnp.bfloat16
+    return jnp.dtype(c.dtype)
+
+
+# ----------------------------------------------------------------------------------------------
+# Model: a decoder-only transformer, params as a nested dict of fp32 arrays. Block weights are
+# stacked on a leading L axis, so one layer's weights are `layers[name][l]`.
+#   - RMSNorm without a learned gain (modded-nanogpt): cheaper than LayerNorm, as good in
+#     practice; the matmul after it can learn any per-channel scale, and on CPU the gain's
+#     gradient (a reduction over every token) cost more than the norm itself.
+#   - RoPE: relative positions by rotating q and k; no learned position table, any length.
+#   - QK-norm: RMSNorm on q and k keeps attention logits bounded, so higher lrs stay stable.
+#   - Grouped-query attention: K <= N key/value heads shrink the KV cache N/K times.
+#   - ReLU^2 MLP (Primer, modded-nanogpt) or SwiGLU (Llama): both beat GELU at equal FLOPs.
+#   - Logit soft-cap (Gemma 2): tanh keeps logits in +-cap, avoiding loss spikes.
+#   - Tied embeddings (GPT-2): for small models the embedding is a large share of params.
+
+def param_specs(c):
+    """Every weight as (shape, init std, FSDP axis): GPT-2's Normal(0, 0.02), residual-output
+    projections scaled by 1/sqrt(2L). Block weights are stacked on a leading L axis. The FSDP axis
+    is the large dimension a weight (and its AdamW moments) is split along across devices."""
+    L, D, N, K, H, F, V = c.n_layer, c.d_model, c.n_head, c.n_kv_head, head_dim(c), ff_dim(c), padded_vocab(c)
+    out_std = 0.02 / math.sqrt(2 * L)
+    layers = {
+        'qkv': ((L, D, N + 2 * K, H), 0.02, 1),  # q, k and v heads side by side: one matmul
+        'o': ((L, N, H, D), out_std, 3),
+        'up': ((L, D, F), 0.02, 2), 'down': ((L, F, D), out_std, 1),
+    }
+    if c.mlp == 'swiglu':
+        layers['gate'] = ((L, D, F), 0.02, 2)
+    specs = {'layers': layers, 'embed': ((V, D), 0.02, 0)}
+    if not c.tie_embed:
+        specs['unembed'] = ((D, V), 0.02, 1)
+    return specs
+
+
+def spec_map(fn, specs):
+    """Apply fn(shape, std, axis) to every weight spec, keeping the nested-dict structure."""
+    return {k: spec_map(fn, v) if isinstance(v, dict) else fn(*v) for k, v in specs.items()}
+
+
+def init_params(c, key):
+    keys = iter(jax.random.split(key, len(param_specs(c)['layers']) + 2))
+    return spec_map(lambda shape, std, axis: std * jax.random.normal(next(keys), shape), param_specs(c))
+
+
+NORM_EPS = 1e-6  # RMSNorm's epsilon (export writes it into the Hugging Face config)
+
+
+def rms_norm(x, eps=NORM_EPS):
+    x32 = x.astype(jnp.promote_types(x.dtype, jnp.float32))  # statistics in (at least) fp32
+    return (x32 * jax.lax.rsqrt(jnp.mean(x32 * x32, -1, keepdims=True) + eps)).astype(x.dtype)
+
+
+def rope_table(pos, H, theta):
+    """sin and cos (T, H) for rotating head vectors at positions pos (T,): entries i and i + H/2
+    rotate together, by the angle pos * theta^(-2i/H)."""
+    freq = theta ** (-jnp.arange(0, H, 2, dtype=jnp.float32) / H)        # (H/2,)
+    angle = pos[:, None].astype(jnp.float32) * freq                      # (T, H/2)
+    # Duplicate after sin/cos, not before: XLA then computes each sine once, instead of fusing
+    # the sin into every use of the table (that cost 3 ms per step on CPU).
+    sin, cos = jnp.sin(angle), jnp.cos(angle)
+    return jnp.concatenate([sin, sin], -1), jnp.concatenate([cos, cos], -1)  # (T, H)
+
+
+def rope(x, sin, cos):
+    """RoPE: rotate each pair (x[i], x[i + H/2]) of x (B,heads,T,H) by its position's angle:
+    x * cos + rotate_half(x) * sin with rotate_half(x) = (-x2, x1), computed as a product with a
+    fixed signed permutation matrix: on XLA:CPU that beat splitting x in halves and concatenating
+    them back, whose backward pass is made of slow pad/concatenate ops."""
+    H = x.shape[-1]
+    half, zero = jnp.eye(H // 2, dtype=x.dtype), jnp.zeros((H // 2, H // 2), x.dtype)
+    rotate_half = jnp.block([[zero, half], [-half, zero]])               # (H, H)
+    return x * cos.astype(x.dtype) + (x @ rotate_half) * sin.astype(x.dtype)
+
+
+@partial(jax.custom_vjp, nondiff_argnums=(0,))
+def wide_einsum(spec, a, b):
+    """einsum(spec, a, b) multiplied in a's dtype, accumulated and returned in fp32, for what a
+    softmax follows (the logits, attention scores: it needs the range). A custom gradient keeps
+    the two backward matmuls in a's dtype too: JAX's own would multiply the fp32 gradient by fp32
+    copies of a and b, TF32 at best on a GPU. (On a TPU libtpu estimates both the same: its
+    compiler already rounds there.)"""
+    return jnp.einsum(spec, a, b, preferred_element_type=wide(a.dtype))
+
+
+def wide_einsum_fwd(spec, a, b):
+    return wide_einsum(spec, a, b), (a, b)
+
+
+def wide_einsum_bwd(spec, saved, g):
+    a, b = saved
+    inputs, z = spec.split('->')                                          # 'x,y->z'
+    x, y = inputs.split(',')
+    g = g.astype(a.dtype)
+    da = jnp.einsum(f'{z},{y}->{x}', g, b, preferred_element_type=wide(a.dtype))
+    db = jnp.einsum(f'{x},{z}->{y}', a, g, preferred_element_type=wide(a.dtype))
+    return da.astype(a.dtype), db.astype(b.dtype)
+
+
+wide_einsum.defvjp(wide_einsum_fwd, wide_einsum_bwd)
+
+
+def attention(q, k, v, q_pos, k_pos):
+    """Causal grouped-query attention, heads first. q (B,N,T,H), k and v (B,K,S,H) -> (B,N,T,H).
+    Position arrays say which keys each query may see: k_pos <= q_pos. Each K head serves
+    N/K query heads; repeating it to N heads keeps every matmul a plain batched one."""
+    N, K, H = q.shape[1], k.shape[1], q.shape[3]
+    k, v = jnp.repeat(k, N // K, axis=1), jnp.repeat(v, N // K, axis=1)
+    scores = wide_einsum('BNTH,BNSH->BNTS', q, k)
+    causal = jnp.where(q_pos[:, None] >= k_pos[None, :], 0.0, -jnp.inf)  # (T,S)
+    weights = jax.nn.softmax(scores / math.sqrt(H) + causal, axis=-1)    # softmax in fp32
+    return jnp.einsum('BNTS,BNSH->BNTH', weights.astype(v.dtype), v)
+
+
+def block(x, w, c, pos, rot, cache=None, gather=None):
+    """One pre-norm transformer block. x (B,T,D); w holds this layer's weights (cast to x.dtype);
+    rot = rope_table(pos). With a KV cache (k, v of shape (B, K, context, H)), this chunk's keys
+    and values are written at positions pos and attention runs over the whole cache. With FSDP,
+    w holds this device's shards and gather assembles them here, where they are used."""
+    N, K = c.n_head, c.n_kv_head
+    w = gather('layers', w) if gather else w
+    h = rms_norm(x)
+    qkv = jnp.einsum('BTD,DJH->BJTH', h, w['qkv'])                     # J = N + 2K heads
+    qk = rope(rms_norm(qkv[:, :N + K]), *rot)                            # QK-norm, then RoPE
+    q, k, v = qk[:, :N], qk[:, N:], qkv[:, N + K:]
+    if cache is None:
+        out = causal_attention(q, k, v, pos, c)
+    else:  # write this chunk into the cache, then attend over all of it
+        k = jax.lax.dynamic_update_slice_in_dim(cache[0], k, pos[0], axis=2)
+        v = jax.lax.dynamic_update_slice_in_dim(cache[1], v, pos[0], axis=2)
+        cache, out = (k, v), attention(q, k, v, pos, jnp.arange(k.shape[2]))
+    x = x + jnp.einsum('BNTH,NHD->BTD', out, w['o'])
+
+    h = rms_norm(x)
+    up = jnp.einsum('BTD,DF->BTF', h, w['up'])
+    act = jax.nn.silu(jnp.einsum('BTD,DF->BTF', h, w['gate'])) * up if c.mlp == 'swiglu' \
+        else jnp.square(jax.nn.relu(up))
+    return x + jnp.einsum('BTF,FD->BTD', act, w['down']), cache
+
+
+# What the backward pass may keep from the forward of a block (--remat); the rest is recomputed.
+REMAT = {'none': None, 'full': jax.checkpoint_policies.nothing_saveable,
+         'dots': jax.checkpoint_policies.dots_with_no_batch_dims_saveable}
+
+
+def forward(params, tokens, c, cache=None, pos0=0, gather=None):
+    """tokens (B,T) int32 -> logits (B,T,V) fp32, padded vocab entries at -inf.
+    With `cache` (stacked per-layer k, v: (L,B,K,context,H)), tokens sit at positions pos0.. and
+    the updated cache is returned too: that is how sampling avoids recomputing the prefix.
+    With FSDP (inside shard_map, see device_grads), params are this device's shards and
+    gather(name, weights) all-gathers them, in the compute dtype, where each is used."""
+    dt = compute_dtype(c)
+    T = tokens.shape[1]
+    pos = pos0 + jnp.arange(T)
+    rot = rope_table(pos, head_dim(c), c.rope_theta)
+    layers = jax.tree.map(lambda w: w.astype(dt), params['layers'])
+    block_fn = lambda x, w, pos, rot, cache: block(x, w, c, pos, rot, cache, gather)  # noqa: E731
+    if c.remat != 'none':
+        block_fn = jax.checkpoint(block_fn, policy=REMAT[c.remat])
+    embed = params['embed'].astype(dt)
+    if gather:  # FSDP: the table is assembled in bf16; embed_lookup sums its rows' gradient in fp32
+        embed = gather('embed', embed)
+        x = embed_lookup(embed, tokens)                                    # (B,T,D)
+    else:       # rows of the fp32 table, then cast: JAX sums their gradient in fp32 itself
+        x = params['embed'][tokens].astype(dt)
+    if c.scan_layers:  # one compiled block, looped L times: compile time independent of depth
+        def body(x, layer):
+            w, layer_cache = layer
+            return block_fn(x, w, pos, rot, layer_cache)
+        x, cache = jax.lax.scan(body, x, (layers, cache))
+    else:              # L copies of the block: longer compile, lets XLA fuse across layers
+        caches = []
+        for l in range(c.n_layer):
+            w = jax.tree.map(lambda a: a[l], layers)
+            x, layer_cache = block_fn(x, w, pos, rot, None if cache is None else (cache[0][l], cache[1][l]))
+            caches.append(layer_cache)
+        if cache is not None:
+            cache = tuple(jnp.stack(kv) for kv in zip(*caches))
+    x = rms_norm(x)
+    if c.tie_embed:
+        out = embed.T
+    else:
+        out = params['unembed'].astype(dt)
+        out = gather('unembed', out) if gather else out
+    logits = wide_einsum('BTD,DV->BTV', x, out)                            # fp32
+    if c.logit_softcap:
+        logits = c.logit_softcap * jnp.tanh(logits / c.logit_softcap)
+    logits = jnp.where(jnp.arange(logits.shape[-1]) < c.vocab_size, logits, -jnp.inf)
+    return logits if cache is None else (logits, cache)
+
+
+def init_cache(c, batch):
+    shape = (c.n_layer, batch, c.n_kv_head, c.context, head_dim(c))
+    return jnp.zeros(shape, compute_dtype(c)), jnp.zeros(shape, compute_dtype(c))
+
+
+def count_params(params):
+    return sum(x.size for x in jax.tree.leaves(params))
+
+
+def param_count(c):
+    """Parameters the config builds, from the weights' shapes alone (nothing is allocated)."""
+    return count_params(jax.eval_shape(lambda: init_params(c, jax.random.key(0))))
+
+
+def matmul_params(c):
+    """Weights that take part in matmuls: every block's, plus the output projection (the input
+    embedding is a lookup). The P of 6P, and of tokens-per-parameter rules."""
+    L, D, N, K, H, F = c.n_layer, c.d_model, c.n_head, c.n_kv_head, head_dim(c), ff_dim(c)
+    per_layer = D * N * H * 2 + D * K * H * 2 + D * F * (3 if c.mlp == 'swiglu' else 2)
+    return L * per_layer + D * padded_vocab(c)
+
+
+def flops_per_token(c):
+    """Training FLOPs per token, PaLM appendix B: 6P + 12*L*N*H*T, with P = matmul_params(c), L
+    layers, N query heads of width H, T = seq_len. The attention term counts the full T x T
+    score matrix: causal masking is NOT halved,
+    matching PaLM and nanoGPT, so MFUs compare with theirs."""
+    return 6 * matmul_params(c) + 12 * c.n_layer * c.n_head * head_dim(c) * c.seq_len
+
+
+# ----------------------------------------------------------------------------------------------
+# Loss: mean next-token cross-entropy in fp32, in nats per token.
+
+def loss_fn(params, batch, c, gather=None):
+    """batch (B, T+1) int32: inputs are batch[:, :-1], targets batch[:, 1:]."""
+    logits = forward(params, batch[:, :-1], c, gather=gather)            # (B,T,V) fp32
+    target_logit = jnp.take_along_axis(logits, batch[:, 1:, None], -1)[..., 0]
+    return jnp.mean(jax.nn.logsumexp(logits, -1) - target_logit)
+
+
+# ----------------------------------------------------------------------------------------------
+# Optimizer: AdamW written out with jax.tree.map over the parameter tree. Under jit, the update of
+# every weight is traced into one program either way (a Python loop over the leaves gives the
+# same jaxpr); what would be slow is calling a jitted function once per leaf. Semantics match
+# optax.chain(clip_by_global_norm, adamw): bias-corrected moments and decoupled weight decay
+# lr * wd * p, on every weight: all of this model's are matrices (its RMSNorms have no gain).
+
+def lr_schedule(step, c):
+    """LR for update number `step` (0-based): 1) linear warmup from 0 to lr over warmup_steps,
+    2) constant, 3) warmdown to min_lr_frac*lr over the last warmdown_frac of the run, reaching it
+    at the last update (step = steps - 1), as the warmup reaches lr at its last."""
+    step = jnp.asarray(step, jnp.float32)
+    warmup = jnp.minimum(1.0, (step + 1) / max(c.warmup_steps, 1))
+    warmdown_steps = round(c.warmdown_frac * c.steps)  # 0: no warmdown at all
+    progress = jnp.clip((step + 1 - (c.steps - warmdown_steps)) / max(warmdown_steps, 1), 0.0, 1.0)
+    shape = 1 - progress if c.warmdown == 'linear' else 0.5 * (1 + jnp.cos(jnp.pi * progress))
+    return c.lr * warmup * (c.min_lr_frac + (1 - c.min_lr_frac) * shape)
+
+
+def adamw_init(params):
+    zeros = lambda p: jnp.zeros_like(p, jnp.float32)
+    return {'step': jnp.zeros((), jnp.int32), 'mu': jax.tree.map(zeros, params),
+            'nu': jax.tree.map(zeros, params)}
+
+
+def global_norm(tree):
+    return jnp.sqrt(sum(jnp.sum(jnp.square(x)) for x in jax.tree.leaves(tree)))
+
+
+def adamw_update(params, grads, opt, lr, c):
+    """One AdamW step at learning rate lr, with global-norm clipping. -> new params, new opt state,
+    the gradient's norm before clipping."""
+    grad_norm = global_norm(grads)
+    clip = jnp.minimum(1.0, c.grad_clip / (grad_norm + 1e-12)) if c.grad_clip else 1.0
+    step = opt['step'] + 1
+    b1, b2 = c.beta1, c.beta2
+
+    def update(p, g, mu, nu):
+        g = g * clip
+        mu = b1 * mu + (1 - b1) * g
+        nu = b2 * nu + (1 - b2) * g * g
+        mu_hat, nu_hat = mu / (1 - b1 ** step), nu / (1 - b2 ** step)
+        p = p - lr * (mu_hat / (jnp.sqrt(nu_hat) + c.eps) + c.weight_decay * p)
+        return p, mu, nu
+
+    out = jax.tree.map(update, params, grads, opt['mu'], opt['nu'])
+    first = lambda i: jax.tree.map(lambda t: t[i], out, is_leaf=lambda t: isinstance(t, tuple))
+    return first(0), {'step': step, 'mu': first(1), 'nu': first(2)}, grad_norm
+
+
+# ----------------------------------------------------------------------------------------------
+# Train step: one jit-compiled function, with the params and optimizer state donated (updated in
+# place, no second copy): the gradient of a batch (batch_grads), then an AdamW update. On several
+# devices on_devices (Part II) runs it on each device's rows of the batch and combines them.
+
+@partial(jax.jit, static_argnames='c', donate_argnums=(0, 1))
+def train_step(params, opt, batch, c):
+    """batch (grad_accum, micro_batch, seq_len + 1) -> new params, new opt state, stats."""
+    loss, grads = on_devices(device_grads, params, batch, c, grads=True)
+    lr = lr_schedule(opt['step'], c)
+    params, opt, grad_norm = adamw_update(params, grads, opt, lr, c)
+    return params, opt, {'loss': loss, 'grad_norm': grad_norm, 'lr': lr}
+
+
+def batch_grads(params, batch, c, gather=None):
+    """The mean loss and gradient of a batch given as microbatches (grad_accum, B, T+1): the
+    gradients of the microbatches are summed under lax.scan, so grad_accum=4 gives the update of
+    one 4x larger batch at a quarter of the memory."""
+    def micro(grad_sum, mb):
+        loss, grads = jax.value_and_grad(loss_fn)(params, mb, c, gather)
+        return jax.tree.map(jnp.add, grad_sum, grads), loss
+
+    grads, losses = jax.lax.scan(micro, jax.tree.map(jnp.zeros_like, params), batch)
+    return jnp.mean(losses), jax.tree.map(lambda g: g / batch.shape[0], grads)
+
+
+@partial(jax.jit, static_argnames='c')
+def eval_loss(params, batches, c):
+    """Mean loss over a stack of batches (n, B, T+1)."""
+    return on_devices(device_loss, params, batches, c)
+
+
+def fresh_state(c):
+    params = init_params(c, jax.random.key(c.seed))
+    return {'params': params, 'opt': adamw_init(params)}
+
+
+# ----------------------------------------------------------------------------------------------
+# Data: token shards in the llm.c / modded-nanogpt format (prepare.py owns it: a header of 256
+# int32, then the tokens), so their FineWeb shards load as is. Batch k is a pure function of
+# (seed, k): a resumed run sees exactly the batches of an uninterrupted one, with nothing to save
+# but the step.
+
+def open_shard(path):
+    """Memory-map a token shard (never read whole), its header checked against its size."""
+    n_tokens, dtype, problem = shard_header(path)
+    if problem:
+        raise UserError(problem)
+    return np.memmap(path, dtype=dtype.newbyteorder('<'), mode='r', offset=HEADER_BYTES, shape=(n_tokens,))
+
+
+class TokenWindows:
+    """All windows of `window` consecutive tokens inside the shards of one split, numbered
+    0..count-1 shard after shard (a window never crosses a shard boundary)."""
+
+    def __init__(self, paths, window):
+        self.shards = [open_shard(p) for p in paths]
+        self.window = window
+        self.ends = np.cumsum([max(len(s) - window + 1, 0) for s in self.shards])
+        self.count = int(self.ends[-1])
+        if self.count == 0:
+            raise UserError(f'{os.path.dirname(paths[0])}: {", ".join(map(os.path.basename, paths[:3]))}'
+                            f'{" ..." if len(paths) > 3 else ""} hold fewer tokens than one window of {window} '
+                            '(seq_len + 1); use a smaller --seq_len or more data')
+
+    def get(self, idx):
+        """Windows number idx (any int array) -> (len(idx), window) int32."""
+        shard = np.searchsorted(self.ends, idx, side='right')
+        start = idx - np.concatenate([[0], self.ends])[shard]
+        return np.stack([self.shards[s][o:o + self.window] for s, o in zip(shard, start)]).astype(np.int32)
+
+
+def load_data(c):
+    """-> (train windows, val windows, meta dict) for the data directory c.data: the shards its
+    meta.json lists, else every *train*.bin and *val*.bin in it (llm.c's and modded-nanogpt's
+    downloads are named fineweb_train_000001.bin, TinyStories_val.bin, ...)."""
+    if not os.path.isdir(c.data):
+        raise UserError(f'--data={c.data}: {"not a directory" if os.path.exists(c.data) else "no such directory"}; create it with '
+                        f'`python prepare.py shakespeare --tokenizer=byte` (or another dataset)')
+    meta_path = os.path.join(c.data, 'meta.json')
+    meta = {}
+    if os.path.lexists(meta_path):
+        meta, problem = read_json(meta_path, DATA_META)
+        if problem:
+            raise UserError(f'{meta_path}: {problem}; re-create it with prepare.py (or fix it by hand)')
+    splits = {}
+    for split in ('train', 'val'):
+        listed = meta.get('splits', {}).get(split, {}).get('shards')
+        if listed:  # exactly what prepare.py wrote, never a stale shard beside it
+            splits[split] = [os.path.join(c.data, name) for name in listed]
+            missing = [p for p in splits[split] if not os.path.isfile(p)]
+            if missing:
+                raise UserError(f'{meta_path} lists {missing[0]}, which is missing; re-run prepare.py')
+        else:
+            splits[split] = sorted(p for p in glob.glob(os.path.join(c.data, f'*{split}*.bin')) if os.path.isfile(p))
+        if not splits[split]:
+            raise UserError(f'--data={c.data}: no {split} shards (*{split}*.bin); create them with '
+                            '`python prepare.py DATASET --out=...`')
+    train_windows, val_windows = (TokenWindows(splits[s], c.seq_len + 1) for s in ('train', 'val'))
+    if 'vocab_size' not in meta:
+        meta = {**meta, **vocab_from_shards(c, train_windows)}
+    return train_windows, val_windows, meta
+
+
+def train_indices(windows, c, k):
+    """Which windows form batch k: batch_size draws from a generator seeded by (seed, k), as
+    (grad_accum, batch_size // grad_accum) microbatches. Cheap; the tokens are read later, by
+    each host for its own devices only."""
+    idx = np.random.default_rng([c.seed, k]).integers(0, windows.count, size=c.batch_size)
+    return idx.reshape(c.grad_accum, c.batch_size // c.grad_accum)
+
+
+def val_indices(windows, c):
+    """A fixed validation set: eval_batches * batch_size windows spread evenly over the split, in
+    training's microbatches (so evaluating needs no more memory than a training step)."""
+    idx = np.linspace(0, windows.count - 1, c.eval_batches * c.batch_size).astype(np.int64)
+    return idx.reshape(c.eval_batches * c.grad_accum, c.batch_size // c.grad_accum)
+
+
+def check_vocab(batch, c, what):
+    if batch.max() >= c.vocab_size:
+        raise UserError(f'--data={c.data}: {what} holds token id {batch.max()} but the vocabulary '
+                        f'has {c.vocab_size} tokens; the data was prepared with another tokenizer')
+
+
+def prefetch(make, start, depth=2):
+    """Yield make(k) for k = start, start+1, ... computed in a background thread, so the
+    accelerator never waits for the host to gather tokens. Errors re-raise in the consumer."""
+    q = queue.Queue(depth)
+
+    def worker():
+        try:
+            for k in range(start, sys.maxsize):
+                q.put(make(k))
+        except BaseException as e:  # hand the error to the consumer
+            q.put(e)
+
+    threading.Thread(target=worker, daemon=True).start()
+    while True:
+        item = q.get()
+        if isinstance(item, BaseException):
+            raise item
+        yield item
+
+
+# ----------------------------------------------------------------------------------------------
+# Checkpoints: OUT/ckpt_<step>/ holds state.npz (every array: params, AdamW moments, step) and
+# meta.json (step, config, tokenizer, the npz's size and SHA-256). A checkpoint is written into a
+# temporary directory and renamed into place, so a crash mid-write leaves the last one intact.
+# No pickle: arrays load with allow_pickle=False and metadata is JSON.
+
+def flatten(tree, prefix=''):
+    """{'a': {'b': x}} -> {'a/b': x}"""
+    out = {}
+    for k, v in tree.items():
+        out |= flatten(v, f'{prefix}{k}/') if isinstance(v, dict) else {f'{prefix}{k}': v}
+    return out
+
+
+def unflatten_like(template, flat, prefix=''):
+    return {k: unflatten_like(v, flat, f'{prefix}{k}/') if isinstance(v, dict) else flat[f'{prefix}{k}']
+            for k, v in template.items()}
+
+
+def list_checkpoints(out):
+    """Finished checkpoints in `out`, oldest first, as (step, path)."""
+    found = []
+    for path in glob.glob(os.path.join(out, 'ckpt_*')):
+        name = os.path.basename(path)
+        if name[5:].isdigit() and os.path.exists(os.path.join(path, 'meta.json')):
+            found.append((int(name[5:]), path))
+    return sorted(found)
+
+
+def save_checkpoint(out, state, c, meta_extra):
+    """Write state = {'params', 'opt'} atomically as OUT/ckpt_<step>, keep the newest keep_ckpts
+    whole ones. A checkpoint already at this step is one this run could not load (damaged: a
+    whole one would have been resumed from): the new one replaces it."""
+    step = int(state['opt']['step'])
+    final = os.path.join(out, f'ckpt_{step:08d}')
+    tmp = os.path.join(out, f'.tmp_ckpt_{step:08d}_{os.getpid()}')
+    try:
+        os.makedirs(tmp)
+        npz = os.path.join(tmp, 'state.npz')
+        with open(npz, 'wb') as f:
+            np.savez(f, **flatten(jax.device_get(state)))
+            f.flush()
+            os.fsync(f.fileno())
+        meta = {'format': 1, 'step': step, 'config': dataclasses.asdict(c), **meta_extra,
+                'state_bytes': os.path.getsize(npz), 'state_sha256': file_sha256(npz)}
+        with open(os.path.join(tmp, 'meta.json'), 'w') as f:
+            json.dump(meta, f, indent=1)
+            f.flush()
+            os.fsync(f.fileno())
+        if os.path.lexists(final):
+            discard(final)
+        os.rename(tmp, final)  # atomic: readers see the whole checkpoint or none of it
+    except OSError as e:
+        shutil.rmtree(tmp, ignore_errors=True)
+        raise UserError(f'{out}: could not write the step-{step} checkpoint ({e.strerror or e}); '
+                        'the previous checkpoint is intact; free some space and resume')
+    WHOLE[file_version(final)] = True  # just written and hashed: no need to read it back
+    whole = [s for s, path in reversed(list_checkpoints(out)) if checkpoint_is_whole(path)][:c.keep_ckpts]
+    for s, old in list_checkpoints(out):
+        if s < whole[-1]:  # older than the oldest one kept (damaged ones too)
+            discard(old)
+    return final
+
+
+def load_checkpoint(path, template):
+    """Read state.npz into the structure (and dtypes) of `template` (arrays or shapes), checking
+    size and hash."""
+    meta = read_checkpoint_meta(path)
+    _, npz = checkpoint_files(path)
+    try:
+        if os.path.getsize(npz) != meta['state_bytes'] or file_sha256(npz) != meta['state_sha256']:
+            raise CorruptCheckpoint(f'{npz}: truncated or not matching its checksum')
+        with np.load(npz, allow_pickle=False) as f:  # no pickle: loading runs no code
+            state = unflatten_like(template, {k: f[k] for k in f.files})
+    except (OSError, ValueError, KeyError) as e:
+        raise CorruptCheckpoint(f'{npz}: unreadable ({getattr(e, "strerror", None) or e})')
+    for a, b in zip(jax.tree.leaves(state), jax.tree.leaves(template)):
+        if a.shape != b.shape:
+            raise UserError(f'{npz}: array shape {a.shape} does not match the model ({b.shape})')
+    return jax.tree.map(lambda a, b: np.asarray(a, b.dtype), state, template)  # host arrays
+
+
+# ----------------------------------------------------------------------------------------------
+# Training loop: start (Part II's start_run: data, devices, state, compiled steps), then step by
+# step: a batch, a step, a log line, an evaluation, a checkpoint. The clock (Meter) and the
+# guard against signals and divergence (Guard) are Part II's.
+
+def train(c):
+    """Pretrain: take a batch, take a step, log, evaluate, checkpoint; until step c.steps."""
+    with contextlib.ExitStack() as held:  # what the run holds until it ends: the --out lock, signals, the log
+        run = start_run(c, held)  # data, devices, state (fresh or resumed), compiled steps
+        c, params, opt = run.c, run.params, run.opt
+        if run.start >= c.steps:
+            say(f'already trained {run.start} steps (--steps={c.steps}); nothing to do')
+            return params
+        meter = Meter(c, run)                 # time, tokens/s, MFU and dollars; the profiler
+        guard = held.enter_context(Guard(c))  # signals stop training with a checkpoint; so does divergence
+        log = held.enter_context(open(os.path.join(c.out, 'log.jsonl'), 'a') if lead() else open(os.devnull, 'w'))
+        held.enter_context(jax.set_mesh(run.mesh))
+        say(run.compiled_note)
+        val = {}
+        for step in range(run.start, c.steps):
+            with meter.profile(step):
+                params, opt, stats = run.step(params, opt, next(run.batches))
+            guard.check(stats, step)  # the step before this one, once done
+            done = step + 1
+            record = meter.log_line(done, stats) if done % c.log_every == 0 or done == c.steps else {}
+            with meter.aside():  # evaluation and checkpoints are not step time
+                if done % c.eval_every == 0 or done == c.steps:
+                    val = evaluate(run.eval, params, run.vals, run.meta, done)
+                    record |= val
+                record |= task_scores(params, run, done)  # --hellaswag_every
+                if record:
+                    append(log, {'step': done, 'tokens': done * meter.tokens_per_step} | record)
+                stopping = guard.stop_requested()
+                if done % c.ckpt_every == 0 or done == c.steps or stopping:
+                    guard.check_params(params, stats, done)
+                    save(c, {'params': params, 'opt': opt}, run.meta, meter.clock()['elapsed'])
+                    guard.stop_if(stopping, done)
+        summary = meter.summary(val.get('val_loss'))
+        append(log, {'step': c.steps, 'summary': summary})
+        say(summary_line(c.steps, summary, run.price_note))
+        return params
+
+
+def evaluate(eval_fn, params, vals, meta, step):
+    """Validation loss over the fixed val batches (and bits per byte when meta.json says how
+    many bytes a token is): printed, and returned as log fields."""
+    val_loss = as_floats(eval_fn(params, vals))
+    record = {'step': step, 'val_loss': val_loss}
+    line = f'step {step:6d} | val loss {val_loss:.4f}'
+    if meta.get('bytes_per_token'):
+        record['val_bpb'] = val_loss / math.log(2) / meta['bytes_per_token']
+        line += f" | val bits/byte {record['val_bpb']:.4f}"
+    say(line)
+    return record
+
+
+def save(c, state, meta, elapsed):
+    """A checkpoint of the state, gathered from every process, written by process 0."""
+    host = host_state(state)  # every process takes part
+    extra = {'tokenizer': meta.get('tokenizer'), 'eot_id': meta.get('eot_id'), 'elapsed': elapsed}
+    say(f'saved {save_checkpoint(c.out, host, c, extra) if lead() else None}', flush=True)
+
+
+# ----------------------------------------------------------------------------------------------
+# Sampling: prefill the prompt in one pass (filling a KV cache), then decode one token at a time,
+# each step attending over the cache instead of recomputing the prefix.
+
+@partial(jax.jit, static_argnames='c')
+def prefill(params, tokens, cache, c):
+    logits, cache = forward(params, tokens, c, cache, 0)
+    return logits[:, -1], cache
+
+
+@partial(jax.jit, static_argnames='c', donate_argnums=2)
+def decode_step(params, token, cache, pos, c):
+    logits, cache = forward(params, token[:, None], c, cache, pos)
+    return logits[:, -1], cache
+
+
+def sample_token(logits, key, c):
+    """logits (B, V) fp32 -> token ids (B,), with temperature, top-k and top-p (nucleus)."""
+    if c.temperature == 0:
+        return jnp.argmax(logits, -1)
+    logits = (logits - logits.max(-1, keepdims=True)) / c.temperature  # max first: no inf at tiny temperatures
+    if c.top_k:
+        kth = jax.lax.top_k(logits, min(c.top_k, logits.shape[-1]))[0][:, -1:]  # top_k > vocab: all
+        logits = jnp.where(logits < kth, -jnp.inf, logits)
+    if c.top_p < 1:
+        sorted_logits = jnp.sort(logits, -1)[:, ::-1]
+        cum = jnp.cumsum(jax.nn.softmax(sorted_logits, -1), -1)
+        # keep the smallest prefix whose probability reaches top_p: the cutoff is the first
+        # sorted logit at which the cumulative probability crosses it
+        cutoff = jnp.take_along_axis(sorted_logits, jnp.sum(cum < c.top_p, -1, keepdims=True), -1)
+        logits = jnp.where(logits < cutoff, -jnp.inf, logits)
+    return jax.random.categorical(key, logits)
+
+
+def generate(params, prompt_ids, c, eot_id=None):
+    """Yield new token ids one at a time (batch of one), stopping at eot_id. The model sees a
+    window of at most `context` tokens: the prompt's last ones at first, then each new token is
+    added to the cache. When the cache is full and one more token comes, the window slides: its
+    last context/2 tokens are prefilled again (like nanoGPT's cropping, but recomputing only once
+    every context/2 tokens)."""
+    tokens = list(prompt_ids)
+    key = jax.random.key(c.seed)
+    window = tokens[-c.context:]
+    logits, cache = prefill(params, jnp.asarray([window], jnp.int32), init_cache(c, 1), c)
+    pos = len(window)  # tokens in the cache
+    for _ in range(c.max_new_tokens):
+        key, sub = jax.random.split(key)
+        token = sample_token(logits, sub, c)
+        if int(token[0]) == eot_id:
+            return
+        tokens.append(int(token[0]))
+        yield tokens[-1]
+        if pos < c.context:
+            logits, cache = decode_step(params, token, cache, pos, c)
+            pos += 1
+        else:  # full: slide the window to the last context/2 tokens, this new one included
+            window = tokens[-(c.context // 2):]
+            logits, cache = prefill(params, jnp.asarray([window], jnp.int32), init_cache(c, 1), c)
+            pos = len(window)
+
+
+def sample(c, explicit):
+    """Load the newest checkpoint in c.out and print a continuation of c.prompt."""
+    c, params, meta, enc = load_model(c, explicit)
+    params = jax.device_put(params)
+    prompt_ids = enc.encode(c.prompt, allowed_special='all')
+    if not prompt_ids:
+        raise UserError('--prompt is empty; give some text to continue')
+    print(c.prompt, end='', flush=True)
+    pending = []  # a character can span several tokens: print only what decodes cleanly
+    for token in generate(params, prompt_ids, c, meta.get('eot_id')):
+        pending.append(token)
+        text = enc.decode_bytes(pending)
+        try:
+            print(text.decode('utf-8'), end='', flush=True)
+            pending = []
+        except UnicodeDecodeError:
+            if len(pending) > 8:
+                print(text.decode('utf-8', errors='replace'), end='', flush=True)
+                pending = []
+    print()
+# ==============================================================================================
+# Part II: running it for real. Settings and flags, attention kernels, devices (FSDP, several
+# hosts), fitting memory, the run's clock and its guard, checkpoints that survive failures,
+# hardware and cost, bench, TPU estimates, plan, evaluation tasks, plots, export, command line.
+# ==============================================================================================
+
+# ----------------------------------------------------------------------------------------------
+# Settings: Config adds to GPTConfig the settings of running it. `--name=value` overrides a
+# field, a preset sets a group of fields, and explicit flags win over the preset.
+
 @dataclass(frozen=True)
 class Config(GPTConfig):
     """Every setting: GPTConfig's (Part I) and those of running it. Frozen, so it can be a static jit
@@ -173,7 +859,11 @@ PRESETS = {
                 warmup_steps=250, warmdown_frac=0.3, eval_every=500, eval_batches=20,
                 log_every=10, ckpt_every=1000),
 }
+
+
 DEFAULT_PRESET = {'cpu': 'cpu', 'gpu': 'gpt2', 'tpu': 'tpu'}  # backend -> preset when none given
+
+
 MODEL_FIELDS = ('n_layer', 'd_model', 'n_head', 'n_kv_head', 'd_head', 'd_ff', 'mlp', 'vocab_size',
                 'tie_embed', 'rope_theta', 'logit_softcap')  # what a checkpoint's weights were trained to compute
 
@@ -295,173 +985,20 @@ def profile_range(c):
     return (a, b) if 0 <= a < b else None
 
 
-def head_dim(c):
-    return c.d_head or c.d_model // c.n_head
-
-
-def ff_dim(c):
-    return c.d_ff or (4 if c.mlp == 'relu2' else 3) * c.d_model
-
-
-def padded_vocab(c):
-    # A multiple of 128 keeps the output matmul on full matrix-unit tiles; the extra logits
-    # are masked to -inf, so they take no probability in the loss or in sampling.
-    return -(-c.vocab_size // 128) * 128
-
-
-def wide(dtype):
-    """The dtype for softmax, norms and the loss: fp32, or fp64 when computing in fp64 (tests)."""
-    return jnp.promote_types(dtype, jnp.float32)
-
-
 def backend(c):
     """The platform the program is compiled for: tpu with --topology, else the one JAX runs on."""
     return 'tpu' if c.topology else jax.default_backend()
 
 
-def compute_dtype(c):
-    if c.dtype == 'auto':  # bf16 matmuls are native on TPU/GPU, emulated (slow) on CPU
-        return jnp.float32 if backend(c) == 'cpu' else jnp.bfloat16
-    return jnp.dtype(c.dtype)
-
-
 # ----------------------------------------------------------------------------------------------
-# Model: a decoder-only transformer, params as a nested dict of fp32 arrays. Block weights are
-# stacked on a leading L axis, so one layer's weights are `layers[name][l]`.
-#   - RMSNorm without a learned gain (modded-nanogpt): cheaper than LayerNorm, as good in
-#     practice; the matmul after it can learn any per-channel scale, and on CPU the gain's
-#     gradient (a reduction over every token) cost more than the norm itself.
-#   - RoPE: relative positions by rotating q and k; no learned position table, any length.
-#   - QK-norm: RMSNorm on q and k keeps attention logits bounded, so higher lrs stay stable.
-#   - Grouped-query attention: K <= N key/value heads shrink the KV cache N/K times.
-#   - ReLU^2 MLP (Primer, modded-nanogpt) or SwiGLU (Llama): both beat GELU at equal FLOPs.
-#   - Logit soft-cap (Gemma 2): tanh keeps logits in +-cap, avoiding loss spikes.
-#   - Tied embeddings (GPT-2): for small models the embedding is a large share of params.
-
-
-def param_specs(c):
-    """Every weight as (shape, init std, FSDP axis): GPT-2's Normal(0, 0.02), residual-output
-    projections scaled by 1/sqrt(2L). Block weights are stacked on a leading L axis. The FSDP axis
-    is the large dimension a weight (and its AdamW moments) is split along across devices."""
-    L, D, N, K, H, F, V = c.n_layer, c.d_model, c.n_head, c.n_kv_head, head_dim(c), ff_dim(c), padded_vocab(c)
-    out_std = 0.02 / math.sqrt(2 * L)
-    layers = {
-        'qkv': ((L, D, N + 2 * K, H), 0.02, 1),  # q, k and v heads side by side: one matmul
-        'o': ((L, N, H, D), out_std, 3),
-        'up': ((L, D, F), 0.02, 2), 'down': ((L, F, D), out_std, 1),
-    }
-    if c.mlp == 'swiglu':
-        layers['gate'] = ((L, D, F), 0.02, 2)
-    specs = {'layers': layers, 'embed': ((V, D), 0.02, 0)}
-    if not c.tie_embed:
-        specs['unembed'] = ((D, V), 0.02, 1)
-    return specs
-
-
-def spec_map(fn, specs):
-    """Apply fn(shape, std, axis) to every weight spec, keeping the nested-dict structure."""
-    return {k: spec_map(fn, v) if isinstance(v, dict) else fn(*v) for k, v in specs.items()}
-
-
-def init_params(c, key):
-    keys = iter(jax.random.split(key, len(param_specs(c)['layers']) + 2))
-    return spec_map(lambda shape, std, axis: std * jax.random.normal(next(keys), shape), param_specs(c))
-
-
-NORM_EPS = 1e-6  # RMSNorm's epsilon (export writes it into the Hugging Face config)
-
-
-def rms_norm(x, eps=NORM_EPS):
-    x32 = x.astype(jnp.promote_types(x.dtype, jnp.float32))  # statistics in (at least) fp32
-    return (x32 * jax.lax.rsqrt(jnp.mean(x32 * x32, -1, keepdims=True) + eps)).astype(x.dtype)
-
-
-def rope_table(pos, H, theta):
-    """sin and cos (T, H) for rotating head vectors at positions pos (T,): entries i and i + H/2
-    rotate together, by the angle pos * theta^(-2i/H)."""
-    freq = theta ** (-jnp.arange(0, H, 2, dtype=jnp.float32) / H)        # (H/2,)
-    angle = pos[:, None].astype(jnp.float32) * freq                      # (T, H/2)
-    # Duplicate after sin/cos, not before: XLA then computes each sine once, instead of fusing
-    # the sin into every use of the table (that cost 3 ms per step on CPU).
-    sin, cos = jnp.sin(angle), jnp.cos(angle)
-    return jnp.concatenate([sin, sin], -1), jnp.concatenate([cos, cos], -1)  # (T, H)
-
-
-def rope(x, sin, cos):
-    """RoPE: rotate each pair (x[i], x[i + H/2]) of x (B,heads,T,H) by its position's angle:
-    x * cos + rotate_half(x) * sin with rotate_half(x) = (-x2, x1), computed as a product with a
-    fixed signed permutation matrix: on XLA:CPU that beat splitting x in halves and concatenating
-    them back, whose backward pass is made of slow pad/concatenate ops."""
-    H = x.shape[-1]
-    half, zero = jnp.eye(H // 2, dtype=x.dtype), jnp.zeros((H // 2, H // 2), x.dtype)
-    rotate_half = jnp.block([[zero, half], [-half, zero]])               # (H, H)
-    return x * cos.astype(x.dtype) + (x @ rotate_half) * sin.astype(x.dtype)
-
-
-@partial(jax.custom_vjp, nondiff_argnums=(0,))
-def wide_einsum(spec, a, b):
-    """einsum(spec, a, b) multiplied in a's dtype, accumulated and returned in fp32, for what a
-    softmax follows (the logits, attention scores: it needs the range). A custom gradient keeps
-    the two backward matmuls in a's dtype too: JAX's own would multiply the fp32 gradient by fp32
-    copies of a and b, TF32 at best on a GPU. (On a TPU libtpu estimates both the same: its
-    compiler already rounds there.)"""
-    return jnp.einsum(spec, a, b, preferred_element_type=wide(a.dtype))
-
-
-def wide_einsum_fwd(spec, a, b):
-    return wide_einsum(spec, a, b), (a, b)
-
-
-def wide_einsum_bwd(spec, saved, g):
-    a, b = saved
-    inputs, z = spec.split('->')                                          # 'x,y->z'
-    x, y = inputs.split(',')
-    g = g.astype(a.dtype)
-    da = jnp.einsum(f'{z},{y}->{x}', g, b, preferred_element_type=wide(a.dtype))
-    db = jnp.einsum(f'{x},{z}->{y}', a, g, preferred_element_type=wide(a.dtype))
-    return da.astype(a.dtype), db.astype(b.dtype)
-
-
-wide_einsum.defvjp(wide_einsum_fwd, wide_einsum_bwd)
-
-
-@jax.custom_vjp
-def embed_lookup(table, tokens):
-    """table[tokens]. Its gradient adds up the rows of repeated tokens in fp32, whatever the
-    table's dtype (JAX's own scatter-add would sum a bf16 table's in bf16), then rounds once."""
-    return table[tokens]
-
-
-def embed_lookup_fwd(table, tokens):
-    return table[tokens], (table, tokens)
-
-
-def embed_lookup_bwd(saved, g):
-    table, tokens = saved
-    summed = jnp.zeros(table.shape, wide(table.dtype)).at[tokens].add(g.astype(wide(table.dtype)))
-    return summed.astype(table.dtype), None
-
-
-embed_lookup.defvjp(embed_lookup_fwd, embed_lookup_bwd)
-
-
-def attention(q, k, v, q_pos, k_pos):
-    """Causal grouped-query attention, heads first. q (B,N,T,H), k and v (B,K,S,H) -> (B,N,T,H).
-    Position arrays say which keys each query may see: k_pos <= q_pos. Each K head serves
-    N/K query heads; repeating it to N heads keeps every matmul a plain batched one."""
-    N, K, H = q.shape[1], k.shape[1], q.shape[3]
-    k, v = jnp.repeat(k, N // K, axis=1), jnp.repeat(v, N // K, axis=1)
-    scores = wide_einsum('BNTH,BNSH->BNTS', q, k)
-    causal = jnp.where(q_pos[:, None] >= k_pos[None, :], 0.0, -jnp.inf)  # (T,S)
-    weights = jax.nn.softmax(scores / math.sqrt(H) + causal, axis=-1)    # softmax in fp32
-    return jnp.einsum('BNTS,BNSH->BNTH', weights.astype(v.dtype), v)
+# Attention kernels. Fused kernels never write the T x T scores to memory: they stream blocks of
+# keys past each block of queries, keeping a running softmax (flash attention), and skip the
+# blocks above the causal diagonal. Same inputs and outputs as `attention` over positions 0..T-1.
 
 
 # Fused attention kernels never write the T x T scores to memory: they stream blocks of keys
 # past each block of queries, keeping a running softmax (flash attention), and skip the blocks
 # above the causal diagonal. Same inputs and outputs as `attention` over positions 0..T-1.
-
-
 def splash_attention(q, k, v, interpret=None):
     """q (B,N,T,H), k and v (B,K,T,H) -> (B,N,T,H) with the Pallas TPU kernel (splash = sparse
     flash). It takes one sequence with one K head for a group of N/K query heads, so it is
@@ -545,467 +1082,6 @@ def pick_attention(c, device=None):
     return dataclasses.replace(c, attention=want), want
 
 
-def block(x, w, c, pos, rot, cache=None, gather=None):
-    """One pre-norm transformer block. x (B,T,D); w holds this layer's weights (cast to x.dtype);
-    rot = rope_table(pos). With a KV cache (k, v of shape (B, K, context, H)), this chunk's keys
-    and values are written at positions pos and attention runs over the whole cache. With FSDP,
-    w holds this device's shards and gather assembles them here, where they are used."""
-    N, K = c.n_head, c.n_kv_head
-    w = gather('layers', w) if gather else w
-    h = rms_norm(x)
-    qkv = jnp.einsum('BTD,DJH->BJTH', h, w['qkv'])                     # J = N + 2K heads
-    qk = rope(rms_norm(qkv[:, :N + K]), *rot)                            # QK-norm, then RoPE
-    q, k, v = qk[:, :N], qk[:, N:], qkv[:, N + K:]
-    if cache is None:
-        out = causal_attention(q, k, v, pos, c)
-    else:  # write this chunk into the cache, then attend over all of it
-        k = jax.lax.dynamic_update_slice_in_dim(cache[0], k, pos[0], axis=2)
-        v = jax.lax.dynamic_update_slice_in_dim(cache[1], v, pos[0], axis=2)
-        cache, out = (k, v), attention(q, k, v, pos, jnp.arange(k.shape[2]))
-    x = x + jnp.einsum('BNTH,NHD->BTD', out, w['o'])
-
-    h = rms_norm(x)
-    up = jnp.einsum('BTD,DF->BTF', h, w['up'])
-    act = jax.nn.silu(jnp.einsum('BTD,DF->BTF', h, w['gate'])) * up if c.mlp == 'swiglu' \
-        else jnp.square(jax.nn.relu(up))
-    return x + jnp.einsum('BTF,FD->BTD', act, w['down']), cache
-
-
-# What the backward pass may keep from the forward of a block (--remat); the rest is recomputed.
-REMAT = {'none': None, 'full': jax.checkpoint_policies.nothing_saveable,
-         'dots': jax.checkpoint_policies.dots_with_no_batch_dims_saveable}
-
-
-def forward(params, tokens, c, cache=None, pos0=0, gather=None):
-    """tokens (B,T) int32 -> logits (B,T,V) fp32, padded vocab entries at -inf.
-    With `cache` (stacked per-layer k, v: (L,B,K,context,H)), tokens sit at positions pos0.. and
-    the updated cache is returned too: that is how sampling avoids recomputing the prefix.
-    With FSDP (inside shard_map, see device_grads), params are this device's shards and
-    gather(name, weights) all-gathers them, in the compute dtype, where each is used."""
-    dt = compute_dtype(c)
-    T = tokens.shape[1]
-    pos = pos0 + jnp.arange(T)
-    rot = rope_table(pos, head_dim(c), c.rope_theta)
-    layers = jax.tree.map(lambda w: w.astype(dt), params['layers'])
-    block_fn = lambda x, w, pos, rot, cache: block(x, w, c, pos, rot, cache, gather)  # noqa: E731
-    if c.remat != 'none':
-        block_fn = jax.checkpoint(block_fn, policy=REMAT[c.remat])
-    embed = params['embed'].astype(dt)
-    if gather:  # FSDP: the table is assembled in bf16; embed_lookup sums its rows' gradient in fp32
-        embed = gather('embed', embed)
-        x = embed_lookup(embed, tokens)                                    # (B,T,D)
-    else:       # rows of the fp32 table, then cast: JAX sums their gradient in fp32 itself
-        x = params['embed'][tokens].astype(dt)
-    if c.scan_layers:  # one compiled block, looped L times: compile time independent of depth
-        def body(x, layer):
-            w, layer_cache = layer
-            return block_fn(x, w, pos, rot, layer_cache)
-        x, cache = jax.lax.scan(body, x, (layers, cache))
-    else:              # L copies of the block: longer compile, lets XLA fuse across layers
-        caches = []
-        for l in range(c.n_layer):
-            w = jax.tree.map(lambda a: a[l], layers)
-            x, layer_cache = block_fn(x, w, pos, rot, None if cache is None else (cache[0][l], cache[1][l]))
-            caches.append(layer_cache)
-        if cache is not None:
-            cache = tuple(jnp.stack(kv) for kv in zip(*caches))
-    x = rms_norm(x)
-    if c.tie_embed:
-        out = embed.T
-    else:
-        out = params['unembed'].astype(dt)
-        out = gather('unembed', out) if gather else out
-    logits = wide_einsum('BTD,DV->BTV', x, out)                            # fp32
-    if c.logit_softcap:
-        logits = c.logit_softcap * jnp.tanh(logits / c.logit_softcap)
-    logits = jnp.where(jnp.arange(logits.shape[-1]) < c.vocab_size, logits, -jnp.inf)
-    return logits if cache is None else (logits, cache)
-
-
-def init_cache(c, batch):
-    shape = (c.n_layer, batch, c.n_kv_head, c.context, head_dim(c))
-    return jnp.zeros(shape, compute_dtype(c)), jnp.zeros(shape, compute_dtype(c))
-
-
-def count_params(params):
-    return sum(x.size for x in jax.tree.leaves(params))
-
-
-def param_count(c):
-    """Parameters the config builds, from the weights' shapes alone (nothing is allocated)."""
-    return count_params(jax.eval_shape(lambda: init_params(c, jax.random.key(0))))
-
-
-def matmul_params(c):
-    """Weights that take part in matmuls: every block's, plus the output projection (the input
-    embedding is a lookup). The P of 6P, and of tokens-per-parameter rules."""
-    L, D, N, K, H, F = c.n_layer, c.d_model, c.n_head, c.n_kv_head, head_dim(c), ff_dim(c)
-    per_layer = D * N * H * 2 + D * K * H * 2 + D * F * (3 if c.mlp == 'swiglu' else 2)
-    return L * per_layer + D * padded_vocab(c)
-
-
-def flops_per_token(c):
-    """Training FLOPs per token, PaLM appendix B: 6P + 12*L*N*H*T, with P = matmul_params(c), L
-    layers, N query heads of width H, T = seq_len. The attention term counts the full T x T
-    score matrix: causal masking is NOT halved,
-    matching PaLM and nanoGPT, so MFUs compare with theirs."""
-    return 6 * matmul_params(c) + 12 * c.n_layer * c.n_head * head_dim(c) * c.seq_len
-
-
-# ----------------------------------------------------------------------------------------------
-# Loss: mean next-token cross-entropy in fp32, in nats per token.
-
-
-def loss_fn(params, batch, c, gather=None):
-    """batch (B, T+1) int32: inputs are batch[:, :-1], targets batch[:, 1:]."""
-    logits = forward(params, batch[:, :-1], c, gather=gather)            # (B,T,V) fp32
-    target_logit = jnp.take_along_axis(logits, batch[:, 1:, None], -1)[..., 0]
-    return jnp.mean(jax.nn.logsumexp(logits, -1) - target_logit)
-
-
-# ----------------------------------------------------------------------------------------------
-# Optimizer: AdamW written out with jax.tree.map over the parameter tree. Under jit, the update of
-# every weight is traced into one program either way (a Python loop over the leaves gives the
-# same jaxpr); what would be slow is calling a jitted function once per leaf. Semantics match
-# optax.chain(clip_by_global_norm, adamw): bias-corrected moments and decoupled weight decay
-# lr * wd * p, on every weight: all of this model's are matrices (its RMSNorms have no gain).
-
-
-def lr_schedule(step, c):
-    """LR for update number `step` (0-based): 1) linear warmup from 0 to lr over warmup_steps,
-    2) constant, 3) warmdown to min_lr_frac*lr over the last warmdown_frac of the run, reaching it
-    at the last update (step = steps - 1), as the warmup reaches lr at its last."""
-    step = jnp.asarray(step, jnp.float32)
-    warmup = jnp.minimum(1.0, (step + 1) / max(c.warmup_steps, 1))
-    warmdown_steps = round(c.warmdown_frac * c.steps)  # 0: no warmdown at all
-    progress = jnp.clip((step + 1 - (c.steps - warmdown_steps)) / max(warmdown_steps, 1), 0.0, 1.0)
-    shape = 1 - progress if c.warmdown == 'linear' else 0.5 * (1 + jnp.cos(jnp.pi * progress))
-    return c.lr * warmup * (c.min_lr_frac + (1 - c.min_lr_frac) * shape)
-
-
-def adamw_init(params):
-    zeros = lambda p: jnp.zeros_like(p, jnp.float32)
-    return {'step': jnp.zeros((), jnp.int32), 'mu': jax.tree.map(zeros, params),
-            'nu': jax.tree.map(zeros, params)}
-
-
-def global_norm(tree):
-    return jnp.sqrt(sum(jnp.sum(jnp.square(x)) for x in jax.tree.leaves(tree)))
-
-
-def adamw_update(params, grads, opt, lr, c):
-    """One AdamW step at learning rate lr, with global-norm clipping. -> new params, new opt state,
-    the gradient's norm before clipping."""
-    grad_norm = global_norm(grads)
-    clip = jnp.minimum(1.0, c.grad_clip / (grad_norm + 1e-12)) if c.grad_clip else 1.0
-    step = opt['step'] + 1
-    b1, b2 = c.beta1, c.beta2
-
-    def update(p, g, mu, nu):
-        g = g * clip
-        mu = b1 * mu + (1 - b1) * g
-        nu = b2 * nu + (1 - b2) * g * g
-        mu_hat, nu_hat = mu / (1 - b1 ** step), nu / (1 - b2 ** step)
-        p = p - lr * (mu_hat / (jnp.sqrt(nu_hat) + c.eps) + c.weight_decay * p)
-        return p, mu, nu
-
-    out = jax.tree.map(update, params, grads, opt['mu'], opt['nu'])
-    first = lambda i: jax.tree.map(lambda t: t[i], out, is_leaf=lambda t: isinstance(t, tuple))
-    return first(0), {'step': step, 'mu': first(1), 'nu': first(2)}, grad_norm
-
-
-# ----------------------------------------------------------------------------------------------
-# Data: token shards in the llm.c / modded-nanogpt format (prepare.py owns it: a header of 256
-# int32, then the tokens), so their FineWeb shards load as is. Batch k is a pure function of
-# (seed, k): a resumed run sees exactly the batches of an uninterrupted one, with nothing to save
-# but the step.
-
-
-def open_shard(path):
-    """Memory-map a token shard (never read whole), its header checked against its size."""
-    n_tokens, dtype, problem = shard_header(path)
-    if problem:
-        raise UserError(problem)
-    return np.memmap(path, dtype=dtype.newbyteorder('<'), mode='r', offset=HEADER_BYTES, shape=(n_tokens,))
-
-
-class TokenWindows:
-    """All windows of `window` consecutive tokens inside the shards of one split, numbered
-    0..count-1 shard after shard (a window never crosses a shard boundary)."""
-
-    def __init__(self, paths, window):
-        self.shards = [open_shard(p) for p in paths]
-        self.window = window
-        self.ends = np.cumsum([max(len(s) - window + 1, 0) for s in self.shards])
-        self.count = int(self.ends[-1])
-        if self.count == 0:
-            raise UserError(f'{os.path.dirname(paths[0])}: {", ".join(map(os.path.basename, paths[:3]))}'
-                            f'{" ..." if len(paths) > 3 else ""} hold fewer tokens than one window of {window} '
-                            '(seq_len + 1); use a smaller --seq_len or more data')
-
-    def get(self, idx):
-        """Windows number idx (any int array) -> (len(idx), window) int32."""
-        shard = np.searchsorted(self.ends, idx, side='right')
-        start = idx - np.concatenate([[0], self.ends])[shard]
-        return np.stack([self.shards[s][o:o + self.window] for s, o in zip(shard, start)]).astype(np.int32)
-
-
-def load_data(c):
-    """-> (train windows, val windows, meta dict) for the data directory c.data: the shards its
-    meta.json lists, else every *train*.bin and *val*.bin in it (llm.c's and modded-nanogpt's
-    downloads are named fineweb_train_000001.bin, TinyStories_val.bin, ...)."""
-    if not os.path.isdir(c.data):
-        raise UserError(f'--data={c.data}: {"not a directory" if os.path.exists(c.data) else "no such directory"}; create it with '
-                        f'`python prepare.py shakespeare --tokenizer=byte` (or another dataset)')
-    meta_path = os.path.join(c.data, 'meta.json')
-    meta = {}
-    if os.path.lexists(meta_path):
-        meta, problem = read_json(meta_path, DATA_META)
-        if problem:
-            raise UserError(f'{meta_path}: {problem}; re-create it with prepare.py (or fix it by hand)')
-    splits = {}
-    for split in ('train', 'val'):
-        listed = meta.get('splits', {}).get(split, {}).get('shards')
-        if listed:  # exactly what prepare.py wrote, never a stale shard beside it
-            splits[split] = [os.path.join(c.data, name) for name in listed]
-            missing = [p for p in splits[split] if not os.path.isfile(p)]
-            if missing:
-                raise UserError(f'{meta_path} lists {missing[0]}, which is missing; re-run prepare.py')
-        else:
-            splits[split] = sorted(p for p in glob.glob(os.path.join(c.data, f'*{split}*.bin')) if os.path.isfile(p))
-        if not splits[split]:
-            raise UserError(f'--data={c.data}: no {split} shards (*{split}*.bin); create them with '
-                            '`python prepare.py DATASET --out=...`')
-    train_windows, val_windows = (TokenWindows(splits[s], c.seq_len + 1) for s in ('train', 'val'))
-    if 'vocab_size' not in meta:
-        meta = {**meta, **vocab_from_shards(c, train_windows)}
-    return train_windows, val_windows, meta
-
-
-def vocab_from_shards(c, windows):
-    """No meta.json says what the tokens are: uint16 shards (llm.c's and modded-nanogpt's) are
-    taken as GPT-2's, said in a line; uint32 ones could be any large vocabulary."""
-    if windows.shards[0].dtype.itemsize == 2:
-        say(f'--data={c.data}: no meta.json naming the tokenizer; 16-bit shards are taken as GPT-2 tokens '
-            '(vocabulary 50,257); write a meta.json with "tokenizer" and "vocab_size" to say otherwise')
-        return {'tokenizer': 'gpt2', 'vocab_size': 50257, 'eot_id': 50256}
-    raise UserError(f'--data={c.data}: 32-bit token shards and no meta.json saying their vocabulary; write '
-                    f'{os.path.join(c.data, "meta.json")} as {{"tokenizer": "cl100k_base", "vocab_size": 100277}} '
-                    '(your tokenizer and size)')
-
-
-def train_indices(windows, c, k):
-    """Which windows form batch k: batch_size draws from a generator seeded by (seed, k), as
-    (grad_accum, batch_size // grad_accum) microbatches. Cheap; the tokens are read later, by
-    each host for its own devices only."""
-    idx = np.random.default_rng([c.seed, k]).integers(0, windows.count, size=c.batch_size)
-    return idx.reshape(c.grad_accum, c.batch_size // c.grad_accum)
-
-
-def val_indices(windows, c):
-    """A fixed validation set: eval_batches * batch_size windows spread evenly over the split, in
-    training's microbatches (so evaluating needs no more memory than a training step)."""
-    idx = np.linspace(0, windows.count - 1, c.eval_batches * c.batch_size).astype(np.int64)
-    return idx.reshape(c.eval_batches * c.grad_accum, c.batch_size // c.grad_accum)
-
-
-def check_vocab(batch, c, what):
-    if batch.max() >= c.vocab_size:
-        raise UserError(f'--data={c.data}: {what} holds token id {batch.max()} but the vocabulary '
-                        f'has {c.vocab_size} tokens; the data was prepared with another tokenizer')
-
-
-def prefetch(make, start, depth=2):
-    """Yield make(k) for k = start, start+1, ... computed in a background thread, so the
-    accelerator never waits for the host to gather tokens. Errors re-raise in the consumer."""
-    q = queue.Queue(depth)
-
-    def worker():
-        try:
-            for k in range(start, sys.maxsize):
-                q.put(make(k))
-        except BaseException as e:  # hand the error to the consumer
-            q.put(e)
-
-    threading.Thread(target=worker, daemon=True).start()
-    while True:
-        item = q.get()
-        if isinstance(item, BaseException):
-            raise item
-        yield item
-
-
-# ----------------------------------------------------------------------------------------------
-# Checkpoints: OUT/ckpt_<step>/ holds state.npz (every array: params, AdamW moments, step) and
-# meta.json (step, config, tokenizer, the npz's size and SHA-256). A checkpoint is written into a
-# temporary directory and renamed into place, so a crash mid-write leaves the last one intact.
-# No pickle: arrays load with allow_pickle=False and metadata is JSON.
-
-
-def flatten(tree, prefix=''):
-    """{'a': {'b': x}} -> {'a/b': x}"""
-    out = {}
-    for k, v in tree.items():
-        out |= flatten(v, f'{prefix}{k}/') if isinstance(v, dict) else {f'{prefix}{k}': v}
-    return out
-
-
-def unflatten_like(template, flat, prefix=''):
-    return {k: unflatten_like(v, flat, f'{prefix}{k}/') if isinstance(v, dict) else flat[f'{prefix}{k}']
-            for k, v in template.items()}
-
-
-def list_checkpoints(out):
-    """Finished checkpoints in `out`, oldest first, as (step, path)."""
-    found = []
-    for path in glob.glob(os.path.join(out, 'ckpt_*')):
-        name = os.path.basename(path)
-        if name[5:].isdigit() and os.path.exists(os.path.join(path, 'meta.json')):
-            found.append((int(name[5:]), path))
-    return sorted(found)
-
-
-def save_checkpoint(out, state, c, meta_extra):
-    """Write state = {'params', 'opt'} atomically as OUT/ckpt_<step>, keep the newest keep_ckpts
-    whole ones. A checkpoint already at this step is one this run could not load (damaged: a
-    whole one would have been resumed from): the new one replaces it."""
-    step = int(state['opt']['step'])
-    final = os.path.join(out, f'ckpt_{step:08d}')
-    tmp = os.path.join(out, f'.tmp_ckpt_{step:08d}_{os.getpid()}')
-    try:
-        os.makedirs(tmp)
-        npz = os.path.join(tmp, 'state.npz')
-        with open(npz, 'wb') as f:
-            np.savez(f, **flatten(jax.device_get(state)))
-            f.flush()
-            os.fsync(f.fileno())
-        meta = {'format': 1, 'step': step, 'config': dataclasses.asdict(c), **meta_extra,
-                'state_bytes': os.path.getsize(npz), 'state_sha256': file_sha256(npz)}
-        with open(os.path.join(tmp, 'meta.json'), 'w') as f:
-            json.dump(meta, f, indent=1)
-            f.flush()
-            os.fsync(f.fileno())
-        if os.path.lexists(final):
-            discard(final)
-        os.rename(tmp, final)  # atomic: readers see the whole checkpoint or none of it
-    except OSError as e:
-        shutil.rmtree(tmp, ignore_errors=True)
-        raise UserError(f'{out}: could not write the step-{step} checkpoint ({e.strerror or e}); '
-                        'the previous checkpoint is intact; free some space and resume')
-    WHOLE[file_version(final)] = True  # just written and hashed: no need to read it back
-    whole = [s for s, path in reversed(list_checkpoints(out)) if checkpoint_is_whole(path)][:c.keep_ckpts]
-    for s, old in list_checkpoints(out):
-        if s < whole[-1]:  # older than the oldest one kept (damaged ones too)
-            discard(old)
-    return final
-
-
-def discard(path):
-    """Delete a checkpoint directory, first renaming it out of the listing in one atomic step:
-    a reader (sample, while training saves) finds it whole or not at all, never half-deleted."""
-    trash = os.path.join(os.path.dirname(path), f'.tmp_ckpt_old_{os.path.basename(path)}_{os.getpid()}')
-    os.rename(path, trash)
-    shutil.rmtree(trash, ignore_errors=True)
-
-
-WHOLE = {}  # file_version(checkpoint) -> whether its state.npz matched its meta.json's size and hash
-
-
-def file_version(path):
-    """A checkpoint's identity for WHOLE: its path and its state.npz's size, time and inode."""
-    try:
-        st = os.stat(os.path.join(path, 'state.npz'))
-        return path, st.st_size, st.st_mtime_ns, st.st_ino
-    except OSError:
-        return path, None
-
-
-def checkpoint_is_whole(path):
-    """Whether a checkpoint's meta.json reads and its state.npz has the size and SHA-256 recorded
-    there (each file version hashed once per process)."""
-    key = file_version(path)
-    if key not in WHOLE:
-        try:
-            meta = read_checkpoint_meta(path)
-            npz = checkpoint_files(path)[1]
-            WHOLE[key] = os.path.getsize(npz) == meta['state_bytes'] and file_sha256(npz) == meta['state_sha256']
-        except (UserError, OSError):
-            WHOLE[key] = False
-    return WHOLE[key]
-
-
-def checkpoint_files(path):
-    """meta.json and state.npz of a checkpoint directory, refusing symlinks anywhere in it: a
-    checkpoint is read only from the directory it appears to be in."""
-    files = [os.path.join(path, 'meta.json'), os.path.join(path, 'state.npz')]
-    for p in [path] + files:
-        if os.path.islink(p):
-            raise UserError(f'{p} is a symbolic link; refusing to load checkpoints through links')
-    return files
-
-
-CHECKPOINT_META = {  # field: (test, what it must be, required); prepare.field_problem checks them
-    'step': (integer(), 'a step number', True),
-    'config': (lambda v: type(v) is dict, 'the settings', True),  # and each of its field's type: config_problem
-    'state_bytes': (integer(), 'a size in bytes', True),
-    'state_sha256': (lambda v: text(v) and re.fullmatch('[0-9a-f]{64}', v) is not None, 'a SHA-256', True),
-    'elapsed': (number(), 'seconds', False),
-    'tokenizer': (optional(text), 'a tokenizer name', False),
-    'eot_id': (optional(integer()), 'a token id', False),
-}
-
-
-def config_problem(saved):
-    """The first saved setting whose value is not of its Config field's type, in words, or None.
-    Settings this version does not know are ignored."""
-    types = {f.name: f.type for f in dataclasses.fields(Config)}
-    for name, value in saved.items():
-        kind = types.get(name)
-        if kind and not (type(value) is kind or kind is float and type(value) is int):
-            return f'its --{name} is {json.dumps(value)[:40]}, expected {"an" if kind is int else "a"} {kind.__name__}'
-    return None
-
-
-def read_checkpoint_meta(path):
-    meta_path, _ = checkpoint_files(path)
-    meta, problem = read_json(meta_path, CHECKPOINT_META)
-    problem = problem or config_problem(meta['config'])
-    if problem:
-        raise CorruptCheckpoint(f'{meta_path}: not a tinytpu checkpoint ({problem})')
-    return meta
-
-
-def check_compatible(meta, c, path, tokenizer=None):
-    """The checkpoint's weights must be the model this config builds, trained on tokens of this
-    data's tokenizer (when both say which)."""
-    saved = meta['config']
-    if tokenizer and meta.get('tokenizer') and tokenizer != meta['tokenizer']:
-        raise UserError(f'{path} was trained on {meta["tokenizer"]} tokens, but --data={c.data} holds {tokenizer} '
-                        f'tokens; use data prepared with --tokenizer={meta["tokenizer"]}, or a new --out')
-    for name in MODEL_FIELDS:
-        if saved.get(name) != getattr(c, name):
-            raise UserError(f'{path} was trained with --{name}={saved.get(name)}, but this run has '
-                            f'--{name}={getattr(c, name)}; use the same setting or a new --out')
-
-
-def load_checkpoint(path, template):
-    """Read state.npz into the structure (and dtypes) of `template` (arrays or shapes), checking
-    size and hash."""
-    meta = read_checkpoint_meta(path)
-    _, npz = checkpoint_files(path)
-    try:
-        if os.path.getsize(npz) != meta['state_bytes'] or file_sha256(npz) != meta['state_sha256']:
-            raise CorruptCheckpoint(f'{npz}: truncated or not matching its checksum')
-        with np.load(npz, allow_pickle=False) as f:  # no pickle: loading runs no code
-            state = unflatten_like(template, {k: f[k] for k in f.files})
-    except (OSError, ValueError, KeyError) as e:
-        raise CorruptCheckpoint(f'{npz}: unreadable ({getattr(e, "strerror", None) or e})')
-    for a, b in zip(jax.tree.leaves(state), jax.tree.leaves(template)):
-        if a.shape != b.shape:
-            raise UserError(f'{npz}: array shape {a.shape} does not match the model ({b.shape})')
-    return jax.tree.map(lambda a, b: np.asarray(a, b.dtype), state, template)  # host arrays
-
-
 # ----------------------------------------------------------------------------------------------
 # Devices: one Mesh over every device (of every host) with a 'data' axis. Each batch is split
 # along it, so every device computes the gradient of its slice. Params and AdamW moments are
@@ -1015,7 +1091,6 @@ def load_checkpoint(path, template):
 # trains on several. choose_fsdp picks by memory. On CPU the
 # mesh pays off too: XLA threads small matmuls poorly, and splitting the batch over one virtual
 # device per core (--cpu_devices) ran the quickstart 1.4x faster on 2 cores.
-
 
 @functools.cache
 def topology_devices(name):
@@ -1127,39 +1202,6 @@ def choose_fsdp(c, mesh):
                f'{" (FSDP from half)" if limit else ""}')
 
 
-def host_memory():
-    """Bytes of RAM in this machine, or None where the OS does not say."""
-    try:
-        return os.sysconf('SC_PAGE_SIZE') * os.sysconf('SC_PHYS_PAGES')
-    except (ValueError, OSError, AttributeError):
-        return None
-
-
-def least_memory(c, mesh):
-    """Bytes per device that training needs at the least: params, gradients and AdamW moments (all
-    fp32, as sharded), the validation set and a batch of int32 tokens."""
-    tokens = (c.eval_batches + 1) * c.batch_size * (c.seq_len + 1) * 4
-    return state_bytes_per_device(c, mesh) * 4 // 3 + tokens // mesh.size  # state = params + 2 moments
-
-
-def check_memory(c, mesh):
-    """Fail in one line, before anything is allocated or compiled, when params, their gradients,
-    the AdamW moments and the token batches cannot fit in the device's memory (TPU/GPU) or, on a
-    CPU, in the machine's (its devices share it). A lower bound: activations come on top, and
-    compile_fitting_step checks the whole step once it is compiled."""
-    n_params = param_count(c)
-    need = least_memory(c, mesh)
-    limit, where = device_memory(c), f'{target_devices(c)[0].device_kind} has'
-    if not limit:
-        need, limit, where = need * len(mesh.local_devices), host_memory(), 'this machine has'
-    if limit and need > limit:
-        per = '' if where == 'this machine has' else ' per device'
-        raise UserError(f'{n_params / 1e6:,.1f}M params with their gradients and AdamW moments, and {c.eval_batches + 1} '
-                        f'batches of {c.batch_size} x {c.seq_len} tokens (validation set and training), need at '
-                        f'least {size(need)}{per} but {where} {size(limit)}; shrink the model (--n_layer, --d_model, '
-                        'the vocabulary), --batch_size or --eval_batches, or shard over more chips (--fsdp)')
-
-
 def use_fsdp(c, mesh):
     """Whether params are sharded: --fsdp as choose_fsdp resolved it (auto, unresolved: on for
     several TPUs or GPUs)."""
@@ -1180,11 +1222,6 @@ def state_shardings(c, mesh):
 
     params = spec_map(sharding, param_specs(c))
     return {'params': params, 'opt': {'step': NamedSharding(mesh, P()), 'mu': params, 'nu': params}}
-
-
-def fresh_state(c):
-    params = init_params(c, jax.random.key(c.seed))
-    return {'params': params, 'opt': adamw_init(params)}
 
 
 def place(tree, shardings):
@@ -1244,6 +1281,11 @@ def host_state(state):
     return jax.device_get(state)
 
 
+def lead():
+    """Whether this is process 0, which alone prints, logs and writes checkpoints."""
+    return jax.process_index() == 0
+
+
 def say(*args, **kw):
     """print, on process 0 only: a pod slice's other hosts train silently. Output piped into a
     program that stops reading (python tinytpu.py | head) is dropped from then on: training goes
@@ -1260,33 +1302,21 @@ def drop_output(stream):
     os.dup2(os.open(os.devnull, os.O_WRONLY), stream.fileno())
 
 
-# ----------------------------------------------------------------------------------------------
-# Train step: one jit-compiled function with the params and optimizer state donated (updated in
-# place, no second copy). On several devices it runs under shard_map, so what moves between
-# them is written here, not left to the compiler: each device computes the gradient of its rows
-# of the batch (device_grads), and the devices combine them once per step, or, with FSDP,
-# assemble each layer's weights where it runs and scatter its gradient back (all_gather_weights).
-
-
-@partial(jax.jit, static_argnames='c', donate_argnums=(0, 1))
-def train_step(params, opt, batch, c):
-    """batch (grad_accum, micro_batch, seq_len + 1) -> new params, new opt state, stats."""
-    loss, grads = on_devices(device_grads, params, batch, c, grads=True)
-    lr = lr_schedule(opt['step'], c)
-    params, opt, grad_norm = adamw_update(params, grads, opt, lr, c)
-    return params, opt, {'loss': loss, 'grad_norm': grad_norm, 'lr': lr}
-
-
-def batch_grads(params, batch, c, gather=None):
-    """The mean loss and gradient of a batch given as microbatches (grad_accum, B, T+1): the
-    gradients of the microbatches are summed under lax.scan, so grad_accum=4 gives the update of
-    one 4x larger batch at a quarter of the memory."""
-    def micro(grad_sum, mb):
-        loss, grads = jax.value_and_grad(loss_fn)(params, mb, c, gather)
-        return jax.tree.map(jnp.add, grad_sum, grads), loss
-
-    grads, losses = jax.lax.scan(micro, jax.tree.map(jnp.zeros_like, params), batch)
-    return jnp.mean(losses), jax.tree.map(lambda g: g / batch.shape[0], grads)
+def on_devices(fn, params, batches, c, grads=False):
+    """Run fn(params, batches, c, gather, axis) on every device of the mesh (jax.set_mesh) with
+    shard_map, each device on its rows of the batches (split along their second axis) and its
+    params: whole (data parallel) or its FSDP shards, which gather assembles where used. Its
+    output is replicated; with grads, a second output is sharded like the params. Without a mesh
+    of several devices, fn runs as it is."""
+    mesh = jax.sharding.get_abstract_mesh()
+    if mesh.empty or mesh.size == 1:
+        return fn(params, batches, c, None, None)
+    specs = jax.tree.map(lambda s: s.spec, state_shardings(c, mesh)['params'])
+    gather = all_gather_weights(c) if use_fsdp(c, mesh) else None
+    # check_vma=False: Pallas kernels (splash) do not declare how their outputs vary over the mesh;
+    # and so a device's gradient of replicated params stays its own until device_grads' psum
+    return jax.shard_map(partial(fn, c=c, gather=gather, axis='data'), mesh=mesh, in_specs=(specs, P(None, 'data')),
+                         out_specs=(P(), specs) if grads else P(), check_vma=False)(params, batches)
 
 
 def device_grads(params, batch, c, gather, axis):
@@ -1312,23 +1342,6 @@ def device_loss(params, batches, c, gather, axis):
     return jax.lax.pmean(loss, axis) if axis else loss
 
 
-def on_devices(fn, params, batches, c, grads=False):
-    """Run fn(params, batches, c, gather, axis) on every device of the mesh (jax.set_mesh) with
-    shard_map, each device on its rows of the batches (split along their second axis) and its
-    params: whole (data parallel) or its FSDP shards, which gather assembles where used. Its
-    output is replicated; with grads, a second output is sharded like the params. Without a mesh
-    of several devices, fn runs as it is."""
-    mesh = jax.sharding.get_abstract_mesh()
-    if mesh.empty or mesh.size == 1:
-        return fn(params, batches, c, None, None)
-    specs = jax.tree.map(lambda s: s.spec, state_shardings(c, mesh)['params'])
-    gather = all_gather_weights(c) if use_fsdp(c, mesh) else None
-    # check_vma=False: Pallas kernels (splash) do not declare how their outputs vary over the mesh;
-    # and so a device's gradient of replicated params stays its own until device_grads' psum
-    return jax.shard_map(partial(fn, c=c, gather=gather, axis='data'), mesh=mesh, in_specs=(specs, P(None, 'data')),
-                         out_specs=(P(), specs) if grads else P(), check_vma=False)(params, batches)
-
-
 def all_gather_weights(c):
     """FSDP's gather(name, w): a layer's weights ('layers', its L axis already indexed away) or the
     embedding, assembled from every device's shard along the FSDP axis param_specs names."""
@@ -1341,198 +1354,227 @@ def all_gather_weights(c):
     return gather
 
 
-@partial(jax.jit, static_argnames='c')
-def eval_loss(params, batches, c):
-    """Mean loss over a stack of batches (n, B, T+1)."""
-    return on_devices(device_loss, params, batches, c)
+@jax.custom_vjp
+def embed_lookup(table, tokens):
+    """table[tokens]. Its gradient adds up the rows of repeated tokens in fp32, whatever the
+    table's dtype (JAX's own scatter-add would sum a bf16 table's in bf16), then rounds once."""
+    return table[tokens]
 
 
-# ----------------------------------------------------------------------------------------------
-# Hardware: what a chip can do and what an hour of it costs, for MFU (model FLOPs utilization =
-# achieved model FLOP/s over peak) and for dollars in the log. Matched against
-# jax.devices()[0].device_kind, first match wins. Prices are on-demand list prices per chip-hour
-# and change over time and by region: pass --price_per_hour to use what you actually pay.
-
-@dataclass(frozen=True)
-class Chip:
-    name: str        # what --hardware= calls it
-    kind: str        # substring of jax's device_kind
-    peak: float      # dense bf16 FLOP/s per chip
-    price: float     # on-demand dollars per chip-hour (0 = no list price known)
-    memory: float    # bytes of HBM per chip
-    clock: float = 0.0  # TPUs: Hz, to turn the compiler's cycle estimates into seconds
-    ici: float = 0.0    # TPUs: bytes/s one chip sends over its inter-chip links
+def embed_lookup_fwd(table, tokens):
+    return table[tokens], (table, tokens)
 
 
-GiB = 2 ** 30
-CHIPS = [
-    # peak and memory: cloud.google.com/tpu/docs/{v6e,v5e,v5p,v4}; price: cloud.google.com/tpu/pricing
-    # (on-demand, per chip-hour; v6e us-east1, v5e us-west4, v5p us-east5, v4 us-central2; v6e's
-    # $2.70 is also the price in Google's Trillium GA announcement, December 2024)
-    # ici: the same pages' "interchip interconnect bandwidth" (Gbps / 8). clock = peak / FLOPs per
-    # cycle of the matrix units (4 MXUs per core, 256x256 on v6e and 128x128 before, 2 cores on v5p
-    # and v4, 2 FLOPs per multiply-add): v6e 918e12 / (4 * 256^2 * 2) = 1.75 GHz. libtpu's cost
-    # model agrees: it estimates a 4096^3 bf16 matmul at 87-97% of these FLOPs per cycle.
-    Chip('v6e', 'TPU v6', 918e12, 2.70, 32 * GiB, clock=918e12 / (4 * 256**2 * 2), ici=3584e9 / 8),
-    Chip('v5e', 'TPU v5 lite', 197e12, 1.20, 16 * GiB, clock=197e12 / (4 * 128**2 * 2), ici=1600e9 / 8),
-    Chip('v5p', 'TPU v5', 459e12, 4.20, 95 * GiB, clock=459e12 / (2 * 4 * 128**2 * 2), ici=4800e9 / 8),
-    Chip('v4', 'TPU v4', 275e12, 3.22, 32 * GiB, clock=275e12 / (2 * 4 * 128**2 * 2), ici=2400e9 / 8),
-    # peak and memory: NVIDIA's H100, H200 and A100 datasheets (dense, without sparsity);
-    # price: runpod.io/pricing (Secure Cloud on-demand, per GPU-hour; SXM parts). No list price
-    # is kept for the H100 PCIe: pass --price_per_hour.
-    Chip('h100-pcie', 'H100 PCIe', 756e12, 0.0, 80 * GiB),
-    Chip('h100', 'H100', 989e12, 2.69, 80 * GiB),
-    Chip('h200', 'H200', 989e12, 3.59, 141 * GiB),
-    Chip('a100', 'A100', 312e12, 1.49, 80 * GiB),  # the 80 GB part (a 40 GB one exists too)
-]
+def embed_lookup_bwd(saved, g):
+    table, tokens = saved
+    summed = jnp.zeros(table.shape, wide(table.dtype)).at[tokens].add(g.astype(wide(table.dtype)))
+    return summed.astype(table.dtype), None
 
 
-def this_chip(kind=None):
-    """The CHIPS entry for a device_kind (default: the devices JAX sees), or None for CPU or a
-    chip not in the table."""
-    kind = kind or jax.devices()[0].device_kind
-    return next((chip for chip in CHIPS if chip.kind in kind), None)
+embed_lookup.defvjp(embed_lookup_fwd, embed_lookup_bwd)
 
 
-def chip_named(name):
-    """The CHIPS entry called `name` (as in --hardware=v6e), or None."""
-    return next((chip for chip in CHIPS if chip.name == name.lower()), None)
+def use_cpu_devices(n):
+    """Ask for n virtual CPU devices; possible only before JAX has initialized its backends."""
+    try:
+        jax.config.update('jax_num_cpu_devices', n)
+    except RuntimeError:  # already initialized (e.g. called twice in one process): keep as is
+        pass
 
 
-def chip_count(mesh):
-    """Chips a run pays for: the mesh's devices, or on CPU the machines (a CPU's virtual devices
-    share its cores)."""
-    return jax.process_count() if jax.default_backend() == 'cpu' else mesh.size
-
-
-def hardware_peak(c, n_devices=1):
-    """Peak FLOP/s of n_devices chips (--peak_flops, else the table), or None if unknown. On CPU:
-    measured with a large fp32 matmul, which already uses every core (however many virtual
-    devices share them)."""
-    if c.peak_flops:
-        return c.peak_flops * n_devices
-    chip = this_chip()
-    if chip:
-        return chip.peak * n_devices
-    if jax.default_backend() != 'cpu':
-        return None
-    n = 1024
-    a = jnp.ones((n, n), jnp.float32)
-    mm = jax.jit(lambda a: a @ a)
-    mm(a).block_until_ready()
-    times = []
-    for _ in range(40):  # ~0.3 s; the fastest run, as a shared VM's other tenants slow some down
-        t = time.perf_counter()
-        mm(a).block_until_ready()
-        times.append(time.perf_counter() - t)
-    return 2 * n ** 3 / min(times)
-
-
-def hourly_price(c, mesh):
-    """(dollars per hour for the whole run, where the number comes from), or (None, why not)."""
-    chips, chip = chip_count(mesh), this_chip()
-    unit = 'machine' if jax.default_backend() == 'cpu' else 'chip'
-    if c.price_per_hour:
-        return c.price_per_hour * chips, f'{chips} {unit}(s) x ${c.price_per_hour:g}/{unit}-hour (--price_per_hour)'
-    if chip and chip.price:
-        return chip.price * chips, f'{chips} chips x ${chip.price:g}/chip-hour ({chip.name} on-demand list price)'
-    return None, 'no price for this hardware; pass --price_per_hour to see dollars'
-
-
-def dollars(x):
-    return f'${x:,.2f}' if x >= 1 else f'${x:.2g}'
-
-
-def size(n):
-    return f'{n / 2**30:,.2f} GiB' if n >= 2**30 else f'{n / 2**20:,.1f} MiB'
-
-
-# ----------------------------------------------------------------------------------------------
-# Train loop.
-
-
-def log_line(r):
-    s = f"step {r['step']:6d} | loss {r['loss']:.4f} | lr {r['lr']:.2e} | gnorm {r['grad_norm']:.3f}"
-    s += f" | {r['ms_per_step']:.1f} ms/step | {r['tokens_per_sec']:,.0f} tok/s"
-    s += f" | MFU {r['mfu']:.1%}" if r.get('mfu') is not None else ' | MFU n/a'
-    s += f" | {duration(r['elapsed'])}"
-    return s + (f" | {dollars(r['cost'])}" if r.get('cost') is not None else '')
-
-
-def duration(seconds):
-    """3725.2 -> '1:02:05' (hours:minutes:seconds, hours unbounded)."""
-    m, s = divmod(round(seconds), 60)
-    return f'{m // 60}:{m % 60:02d}:{s:02d}'
-
-
-class Preempted(Exception):
-    """Training stopped on SIGTERM/SIGINT after saving a checkpoint. Exit code 128 + signal."""
-
-
-class StopSignal:
-    """While active, the first SIGTERM or SIGINT (Ctrl-C) asks training to stop after the current
-    step, with a checkpoint; a second one stops at once. Checkpoints are written atomically, so
-    stopping at any moment leaves the previous one intact. Preemptible TPUs get SIGTERM."""
-
-    def __enter__(self):
-        self.signum, self.saved = None, {}
-        if threading.current_thread() is threading.main_thread():  # only it may set handlers
-            self.saved = {s: signal.signal(s, self.handle) for s in (signal.SIGTERM, signal.SIGINT)}
-        return self
-
-    def handle(self, signum, frame):
-        if self.signum is not None:
-            raise KeyboardInterrupt
-        self.signum = signum
-        say(f'\n{signal.Signals(signum).name}: finishing this step and saving a checkpoint '
-            '(send it again to stop at once)', flush=True)
-
-    def __exit__(self, *exc):
-        for s, handler in self.saved.items():
-            signal.signal(s, handler)
-
-
-@jax.jit
-def all_finite(tree):
-    return jnp.all(jnp.stack([jnp.all(jnp.isfinite(x)) for x in jax.tree.leaves(tree)]))
-
-
-def check_finite(stats, step, c):
-    """Stop on a NaN or inf loss or gradient: training on garbage only wastes money."""
-    loss, grad_norm = stats['loss'], stats['grad_norm']
-    if not (math.isfinite(loss) and math.isfinite(grad_norm)):
-        raise Diverged(f'training diverged at step {step}: loss {loss}, grad norm {grad_norm}. The last '
-                       f'good checkpoint in {c.out} is kept; delete it to start over, or resume from it '
-                       f'with a lower --lr (now {c.lr:g}), more --warmup_steps (now {c.warmup_steps}) or '
-                       f'--grad_clip=1 (now {c.grad_clip:g})')
-
-
-def restore(c, template, tokenizer=None):
-    """The newest loadable checkpoint in c.out as (state, path, meta), or (template, None, {}) if
-    there is none. A damaged one (bad checksum, truncated) is skipped with a warning. One that
-    vanishes while being read (a training run beside us deleting its oldest) means: look again."""
-    for attempt in range(5):
-        checkpoints, problems = list_checkpoints(c.out), []
-        for _, path in reversed(checkpoints):
+def init_distributed(flags):
+    """Join the other hosts (before JAX touches a device). On a TPU pod slice, --distributed lets
+    JAX find them itself; elsewhere --coordinator, --num_processes and --process_id say. What JAX
+    would only report by aborting the process (a bad address, a port in use, no coordinator
+    after --coordinator_timeout) is checked here first, and said in one line."""
+    if not (flags.get('distributed') or flags.get('coordinator')):
+        return
+    if not flags.get('coordinator'):
+        jax.distributed.initialize()
+        return
+    address, n = flags['coordinator'], flags.get('num_processes', 1)
+    i, timeout = flags.get('process_id', 0), flags.get('coordinator_timeout', Config.coordinator_timeout)
+    host, _, port = address.rpartition(':')
+    if not host or not port.isdigit() or not 0 < int(port) < 65536:
+        raise UserError(f'--coordinator={address}: expected HOST:PORT, like 10.0.0.2:1234')
+    if not (n >= 1 and 0 <= i < n and timeout >= 1):
+        raise UserError('--num_processes must be >= 1, --process_id in 0 .. num_processes - 1, '
+                        '--coordinator_timeout >= 1')
+    try:
+        socket.getaddrinfo(host.strip('[]'), int(port), type=socket.SOCK_STREAM)
+    except OSError as e:
+        raise UserError(f'--coordinator={address}: cannot resolve {host} ({e.strerror or e})')
+    if i == 0:  # the coordinator runs here: its port must be free
+        with socket.socket(socket.AF_INET6 if ':' in host.strip('[]') else socket.AF_INET) as probe:
             try:
-                meta = read_checkpoint_meta(path)
-                check_compatible(meta, c, path, tokenizer)
-                state = load_checkpoint(path, template)
-            except CorruptCheckpoint as e:
-                if not os.path.isdir(path):
-                    break  # deleted under us: list again
-                problems.append(str(e))
-                continue
-            for problem in problems:
-                say(f'warning: {problem}; using the previous checkpoint', file=sys.stderr)
-            return state, path, meta
-        else:
-            break
-    if checkpoints:
-        raise UserError(f'{problems[0] if problems else "checkpoints kept vanishing"}; and no older checkpoint in '
-                        f'--out={c.out} loads: move them away to start over, or use a new --out')
-    return template, None, {}
+                probe.bind(('', int(port)))
+            except OSError as e:
+                raise UserError(f'--coordinator={address}: cannot listen on port {port} ({e.strerror}); '
+                                'choose a free port for every process')
+        print(f'coordinator at {address}: waiting up to {timeout}s for {n - 1} more process(es) to join')
+    else:
+        wait_for_coordinator(host.strip('[]'), int(port), address, timeout)
+    jax.config.update('jax_cpu_collectives_implementation', 'gloo')  # CPU hosts talk over TCP
+    jax.distributed.initialize(address, n, i, initialization_timeout=timeout)
 
+
+def wait_for_coordinator(host, port, address, timeout):
+    """Return once something listens at host:port, or fail in one line after `timeout` seconds."""
+    deadline = time.time() + timeout
+    while True:
+        try:
+            socket.create_connection((host, port), timeout=2).close()
+            return
+        except OSError:
+            if time.time() > deadline:
+                raise UserError(f'--coordinator={address}: nothing listening there after {timeout}s; start '
+                                'process 0 (it runs the coordinator), check the address, port and firewall, '
+                                'or wait longer with --coordinator_timeout')
+            time.sleep(0.5)
+
+
+# ----------------------------------------------------------------------------------------------
+# Memory: what must fit before anything is allocated (check_memory), and the compiled steps
+# checked against the device, in the fewest microbatches that fit (compile_fitting_step).
+
+def host_memory():
+    """Bytes of RAM in this machine, or None where the OS does not say."""
+    try:
+        return os.sysconf('SC_PAGE_SIZE') * os.sysconf('SC_PHYS_PAGES')
+    except (ValueError, OSError, AttributeError):
+        return None
+
+
+def least_memory(c, mesh):
+    """Bytes per device that training needs at the least: params, gradients and AdamW moments (all
+    fp32, as sharded), the validation set and a batch of int32 tokens."""
+    tokens = (c.eval_batches + 1) * c.batch_size * (c.seq_len + 1) * 4
+    return state_bytes_per_device(c, mesh) * 4 // 3 + tokens // mesh.size  # state = params + 2 moments
+
+
+def check_memory(c, mesh):
+    """Fail in one line, before anything is allocated or compiled, when params, their gradients,
+    the AdamW moments and the token batches cannot fit in the device's memory (TPU/GPU) or, on a
+    CPU, in the machine's (its devices share it). A lower bound: activations come on top, and
+    compile_fitting_step checks the whole step once it is compiled."""
+    n_params = param_count(c)
+    need = least_memory(c, mesh)
+    limit, where = device_memory(c), f'{target_devices(c)[0].device_kind} has'
+    if not limit:
+        need, limit, where = need * len(mesh.local_devices), host_memory(), 'this machine has'
+    if limit and need > limit:
+        per = '' if where == 'this machine has' else ' per device'
+        raise UserError(f'{n_params / 1e6:,.1f}M params with their gradients and AdamW moments, and {c.eval_batches + 1} '
+                        f'batches of {c.batch_size} x {c.seq_len} tokens (validation set and training), need at '
+                        f'least {size(need)}{per} but {where} {size(limit)}; shrink the model (--n_layer, --d_model, '
+                        'the vocabulary), --batch_size or --eval_batches, or shard over more chips (--fsdp)')
+
+
+class TooBig(UserError):
+    """The compiled train step needs more memory than the device has."""
+
+
+def out_of_memory(e):
+    """Whether an exception says the step does not fit: our own check, or XLA's RESOURCE_EXHAUSTED
+    (a TPU's compiler, or any device allocating at run time)."""
+    return isinstance(e, TooBig) or isinstance(e, jax.errors.JaxRuntimeError) and 'RESOURCE_EXHAUSTED' in str(e)
+
+
+def step_bytes(compiled):
+    """Device memory a compiled step uses while it runs: XLA's buffers for its arguments, outputs
+    (less those that reuse a donated argument) and temporaries. None where XLA does not say."""
+    m = compiled.memory_analysis()
+    return None if m is None else \
+        m.temp_size_in_bytes + m.argument_size_in_bytes + m.output_size_in_bytes - m.alias_size_in_bytes
+
+
+def check_fits(compiled, also_resident, what, c):
+    """Raise TooBig if a compiled step, with the arrays that stay on the device beside it, needs
+    more memory than the device has (where it says: TPU, GPU, --topology)."""
+    need, limit = step_bytes(compiled), device_memory(c)
+    if need is not None and limit and need + also_resident > limit:
+        raise TooBig(f'the {what} step needs {size(need + also_resident)} per device with microbatches of '
+                     f'{c.batch_size // c.grad_accum} sequences, but {target_devices(c)[0].device_kind} has {size(limit)}')
+
+
+def compile_step(params, opt, mesh, c):
+    """train_step compiled ahead of time for these arrays (or their shapes) and this config, called
+    as step(params, opt, batch), and checked against the device's memory: a clear error now
+    rather than an out-of-memory crash mid-run."""
+    batch = jax.ShapeDtypeStruct((c.grad_accum, c.batch_size // c.grad_accum, c.seq_len + 1), jnp.int32,
+                                 sharding=batch_sharding(mesh, 3))
+    with jax.set_mesh(mesh):
+        step = train_step.lower(params, opt, batch, c).compile()
+    check_fits(step, 0, 'train', c)
+    return step
+
+
+def compile_eval(params, opt, mesh, c):
+    """eval_loss compiled for the validation set in training's microbatches, called as
+    step(params, batches); checked against the memory it shares with the optimizer state."""
+    vals = jax.ShapeDtypeStruct((c.eval_batches * c.grad_accum, c.batch_size // c.grad_accum, c.seq_len + 1),
+                                jnp.int32, sharding=batch_sharding(mesh, 3))
+    with jax.set_mesh(mesh):
+        step = eval_loss.lower(params, vals, c).compile()
+    check_fits(step, resident_bytes(opt), 'eval', c)
+    return step
+
+
+# Beyond this many tokens per device a microbatch keeps the matrix units no busier, it only takes
+# memory: libtpu estimated the tpu preset's v6e step at 426 ms with 8 x 2048 tokens per
+# microbatch and 460 ms with 16 x 2048 (README "TPU estimates").
+MAX_MICROBATCH_TOKENS = 8 * 2048
+
+
+def compile_fitting_step(params, opt, mesh, c):
+    """The train and eval steps compiled with microbatches that fit the device. -> (config, train
+    step, eval step). More microbatches give the same batch and the same update in smaller
+    pieces, and memory falls as they shrink: with --grad_accum=0 a binary search finds the fewest
+    that fit, of at most MAX_MICROBATCH_TOKENS per device; a given --grad_accum is doubled while
+    it does not fit."""
+    choices = microbatch_choices(c, mesh.size)
+    if c.grad_accum:
+        doublings = [c.grad_accum * 2 ** k for k in range(c.batch_size.bit_length())]
+        choices = [g for g in choices if g in doublings]
+    else:
+        small = [g for g in choices if c.batch_size // g // mesh.size * c.seq_len <= MAX_MICROBATCH_TOKENS]
+        choices = small or choices[-1:]
+    lo, hi, fitted, problem = 0, len(choices) - 1, None, None
+    while lo <= hi:  # an explicit --grad_accum tries its doublings in order, auto bisects
+        i = lo if c.grad_accum else (lo + hi) // 2
+        trial = dataclasses.replace(c, grad_accum=choices[i])
+        try:
+            fitted = (trial, compile_step(params, opt, mesh, trial), compile_eval(params, opt, mesh, trial))
+            hi = i - 1
+            if c.grad_accum:
+                break
+        except (TooBig, jax.errors.JaxRuntimeError) as e:
+            if not out_of_memory(e):
+                raise
+            problem, lo = str(e).splitlines()[0][:300], i + 1
+            if c.grad_accum and lo <= hi:
+                say(f'the train step does not fit in memory with microbatches of {c.batch_size // choices[i]} '
+                    f'sequences: using --grad_accum={choices[lo]}')
+    if fitted is None:
+        raise UserError(f'{problem}; use more chips (FSDP splits params and optimizer state), or a smaller '
+                        '--batch_size or model')
+    if not c.grad_accum:
+        say(f'microbatches of {fitted[0].batch_size // fitted[0].grad_accum} sequences (--grad_accum='
+            f'{fitted[0].grad_accum}): the fewest that fit {size(device_memory(c))} per device, of at most '
+            f'{MAX_MICROBATCH_TOKENS:,} tokens each')
+    return fitted
+
+
+def buffer_note(m):
+    """XLA's buffer sizes for a compiled step (its memory_analysis()), in words."""
+    return 'XLA buffer sizes unknown' if m is None else \
+        f'XLA buffers per device {size(m.temp_size_in_bytes)} temporary + {size(m.argument_size_in_bytes)} arguments'
+
+
+# ----------------------------------------------------------------------------------------------
+# A training run: what it starts from (Run, start_run: one run per --out, the log cut back to the
+# checkpoint it resumes), its clock (Meter: time, tokens/s, MFU, dollars) and its guard (signals
+# stop it with a checkpoint; so does divergence, before anything garbage is written).
 
 @dataclass
 class Run:
@@ -1683,56 +1725,6 @@ def append(log, record):
                         'free some space and run the same command to resume')
 
 
-def train(c):
-    """Pretrain: take a batch, take a step, log, evaluate, checkpoint; until step c.steps."""
-    with contextlib.ExitStack() as held:  # what the run holds until it ends: the --out lock, signals, the log
-        run = start_run(c, held)  # data, devices, state (fresh or resumed), compiled steps
-        c, params, opt = run.c, run.params, run.opt
-        if run.start >= c.steps:
-            say(f'already trained {run.start} steps (--steps={c.steps}); nothing to do')
-            return params
-        meter = Meter(c, run)                 # time, tokens/s, MFU and dollars; the profiler
-        guard = held.enter_context(Guard(c))  # signals stop training with a checkpoint; so does divergence
-        log = held.enter_context(open(os.path.join(c.out, 'log.jsonl'), 'a') if lead() else open(os.devnull, 'w'))
-        held.enter_context(jax.set_mesh(run.mesh))
-        say(run.compiled_note)
-        val = {}
-        for step in range(run.start, c.steps):
-            with meter.profile(step):
-                params, opt, stats = run.step(params, opt, next(run.batches))
-            guard.check(stats, step)  # the step before this one, once done
-            done = step + 1
-            record = meter.log_line(done, stats) if done % c.log_every == 0 or done == c.steps else {}
-            with meter.aside():  # evaluation and checkpoints are not step time
-                if done % c.eval_every == 0 or done == c.steps:
-                    val = evaluate(run.eval, params, run.vals, run.meta, done)
-                    record |= val
-                record |= task_scores(params, run, done)  # --hellaswag_every
-                if record:
-                    append(log, {'step': done, 'tokens': done * meter.tokens_per_step} | record)
-                stopping = guard.stop_requested()
-                if done % c.ckpt_every == 0 or done == c.steps or stopping:
-                    guard.check_params(params, stats, done)
-                    save(c, {'params': params, 'opt': opt}, run.meta, meter.clock()['elapsed'])
-                    guard.stop_if(stopping, done)
-        summary = meter.summary(val.get('val_loss'))
-        append(log, {'step': c.steps, 'summary': summary})
-        say(summary_line(c.steps, summary, run.price_note))
-        return params
-
-
-def lead():
-    """Whether this is process 0, which alone prints, logs and writes checkpoints."""
-    return jax.process_index() == 0
-
-
-def save(c, state, meta, elapsed):
-    """A checkpoint of the state, gathered from every process, written by process 0."""
-    host = host_state(state)  # every process takes part
-    extra = {'tokenizer': meta.get('tokenizer'), 'eot_id': meta.get('eot_id'), 'elapsed': elapsed}
-    say(f'saved {save_checkpoint(c.out, host, c, extra) if lead() else None}', flush=True)
-
-
 class Meter:
     """The clock of a run: wall time since it began plus the runs it resumes (start-up and
     compiling are paid for too), dollars at its price, and the step time, tokens/s and MFU of the
@@ -1790,6 +1782,50 @@ class Meter:
         return {'tokens': self.c.steps * self.tokens_per_step, **self.clock(), 'val_loss': val_loss, 'mfu': mfu}
 
 
+def log_line(r):
+    s = f"step {r['step']:6d} | loss {r['loss']:.4f} | lr {r['lr']:.2e} | gnorm {r['grad_norm']:.3f}"
+    s += f" | {r['ms_per_step']:.1f} ms/step | {r['tokens_per_sec']:,.0f} tok/s"
+    s += f" | MFU {r['mfu']:.1%}" if r.get('mfu') is not None else ' | MFU n/a'
+    s += f" | {duration(r['elapsed'])}"
+    return s + (f" | {dollars(r['cost'])}" if r.get('cost') is not None else '')
+
+
+def duration(seconds):
+    """3725.2 -> '1:02:05' (hours:minutes:seconds, hours unbounded)."""
+    m, s = divmod(round(seconds), 60)
+    return f'{m // 60}:{m % 60:02d}:{s:02d}'
+
+
+def summary_line(steps, r, price_note):
+    s = f"done: {steps:,} steps, {r['tokens']:,} tokens in {duration(r['elapsed'])}"
+    s += f" | MFU {r['mfu']:.1%}" if r['mfu'] is not None else ' | MFU n/a'
+    s += f" | {dollars(r['cost'])} ({price_note})" if r['cost'] is not None else f' | cost unknown ({price_note})'
+    return s + (f" | val loss {r['val_loss']:.4f}" if r['val_loss'] is not None else '')
+
+
+class StopSignal:
+    """While active, the first SIGTERM or SIGINT (Ctrl-C) asks training to stop after the current
+    step, with a checkpoint; a second one stops at once. Checkpoints are written atomically, so
+    stopping at any moment leaves the previous one intact. Preemptible TPUs get SIGTERM."""
+
+    def __enter__(self):
+        self.signum, self.saved = None, {}
+        if threading.current_thread() is threading.main_thread():  # only it may set handlers
+            self.saved = {s: signal.signal(s, self.handle) for s in (signal.SIGTERM, signal.SIGINT)}
+        return self
+
+    def handle(self, signum, frame):
+        if self.signum is not None:
+            raise KeyboardInterrupt
+        self.signum = signum
+        say(f'\n{signal.Signals(signum).name}: finishing this step and saving a checkpoint '
+            '(send it again to stop at once)', flush=True)
+
+    def __exit__(self, *exc):
+        for s, handler in self.saved.items():
+            signal.signal(s, handler)
+
+
 class Guard(StopSignal):
     """Signals and divergence: SIGTERM or SIGINT stop training after the step, with a checkpoint
     (StopSignal), on every host at the same step; a NaN or inf loss, gradient or parameter stops
@@ -1825,144 +1861,285 @@ class Guard(StopSignal):
                             f'checkpoint saved in {self.c.out}; run the same command to resume', signum)
 
 
-class TooBig(UserError):
-    """The compiled train step needs more memory than the device has."""
+class Preempted(Exception):
+    """Training stopped on SIGTERM/SIGINT after saving a checkpoint. Exit code 128 + signal."""
 
 
-def out_of_memory(e):
-    """Whether an exception says the step does not fit: our own check, or XLA's RESOURCE_EXHAUSTED
-    (a TPU's compiler, or any device allocating at run time)."""
-    return isinstance(e, TooBig) or isinstance(e, jax.errors.JaxRuntimeError) and 'RESOURCE_EXHAUSTED' in str(e)
+@jax.jit
+def all_finite(tree):
+    return jnp.all(jnp.stack([jnp.all(jnp.isfinite(x)) for x in jax.tree.leaves(tree)]))
 
 
-def step_bytes(compiled):
-    """Device memory a compiled step uses while it runs: XLA's buffers for its arguments, outputs
-    (less those that reuse a donated argument) and temporaries. None where XLA does not say."""
-    m = compiled.memory_analysis()
-    return None if m is None else \
-        m.temp_size_in_bytes + m.argument_size_in_bytes + m.output_size_in_bytes - m.alias_size_in_bytes
+def check_finite(stats, step, c):
+    """Stop on a NaN or inf loss or gradient: training on garbage only wastes money."""
+    loss, grad_norm = stats['loss'], stats['grad_norm']
+    if not (math.isfinite(loss) and math.isfinite(grad_norm)):
+        raise Diverged(f'training diverged at step {step}: loss {loss}, grad norm {grad_norm}. The last '
+                       f'good checkpoint in {c.out} is kept; delete it to start over, or resume from it '
+                       f'with a lower --lr (now {c.lr:g}), more --warmup_steps (now {c.warmup_steps}) or '
+                       f'--grad_clip=1 (now {c.grad_clip:g})')
 
 
-def check_fits(compiled, also_resident, what, c):
-    """Raise TooBig if a compiled step, with the arrays that stay on the device beside it, needs
-    more memory than the device has (where it says: TPU, GPU, --topology)."""
-    need, limit = step_bytes(compiled), device_memory(c)
-    if need is not None and limit and need + also_resident > limit:
-        raise TooBig(f'the {what} step needs {size(need + also_resident)} per device with microbatches of '
-                     f'{c.batch_size // c.grad_accum} sequences, but {target_devices(c)[0].device_kind} has {size(limit)}')
+# ----------------------------------------------------------------------------------------------
+# Checkpoints that survive failures: each is checked (its meta.json field by field, its
+# state.npz's size and SHA-256) before it is used or counted as kept; a damaged one is skipped
+# for the one before it; one deleted while a reader lists them is looked for again.
+
+def discard(path):
+    """Delete a checkpoint directory, first renaming it out of the listing in one atomic step:
+    a reader (sample, while training saves) finds it whole or not at all, never half-deleted."""
+    trash = os.path.join(os.path.dirname(path), f'.tmp_ckpt_old_{os.path.basename(path)}_{os.getpid()}')
+    os.rename(path, trash)
+    shutil.rmtree(trash, ignore_errors=True)
 
 
-def compile_step(params, opt, mesh, c):
-    """train_step compiled ahead of time for these arrays (or their shapes) and this config, called
-    as step(params, opt, batch), and checked against the device's memory: a clear error now
-    rather than an out-of-memory crash mid-run."""
-    batch = jax.ShapeDtypeStruct((c.grad_accum, c.batch_size // c.grad_accum, c.seq_len + 1), jnp.int32,
-                                 sharding=batch_sharding(mesh, 3))
-    with jax.set_mesh(mesh):
-        step = train_step.lower(params, opt, batch, c).compile()
-    check_fits(step, 0, 'train', c)
-    return step
+WHOLE = {}  # file_version(checkpoint) -> whether its state.npz matched its meta.json's size and hash
 
 
-def compile_eval(params, opt, mesh, c):
-    """eval_loss compiled for the validation set in training's microbatches, called as
-    step(params, batches); checked against the memory it shares with the optimizer state."""
-    vals = jax.ShapeDtypeStruct((c.eval_batches * c.grad_accum, c.batch_size // c.grad_accum, c.seq_len + 1),
-                                jnp.int32, sharding=batch_sharding(mesh, 3))
-    with jax.set_mesh(mesh):
-        step = eval_loss.lower(params, vals, c).compile()
-    check_fits(step, resident_bytes(opt), 'eval', c)
-    return step
+def file_version(path):
+    """A checkpoint's identity for WHOLE: its path and its state.npz's size, time and inode."""
+    try:
+        st = os.stat(os.path.join(path, 'state.npz'))
+        return path, st.st_size, st.st_mtime_ns, st.st_ino
+    except OSError:
+        return path, None
 
 
-# Beyond this many tokens per device a microbatch keeps the matrix units no busier, it only takes
-# memory: libtpu estimated the tpu preset's v6e step at 426 ms with 8 x 2048 tokens per
-# microbatch and 460 ms with 16 x 2048 (README "TPU estimates").
-MAX_MICROBATCH_TOKENS = 8 * 2048
-
-
-def compile_fitting_step(params, opt, mesh, c):
-    """The train and eval steps compiled with microbatches that fit the device. -> (config, train
-    step, eval step). More microbatches give the same batch and the same update in smaller
-    pieces, and memory falls as they shrink: with --grad_accum=0 a binary search finds the fewest
-    that fit, of at most MAX_MICROBATCH_TOKENS per device; a given --grad_accum is doubled while
-    it does not fit."""
-    choices = microbatch_choices(c, mesh.size)
-    if c.grad_accum:
-        doublings = [c.grad_accum * 2 ** k for k in range(c.batch_size.bit_length())]
-        choices = [g for g in choices if g in doublings]
-    else:
-        small = [g for g in choices if c.batch_size // g // mesh.size * c.seq_len <= MAX_MICROBATCH_TOKENS]
-        choices = small or choices[-1:]
-    lo, hi, fitted, problem = 0, len(choices) - 1, None, None
-    while lo <= hi:  # an explicit --grad_accum tries its doublings in order, auto bisects
-        i = lo if c.grad_accum else (lo + hi) // 2
-        trial = dataclasses.replace(c, grad_accum=choices[i])
+def checkpoint_is_whole(path):
+    """Whether a checkpoint's meta.json reads and its state.npz has the size and SHA-256 recorded
+    there (each file version hashed once per process)."""
+    key = file_version(path)
+    if key not in WHOLE:
         try:
-            fitted = (trial, compile_step(params, opt, mesh, trial), compile_eval(params, opt, mesh, trial))
-            hi = i - 1
-            if c.grad_accum:
-                break
-        except (TooBig, jax.errors.JaxRuntimeError) as e:
-            if not out_of_memory(e):
-                raise
-            problem, lo = str(e).splitlines()[0][:300], i + 1
-            if c.grad_accum and lo <= hi:
-                say(f'the train step does not fit in memory with microbatches of {c.batch_size // choices[i]} '
-                    f'sequences: using --grad_accum={choices[lo]}')
-    if fitted is None:
-        raise UserError(f'{problem}; use more chips (FSDP splits params and optimizer state), or a smaller '
-                        '--batch_size or model')
-    if not c.grad_accum:
-        say(f'microbatches of {fitted[0].batch_size // fitted[0].grad_accum} sequences (--grad_accum='
-            f'{fitted[0].grad_accum}): the fewest that fit {size(device_memory(c))} per device, of at most '
-            f'{MAX_MICROBATCH_TOKENS:,} tokens each')
-    return fitted
+            meta = read_checkpoint_meta(path)
+            npz = checkpoint_files(path)[1]
+            WHOLE[key] = os.path.getsize(npz) == meta['state_bytes'] and file_sha256(npz) == meta['state_sha256']
+        except (UserError, OSError):
+            WHOLE[key] = False
+    return WHOLE[key]
 
 
-def buffer_note(m):
-    """XLA's buffer sizes for a compiled step (its memory_analysis()), in words."""
-    return 'XLA buffer sizes unknown' if m is None else \
-        f'XLA buffers per device {size(m.temp_size_in_bytes)} temporary + {size(m.argument_size_in_bytes)} arguments'
+def checkpoint_files(path):
+    """meta.json and state.npz of a checkpoint directory, refusing symlinks anywhere in it: a
+    checkpoint is read only from the directory it appears to be in."""
+    files = [os.path.join(path, 'meta.json'), os.path.join(path, 'state.npz')]
+    for p in [path] + files:
+        if os.path.islink(p):
+            raise UserError(f'{p} is a symbolic link; refusing to load checkpoints through links')
+    return files
 
 
-def summary_line(steps, r, price_note):
-    s = f"done: {steps:,} steps, {r['tokens']:,} tokens in {duration(r['elapsed'])}"
-    s += f" | MFU {r['mfu']:.1%}" if r['mfu'] is not None else ' | MFU n/a'
-    s += f" | {dollars(r['cost'])} ({price_note})" if r['cost'] is not None else f' | cost unknown ({price_note})'
-    return s + (f" | val loss {r['val_loss']:.4f}" if r['val_loss'] is not None else '')
+CHECKPOINT_META = {  # field: (test, what it must be, required); prepare.field_problem checks them
+    'step': (integer(), 'a step number', True),
+    'config': (lambda v: type(v) is dict, 'the settings', True),  # and each of its field's type: config_problem
+    'state_bytes': (integer(), 'a size in bytes', True),
+    'state_sha256': (lambda v: text(v) and re.fullmatch('[0-9a-f]{64}', v) is not None, 'a SHA-256', True),
+    'elapsed': (number(), 'seconds', False),
+    'tokenizer': (optional(text), 'a tokenizer name', False),
+    'eot_id': (optional(integer()), 'a token id', False),
+}
 
 
-def evaluate(eval_fn, params, vals, meta, step):
-    """Validation loss over the fixed val batches (and bits per byte when meta.json says how
-    many bytes a token is): printed, and returned as log fields."""
-    val_loss = as_floats(eval_fn(params, vals))
-    record = {'step': step, 'val_loss': val_loss}
-    line = f'step {step:6d} | val loss {val_loss:.4f}'
-    if meta.get('bytes_per_token'):
-        record['val_bpb'] = val_loss / math.log(2) / meta['bytes_per_token']
-        line += f" | val bits/byte {record['val_bpb']:.4f}"
-    say(line)
-    return record
+def config_problem(saved):
+    """The first saved setting whose value is not of its Config field's type, in words, or None.
+    Settings this version does not know are ignored."""
+    types = {f.name: f.type for f in dataclasses.fields(Config)}
+    for name, value in saved.items():
+        kind = types.get(name)
+        if kind and not (type(value) is kind or kind is float and type(value) is int):
+            return f'its --{name} is {json.dumps(value)[:40]}, expected {"an" if kind is int else "a"} {kind.__name__}'
+    return None
 
 
-def task_scores(params, run, step):
-    """--hellaswag_every: the task's scores at its steps and the last, printed, and returned as log
-    fields ({} at other steps). Each pass scores at most a training microbatch's tokens per
-    device: that much fits beside the optimizer state."""
-    c = run.c
-    if not run.task or (step % c.hellaswag_every and step != c.steps):
-        return {}
-    examples, enc = run.task
-    micro_tokens = c.batch_size // c.grad_accum // run.mesh.size * c.seq_len
-    r = score_task(params, examples, enc, c, run.mesh, min(TASK_TOKENS, max(micro_tokens, 1)), c.task)
-    say(f"step {step:6d} | {c.task} acc {r['acc']:.4f} | acc_norm {r['acc_norm']:.4f} ({r['examples']:,} examples)")
-    return {f'{c.task}_acc': r['acc'], f'{c.task}_acc_norm': r['acc_norm']}
+def read_checkpoint_meta(path):
+    meta_path, _ = checkpoint_files(path)
+    meta, problem = read_json(meta_path, CHECKPOINT_META)
+    problem = problem or config_problem(meta['config'])
+    if problem:
+        raise CorruptCheckpoint(f'{meta_path}: not a tinytpu checkpoint ({problem})')
+    return meta
+
+
+def check_compatible(meta, c, path, tokenizer=None):
+    """The checkpoint's weights must be the model this config builds, trained on tokens of this
+    data's tokenizer (when both say which)."""
+    saved = meta['config']
+    if tokenizer and meta.get('tokenizer') and tokenizer != meta['tokenizer']:
+        raise UserError(f'{path} was trained on {meta["tokenizer"]} tokens, but --data={c.data} holds {tokenizer} '
+                        f'tokens; use data prepared with --tokenizer={meta["tokenizer"]}, or a new --out')
+    for name in MODEL_FIELDS:
+        if saved.get(name) != getattr(c, name):
+            raise UserError(f'{path} was trained with --{name}={saved.get(name)}, but this run has '
+                            f'--{name}={getattr(c, name)}; use the same setting or a new --out')
+
+
+def restore(c, template, tokenizer=None):
+    """The newest loadable checkpoint in c.out as (state, path, meta), or (template, None, {}) if
+    there is none. A damaged one (bad checksum, truncated) is skipped with a warning. One that
+    vanishes while being read (a training run beside us deleting its oldest) means: look again."""
+    for attempt in range(5):
+        checkpoints, problems = list_checkpoints(c.out), []
+        for _, path in reversed(checkpoints):
+            try:
+                meta = read_checkpoint_meta(path)
+                check_compatible(meta, c, path, tokenizer)
+                state = load_checkpoint(path, template)
+            except CorruptCheckpoint as e:
+                if not os.path.isdir(path):
+                    break  # deleted under us: list again
+                problems.append(str(e))
+                continue
+            for problem in problems:
+                say(f'warning: {problem}; using the previous checkpoint', file=sys.stderr)
+            return state, path, meta
+        else:
+            break
+    if checkpoints:
+        raise UserError(f'{problems[0] if problems else "checkpoints kept vanishing"}; and no older checkpoint in '
+                        f'--out={c.out} loads: move them away to start over, or use a new --out')
+    return template, None, {}
+
+
+def load_model(c, explicit):
+    """The newest checkpoint in c.out, for using the model (sample, eval): -> (config, its params in
+    host memory, its meta.json, the tokenizer). The model's settings come from the checkpoint,
+    the others from the flags (`explicit`: those given on the command line)."""
+    checkpoints = list_checkpoints(c.out)
+    if not checkpoints:
+        raise UserError(f'--out={c.out}: no checkpoint found; train first: python tinytpu.py --out={c.out}')
+    config = {}
+    for _, path in reversed(checkpoints):  # the model shape, from the newest readable meta.json
+        try:
+            config = read_checkpoint_meta(path)['config']
+            break
+        except CorruptCheckpoint:
+            pass  # restore() below falls back past it with a warning, or explains
+    fields = {f.name for f in dataclasses.fields(Config)} - set(USE_FIELDS)
+    saved = {k: v for k, v in config.items() if k in fields and k not in explicit}
+    c = dataclasses.replace(c, **saved)
+    c = validate(dataclasses.replace(c, seq_len=min(c.seq_len, c.context)))  # --context may shrink for sampling
+    state, path, meta = restore(c, {'params': jax.eval_shape(lambda: init_params(c, jax.random.key(0)))})
+    if not meta.get('tokenizer'):
+        raise UserError(f'{path}: the training data had no meta.json naming a tokenizer')
+    return c, state['params'], meta, get_encoding(meta['tokenizer'])
+
+
+def vocab_from_shards(c, windows):
+    """No meta.json says what the tokens are: uint16 shards (llm.c's and modded-nanogpt's) are
+    taken as GPT-2's, said in a line; uint32 ones could be any large vocabulary."""
+    if windows.shards[0].dtype.itemsize == 2:
+        say(f'--data={c.data}: no meta.json naming the tokenizer; 16-bit shards are taken as GPT-2 tokens '
+            '(vocabulary 50,257); write a meta.json with "tokenizer" and "vocab_size" to say otherwise')
+        return {'tokenizer': 'gpt2', 'vocab_size': 50257, 'eot_id': 50256}
+    raise UserError(f'--data={c.data}: 32-bit token shards and no meta.json saying their vocabulary; write '
+                    f'{os.path.join(c.data, "meta.json")} as {{"tokenizer": "cl100k_base", "vocab_size": 100277}} '
+                    '(your tokenizer and size)')
+
+
+# ----------------------------------------------------------------------------------------------
+# Hardware: what a chip can do and what an hour of it costs, for MFU (model FLOPs utilization =
+# achieved model FLOP/s over peak) and for dollars in the log. Matched against
+# jax.devices()[0].device_kind, first match wins. Prices are on-demand list prices per chip-hour
+# and change over time and by region: pass --price_per_hour to use what you actually pay.
+
+@dataclass(frozen=True)
+class Chip:
+    name: str        # what --hardware= calls it
+    kind: str        # substring of jax's device_kind
+    peak: float      # dense bf16 FLOP/s per chip
+    price: float     # on-demand dollars per chip-hour (0 = no list price known)
+    memory: float    # bytes of HBM per chip
+    clock: float = 0.0  # TPUs: Hz, to turn the compiler's cycle estimates into seconds
+    ici: float = 0.0    # TPUs: bytes/s one chip sends over its inter-chip links
+
+
+GiB = 2 ** 30
+
+
+CHIPS = [
+    # peak and memory: cloud.google.com/tpu/docs/{v6e,v5e,v5p,v4}; price: cloud.google.com/tpu/pricing
+    # (on-demand, per chip-hour; v6e us-east1, v5e us-west4, v5p us-east5, v4 us-central2; v6e's
+    # $2.70 is also the price in Google's Trillium GA announcement, December 2024)
+    # ici: the same pages' "interchip interconnect bandwidth" (Gbps / 8). clock = peak / FLOPs per
+    # cycle of the matrix units (4 MXUs per core, 256x256 on v6e and 128x128 before, 2 cores on v5p
+    # and v4, 2 FLOPs per multiply-add): v6e 918e12 / (4 * 256^2 * 2) = 1.75 GHz. libtpu's cost
+    # model agrees: it estimates a 4096^3 bf16 matmul at 87-97% of these FLOPs per cycle.
+    Chip('v6e', 'TPU v6', 918e12, 2.70, 32 * GiB, clock=918e12 / (4 * 256**2 * 2), ici=3584e9 / 8),
+    Chip('v5e', 'TPU v5 lite', 197e12, 1.20, 16 * GiB, clock=197e12 / (4 * 128**2 * 2), ici=1600e9 / 8),
+    Chip('v5p', 'TPU v5', 459e12, 4.20, 95 * GiB, clock=459e12 / (2 * 4 * 128**2 * 2), ici=4800e9 / 8),
+    Chip('v4', 'TPU v4', 275e12, 3.22, 32 * GiB, clock=275e12 / (2 * 4 * 128**2 * 2), ici=2400e9 / 8),
+    # peak and memory: NVIDIA's H100, H200 and A100 datasheets (dense, without sparsity);
+    # price: runpod.io/pricing (Secure Cloud on-demand, per GPU-hour; SXM parts). No list price
+    # is kept for the H100 PCIe: pass --price_per_hour.
+    Chip('h100-pcie', 'H100 PCIe', 756e12, 0.0, 80 * GiB),
+    Chip('h100', 'H100', 989e12, 2.69, 80 * GiB),
+    Chip('h200', 'H200', 989e12, 3.59, 141 * GiB),
+    Chip('a100', 'A100', 312e12, 1.49, 80 * GiB),  # the 80 GB part (a 40 GB one exists too)
+]
+
+
+def this_chip(kind=None):
+    """The CHIPS entry for a device_kind (default: the devices JAX sees), or None for CPU or a
+    chip not in the table."""
+    kind = kind or jax.devices()[0].device_kind
+    return next((chip for chip in CHIPS if chip.kind in kind), None)
+
+
+def chip_named(name):
+    """The CHIPS entry called `name` (as in --hardware=v6e), or None."""
+    return next((chip for chip in CHIPS if chip.name == name.lower()), None)
+
+
+def chip_count(mesh):
+    """Chips a run pays for: the mesh's devices, or on CPU the machines (a CPU's virtual devices
+    share its cores)."""
+    return jax.process_count() if jax.default_backend() == 'cpu' else mesh.size
+
+
+def hardware_peak(c, n_devices=1):
+    """Peak FLOP/s of n_devices chips (--peak_flops, else the table), or None if unknown. On CPU:
+    measured with a large fp32 matmul, which already uses every core (however many virtual
+    devices share them)."""
+    if c.peak_flops:
+        return c.peak_flops * n_devices
+    chip = this_chip()
+    if chip:
+        return chip.peak * n_devices
+    if jax.default_backend() != 'cpu':
+        return None
+    n = 1024
+    a = jnp.ones((n, n), jnp.float32)
+    mm = jax.jit(lambda a: a @ a)
+    mm(a).block_until_ready()
+    times = []
+    for _ in range(40):  # ~0.3 s; the fastest run, as a shared VM's other tenants slow some down
+        t = time.perf_counter()
+        mm(a).block_until_ready()
+        times.append(time.perf_counter() - t)
+    return 2 * n ** 3 / min(times)
+
+
+def hourly_price(c, mesh):
+    """(dollars per hour for the whole run, where the number comes from), or (None, why not)."""
+    chips, chip = chip_count(mesh), this_chip()
+    unit = 'machine' if jax.default_backend() == 'cpu' else 'chip'
+    if c.price_per_hour:
+        return c.price_per_hour * chips, f'{chips} {unit}(s) x ${c.price_per_hour:g}/{unit}-hour (--price_per_hour)'
+    if chip and chip.price:
+        return chip.price * chips, f'{chips} chips x ${chip.price:g}/chip-hour ({chip.name} on-demand list price)'
+    return None, 'no price for this hardware; pass --price_per_hour to see dollars'
+
+
+def dollars(x):
+    return f'${x:,.2f}' if x >= 1 else f'${x:.2g}'
+
+
+def size(n):
+    return f'{n / 2**30:,.2f} GiB' if n >= 2**30 else f'{n / 2**20:,.1f} MiB'
 
 
 # ----------------------------------------------------------------------------------------------
 # Benchmark: the real train step on synthetic tokens, timed step by step after compilation.
-
 
 def peak_memory():
     """Peak bytes on device 0 (TPU/GPU), or the process's peak RSS on CPU."""
@@ -2056,8 +2233,12 @@ def record_bench(c, r):
 # These are estimates, never measurements: README "TPU estimates" compares one with a real run.
 
 KERNEL_EFFICIENCY = 0.5  # an assumption: flash kernels reach roughly half of peak; see the README
+
+
 DTYPE_BYTES = {'pred': 1, 's8': 1, 'u8': 1, 'bf16': 2, 'f16': 2, 's16': 2, 'u16': 2, 'f32': 4, 's32': 4,
                'u32': 4, 'f64': 8, 's64': 8, 'u64': 8}
+
+
 COLLECTIVES = {'all-gather': 1, 'reduce-scatter': 1, 'all-to-all': 1, 'all-reduce': 2,
                'collective-permute': 1}  # op: times its data crosses a chip's links (ring algorithm)
 
@@ -2215,6 +2396,8 @@ def bench_topology(c):
 # ladder of shapes that can see 20 tokens per parameter within the budget.
 
 TOKENS_PER_PARAM = 20
+
+
 DEFAULT_MFU = 0.4  # between nanoGPT's ~37% (A100) and the 46.5% of a JAX 130M model on a v6e
 
 
@@ -2329,114 +2512,6 @@ def plan(c):
     command = 'python tinytpu.py ' + ' '.join(f'--{k}={v}' for k, v in flags.items())
     say(f'to run it (after python prepare.py {os.path.basename(c.data)}):\n  {command}')
     return p | {'command': command}
-
-
-# ----------------------------------------------------------------------------------------------
-# Sampling: prefill the prompt in one pass (filling a KV cache), then decode one token at a time,
-# each step attending over the cache instead of recomputing the prefix.
-
-
-@partial(jax.jit, static_argnames='c')
-def prefill(params, tokens, cache, c):
-    logits, cache = forward(params, tokens, c, cache, 0)
-    return logits[:, -1], cache
-
-
-@partial(jax.jit, static_argnames='c', donate_argnums=2)
-def decode_step(params, token, cache, pos, c):
-    logits, cache = forward(params, token[:, None], c, cache, pos)
-    return logits[:, -1], cache
-
-
-def sample_token(logits, key, c):
-    """logits (B, V) fp32 -> token ids (B,), with temperature, top-k and top-p (nucleus)."""
-    if c.temperature == 0:
-        return jnp.argmax(logits, -1)
-    logits = (logits - logits.max(-1, keepdims=True)) / c.temperature  # max first: no inf at tiny temperatures
-    if c.top_k:
-        kth = jax.lax.top_k(logits, min(c.top_k, logits.shape[-1]))[0][:, -1:]  # top_k > vocab: all
-        logits = jnp.where(logits < kth, -jnp.inf, logits)
-    if c.top_p < 1:
-        sorted_logits = jnp.sort(logits, -1)[:, ::-1]
-        cum = jnp.cumsum(jax.nn.softmax(sorted_logits, -1), -1)
-        # keep the smallest prefix whose probability reaches top_p: the cutoff is the first
-        # sorted logit at which the cumulative probability crosses it
-        cutoff = jnp.take_along_axis(sorted_logits, jnp.sum(cum < c.top_p, -1, keepdims=True), -1)
-        logits = jnp.where(logits < cutoff, -jnp.inf, logits)
-    return jax.random.categorical(key, logits)
-
-
-def generate(params, prompt_ids, c, eot_id=None):
-    """Yield new token ids one at a time (batch of one), stopping at eot_id. The model sees a
-    window of at most `context` tokens: the prompt's last ones at first, then each new token is
-    added to the cache. When the cache is full and one more token comes, the window slides: its
-    last context/2 tokens are prefilled again (like nanoGPT's cropping, but recomputing only once
-    every context/2 tokens)."""
-    tokens = list(prompt_ids)
-    key = jax.random.key(c.seed)
-    window = tokens[-c.context:]
-    logits, cache = prefill(params, jnp.asarray([window], jnp.int32), init_cache(c, 1), c)
-    pos = len(window)  # tokens in the cache
-    for _ in range(c.max_new_tokens):
-        key, sub = jax.random.split(key)
-        token = sample_token(logits, sub, c)
-        if int(token[0]) == eot_id:
-            return
-        tokens.append(int(token[0]))
-        yield tokens[-1]
-        if pos < c.context:
-            logits, cache = decode_step(params, token, cache, pos, c)
-            pos += 1
-        else:  # full: slide the window to the last context/2 tokens, this new one included
-            window = tokens[-(c.context // 2):]
-            logits, cache = prefill(params, jnp.asarray([window], jnp.int32), init_cache(c, 1), c)
-            pos = len(window)
-
-
-def load_model(c, explicit):
-    """The newest checkpoint in c.out, for using the model (sample, eval): -> (config, its params in
-    host memory, its meta.json, the tokenizer). The model's settings come from the checkpoint,
-    the others from the flags (`explicit`: those given on the command line)."""
-    checkpoints = list_checkpoints(c.out)
-    if not checkpoints:
-        raise UserError(f'--out={c.out}: no checkpoint found; train first: python tinytpu.py --out={c.out}')
-    config = {}
-    for _, path in reversed(checkpoints):  # the model shape, from the newest readable meta.json
-        try:
-            config = read_checkpoint_meta(path)['config']
-            break
-        except CorruptCheckpoint:
-            pass  # restore() below falls back past it with a warning, or explains
-    fields = {f.name for f in dataclasses.fields(Config)} - set(USE_FIELDS)
-    saved = {k: v for k, v in config.items() if k in fields and k not in explicit}
-    c = dataclasses.replace(c, **saved)
-    c = validate(dataclasses.replace(c, seq_len=min(c.seq_len, c.context)))  # --context may shrink for sampling
-    state, path, meta = restore(c, {'params': jax.eval_shape(lambda: init_params(c, jax.random.key(0)))})
-    if not meta.get('tokenizer'):
-        raise UserError(f'{path}: the training data had no meta.json naming a tokenizer')
-    return c, state['params'], meta, get_encoding(meta['tokenizer'])
-
-
-def sample(c, explicit):
-    """Load the newest checkpoint in c.out and print a continuation of c.prompt."""
-    c, params, meta, enc = load_model(c, explicit)
-    params = jax.device_put(params)
-    prompt_ids = enc.encode(c.prompt, allowed_special='all')
-    if not prompt_ids:
-        raise UserError('--prompt is empty; give some text to continue')
-    print(c.prompt, end='', flush=True)
-    pending = []  # a character can span several tokens: print only what decodes cleanly
-    for token in generate(params, prompt_ids, c, meta.get('eot_id')):
-        pending.append(token)
-        text = enc.decode_bytes(pending)
-        try:
-            print(text.decode('utf-8'), end='', flush=True)
-            pending = []
-        except UnicodeDecodeError:
-            if len(pending) > 8:
-                print(text.decode('utf-8', errors='replace'), end='', flush=True)
-                pending = []
-    print()
 
 
 # ----------------------------------------------------------------------------------------------
@@ -2558,10 +2633,23 @@ def evaluate_task(c, explicit):
     say(json.dumps({'task': c.task, **r, 'step': step}))
 
 
+def task_scores(params, run, step):
+    """--hellaswag_every: the task's scores at its steps and the last, printed, and returned as log
+    fields ({} at other steps). Each pass scores at most a training microbatch's tokens per
+    device: that much fits beside the optimizer state."""
+    c = run.c
+    if not run.task or (step % c.hellaswag_every and step != c.steps):
+        return {}
+    examples, enc = run.task
+    micro_tokens = c.batch_size // c.grad_accum // run.mesh.size * c.seq_len
+    r = score_task(params, examples, enc, c, run.mesh, min(TASK_TOKENS, max(micro_tokens, 1)), c.task)
+    say(f"step {step:6d} | {c.task} acc {r['acc']:.4f} | acc_norm {r['acc_norm']:.4f} ({r['examples']:,} examples)")
+    return {f'{c.task}_acc': r['acc'], f'{c.task}_acc_norm': r['acc_norm']}
+
+
 # ----------------------------------------------------------------------------------------------
 # Loss curves: python tinytpu.py plot --out=A[,B,...] draws each run's log.jsonl (train and val
 # loss, and bits per byte and the task score where logged) against tokens seen, on a log scale.
-
 
 def read_log(out):
     """A run's log.jsonl as its training and evaluation records, each with its tokens seen."""
@@ -2824,7 +2912,6 @@ def model_card(c, meta):
 # ----------------------------------------------------------------------------------------------
 # Command line: python tinytpu.py [train|sample|eval|plot|export|bench|plan] [--name=value ...]
 
-
 COMMANDS = ('train', 'sample', 'eval', 'plot', 'export', 'bench', 'plan')
 
 
@@ -2834,65 +2921,6 @@ def usage():
     for f in dataclasses.fields(Config):
         lines.append(f'  --{f.name}={f.default!r:<24} {f.metadata["help"]}')
     return '\n'.join(lines)
-
-
-def use_cpu_devices(n):
-    """Ask for n virtual CPU devices; possible only before JAX has initialized its backends."""
-    try:
-        jax.config.update('jax_num_cpu_devices', n)
-    except RuntimeError:  # already initialized (e.g. called twice in one process): keep as is
-        pass
-
-
-def init_distributed(flags):
-    """Join the other hosts (before JAX touches a device). On a TPU pod slice, --distributed lets
-    JAX find them itself; elsewhere --coordinator, --num_processes and --process_id say. What JAX
-    would only report by aborting the process (a bad address, a port in use, no coordinator
-    after --coordinator_timeout) is checked here first, and said in one line."""
-    if not (flags.get('distributed') or flags.get('coordinator')):
-        return
-    if not flags.get('coordinator'):
-        jax.distributed.initialize()
-        return
-    address, n = flags['coordinator'], flags.get('num_processes', 1)
-    i, timeout = flags.get('process_id', 0), flags.get('coordinator_timeout', Config.coordinator_timeout)
-    host, _, port = address.rpartition(':')
-    if not host or not port.isdigit() or not 0 < int(port) < 65536:
-        raise UserError(f'--coordinator={address}: expected HOST:PORT, like 10.0.0.2:1234')
-    if not (n >= 1 and 0 <= i < n and timeout >= 1):
-        raise UserError('--num_processes must be >= 1, --process_id in 0 .. num_processes - 1, '
-                        '--coordinator_timeout >= 1')
-    try:
-        socket.getaddrinfo(host.strip('[]'), int(port), type=socket.SOCK_STREAM)
-    except OSError as e:
-        raise UserError(f'--coordinator={address}: cannot resolve {host} ({e.strerror or e})')
-    if i == 0:  # the coordinator runs here: its port must be free
-        with socket.socket(socket.AF_INET6 if ':' in host.strip('[]') else socket.AF_INET) as probe:
-            try:
-                probe.bind(('', int(port)))
-            except OSError as e:
-                raise UserError(f'--coordinator={address}: cannot listen on port {port} ({e.strerror}); '
-                                'choose a free port for every process')
-        print(f'coordinator at {address}: waiting up to {timeout}s for {n - 1} more process(es) to join')
-    else:
-        wait_for_coordinator(host.strip('[]'), int(port), address, timeout)
-    jax.config.update('jax_cpu_collectives_implementation', 'gloo')  # CPU hosts talk over TCP
-    jax.distributed.initialize(address, n, i, initialization_timeout=timeout)
-
-
-def wait_for_coordinator(host, port, address, timeout):
-    """Return once something listens at host:port, or fail in one line after `timeout` seconds."""
-    deadline = time.time() + timeout
-    while True:
-        try:
-            socket.create_connection((host, port), timeout=2).close()
-            return
-        except OSError:
-            if time.time() > deadline:
-                raise UserError(f'--coordinator={address}: nothing listening there after {timeout}s; start '
-                                'process 0 (it runs the coordinator), check the address, port and firewall, '
-                                'or wait longer with --coordinator_timeout')
-            time.sleep(0.5)
 
 
 def main(argv):
@@ -2954,7 +2982,6 @@ def main(argv):
               'model; the last checkpoint in --out is intact', file=sys.stderr)
         return 2
     return 0
-
 
 
 if __name__ == '__main__':
