@@ -1,9 +1,12 @@
 """tinytpu: train a small GPT from scratch with pure JAX, on a TPU, a GPU or a laptop CPU.
 
-One file, read top to bottom: config -> model -> loss -> optimizer -> data -> checkpoints ->
-devices -> train step -> hardware -> train loop -> benchmark -> TPU estimates -> plan -> sampling
--> evaluation -> loss plots -> export to Hugging Face -> command line.
-Commands to try, and three to size a run on a TPU or GPU:
+The file has two parts. Part I is the GPT: config -> model -> loss -> AdamW -> train step ->
+data -> checkpoints -> the training loop -> sampling; read it top to bottom to see how
+pretraining works in JAX. Part II runs it for real: settings and flags, attention kernels,
+devices (FSDP, several hosts), memory, the run's clock and guard, checkpoints that survive
+failures, hardware and cost, bench, TPU estimates, plan, evaluation tasks, plots, export, and
+the command line. To follow one step, read train, then train_step, batch_grads, loss_fn,
+forward, block, attention and adamw_update.
 
     python prepare.py shakespeare --tokenizer=byte       # 1.1 MB of Shakespeare as byte tokens
     python tinytpu.py --preset=cpu                       # train a 0.8M-parameter model (~75 s)
@@ -21,6 +24,7 @@ Dimension names used in einsum strings and comments (as in picodo):
     K key/value heads, J = N + 2K (query, key and value heads together), H head dim,
     F MLP hidden, V padded vocabulary, L layers.
 """
+
 import contextlib
 import dataclasses
 import fcntl
@@ -40,22 +44,26 @@ import threading
 import time
 from dataclasses import dataclass, field
 from functools import partial
+
 import jax
 import jax.numpy as jnp
 import numpy as np
 from jax.sharding import Mesh, NamedSharding, PartitionSpec as P
+
 from prepare import (DATA_META, HEADER_BYTES, PrepareError, file_error, file_sha256, flag_value,  # the companion
                      get_encoding, integer, number, optional, read_json, read_task, shard_header, text)  # script
+
 # ==============================================================================================
 # Part I: the GPT. The model, its loss, AdamW, the train step, the data, checkpoints, the
-# training loop and sampling, in the order a step needs them. Whatever concerns running it on
-# real hardware (several chips and hosts, fitting memory, surviving failures, costs, the tools
-# around training) is Part II's, reached by one named call where it is needed.
+# training loop and sampling, in the order a step needs them. What concerns running it on real
+# hardware (several chips and hosts, fitting memory, surviving failures, costs, the tools around
+# training) is Part II's, reached by one named call where it is needed.
 # ==============================================================================================
 
 # ----------------------------------------------------------------------------------------------
 # Config: the settings of the model and its training, one frozen dataclass (a static argument of
 # the jit-compiled functions). Part II's Config adds those of running it.
+
 
 def _f(default, help):
     return field(default=default, metadata={'help': help})
@@ -154,6 +162,7 @@ def compute_dtype(c):
 #   - ReLU^2 MLP (Primer, modded-nanogpt) or SwiGLU (Llama): both beat GELU at equal FLOPs.
 #   - Logit soft-cap (Gemma 2): tanh keeps logits in +-cap, avoiding loss spikes.
 #   - Tied embeddings (GPT-2): for small models the embedding is a large share of params.
+
 
 def param_specs(c):
     """Every weight as (shape, init std, FSDP axis): GPT-2's Normal(0, 0.02), residual-output
@@ -344,24 +353,9 @@ def param_count(c):
     return count_params(jax.eval_shape(lambda: init_params(c, jax.random.key(0))))
 
 
-def matmul_params(c):
-    """Weights that take part in matmuls: every block's, plus the output projection (the input
-    embedding is a lookup). The P of 6P, and of tokens-per-parameter rules."""
-    L, D, N, K, H, F = c.n_layer, c.d_model, c.n_head, c.n_kv_head, head_dim(c), ff_dim(c)
-    per_layer = D * N * H * 2 + D * K * H * 2 + D * F * (3 if c.mlp == 'swiglu' else 2)
-    return L * per_layer + D * padded_vocab(c)
-
-
-def flops_per_token(c):
-    """Training FLOPs per token, PaLM appendix B: 6P + 12*L*N*H*T, with P = matmul_params(c), L
-    layers, N query heads of width H, T = seq_len. The attention term counts the full T x T
-    score matrix: causal masking is NOT halved,
-    matching PaLM and nanoGPT, so MFUs compare with theirs."""
-    return 6 * matmul_params(c) + 12 * c.n_layer * c.n_head * head_dim(c) * c.seq_len
-
-
 # ----------------------------------------------------------------------------------------------
 # Loss: mean next-token cross-entropy in fp32, in nats per token.
+
 
 def loss_fn(params, batch, c, gather=None):
     """batch (B, T+1) int32: inputs are batch[:, :-1], targets batch[:, 1:]."""
@@ -376,6 +370,7 @@ def loss_fn(params, batch, c, gather=None):
 # same jaxpr); what would be slow is calling a jitted function once per leaf. Semantics match
 # optax.chain(clip_by_global_norm, adamw): bias-corrected moments and decoupled weight decay
 # lr * wd * p, on every weight: all of this model's are matrices (its RMSNorms have no gain).
+
 
 def lr_schedule(step, c):
     """LR for update number `step` (0-based): 1) linear warmup from 0 to lr over warmup_steps,
@@ -425,10 +420,11 @@ def adamw_update(params, grads, opt, lr, c):
 # place, no second copy): the gradient of a batch (batch_grads), then an AdamW update. On several
 # devices on_devices (Part II) runs it on each device's rows of the batch and combines them.
 
+
 @partial(jax.jit, static_argnames='c', donate_argnums=(0, 1))
 def train_step(params, opt, batch, c):
     """batch (grad_accum, micro_batch, seq_len + 1) -> new params, new opt state, stats."""
-    loss, grads = on_devices(device_grads, params, batch, c, grads=True)
+    loss, grads = on_devices(device_grads, params, batch, c, grads=True)  # batch_grads on every device
     lr = lr_schedule(opt['step'], c)
     params, opt, grad_norm = adamw_update(params, grads, opt, lr, c)
     return params, opt, {'loss': loss, 'grad_norm': grad_norm, 'lr': lr}
@@ -462,6 +458,7 @@ def fresh_state(c):
 # int32, then the tokens), so their FineWeb shards load as is. Batch k is a pure function of
 # (seed, k): a resumed run sees exactly the batches of an uninterrupted one, with nothing to save
 # but the step.
+
 
 def open_shard(path):
     """Memory-map a token shard (never read whole), its header checked against its size."""
@@ -571,6 +568,7 @@ def prefetch(make, start, depth=2):
 # temporary directory and renamed into place, so a crash mid-write leaves the last one intact.
 # No pickle: arrays load with allow_pickle=False and metadata is JSON.
 
+
 def flatten(tree, prefix=''):
     """{'a': {'b': x}} -> {'a/b': x}"""
     out = {}
@@ -595,9 +593,9 @@ def list_checkpoints(out):
 
 
 def save_checkpoint(out, state, c, meta_extra):
-    """Write state = {'params', 'opt'} atomically as OUT/ckpt_<step>, keep the newest keep_ckpts
-    whole ones. A checkpoint already at this step is one this run could not load (damaged: a
-    whole one would have been resumed from): the new one replaces it."""
+    """Write state = {'params', 'opt'} as OUT/ckpt_<step>, then keep the newest keep_ckpts. A
+    checkpoint already at this step is one this run could not load (damaged: a whole one would
+    have been resumed from): the new one replaces it."""
     step = int(state['opt']['step'])
     final = os.path.join(out, f'ckpt_{step:08d}')
     tmp = os.path.join(out, f'.tmp_ckpt_{step:08d}_{os.getpid()}')
@@ -621,11 +619,7 @@ def save_checkpoint(out, state, c, meta_extra):
         shutil.rmtree(tmp, ignore_errors=True)
         raise UserError(f'{out}: could not write the step-{step} checkpoint ({e.strerror or e}); '
                         'the previous checkpoint is intact; free some space and resume')
-    WHOLE[file_version(final)] = True  # just written and hashed: no need to read it back
-    whole = [s for s, path in reversed(list_checkpoints(out)) if checkpoint_is_whole(path)][:c.keep_ckpts]
-    for s, old in list_checkpoints(out):
-        if s < whole[-1]:  # older than the oldest one kept (damaged ones too)
-            discard(old)
+    keep_newest(out, final, c.keep_ckpts)
     return final
 
 
@@ -651,6 +645,7 @@ def load_checkpoint(path, template):
 # Training loop: start (Part II's start_run: data, devices, state, compiled steps), then step by
 # step: a batch, a step, a log line, an evaluation, a checkpoint. The clock (Meter) and the
 # guard against signals and divergence (Guard) are Part II's.
+
 
 def train(c):
     """Pretrain: take a batch, take a step, log, evaluate, checkpoint; until step c.steps."""
@@ -713,6 +708,7 @@ def save(c, state, meta, elapsed):
 # ----------------------------------------------------------------------------------------------
 # Sampling: prefill the prompt in one pass (filling a KV cache), then decode one token at a time,
 # each step attending over the cache instead of recomputing the prefix.
+
 
 @partial(jax.jit, static_argnames='c')
 def prefill(params, tokens, cache, c):
@@ -800,6 +796,7 @@ def sample(c, explicit):
 # ----------------------------------------------------------------------------------------------
 # Settings: Config adds to GPTConfig the settings of running it. `--name=value` overrides a
 # field, a preset sets a group of fields, and explicit flags win over the preset.
+
 
 @dataclass(frozen=True)
 class Config(GPTConfig):
@@ -1091,6 +1088,7 @@ def pick_attention(c, device=None):
 # trains on several. choose_fsdp picks by memory. On CPU the
 # mesh pays off too: XLA threads small matmuls poorly, and splitting the batch over one virtual
 # device per core (--cpu_devices) ran the quickstart 1.4x faster on 2 cores.
+
 
 @functools.cache
 def topology_devices(name):
@@ -1437,6 +1435,7 @@ def wait_for_coordinator(host, port, address, timeout):
 # Memory: what must fit before anything is allocated (check_memory), and the compiled steps
 # checked against the device, in the fewest microbatches that fit (compile_fitting_step).
 
+
 def host_memory():
     """Bytes of RAM in this machine, or None where the OS does not say."""
     try:
@@ -1575,6 +1574,7 @@ def buffer_note(m):
 # A training run: what it starts from (Run, start_run: one run per --out, the log cut back to the
 # checkpoint it resumes), its clock (Meter: time, tokens/s, MFU, dollars) and its guard (signals
 # stop it with a checkpoint; so does divergence, before anything garbage is written).
+
 
 @dataclass
 class Run:
@@ -1885,6 +1885,17 @@ def check_finite(stats, step, c):
 # state.npz's size and SHA-256) before it is used or counted as kept; a damaged one is skipped
 # for the one before it; one deleted while a reader lists them is looked for again.
 
+
+def keep_newest(out, written, keep):
+    """After a save: keep the newest `keep` whole checkpoints in out, delete the older ones (and
+    damaged ones among them)."""
+    WHOLE[file_version(written)] = True  # just written and hashed: no need to read it back
+    whole = [s for s, path in reversed(list_checkpoints(out)) if checkpoint_is_whole(path)][:keep]
+    for s, old in list_checkpoints(out):
+        if s < whole[-1]:  # older than the oldest one kept
+            discard(old)
+
+
 def discard(path):
     """Delete a checkpoint directory, first renaming it out of the listing in one atomic step:
     a reader (sample, while training saves) finds it whole or not at all, never half-deleted."""
@@ -2042,6 +2053,7 @@ def vocab_from_shards(c, windows):
 # jax.devices()[0].device_kind, first match wins. Prices are on-demand list prices per chip-hour
 # and change over time and by region: pass --price_per_hour to use what you actually pay.
 
+
 @dataclass(frozen=True)
 class Chip:
     name: str        # what --hardware= calls it
@@ -2096,6 +2108,22 @@ def chip_count(mesh):
     return jax.process_count() if jax.default_backend() == 'cpu' else mesh.size
 
 
+def matmul_params(c):
+    """Weights that take part in matmuls: every block's, plus the output projection (the input
+    embedding is a lookup). The P of 6P, and of tokens-per-parameter rules."""
+    L, D, N, K, H, F = c.n_layer, c.d_model, c.n_head, c.n_kv_head, head_dim(c), ff_dim(c)
+    per_layer = D * N * H * 2 + D * K * H * 2 + D * F * (3 if c.mlp == 'swiglu' else 2)
+    return L * per_layer + D * padded_vocab(c)
+
+
+def flops_per_token(c):
+    """Training FLOPs per token, PaLM appendix B: 6P + 12*L*N*H*T, with P = matmul_params(c), L
+    layers, N query heads of width H, T = seq_len. The attention term counts the full T x T
+    score matrix: causal masking is NOT halved,
+    matching PaLM and nanoGPT, so MFUs compare with theirs."""
+    return 6 * matmul_params(c) + 12 * c.n_layer * c.n_head * head_dim(c) * c.seq_len
+
+
 def hardware_peak(c, n_devices=1):
     """Peak FLOP/s of n_devices chips (--peak_flops, else the table), or None if unknown. On CPU:
     measured with a large fp32 matmul, which already uses every core (however many virtual
@@ -2140,6 +2168,7 @@ def size(n):
 
 # ----------------------------------------------------------------------------------------------
 # Benchmark: the real train step on synthetic tokens, timed step by step after compilation.
+
 
 def peak_memory():
     """Peak bytes on device 0 (TPU/GPU), or the process's peak RSS on CPU."""
@@ -2650,6 +2679,7 @@ def task_scores(params, run, step):
 # ----------------------------------------------------------------------------------------------
 # Loss curves: python tinytpu.py plot --out=A[,B,...] draws each run's log.jsonl (train and val
 # loss, and bits per byte and the task score where logged) against tokens seen, on a log scale.
+
 
 def read_log(out):
     """A run's log.jsonl as its training and evaluation records, each with its tokens seen."""
