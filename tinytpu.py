@@ -842,7 +842,7 @@ class Config(GPTConfig):
 # Presets override the defaults above. `cpu` is nanoGPT's CPU demo size on byte-level Shakespeare;
 # `gpt2` is GPT-2 small (124M) on FineWeb; `tpu` (148M with GPT-2's vocabulary) is shaped for a
 # TPU's 128/256-wide matrix units: head_dim 256, one KV head, dims multiples of 256, and no logit
-# soft-cap (its tanh over every logit cost 8% of a v6e step, README "TPU estimates"). Each step
+# soft-cap (its tanh over every logit cost 8% of a v6e step: docs/performance.md). Each step
 # is split into the fewest microbatches that fit the chip (--grad_accum=0, found by compiling).
 PRESETS = {
     'cpu': {},
@@ -1521,7 +1521,7 @@ def compile_eval(params, opt, mesh, c):
 
 # Beyond this many tokens per device a microbatch keeps the matrix units no busier, it only takes
 # memory: libtpu estimated the tpu preset's v6e step at 426 ms with 8 x 2048 tokens per
-# microbatch and 460 ms with 16 x 2048 (README "TPU estimates").
+# microbatch and 460 ms with 16 x 2048 (docs/tpu-estimates.md).
 MAX_MICROBATCH_TOKENS = 8 * 2048
 
 
@@ -2259,9 +2259,9 @@ def record_bench(c, r):
 #   - collectives (several chips): the bytes each chip sends, by ring algorithm, are counted;
 #     those the cost model leaves unpriced (TPUs run collectives as their own fusions beside
 #     compute) are timed over the chip's ICI links at their published bandwidth, not overlapped.
-# These are estimates, never measurements: README "TPU estimates" compares one with a real run.
+# These are estimates, never measurements: docs/performance.md says how they are made.
 
-KERNEL_EFFICIENCY = 0.5  # an assumption: flash kernels reach roughly half of peak; see the README
+KERNEL_EFFICIENCY = 0.5  # an assumption: flash kernels reach roughly half of peak; see docs/performance.md
 
 
 DTYPE_BYTES = {'pred': 1, 's8': 1, 'u8': 1, 'bf16': 2, 'f16': 2, 's16': 2, 'u16': 2, 'f32': 4, 's32': 4,

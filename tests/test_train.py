@@ -2,6 +2,7 @@
 import glob
 import json
 import os
+import re
 
 import jax
 import jax.numpy as jnp
@@ -201,10 +202,22 @@ def test_help_lists_every_setting():
         assert f'--{f.name}=' in r.stdout
 
 
-def test_readme_settings_table_matches_config():
-    readme = open(os.path.join(os.path.dirname(tt.__file__), 'README.md')).read()
-    for f in tt.dataclasses.fields(tt.Config):
-        assert f"| `{f.name}` | `{f.default!r}` | {f.metadata['help']} |" in readme, f.name
+def test_readme_reading_guide_names_true_line_ranges():
+    """README's "Reading tinytpu.py" gives each Part I section's lines: each range must start at
+    that section's banner and end where the next begins (or at Part II)."""
+    root = os.path.dirname(tt.__file__)
+    readme = open(os.path.join(root, 'README.md')).read()
+    lines = open(os.path.join(root, 'tinytpu.py')).read().split('\n')
+    rows = re.findall(r'^\| ([A-Z][a-z ]+) \| (\d+)–(\d+) \|', readme, re.M)
+    assert [name for name, _, _ in rows] == ['Config', 'Model', 'Loss', 'Optimizer', 'Train step', 'Data',
+                                             'Checkpoints', 'Training loop', 'Sampling']
+    for name, start, end in rows:
+        start, end = int(start), int(end)
+        assert lines[start - 1].startswith('# ----') and lines[start].startswith(f'# {name}'), (name, start)
+        after = lines[end:end + 3]
+        assert after[0].startswith('# ----') or any(line.startswith('# ====') for line in after), (name, end)
+    part_two = next(i for i, line in enumerate(lines) if line.startswith('# Part II'))
+    assert part_two - int(rows[0][1]) < 760  # Part I stays short
 
 
 def test_bench_reports_timing_flops_and_memory(tmp_path):
