@@ -491,30 +491,8 @@ class TokenWindows:
 
 def load_data(c):
     """-> (train windows, val windows, meta dict) for the data directory c.data: the shards its
-    meta.json lists, else every *train*.bin and *val*.bin in it (llm.c's and modded-nanogpt's
-    downloads are named fineweb_train_000001.bin, TinyStories_val.bin, ...)."""
-    if not os.path.isdir(c.data):
-        raise UserError(f'--data={c.data}: {"not a directory" if os.path.exists(c.data) else "no such directory"}; create it with '
-                        f'`python prepare.py shakespeare --tokenizer=byte` (or another dataset)')
-    meta_path = os.path.join(c.data, 'meta.json')
-    meta = {}
-    if os.path.lexists(meta_path):
-        meta, problem = read_json(meta_path, DATA_META)
-        if problem:
-            raise UserError(f'{meta_path}: {problem}; re-create it with prepare.py (or fix it by hand)')
-    splits = {}
-    for split in ('train', 'val'):
-        listed = meta.get('splits', {}).get(split, {}).get('shards')
-        if listed:  # exactly what prepare.py wrote, never a stale shard beside it
-            splits[split] = [os.path.join(c.data, name) for name in listed]
-            missing = [p for p in splits[split] if not os.path.isfile(p)]
-            if missing:
-                raise UserError(f'{meta_path} lists {missing[0]}, which is missing; re-run prepare.py')
-        else:
-            splits[split] = sorted(p for p in glob.glob(os.path.join(c.data, f'*{split}*.bin')) if os.path.isfile(p))
-        if not splits[split]:
-            raise UserError(f'--data={c.data}: no {split} shards (*{split}*.bin); create them with '
-                            '`python prepare.py DATASET --out=...`')
+    meta.json lists (data_files, Part II, checks them and reads other trainers' directories)."""
+    splits, meta = data_files(c)
     train_windows, val_windows = (TokenWindows(splits[s], c.seq_len + 1) for s in ('train', 'val'))
     if 'vocab_size' not in meta:
         meta = {**meta, **vocab_from_shards(c, train_windows)}
@@ -787,6 +765,8 @@ def sample(c, explicit):
                 print(text.decode('utf-8', errors='replace'), end='', flush=True)
                 pending = []
     print()
+
+
 # ==============================================================================================
 # Part II: running it for real. Settings and flags, attention kernels, devices (FSDP, several
 # hosts), fitting memory, the run's clock and its guard, checkpoints that survive failures,
@@ -1881,9 +1861,10 @@ def check_finite(stats, step, c):
 
 
 # ----------------------------------------------------------------------------------------------
-# Checkpoints that survive failures: each is checked (its meta.json field by field, its
-# state.npz's size and SHA-256) before it is used or counted as kept; a damaged one is skipped
-# for the one before it; one deleted while a reader lists them is looked for again.
+# Checkpoints and data that survive failures: each checkpoint is checked (its meta.json field by
+# field, its state.npz's size and SHA-256) before it is used or counted as kept; a damaged one is
+# skipped for the one before it; one deleted while a reader lists them is looked for again. The
+# data directory is checked the same way, and other trainers' directories are read as they are.
 
 
 def keep_newest(out, written, keep):
@@ -2033,6 +2014,35 @@ def load_model(c, explicit):
     if not meta.get('tokenizer'):
         raise UserError(f'{path}: the training data had no meta.json naming a tokenizer')
     return c, state['params'], meta, get_encoding(meta['tokenizer'])
+
+
+def data_files(c):
+    """-> ({'train': shard paths, 'val': ...}, meta.json) of the data directory c.data, checked: the
+    shards its meta.json lists, else every *train*.bin and *val*.bin in it (llm.c's and
+    modded-nanogpt's downloads are named fineweb_train_000001.bin, TinyStories_val.bin, ...)."""
+    if not os.path.isdir(c.data):
+        raise UserError(f'--data={c.data}: {"not a directory" if os.path.exists(c.data) else "no such directory"}; create it with '
+                        f'`python prepare.py shakespeare --tokenizer=byte` (or another dataset)')
+    meta_path = os.path.join(c.data, 'meta.json')
+    meta = {}
+    if os.path.lexists(meta_path):
+        meta, problem = read_json(meta_path, DATA_META)
+        if problem:
+            raise UserError(f'{meta_path}: {problem}; re-create it with prepare.py (or fix it by hand)')
+    splits = {}
+    for split in ('train', 'val'):
+        listed = meta.get('splits', {}).get(split, {}).get('shards')
+        if listed:  # exactly what prepare.py wrote, never a stale shard beside it
+            splits[split] = [os.path.join(c.data, name) for name in listed]
+            missing = [p for p in splits[split] if not os.path.isfile(p)]
+            if missing:
+                raise UserError(f'{meta_path} lists {missing[0]}, which is missing; re-run prepare.py')
+        else:
+            splits[split] = sorted(p for p in glob.glob(os.path.join(c.data, f'*{split}*.bin')) if os.path.isfile(p))
+        if not splits[split]:
+            raise UserError(f'--data={c.data}: no {split} shards (*{split}*.bin); create them with '
+                            '`python prepare.py DATASET --out=...`')
+    return splits, meta
 
 
 def vocab_from_shards(c, windows):
