@@ -53,6 +53,7 @@ from jax.sharding import Mesh, NamedSharding, PartitionSpec as P
 from prepare import (DATA_META, HEADER_BYTES, PrepareError, file_error, file_sha256, flag_value,  # the companion
                      get_encoding, integer, number, optional, read_json, read_task, shard_header, text)  # script
 
+
 # ==============================================================================================
 # Part I: the GPT. The model, its loss, AdamW, the train step, the data, checkpoints, the
 # training loop and sampling, in the order a step needs them. What concerns running it on real
