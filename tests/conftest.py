@@ -1,5 +1,6 @@
 """Shared fixtures: a tiny config, a tiny byte-level data set, an offline tiktoken cache, and a
 local stand-in for the Hugging Face Hub."""
+import contextlib
 import http.server
 import os
 import subprocess
@@ -80,11 +81,20 @@ class HubHandler(http.server.BaseHTTPRequestHandler):
         pass
 
 
+@contextlib.contextmanager
+def serving(handler):
+    """An HTTP server on 127.0.0.1 answering with `handler`, for as long as the block lasts. -> its URL"""
+    httpd = http.server.ThreadingHTTPServer(('127.0.0.1', 0), handler)
+    threading.Thread(target=httpd.serve_forever, daemon=True).start()
+    try:
+        yield f'http://127.0.0.1:{httpd.server_address[1]}'
+    finally:
+        httpd.shutdown()
+
+
 @pytest.fixture
 def hub():
     """(its URL, the files it serves: name -> bytes), on 127.0.0.1 for this test only."""
     HubHandler.files = {}
-    httpd = http.server.ThreadingHTTPServer(('127.0.0.1', 0), HubHandler)
-    threading.Thread(target=httpd.serve_forever, daemon=True).start()
-    yield f'http://127.0.0.1:{httpd.server_address[1]}', HubHandler.files
-    httpd.shutdown()
+    with serving(HubHandler) as url:
+        yield url, HubHandler.files

@@ -7,7 +7,6 @@ import os
 import signal
 import subprocess
 import sys
-import threading
 import time
 
 import numpy as np
@@ -15,7 +14,7 @@ import pytest
 
 import prepare
 import tinytpu as tt
-from conftest import ROOT, SHAKESPEARE, run_cli
+from conftest import ROOT, SHAKESPEARE, run_cli, serving
 
 CORPUS = (open(SHAKESPEARE, 'rb').read() if os.path.exists(SHAKESPEARE)
           else b'First Citizen:\nBefore we proceed any further, hear me speak.\n' * 20000)
@@ -80,10 +79,8 @@ class Handler(http.server.BaseHTTPRequestHandler):
 @pytest.fixture
 def server():
     Handler.state = {}
-    httpd = http.server.ThreadingHTTPServer(('127.0.0.1', 0), Handler)
-    threading.Thread(target=httpd.serve_forever, daemon=True).start()
-    yield f'http://127.0.0.1:{httpd.server_address[1]}', Handler.state
-    httpd.shutdown()
+    with serving(Handler) as url:
+        yield url, Handler.state
 
 
 def test_download_follows_redirects_and_verifies(server, tmp_path):
