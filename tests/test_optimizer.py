@@ -1,6 +1,5 @@
 """AdamW by hand against optax (test-only oracle), and the learning-rate schedule."""
 import jax
-import jax.numpy as jnp
 import numpy as np
 import optax
 import pytest
