@@ -1,22 +1,36 @@
-"""Shared fixtures: a tiny config, a tiny byte-level data set, an offline tiktoken cache, and a
-local stand-in for the Hugging Face Hub."""
+"""Shared fixtures: a tiny config, a tiny byte-level data set, the text the tests train on (in the
+repository: the suite needs nothing beside the checkout), GPT-2's BPE files where a tiktoken cache
+has them, and a local stand-in for the Hugging Face Hub."""
 import contextlib
+import hashlib
 import http.server
 import os
 import subprocess
 import sys
+import tempfile
 import threading
 
 import numpy as np
 import pytest
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
-SHARED = os.path.join(os.path.dirname(ROOT), 'shared')
 sys.path.insert(0, ROOT)
 os.environ.setdefault('JAX_PLATFORMS', 'cpu')  # libtpu may be installed (test_tpu compiles with it): run on CPU
-if os.path.isdir(os.path.join(SHARED, 'tiktoken')):  # GPT-2 BPE files, so no test needs the network
-    os.environ.setdefault('TIKTOKEN_CACHE_DIR', os.path.join(SHARED, 'tiktoken'))
-SHAKESPEARE = os.path.join(SHARED, 'data', 'tinyshakespeare.txt')
+SHAKESPEARE = os.path.join(ROOT, 'tests', 'data', 'tinyshakespeare.txt')  # public domain, 1.1 MB
+
+
+def gpt2_files_cached():
+    """Whether tiktoken's cache holds GPT-2's two BPE files (named by the SHA-1 of their URLs, in
+    $TIKTOKEN_CACHE_DIR, else tiktoken's default): tests never download them."""
+    cache = os.environ.get('TIKTOKEN_CACHE_DIR') or os.environ.get('DATA_GYM_CACHE_DIR') or \
+        os.path.join(tempfile.gettempdir(), 'data-gym-cache')
+    base = 'https://openaipublic.blob.core.windows.net/gpt-2/encodings/main/'
+    return all(os.path.isfile(os.path.join(cache, hashlib.sha1((base + name).encode()).hexdigest()))
+               for name in ('vocab.bpe', 'encoder.json'))
+
+
+needs_gpt2 = pytest.mark.skipif(not gpt2_files_cached(), reason="needs GPT-2's BPE files in a tiktoken cache "
+                                '(set TIKTOKEN_CACHE_DIR to a directory holding them); tests never download')
 
 import tinytpu as tt  # noqa: E402
 
@@ -40,7 +54,7 @@ def write_shard(path, tokens, magic=20240520, version=1, dtype=np.uint16, count=
 @pytest.fixture
 def byte_data(tmp_path):
     """Byte-level Shakespeare (first 60 KB train, next 10 KB val) in the shard format."""
-    text = open(SHAKESPEARE, 'rb').read() if os.path.exists(SHAKESPEARE) else b'to be or not to be. ' * 4000
+    text = open(SHAKESPEARE, 'rb').read()
     d = tmp_path / 'data'
     d.mkdir()
     write_shard(d / 'train_000000.bin', np.frombuffer(text[:60000], np.uint8))

@@ -15,8 +15,7 @@ import prepare
 import tinytpu as tt
 from conftest import SHAKESPEARE, run_cli, tiny_config
 
-TEXT = open(SHAKESPEARE, encoding='utf-8').read() if os.path.exists(SHAKESPEARE) else None
-needs_text = pytest.mark.skipif(TEXT is None, reason='needs ../shared/data/tinyshakespeare.txt')
+TEXT = open(SHAKESPEARE, encoding='utf-8').read()
 
 
 def test_acc_picks_by_total_and_acc_norm_by_mean_per_token():
@@ -62,7 +61,6 @@ def test_batched_scores_equal_a_float64_forward_of_each_ending():
             assert value == pytest.approx(float(jnp.sum(logp[first - 1:])), abs=1e-9)
 
 
-@needs_text
 def test_a_trained_model_finds_the_held_out_continuation_and_an_untrained_one_does_not(byte_data, tmp_path):
     """`prepare.py choices`'s examples from text the model never saw (Shakespeare after the
     fixture's 70 KB): the rest of a line against its words in other orders."""
@@ -133,7 +131,6 @@ def test_prepare_hellaswag_downloads_checks_and_records_it(hub, tmp_path, monkey
     assert prepare.main(['hellaswag', '--help']) == 0
 
 
-@needs_text
 def test_prepare_choices_is_held_out_and_deterministic(tmp_path):
     for d in ('a', 'b'):
         assert prepare.main(['choices', f'--input={SHAKESPEARE}', f'--out={tmp_path}/{d}']) == 0

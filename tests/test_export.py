@@ -11,12 +11,12 @@ import pytest
 
 import prepare
 import tinytpu as tt
-from conftest import SHAKESPEARE, write_shard
+from conftest import SHAKESPEARE, needs_gpt2, write_shard
 
 torch = pytest.importorskip('torch')
 transformers = pytest.importorskip('transformers')
 
-TEXT = open(SHAKESPEARE, encoding='utf-8').read() if os.path.exists(SHAKESPEARE) else 'to be or not to be. ' * 4000
+TEXT = open(SHAKESPEARE, encoding='utf-8').read()
 
 
 @pytest.fixture(scope='module')
@@ -74,6 +74,7 @@ def test_transformers_gives_tinytpus_logits_and_greedy_tokens(byte_data, tmp_pat
     assert 'token i < 256 is byte i' in open(os.path.join(hf_dir, 'README.md')).read()
 
 
+@needs_gpt2
 def test_a_gpt2_model_exports_in_bfloat16_with_its_tokenizer(gpt2_data, tmp_path):
     out = train(gpt2_data, str(tmp_path / 'run'), '--n_kv_head=2')
     hf_dir = export(out, tmp_path / 'hf')  # the default: bfloat16
@@ -93,6 +94,7 @@ def test_a_gpt2_model_exports_in_bfloat16_with_its_tokenizer(gpt2_data, tmp_path
     np.testing.assert_allclose(theirs, ours, atol=1e-4, rtol=1e-4)
 
 
+@needs_gpt2
 def test_gpt2_tokenizer_files_tokenize_as_tiktoken(tmp_path):
     enc = prepare.get_encoding('gpt2')
     tt.write_tokenizer(str(tmp_path), enc, enc.eot_token, 1024)

@@ -14,10 +14,9 @@ import pytest
 
 import prepare
 import tinytpu as tt
-from conftest import ROOT, SHAKESPEARE, run_cli, serving
+from conftest import ROOT, SHAKESPEARE, needs_gpt2, run_cli, serving
 
-CORPUS = (open(SHAKESPEARE, 'rb').read() if os.path.exists(SHAKESPEARE)
-          else b'First Citizen:\nBefore we proceed any further, hear me speak.\n' * 20000)
+CORPUS = open(SHAKESPEARE, 'rb').read()
 
 
 class Handler(http.server.BaseHTTPRequestHandler):
@@ -121,7 +120,7 @@ def test_404_and_no_network_are_one_line_errors(server, tmp_path):
     assert r.returncode == 2 and r.stderr.count('\n') == 1 and 'pass --input=PATH' in r.stderr
 
 
-@pytest.mark.skipif(not os.path.exists(SHAKESPEARE), reason='needs ../shared/data/tinyshakespeare.txt')
+@needs_gpt2
 def test_shakespeare_gpt2_counts_match_nanogpt(tmp_path):
     out = tmp_path / 'shakespeare'
     r = run_cli('prepare.py', 'shakespeare', f'--input={SHAKESPEARE}', f'--out={out}')
@@ -314,7 +313,7 @@ def shard_tokens(out, split):
     return np.concatenate([np.asarray(tt.open_shard(str(p))) for p in sorted(out.glob(f'{split}_*.bin'))]).tolist()
 
 
-@pytest.mark.skipif(not os.path.exists(SHAKESPEARE), reason='needs ../shared/data/tinyshakespeare.txt')
+@needs_gpt2
 def test_parallel_tokenization_equals_encoding_the_whole_text(tmp_path, monkeypatch, capsys):
     """~500 pieces of 2 KB, tokenized apart by 2 workers, give the tokens of one whole-text encode
     (before the fix, a cut after a newline split GPT-2's '\\n\\n' tokens)."""
@@ -338,6 +337,7 @@ def test_byte_tokens_are_the_raw_bytes(tmp_path):
     assert shard_tokens(out, 'train') == [256] + list(data[:cut]) and shard_tokens(out, 'val') == [256] + list(data[cut:])
 
 
+@needs_gpt2
 def test_bpe_refuses_text_that_is_not_utf8_or_takes_its_encoding(tmp_path):
     text = 'Voilà, ça marche.\n' * 200
     (tmp_path / 'latin.txt').write_bytes(text.encode('latin-1'))
@@ -377,7 +377,7 @@ def test_workers_end_when_prepare_is_killed(tmp_path):
     """SIGKILL runs no clean-up: before the fix the tokenizer processes lived on, orphaned."""
     if not os.path.isdir('/proc'):
         pytest.skip('needs /proc (Linux)')
-    (tmp_path / 'big.txt').write_bytes(open(SHAKESPEARE, 'rb').read() * 40 if os.path.exists(SHAKESPEARE) else CORPUS * 40)
+    (tmp_path / 'big.txt').write_bytes(CORPUS * 40)
     p = subprocess.Popen([sys.executable, os.path.join(ROOT, 'prepare.py'), 'text', f'--input={tmp_path / "big.txt"}',
                           f'--out={tmp_path / "o"}', '--workers=2'], cwd=ROOT, stdout=subprocess.PIPE, stderr=subprocess.PIPE)
 
