@@ -27,6 +27,7 @@ Dimension names used in einsum strings and comments (as in picodo):
 
 import contextlib
 import dataclasses
+import errno
 import fcntl
 import functools
 import glob
@@ -42,6 +43,7 @@ import socket
 import sys
 import threading
 import time
+import zipfile
 from dataclasses import dataclass, field
 from functools import partial
 
@@ -562,11 +564,12 @@ def unflatten_like(template, flat, prefix=''):
 
 
 def list_checkpoints(out):
-    """Finished checkpoints in `out`, oldest first, as (step, path)."""
+    """Finished checkpoints in `out`, oldest first, as (step, path): directories ckpt_<digits>
+    holding a meta.json. Anything else of that name is not a checkpoint (not_checkpoints says so)."""
     found = []
     for path in glob.glob(os.path.join(out, 'ckpt_*')):
         name = os.path.basename(path)
-        if name[5:].isdigit() and os.path.exists(os.path.join(path, 'meta.json')):
+        if re.fullmatch('ckpt_[0-9]+', name) and os.path.isdir(path) and os.path.exists(os.path.join(path, 'meta.json')):
             found.append((int(name[5:]), path))
     return sorted(found)
 
@@ -603,21 +606,42 @@ def save_checkpoint(out, state, c, meta_extra):
 
 
 def load_checkpoint(path, template):
-    """Read state.npz into the structure (and dtypes) of `template` (arrays or shapes), checking
-    size and hash."""
+    """Read state.npz into the structure of `template` (arrays or shapes), checking its size and
+    hash, then every array's name, shape and dtype against the template before reading it (a
+    header can claim any size), and the optimizer's step against meta.json's."""
     meta = read_checkpoint_meta(path)
     _, npz = checkpoint_files(path)
+    want = {k: (tuple(x.shape), np.dtype(x.dtype)) for k, x in flatten(template).items()}
     try:
         if os.path.getsize(npz) != meta['state_bytes'] or file_sha256(npz) != meta['state_sha256']:
             raise CorruptCheckpoint(f'{npz}: truncated or not matching its checksum')
         with np.load(npz, allow_pickle=False) as f:  # no pickle: loading runs no code
-            state = unflatten_like(template, {k: f[k] for k in f.files})
-    except (OSError, ValueError, KeyError) as e:
+            problem = npz_problem(f, want)
+            if problem:
+                raise CorruptCheckpoint(f'{npz}: {problem}')
+            state = unflatten_like(template, {k: f[k] for k in want})
+    except (OSError, ValueError, KeyError, zipfile.BadZipFile) as e:
         raise CorruptCheckpoint(f'{npz}: unreadable ({getattr(e, "strerror", None) or e})')
-    for a, b in zip(jax.tree.leaves(state), jax.tree.leaves(template)):
-        if a.shape != b.shape:
-            raise UserError(f'{npz}: array shape {a.shape} does not match the model ({b.shape})')
-    return jax.tree.map(lambda a, b: np.asarray(a, b.dtype), state, template)  # host arrays
+    if 'opt' in state and int(state['opt']['step']) != meta['step']:
+        raise CorruptCheckpoint(f'{npz}: its optimizer step {int(state["opt"]["step"])} is not the step of its '
+                                f'meta.json ({meta["step"]})')
+    return state  # host arrays
+
+
+def npz_problem(f, want):
+    """What makes an open npz file (np.load's) not hold exactly the arrays `want` names, {name:
+    (shape, dtype)}, read from each array's header alone, or None."""
+    for name, (shape, dtype) in want.items():
+        if name + '.npy' not in f.zip.namelist():
+            return f'no array {name}'
+        with f.zip.open(name + '.npy') as member:
+            version = np.lib.format.read_magic(member)
+            header = np.lib.format.read_array_header_1_0 if version == (1, 0) else np.lib.format.read_array_header_2_0
+            got_shape, _, got_dtype = header(member)
+        if (got_shape, got_dtype) != (shape, dtype):
+            return (f'array {name} is {got_dtype}{list(got_shape)}, but the model has {dtype}{list(shape)}; '
+                    'it was not written by this model')
+    return None
 
 
 # ----------------------------------------------------------------------------------------------
@@ -636,7 +660,7 @@ def train(c):
             return params
         meter = Meter(c, run)                 # time, tokens/s, MFU and dollars; the profiler
         guard = held.enter_context(Guard(c))  # signals stop training with a checkpoint; so does divergence
-        log = held.enter_context(open(os.path.join(c.out, 'log.jsonl'), 'a') if lead() else open(os.devnull, 'w'))
+        log = held.enter_context(open_log(os.path.join(c.out, 'log.jsonl')) if lead() else open(os.devnull, 'wb'))
         held.enter_context(jax.set_mesh(run.mesh))
         say(run.compiled_note)
         val = {}
@@ -880,12 +904,23 @@ def parse_flags(argv):
     return flags
 
 
+# Deeper models than this run their blocks with lax.scan unless --scan_layers says otherwise: XLA
+# compiles each unrolled block anew, so compile time and memory grow with depth (10,000 unrolled
+# blocks of width 64 took over 12 GB and 2 minutes before the OS killed the compiler).
+MAX_UNROLLED_LAYERS = 32
+
+
 def make_config(flags, platform=None):
     """Defaults <- preset <- explicit flags. With no --preset, the platform's default preset."""
     preset = flags.get('preset') or DEFAULT_PRESET.get(platform or jax.default_backend(), 'cpu')
     if preset not in PRESETS:
         raise UserError(f'--preset={preset}: unknown preset (choose from {", ".join(PRESETS)})')
-    return Config(**{**PRESETS[preset], **flags, 'preset': preset})
+    c = Config(**{**PRESETS[preset], **flags, 'preset': preset})
+    if c.n_layer > MAX_UNROLLED_LAYERS and 'scan_layers' not in flags and not c.scan_layers:
+        say(f'--n_layer={c.n_layer}: over {MAX_UNROLLED_LAYERS} blocks are compiled once and looped '
+            '(--scan_layers=true), as compiling each one apart takes time and memory that grow with depth')
+        c = dataclasses.replace(c, scan_layers=True)
+    return c
 
 
 def validate(c):
@@ -1078,6 +1113,11 @@ def topology_devices(name):
     if importlib.util.find_spec('libtpu') is None:
         raise UserError('--topology needs libtpu, the TPU compiler (~700 MB): pip install -U "jax[tpu]"')
     from jax.experimental import topologies
+    # Loading, libtpu looks for the TPU VM it runs on and prints errors where there is none. It
+    # compiles for the slice it is named either way (v6e:2x4's estimate is the same to the byte):
+    # say this host is a one-chip TPU VM, and it stays quiet.
+    os.environ.setdefault('TPU_WORKER_HOSTNAMES', 'localhost')
+    os.environ.setdefault('TPU_ACCELERATOR_TYPE', 'v5litepod-1')
     single = all(x == '1' for x in name.partition(':')[2].split('x'))  # v6e:1x1 names no host
     try:
         devices = topologies.get_topology_desc(topology_name=name, platform='tpu',
@@ -1353,6 +1393,23 @@ def embed_lookup_bwd(saved, g):
 embed_lookup.defvjp(embed_lookup_fwd, embed_lookup_bwd)
 
 
+def skip_absent_tpu():
+    """libtpu, installed where no TPU is attached (jax[tpu] on a laptop, for bench --topology),
+    prints errors while JAX starts its backends. Unless JAX_PLATFORMS says which to use, a
+    machine with neither a TPU (JAX's own PCI scan) nor a GPU runs on the CPU without asking libtpu."""
+    import importlib.util
+    if os.environ.get('JAX_PLATFORMS') or jax.config.jax_platforms or importlib.util.find_spec('libtpu') is None:
+        return
+    try:
+        from jax._src import hardware_utils
+        tpu = hardware_utils.num_available_tpu_chips_and_device_id()[0]
+        gpu = hardware_utils.has_visible_nvidia_gpu() or os.path.exists('/dev/kfd')  # NVIDIA or AMD
+    except (ImportError, AttributeError, OSError):  # JAX moved its check: leave the choice to JAX
+        return
+    if not tpu and not gpu:
+        jax.config.update('jax_platforms', 'cpu')
+
+
 def use_cpu_devices(n):
     """Ask for n virtual CPU devices; possible only before JAX has initialized its backends."""
     try:
@@ -1468,13 +1525,16 @@ def step_bytes(compiled):
         m.temp_size_in_bytes + m.argument_size_in_bytes + m.output_size_in_bytes - m.alias_size_in_bytes
 
 
-def check_fits(compiled, also_resident, what, c):
+def check_fits(compiled, also_resident, what, c, devices=1):
     """Raise TooBig if a compiled step, with the arrays that stay on the device beside it, needs
-    more memory than the device has (where it says: TPU, GPU, --topology)."""
-    need, limit = step_bytes(compiled), device_memory(c)
+    more memory than the device has (where it says: TPU, GPU, --topology), or on a CPU, with its
+    `devices` virtual devices side by side, more than the machine has."""
+    need, limit, where = step_bytes(compiled), device_memory(c), target_devices(c)[0].device_kind
+    if not limit and backend(c) == 'cpu':
+        need, limit, where = need and need * devices, host_memory(), 'this machine'
     if need is not None and limit and need + also_resident > limit:
-        raise TooBig(f'the {what} step needs {size(need + also_resident)} per device with microbatches of '
-                     f'{c.batch_size // c.grad_accum} sequences, but {target_devices(c)[0].device_kind} has {size(limit)}')
+        raise TooBig(f'the {what} step needs {size(need + also_resident)}{"" if where == "this machine" else " per device"} '
+                     f'with microbatches of {c.batch_size // c.grad_accum} sequences, but {where} has {size(limit)}')
 
 
 def compile_step(params, opt, mesh, c):
@@ -1485,7 +1545,7 @@ def compile_step(params, opt, mesh, c):
                                  sharding=batch_sharding(mesh, 3))
     with jax.set_mesh(mesh):
         step = train_step.lower(params, opt, batch, c).compile()
-    check_fits(step, 0, 'train', c)
+    check_fits(step, 0, 'train', c, len(mesh.local_devices))
     return step
 
 
@@ -1496,7 +1556,7 @@ def compile_eval(params, opt, mesh, c):
                                 jnp.int32, sharding=batch_sharding(mesh, 3))
     with jax.set_mesh(mesh):
         step = eval_loss.lower(params, vals, c).compile()
-    check_fits(step, resident_bytes(opt), 'eval', c)
+    check_fits(step, resident_bytes(opt) * len(mesh.local_devices), 'eval', c, len(mesh.local_devices))
     return step
 
 
@@ -1598,7 +1658,10 @@ def start_run(c, held):
     if jax.process_index() == 0:
         held.enter_context(only_run(c.out))  # before touching anything in it
         for stale in glob.glob(os.path.join(c.out, '.tmp_ckpt_*')):  # left by a crash mid-save
-            shutil.rmtree(stale, ignore_errors=True)
+            remove(stale)
+        for path in not_checkpoints(c.out):
+            say(f'warning: {path} is not a checkpoint (a directory holding meta.json); ignored, and replaced '
+                'if a checkpoint of its step is written', file=sys.stderr)
     shardings = state_shardings(c, mesh)
     shapes = jax.eval_shape(lambda: fresh_state(c))
     say(f'tinytpu | preset {c.preset} | {jax.default_backend()} x{mesh.size} '
@@ -1641,7 +1704,7 @@ def start_run(c, held):
 def only_run(out):
     """One run per output directory: an exclusive lock on OUT/.lock (holding the owner's pid) for
     as long as the run lasts. The OS releases it when the process ends, however it ends."""
-    f = open(os.path.join(out, '.lock'), 'a+')
+    f = open(os.path.join(out, '.lock'), 'a+', opener=open_file)
     try:
         fcntl.flock(f, fcntl.LOCK_EX | fcntl.LOCK_NB)
     except BlockingIOError:
@@ -1659,6 +1722,25 @@ def only_run(out):
     finally:
         f.truncate(0)
         f.close()
+
+
+def open_file(path, flags):
+    """os.open for a file a run writes, never through a symbolic link (O_NOFOLLOW): a link left in
+    --out must not make a run overwrite what it points to. -> a file descriptor (open's opener)"""
+    try:
+        return os.open(path, flags | os.O_NOFOLLOW, 0o644)
+    except OSError as e:
+        if e.errno == errno.ELOOP:
+            raise UserError(f'{path} is a symbolic link; refusing to write through links: remove it, or use '
+                            'another --out')
+        raise
+
+
+def open_log(path):
+    """A log (log.jsonl, bench.jsonl) opened for appending, never through a link, unbuffered: each
+    record is written whole when appended, and closing has nothing left to write (a full disk
+    fails once, in `append`)."""
+    return open(path, 'ab', buffering=0, opener=open_file)
 
 
 def trim_log(path, step):
@@ -1699,8 +1781,7 @@ def append(log, record):
     """One line of log.jsonl, written now. A full disk stops the run in one line: the last
     checkpoint is intact, and on resume the log is cut back to it (a half-written line too)."""
     try:
-        log.write(json.dumps(record) + '\n')
-        log.flush()
+        log.write((json.dumps(record) + '\n').encode())
     except OSError as e:
         raise UserError(f'{log.name}: could not write the log ({e.strerror or e}); the last checkpoint is intact; '
                         'free some space and run the same command to resume')
@@ -1883,7 +1964,23 @@ def discard(path):
     a reader (sample, while training saves) finds it whole or not at all, never half-deleted."""
     trash = os.path.join(os.path.dirname(path), f'.tmp_ckpt_old_{os.path.basename(path)}_{os.getpid()}')
     os.rename(path, trash)
-    shutil.rmtree(trash, ignore_errors=True)
+    remove(trash)
+
+
+def remove(path):
+    """Delete a file, a link (not what it points to) or a directory tree, as far as possible."""
+    if os.path.isdir(path) and not os.path.islink(path):
+        shutil.rmtree(path, ignore_errors=True)
+    else:
+        with contextlib.suppress(OSError):
+            os.remove(path)
+
+
+def not_checkpoints(out):
+    """What is named like a checkpoint in `out` but is none (a file, a directory without
+    meta.json, ckpt_ and something other than digits)."""
+    listed = {path for _, path in list_checkpoints(out)}
+    return sorted(p for p in glob.glob(os.path.join(out, 'ckpt_*')) if p not in listed)
 
 
 WHOLE = {}  # file_version(checkpoint) -> whether its state.npz matched its meta.json's size and hash
@@ -1948,6 +2045,8 @@ def read_checkpoint_meta(path):
     meta_path, _ = checkpoint_files(path)
     meta, problem = read_json(meta_path, CHECKPOINT_META)
     problem = problem or config_problem(meta['config'])
+    if not problem and meta['step'] != int(os.path.basename(path)[5:]):
+        problem = f'its step {meta["step"]} is not the one its directory is named for'
     if problem:
         raise CorruptCheckpoint(f'{meta_path}: not a tinytpu checkpoint ({problem})')
     return meta
@@ -2253,8 +2352,8 @@ def record_bench(c, r):
     if jax.process_index() == 0:
         try:
             os.makedirs(c.out, exist_ok=True)
-            with open(os.path.join(c.out, 'bench.jsonl'), 'a') as f:
-                f.write(json.dumps(r) + '\n')
+            with open_log(os.path.join(c.out, 'bench.jsonl')) as f:
+                f.write((json.dumps(r) + '\n').encode())
         except OSError as e:
             say(f'warning: could not record the result in {c.out}/bench.jsonl ({e.strerror})', file=sys.stderr)
 
@@ -2981,6 +3080,7 @@ def main(argv):
             jax.config.update('jax_platforms', 'cpu')  # compile only: leave any TPU here to others
         if flags.get('cpu_devices', 1) < 1:  # used before validate: JAX takes it at start-up
             raise UserError(f'--cpu_devices={flags["cpu_devices"]} must be at least 1')
+        skip_absent_tpu()
         use_cpu_devices(flags.get('cpu_devices', Config.cpu_devices))
         init_distributed(flags)
         c = validate(make_config(flags, plan_backend(flags) if command == 'plan' else None))
