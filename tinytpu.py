@@ -47,10 +47,49 @@ import zipfile
 from dataclasses import dataclass, field
 from functools import partial
 
-import jax
-import jax.numpy as jnp
-import numpy as np
-from jax.sharding import Mesh, NamedSharding, PartitionSpec as P
+
+def usage(source):
+    """The text of --help, read from this file's source (so it prints before JAX loads): the
+    COMMANDS, then each setting (a GPTConfig or Config field) with its default and help."""
+    import ast
+    import textwrap
+    commands, presets, fields = {}, [], []
+    for node in ast.parse(source).body:
+        name = getattr(node, 'name', None) or getattr(getattr(node, 'targets', [None])[0], 'id', None)
+        if name == 'COMMANDS':
+            commands = ast.literal_eval(node.value)
+        elif name == 'PRESETS':
+            presets = [key.value for key in node.value.keys]
+        elif name in ('GPTConfig', 'Config'):
+            fields += [(f.target.id, *map(ast.literal_eval, f.value.args)) for f in node.body
+                       if isinstance(f, ast.AnnAssign) and getattr(f.value.func, 'id', None) == '_f']
+    column, lines = 34, ['usage: python tinytpu.py [COMMAND] [--name=value ...]', '', 'commands:']
+    lines += [f'  {name:<8}{text}' for name, text in commands.items()]
+    lines += ['', f'settings, with their defaults (--preset={"|".join(presets)} sets groups of them; '
+                  'flags given win):']
+    for name, default, text in fields:
+        shown = str(default).lower() if type(default) is bool else \
+            default if type(default) is not str or (default.isprintable() and default.strip()) else repr(default)
+        flag = f'  --{name}={shown}'
+        wrapped = textwrap.wrap(text, 100 - column)
+        lines += [flag] if len(flag) >= column else []
+        lines += [(f'{flag:<{column}}' if i == 0 and len(flag) < column else ' ' * column) + w
+                  for i, w in enumerate(wrapped)]
+    return '\n'.join(lines)
+
+
+if __name__ == '__main__':
+    # The command line begins before JAX loads (half a second or more): from here a Ctrl-C ends it
+    # in one line with exit code 130, and --help answers at once.
+    signal.signal(signal.SIGINT, lambda *_: (print('\ninterrupted', file=sys.stderr), os._exit(130)))
+    if {'-h', '--help', 'help'} & set(sys.argv[1:]):
+        print(usage(open(__file__, encoding='utf-8').read()))
+        sys.exit(0)
+
+import jax  # noqa: E402 (after the command line's first moments, above)
+import jax.numpy as jnp  # noqa: E402
+import numpy as np  # noqa: E402
+from jax.sharding import Mesh, NamedSharding, PartitionSpec as P  # noqa: E402
 
 from prepare import (DATA_META, HEADER_BYTES, PrepareError, file_error, file_sha256, flag_value,  # the companion
                      get_encoding, integer, number, optional, read_json, read_task, shard_header, text)  # script
@@ -1865,10 +1904,44 @@ def summary_line(steps, r, price_note):
     return s + (f" | val loss {r['val_loss']:.4f}" if r['val_loss'] is not None else '')
 
 
+INTERRUPTED = threading.Lock()  # held by the one thread that prints "interrupted" and ends the process
+
+
+def interrupted(signum=None, frame=None):
+    """A Ctrl-C that is not training's to handle (start-up, compiling, sampling; a second one
+    during training): one line, exit code 130, at once. Checkpoints and logs are replaced whole or
+    not at all, so whatever was written stays whole. os._exit: XLA's threads may still be busy,
+    and an orderly shutdown could crash on them."""
+    if INTERRUPTED.acquire(blocking=False):
+        with contextlib.suppress(Exception):
+            sys.stdout.flush()
+            print('\ninterrupted; the last checkpoint in --out is intact', file=sys.stderr, flush=True)
+        os._exit(130)
+
+
+def stop_on_interrupt():
+    """From now on a Ctrl-C ends the command through `interrupted`, unless a handler of its own
+    (training's Guard) has taken SIGINT over. A Python handler runs only once the main thread is
+    back from JAX (a compile can take minutes), so the signal also wakes a thread
+    (signal.set_wakeup_fd) that ends the process at once."""
+    r, w = os.pipe()
+    os.set_blocking(w, False)
+    signal.set_wakeup_fd(w)
+    signal.signal(signal.SIGINT, interrupted)
+
+    def watch():
+        while True:
+            if os.read(r, 1) == bytes([signal.SIGINT]) and signal.getsignal(signal.SIGINT) is interrupted:
+                interrupted()
+
+    threading.Thread(target=watch, daemon=True).start()
+
+
 class StopSignal:
     """While active, the first SIGTERM or SIGINT (Ctrl-C) asks training to stop after the current
-    step, with a checkpoint; a second one stops at once. Checkpoints are written atomically, so
-    stopping at any moment leaves the previous one intact. Preemptible TPUs get SIGTERM."""
+    step, with a checkpoint; a second one stops at once (`interrupted`). Checkpoints are written
+    atomically, so stopping at any moment leaves the previous one intact. Preemptible TPUs get
+    SIGTERM."""
 
     def __enter__(self):
         self.signum, self.saved = None, {}
@@ -1878,7 +1951,7 @@ class StopSignal:
 
     def handle(self, signum, frame):
         if self.signum is not None:
-            raise KeyboardInterrupt
+            interrupted()
         self.signum = signum
         say(f'\n{signal.Signals(signum).name}: finishing this step and saving a checkpoint '
             '(send it again to stop at once)', flush=True)
@@ -3052,20 +3125,20 @@ def model_card(c, meta):
 # ----------------------------------------------------------------------------------------------
 # Command line: python tinytpu.py [train|sample|eval|plot|export|bench|plan] [--name=value ...]
 
-COMMANDS = ('train', 'sample', 'eval', 'plot', 'export', 'bench', 'plan')
-
-
-def usage():
-    lines = [f'usage: python tinytpu.py [{"|".join(COMMANDS)}] [--name=value ...]', '',
-             'settings (default; presets: ' + ', '.join(f'{k}' for k in PRESETS) + '):']
-    for f in dataclasses.fields(Config):
-        lines.append(f'  --{f.name}={f.default!r:<24} {f.metadata["help"]}')
-    return '\n'.join(lines)
+COMMANDS = {  # what --help says of each (usage, at the top of the file, reads this)
+    'train': 'train a GPT, or continue the run in --out (the default command)',
+    'sample': 'continue --prompt with the newest checkpoint in --out',
+    'eval': 'score the newest checkpoint in --out on a multiple-choice task (--task)',
+    'plot': "draw the loss curves of the runs in --out=A[,B,...] into a picture",
+    'export': 'write the newest checkpoint in --out as a Hugging Face model (--export_dir)',
+    'bench': 'time the train step here, or estimate it for a TPU slice (--topology)',
+    'plan': 'turn a --budget in dollars into a compute-optimal run and its command',
+}
 
 
 def main(argv):
     if any(a in ('-h', '--help', 'help') for a in argv):
-        print(usage())
+        print(usage(open(__file__, encoding='utf-8').read()))
         return 0
     command = argv[0] if argv and not argv[0].startswith('-') else 'train'
     args = argv[1:] if argv and argv[0] == command else argv
@@ -3126,4 +3199,5 @@ def main(argv):
 
 
 if __name__ == '__main__':
+    stop_on_interrupt()
     sys.exit(main(sys.argv[1:]))
