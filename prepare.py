@@ -939,9 +939,12 @@ def flag_value(name, kind, eq, value):
     if not eq:
         raise PrepareError(f'--{name} needs a value: --{name}=...')
     try:
-        return kind(value)
+        v = kind(value)
     except ValueError:
         raise PrepareError(f'--{name}={value}: expected {"an integer" if kind is int else "a number"}')
+    if kind is int and not -2**63 <= v < 2**63:
+        raise PrepareError(f'--{name}={value}: out of range (integers here are below 2^63)')
+    return v
 
 
 def parse_flags(argv):

@@ -715,11 +715,11 @@ def train(c):
                     record |= val
                 record |= task_scores(params, run, done)  # --hellaswag_every
                 if record:
-                    append(log, {'step': done, 'tokens': done * meter.tokens_per_step} | record)
+                    append(log, {'step': done, 'tokens': meter.tokens(done)} | record)
                 stopping = guard.stop_requested()
                 if done % c.ckpt_every == 0 or done == c.steps or stopping:
                     guard.check_params(params, stats, done)
-                    save(c, {'params': params, 'opt': opt}, run.meta, meter.clock()['elapsed'])
+                    save(c, {'params': params, 'opt': opt}, run.meta, meter.clock()['elapsed'], meter.tokens(done))
                     guard.stop_if(stopping, done)
         summary = meter.summary(val.get('val_loss'))
         append(log, {'step': c.steps, 'summary': summary})
@@ -740,10 +740,11 @@ def evaluate(eval_fn, params, vals, meta, step):
     return record
 
 
-def save(c, state, meta, elapsed):
-    """A checkpoint of the state, gathered from every process, written by process 0."""
+def save(c, state, meta, elapsed, tokens):
+    """A checkpoint of the state, gathered from every process, written by process 0, with the wall
+    time and the tokens trained on so far (across resumes, whatever their --seq_len)."""
     host = host_state(state)  # every process takes part
-    extra = {'tokenizer': meta.get('tokenizer'), 'eot_id': meta.get('eot_id'), 'elapsed': elapsed}
+    extra = {'tokenizer': meta.get('tokenizer'), 'eot_id': meta.get('eot_id'), 'elapsed': elapsed, 'tokens': tokens}
     say(f'saved {save_checkpoint(c.out, host, c, extra) if lead() else None}', flush=True)
 
 
@@ -1003,8 +1004,10 @@ def setting_checks(c):
     yield (c.weight_decay >= 0 and c.grad_clip >= 0 and c.eps > 0,
            '--weight_decay and --grad_clip must be >= 0, --eps > 0')
     yield 0 <= c.beta1 < 1 and 0 <= c.beta2 < 1, '--beta1 and --beta2 must be in [0, 1)'
-    yield (c.dtype in ('auto', 'float32', 'bfloat16', 'float64'),
-           f'--dtype={c.dtype}: choose auto, float32 or bfloat16')
+    yield (c.dtype in ('auto', 'float32', 'bfloat16') or c.dtype == 'float64' and jax.config.jax_enable_x64,
+           f'--dtype={c.dtype}: choose auto, float32 or bfloat16' + (' (float64 needs JAX_ENABLE_X64=1; it is for '
+                                                                     'float64 oracles in tests, not for training)'
+                                                                     if c.dtype == 'float64' else ''))
     yield (min(c.log_every, c.eval_every, c.eval_batches, c.ckpt_every, c.keep_ckpts) >= 1,
            '--log_every, --eval_every, --eval_batches, --ckpt_every, --keep_ckpts must be >= 1')
     yield (c.temperature >= 0 and c.top_k >= 0 and 0 < c.top_p <= 1,
@@ -1015,6 +1018,8 @@ def setting_checks(c):
            '--bench_steps must be >= 1, --peak_flops and --price_per_hour >= 0')
     yield (not c.profile_steps or profile_range(c) is not None,
            f'--profile_steps={c.profile_steps}: expected A:B with 0 <= A < B, e.g. 10:15')
+    yield (not c.profile_steps or profile_range(c)[1] <= c.steps,
+           f'--profile_steps={c.profile_steps}: the run has {c.steps} steps (--steps); trace steps within them')
     yield c.fsdp in ('auto', 'true', 'false'), f'--fsdp={c.fsdp}: choose auto, true or false'
     yield (c.budget >= 0 and c.chips >= 1 and 0 <= c.mfu <= 1,
            '--budget must be >= 0, --chips >= 1, --mfu in [0, 1]')
@@ -1022,7 +1027,7 @@ def setting_checks(c):
            f'--process_id={c.process_id} must be in 0 .. --num_processes - 1 ({c.num_processes - 1})')
     yield c.rope_theta > 0, f'--rope_theta={c.rope_theta} must be positive'
     yield c.logit_softcap >= 0, f'--logit_softcap={c.logit_softcap} must be >= 0 (0 = off)'
-    yield c.seed >= 0, f'--seed={c.seed} must be >= 0'
+    yield 0 <= c.seed < 2**32, f'--seed={c.seed} must be in 0 .. 2^32 - 1 (JAX keys take 32 bits)'
     yield c.task_limit >= 0 and c.hellaswag_every >= 0, '--task_limit and --hellaswag_every must be >= 0 (0 = all, off)'
     yield (c.export_dtype in EXPORT_DTYPES,
            f'--export_dtype={c.export_dtype}: choose {", ".join(EXPORT_DTYPES)}')
@@ -1666,6 +1671,7 @@ class Run:
     start: int                # the first step to take (0, or the resumed checkpoint's)
     meta: dict                # the data's meta.json
     elapsed: float            # wall time of the earlier runs this one resumes
+    tokens: int               # tokens they trained on
     t0: float                 # when this run began: start-up and compiling are paid for too
     step: callable = None     # the compiled train step, step(params, opt, batch)
     eval: callable = None     # the compiled eval step, eval(params, vals)
@@ -1687,6 +1693,10 @@ def start_run(c, held):
     if 'vocab_size' in meta:
         c = dataclasses.replace(c, vocab_size=int(meta['vocab_size']))
     validate(c)
+    seen, there = c.steps * c.batch_size * c.seq_len, sum(len(s) for s in train_windows.shards)
+    if seen > there:
+        say(f'note: {c.steps:,} steps of {c.batch_size} x {c.seq_len} tokens read {seen:,} tokens, {seen / there:.1f} '
+            f'times the {there:,} training tokens in {c.data}: the model sees its data more than once')
     c, mesh, device_note = setup_devices(c)
     try:
         os.makedirs(c.out, exist_ok=True)
@@ -1713,8 +1723,9 @@ def start_run(c, held):
         state = place(state, shardings)
     else:
         state = jax.jit(lambda: fresh_state(c), out_shardings=shardings)()
-    run = Run(c, mesh, state['params'], state['opt'], int(as_floats(state['opt']['step'])), meta,
-              saved.get('elapsed', 0.0), t0)
+    start, before = int(as_floats(state['opt']['step'])), saved.get('config', {})
+    tokens = saved.get('tokens', start * before.get('batch_size', 0) * before.get('seq_len', 0))  # older checkpoints
+    run = Run(c, mesh, state['params'], state['opt'], start, meta, saved.get('elapsed', 0.0), tokens, t0)
     if jax.process_index() == 0:
         trim_log(os.path.join(c.out, 'log.jsonl'), run.start)
     if run.start >= c.steps:
@@ -1836,14 +1847,21 @@ class Meter:
         self.c, self.t0, self.before, self.price = c, run.t0, run.elapsed, run.price
         self.tokens_per_step = c.batch_size * c.seq_len
         self.flops, self.peak = flops_per_token(c), hardware_peak(c, run.mesh.size)
-        self.last, self.last_step = time.time(), run.start
+        self.last, self.last_step, self.start, self.before_tokens = time.time(), run.start, run.start, run.tokens
         self.timed_seconds, self.timed_steps = 0.0, 0  # step time only
         self.trace = profile_range(c)
+        if self.trace and run.start > self.trace[0]:
+            say(f'warning: --profile_steps={c.profile_steps}: this run resumes at step {run.start}, past the first '
+                'step to trace; no trace is written', file=sys.stderr)
 
     def clock(self):
         """Wall time so far (this run and those it resumes) and what it cost."""
         seconds = self.before + time.time() - self.t0
         return {'elapsed': seconds, 'cost': self.price * seconds / 3600 if self.price else None}
+
+    def tokens(self, done):
+        """Tokens trained on after step `done`: the earlier runs' and this run's."""
+        return self.before_tokens + (done - self.start) * self.tokens_per_step
 
     def mfu(self, seconds_per_step):
         return self.flops * self.tokens_per_step / seconds_per_step / self.peak if self.peak else None
@@ -1880,7 +1898,7 @@ class Meter:
     def summary(self, val_loss):
         """The run's totals: tokens, wall time, cost, the last validation loss, MFU over the timed steps."""
         mfu = self.mfu(self.timed_seconds / self.timed_steps) if self.timed_steps and self.timed_seconds else None
-        return {'tokens': self.c.steps * self.tokens_per_step, **self.clock(), 'val_loss': val_loss, 'mfu': mfu}
+        return {'tokens': self.tokens(self.c.steps), **self.clock(), 'val_loss': val_loss, 'mfu': mfu}
 
 
 def log_line(r):
@@ -2098,6 +2116,7 @@ CHECKPOINT_META = {  # field: (test, what it must be, required); prepare.field_p
     'state_bytes': (integer(), 'a size in bytes', True),
     'state_sha256': (lambda v: text(v) and re.fullmatch('[0-9a-f]{64}', v) is not None, 'a SHA-256', True),
     'elapsed': (number(), 'seconds', False),
+    'tokens': (integer(), 'tokens trained on', False),
     'tokenizer': (optional(text), 'a tokenizer name', False),
     'eot_id': (optional(integer()), 'a token id', False),
 }
@@ -2608,6 +2627,7 @@ def bench_topology(c):
 # ladder of shapes that can see 20 tokens per parameter within the budget.
 
 TOKENS_PER_PARAM = 20
+PRETOKENIZED_SHARD_TOKENS = 100_000_000  # tokens in one of the FineWeb shards prepare.py downloads
 
 
 DEFAULT_MFU = 0.4  # between nanoGPT's ~37% (A100) and the 46.5% of a JAX 130M model on a v6e
@@ -2667,6 +2687,9 @@ def plan_chip(c):
 def make_plan(c, chip):
     """The largest ladder model that trains on TOKENS_PER_PARAM tokens per parameter within
     c.budget dollars -> dict of the numbers `plan` prints (and tests check by hand)."""
+    if c.chips > c.batch_size:
+        raise UserError(f'--chips={c.chips} is more than the {c.batch_size} sequences of a step (--batch_size): each '
+                        'chip needs at least one; plan for fewer chips or a larger --batch_size')
     price = c.price_per_hour or chip.price
     if not price:
         raise UserError(f'no list price for {chip.name}; pass --price_per_hour=DOLLARS')
@@ -2722,7 +2745,10 @@ def plan(c):
         say(f'data  | {p["tokens"] / data_tokens:.1f} passes over the 10B-token FineWeb sample (repeated data '
             'helps less than fresh; consider a larger dataset)')
     command = 'python tinytpu.py ' + ' '.join(f'--{k}={v}' for k, v in flags.items())
-    say(f'to run it (after python prepare.py {os.path.basename(c.data)}):\n  {command}')
+    dataset = os.path.basename(c.data)
+    if dataset in ('fineweb10B', 'finewebedu10B'):  # shards of 100M tokens: enough for the run, and the val shard
+        dataset += f' --shards={math.ceil(p["tokens"] / PRETOKENIZED_SHARD_TOKENS)}'
+    say(f'to run it (after python prepare.py {dataset}):\n  {command}')
     return p | {'command': command}
 
 

@@ -41,8 +41,8 @@ def test_rows_join_with_a_space_and_cut_from_the_left():
 def test_batched_scores_equal_a_float64_forward_of_each_ending():
     """Sorted, padded to buckets, several batches, split over 2 devices, with a last partial
     batch: each ending's log-probability equals one unpadded float64 forward of its tokens."""
-    c = tiny_config(context=24, dtype='float64', cpu_devices=2)
     with jax.enable_x64(True):
+        c = tiny_config(context=24, dtype='float64', cpu_devices=2)
         params = jax.tree.map(lambda x: x.astype(jnp.float64), tt.init_params(c, jax.random.key(3)))
         enc = prepare.get_encoding('byte')
         rng = np.random.default_rng(0)

@@ -67,8 +67,8 @@ def test_initial_loss_is_uniform_guess():
 def test_gradient_matches_float64_finite_differences():
     """Directional derivatives of the loss (every parameter moved along a random direction) match
     central differences, all in float64, for a model with GQA, SwiGLU and untied embeddings."""
-    c = tiny_config(dtype='float64', n_layer=2, d_model=16, n_head=4, n_kv_head=2, mlp='swiglu', tie_embed=False)
     with jax.enable_x64(True):
+        c = tiny_config(dtype='float64', n_layer=2, d_model=16, n_head=4, n_kv_head=2, mlp='swiglu', tie_embed=False)
         params = jax.tree.map(lambda x: x.astype(jnp.float64) * 10, tt.init_params(c, jax.random.key(0)))
         batch = jax.random.randint(jax.random.key(1), (2, 9), 0, c.vocab_size)
         loss = lambda p: tt.loss_fn(p, batch, c)
