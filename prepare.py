@@ -695,6 +695,11 @@ def prepare_text(dataset, args, out):
     raw = os.path.join(out, 'raw')
     os.makedirs(raw, exist_ok=True)
     paths, sources = text_sources(dataset, args, raw)
+    for split in ('train', 'val'):
+        if sum(end - start for _, start, end in paths[split]) == 0:
+            where = args.get('input') or dataset
+            raise PrepareError(f'{where}: no text for the {split} split (the input is empty, or too short to split '
+                               'by --val_fraction); give it more text')
     dtype = token_dtype(enc.n_vocab)
     splits = {}
     for split in ('train', 'val'):
@@ -776,6 +781,8 @@ def read_task(path, limit=0):
                     problem = 'no "ctx" (or "ctx_a") field'
                 if not problem and example['label'] >= len(example['endings']):
                     problem = f'"label" is {example["label"]}, but there are {len(example["endings"])} endings'
+                if not problem and not all(ending.strip() for ending in example['endings']):
+                    problem = 'an ending is empty (nothing to score)'
                 if problem:
                     raise PrepareError(f'{path}, line {n}: {problem}; each line needs "ctx" (or "ctx_a" and '
                                        '"ctx_b"), "endings" and "label", as in HellaSwag')

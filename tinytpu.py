@@ -1495,7 +1495,18 @@ def init_distributed(flags):
     else:
         wait_for_coordinator(host.strip('[]'), int(port), address, timeout)
     jax.config.update('jax_cpu_collectives_implementation', 'gloo')  # CPU hosts talk over TCP
+    joined = threading.Event()
+
+    def give_up():  # JAX reports a process that never came only by aborting (C++): say it first
+        if not joined.wait(timeout + 1):
+            print(f'error: --coordinator={address}: not all {n} processes joined within {timeout}s '
+                  '(--coordinator_timeout); start each with the same --coordinator and --num_processes and its own '
+                  '--process_id, or wait longer', file=sys.stderr, flush=True)
+            os._exit(2)
+
+    threading.Thread(target=give_up, daemon=True).start()
     jax.distributed.initialize(address, n, i, initialization_timeout=timeout)
+    joined.set()
 
 
 def wait_for_coordinator(host, port, address, timeout):
@@ -1706,8 +1717,8 @@ def start_run(c, held):
         raise UserError(f'--out={c.out}: directory is not writable; choose another --out')
     if jax.process_index() == 0:
         held.enter_context(only_run(c.out))  # before touching anything in it
-        for stale in glob.glob(os.path.join(c.out, '.tmp_ckpt_*')):  # left by a crash mid-save
-            remove(stale)
+        for stale in glob.glob(os.path.join(c.out, '.tmp_ckpt_*')) + glob.glob(os.path.join(c.out, 'log.jsonl.tmp*')):
+            remove(stale)  # left by a crash while saving a checkpoint or rewriting the log
         for path in not_checkpoints(c.out):
             say(f'warning: {path} is not a checkpoint (a directory holding meta.json); ignored, and replaced '
                 'if a checkpoint of its step is written', file=sys.stderr)
@@ -2202,6 +2213,11 @@ def load_model(c, explicit):
     saved = {k: v for k, v in config.items() if k in fields and k not in explicit}
     c = dataclasses.replace(c, **saved)
     c = validate(dataclasses.replace(c, seq_len=min(c.seq_len, c.context)))  # --context may shrink for sampling
+    cache = 2 * c.n_layer * c.n_kv_head * c.context * head_dim(c) * jnp.dtype(compute_dtype(c)).itemsize
+    limit = device_memory(c) or host_memory()
+    if limit and cache > limit / 2:  # --context may grow for sampling too, but its KV cache must fit
+        raise UserError(f'--context={c.context}: its KV cache would take {size(cache)}, but '
+                        f'{"the device" if device_memory(c) else "this machine"} has {size(limit)}; use a smaller --context')
     state, path, meta = restore(c, {'params': jax.eval_shape(lambda: init_params(c, jax.random.key(0)))})
     if not meta.get('tokenizer'):
         raise UserError(f'{path}: the training data had no meta.json naming a tokenizer')
@@ -2846,10 +2862,13 @@ def score_rows(params, batch, c):
 def choice_accuracy(logp, counts, examples):
     """From each ending's summed log-probability and token count, and each example's (number of
     endings, label): the fraction picked right by the total (acc) and by the mean (acc_norm)."""
+    def picks(scores, label):  # the label's score beats every other; a tie or a NaN counts as wrong
+        return bool(np.all(np.delete(scores, label) < scores[label]))
+
     right = right_norm = i = 0
     for n, label in examples:
-        right += int(np.argmax(logp[i:i + n])) == label
-        right_norm += int(np.argmax(logp[i:i + n] / counts[i:i + n])) == label
+        right += picks(logp[i:i + n], label)
+        right_norm += picks(logp[i:i + n] / counts[i:i + n], label)
         i += n
     return {'acc': right / len(examples), 'acc_norm': right_norm / len(examples), 'examples': len(examples)}
 
@@ -2902,7 +2921,8 @@ def read_log(out):
                 r = json.loads(line)
             except ValueError:
                 continue  # a line cut by a crash
-            if type(r) is dict and type(r.get('step')) is int and 'summary' not in r:
+            if type(r) is dict and type(r.get('step')) is int and 'summary' not in r and \
+                    type(r.get('tokens', 0)) in (int, float):  # a damaged record is skipped
                 records.append(r)
     if records and any('tokens' not in r for r in records):  # logs older than the tokens field
         checkpoints = list_checkpoints(out)
@@ -2917,6 +2937,8 @@ def read_log(out):
 def plot(c):
     """Write the loss curves of the runs in c.out (comma-separated) to c.plot_file."""
     runs = [out for out in c.out.split(',') if out]
+    if not runs:
+        raise UserError(f'--out={c.out}: name the run directories to draw, --out=A or --out=A,B')
     path = c.plot_file or os.path.join(runs[0], 'loss.svg')
     kind = os.path.splitext(path)[1].lstrip('.').lower()
     if kind not in ('svg', 'png', 'pdf'):
@@ -2929,6 +2951,9 @@ def plot(c):
     except ImportError:
         raise UserError('plot needs matplotlib, an optional extra: pip install matplotlib')
     logs = {out: read_log(out) for out in runs}
+    if not any(type(r.get(key)) in (int, float) for records in logs.values() for r in records for key in ('loss', 'val_loss')):
+        raise UserError(f'--out={c.out}: no loss recorded yet in {" or ".join(os.path.join(o, "log.jsonl") for o in runs)}; '
+                        'train for --log_every steps at least')
     panels = [('loss', 'loss (nats per token)')]
     for key, label in (('val_bpb', 'validation bits per byte'), (f'{c.task}_acc_norm', f'{c.task} acc_norm')):
         if any(key in r for records in logs.values() for r in records):
@@ -3114,6 +3139,10 @@ def export(c, explicit):
     eot = meta.get('eot_id')
     parent = os.path.dirname(os.path.abspath(c.export_dir))
     os.makedirs(parent, exist_ok=True)
+    for stale in glob.glob(os.path.join(parent, '.tmp_export_*')):  # what a killed export left
+        pid = stale.rpartition('_')[2]
+        if not (pid.isdigit() and process_alive(int(pid))):
+            remove(stale)
     tmp = os.path.join(parent, f'.tmp_export_{os.getpid()}')
     os.makedirs(tmp)
     try:
@@ -3131,6 +3160,16 @@ def export(c, explicit):
         shutil.rmtree(tmp, ignore_errors=True)
     say(f'wrote {c.export_dir}: Qwen3ForCausalLM, {param_count(c) / 1e6:.2f}M params in {c.export_dtype} '
         f'(step {meta.get("step")} of {c.out}), tokenizer {meta["tokenizer"]}')
+
+
+def process_alive(pid):
+    try:
+        os.kill(pid, 0)
+    except ProcessLookupError:
+        return False
+    except OSError:  # alive, another user's
+        pass
+    return True
 
 
 def model_card(c, meta):

@@ -498,7 +498,12 @@ def test_eval_step_counts_against_memory_with_the_optimizer_state(byte_data, tmp
     ('--n_kv_head=0', '--n_layer, --d_model, --n_head and --n_kv_head must be positive'),
     ('--d_head=-1', '--d_head and --d_ff must be >= 0'),
     ('--d_ff=-5', '--d_head and --d_ff must be >= 0'),
-    ('--seed=-1', '--seed=-1 must be >= 0'),
+    ('--seed=-1', '--seed=-1 must be in 0 .. 2^32 - 1'),
+    ('--seed=4294967296', '--seed=4294967296 must be in 0 .. 2^32 - 1 (JAX keys take 32 bits)'),
+    ('--seed=9223372036854775808', '--seed=9223372036854775808: out of range'),
+    ('--steps=99999999999999999999', '--steps=99999999999999999999: out of range'),
+    ('--dtype=float64', '--dtype=float64: choose auto, float32 or bfloat16 (float64 needs JAX_ENABLE_X64=1'),
+    ('--profile_steps=3000:3005', '--profile_steps=3000:3005: the run has 2000 steps'),
     ('--rope_theta=0', '--rope_theta=0.0 must be positive'),
     ('--lr=inf', '--lr=inf: must be a finite number'),
     ('--logit_softcap=nan', '--logit_softcap=nan: must be a finite number'),
@@ -626,3 +631,152 @@ def test_a_full_disk_while_logging_stops_in_one_line_with_the_checkpoint_intact(
                                            'checkpoint is intact'):
         tt.train(dataclasses.replace(c, steps=8))
     assert snapshot(tmp_path / 'ckpt_00000004') == before
+
+
+# ----------------------------------------------------------------------------------------------
+# What outside testers found: each was a traceback, a silent wrong result or lost data.
+
+
+def test_a_lock_or_log_that_is_a_link_is_refused_and_its_target_kept(byte_data, tmp_path):
+    """Before the fix a .lock linking to a user's file emptied that file (rc 0)."""
+    notes = tmp_path / 'notes.txt'
+    for name in ('.lock', 'log.jsonl'):
+        notes.write_text('notes')
+        out = tmp_path / name.strip('.')
+        out.mkdir()
+        (out / name).symlink_to(notes)
+        with pytest.raises(tt.UserError, match=f'{name} is a symbolic link; refusing to write'):
+            tt.train(tiny_config(data=byte_data, out=str(out), steps=2))
+        assert notes.read_text() == 'notes'
+
+
+def test_deep_models_compile_one_looped_block_unless_told_otherwise(capsys):
+    """10,000 unrolled blocks took 12.9 GB while compiling and were killed; past 32 they scan."""
+    c = tt.make_config(tt.parse_flags(['--n_layer=10000', '--d_model=64']), 'cpu')
+    assert c.scan_layers and '--n_layer=10000: over 32 blocks are compiled once and looped' in capsys.readouterr().out
+    assert not tt.make_config(tt.parse_flags(['--n_layer=32']), 'cpu').scan_layers
+    assert not tt.make_config(tt.parse_flags(['--n_layer=40', '--scan_layers=false']), 'cpu').scan_layers
+
+
+def rewrite_state(path, change, read=True):
+    """Rewrite a checkpoint's state.npz as change(dict of arrays) says, with its size and hash
+    recorded again in meta.json: damage a checksum cannot see."""
+    npz = path / 'state.npz'
+    if read:
+        with np.load(npz) as f:
+            arrays = {k: f[k] for k in f.files}
+        change(arrays)
+        with open(npz, 'wb') as f:
+            np.savez(f, **arrays)
+    meta = json.loads((path / 'meta.json').read_text())
+    meta['state_bytes'], meta['state_sha256'] = npz.stat().st_size, hashlib.sha256(npz.read_bytes()).hexdigest()
+    (path / 'meta.json').write_text(json.dumps(meta))
+
+
+def huge_header(npz, name):
+    """Replace array `name` by a .npy whose header claims 10^12 x 10^6 floats (4 EB)."""
+    import io
+    import zipfile
+    with zipfile.ZipFile(npz) as z:
+        members = {n: z.read(n) for n in z.namelist()}
+    header = io.BytesIO()
+    np.lib.format.write_array_header_1_0(header, {'descr': '<f4', 'fortran_order': False, 'shape': (10**12, 10**6)})
+    members[name + '.npy'] = header.getvalue() + b'\0' * 64
+    with zipfile.ZipFile(npz, 'w') as z:
+        for n, data in members.items():
+            z.writestr(n, data)
+
+
+@pytest.mark.parametrize('damage, says', [
+    (lambda a: a.update({'params/embed': a['params/embed'].astype(np.int32)}),
+     'array params/embed is int32[384, 32], but the model has float32[384, 32]'),
+    (lambda a: a.update({'params/embed': np.array(['x'] * 4)}), 'array params/embed is <U1[4]'),
+    (lambda a: a.pop('opt/nu/embed'), 'no array opt/nu/embed'),
+    (lambda a: a.update({'opt/step': np.int32(-5)}), 'its optimizer step -5 is not the step of its meta.json (2)'),
+    (lambda a: a.update({'opt/step': np.int32(2**31 - 1)}), 'its optimizer step 2147483647 is not the step'),
+    ('huge', 'array params/embed is float32[1000000000000, 1000000]'),
+])
+def test_a_crafted_state_is_skipped_for_the_checkpoint_before_it(tmp_path, capsys, damage, says):
+    """Arrays of another dtype were cast and trained on; a string array, a step of -5 and a header
+    claiming 4 EB were tracebacks; a step of 2^31 - 1 was "nothing to do". Each is now read from
+    its header, before anything is allocated, and the checkpoint before it is used."""
+    c = make_checkpoints(tmp_path)
+    path = tmp_path / 'ckpt_00000002'
+    if damage == 'huge':
+        huge_header(path / 'state.npz', 'params/embed')
+        rewrite_state(path, lambda arrays: None, read=False)
+    else:
+        rewrite_state(path, damage)
+    state, used, _ = tt.restore(c, template())
+    assert used.endswith('ckpt_00000001') and int(state['opt']['step']) == 1
+    err = capsys.readouterr().err
+    assert says in err and 'using the previous checkpoint' in err, err
+
+
+def test_things_named_like_checkpoints_are_not_taken_for_them(byte_data, tmp_path, capsys):
+    """ckpt_² (int('²') was a traceback) and a plain file ckpt_00000004 (resumed past it silently,
+    then left .tmp_ckpt_old_... behind for ever)."""
+    c = tiny_config(data=byte_data, out=str(tmp_path), steps=2, ckpt_every=2, **tiny_shape())
+    tt.train(c)
+    (tmp_path / 'ckpt_²').mkdir()
+    (tmp_path / 'ckpt_²' / 'meta.json').write_text((tmp_path / 'ckpt_00000002' / 'meta.json').read_text())
+    (tmp_path / 'ckpt_00000004').write_text('not a checkpoint')
+    assert [s for s, _ in tt.list_checkpoints(str(tmp_path))] == [2]
+    capsys.readouterr()
+    tt.train(dataclasses.replace(c, steps=4))
+    err = capsys.readouterr().err
+    assert 'ckpt_00000004 is not a checkpoint' in err and 'ckpt_² is not a checkpoint' in err
+    assert [s for s, _ in tt.list_checkpoints(str(tmp_path))] == [2, 4]
+    assert not [n for n in os.listdir(tmp_path) if n.startswith('.tmp')]
+    for command in ('sample', 'export'):
+        r = run_cli(command, f'--out={tmp_path}', '--max_new_tokens=3', f'--export_dir={tmp_path / "hf"}')
+        assert 'Traceback' not in r.stderr, r.stderr
+
+
+@pytest.mark.filterwarnings('ignore:os.fork')  # the child only sets a limit, then runs python
+def test_a_full_disk_while_logging_is_one_line_and_exit_2(byte_data, tmp_path):
+    """A real write error (the file size limit: EFBIG, as a full disk gives ENOSPC) in the log:
+    before the fix the one line was followed by three chained tracebacks and exit code 1."""
+    import resource
+    tt.train(tiny_config(data=byte_data, out=str(tmp_path), steps=4, **tiny_shape()))
+    limit = (tmp_path / 'log.jsonl').stat().st_size + 10
+
+    def small_files():
+        signal.signal(signal.SIGXFSZ, signal.SIG_IGN)  # a write past the limit fails instead of killing
+        resource.setrlimit(resource.RLIMIT_FSIZE, (limit, limit))
+
+    before = snapshot(tmp_path / 'ckpt_00000004')
+    r = subprocess.run(train_cli(byte_data, tmp_path, 8, '--log_every=2', '--ckpt_every=4', '--eval_every=4'),
+                       capture_output=True, text=True, cwd=ROOT, preexec_fn=small_files)
+    assert r.returncode == 2 and r.stderr.count('\n') == 1, r.stderr
+    assert 'log.jsonl: could not write the log (File too large); the last checkpoint is intact' in r.stderr
+    assert snapshot(tmp_path / 'ckpt_00000004') == before
+
+
+def test_a_coordinator_whose_peers_never_come_says_so_in_one_line():
+    """Before: a C++ check failure and an abort (exit 134) after the timeout, nothing said."""
+    import socket
+    with socket.socket() as s:
+        s.bind(('127.0.0.1', 0))
+        port = s.getsockname()[1]
+    r = run_cli(f'--coordinator=127.0.0.1:{port}', '--num_processes=2', '--process_id=0', '--coordinator_timeout=3',
+                timeout=120)
+    assert r.returncode == 2 and r.stderr.count('\n') == 1, r.stderr
+    assert 'not all 2 processes joined within 3s (--coordinator_timeout)' in r.stderr
+
+
+def test_tokens_are_counted_across_a_resume_with_another_seq_len(byte_data, tmp_path):
+    c = tiny_config(data=byte_data, out=str(tmp_path), steps=4, **tiny_shape())  # 4 x 16 tokens a step
+    tt.train(c)
+    tt.train(dataclasses.replace(c, steps=8, seq_len=8))                          # 4 x 8
+    logs = [json.loads(line) for line in open(tmp_path / 'log.jsonl')]
+    assert [(r['step'], r['tokens']) for r in logs if 'loss' in r] == [(2, 128), (4, 256), (6, 320), (8, 384)]
+    assert logs[-1]['summary']['tokens'] == 384
+    assert json.loads((tmp_path / 'ckpt_00000008' / 'meta.json').read_text())['tokens'] == 384
+
+
+def test_sample_with_a_context_too_large_for_memory_names_context(tmp_path):
+    make_checkpoints(tmp_path, steps=(1,))
+    r = run_cli('sample', f'--out={tmp_path}', '--context=1000000000')
+    assert r.returncode == 2 and r.stderr.count('\n') == 1 and 'use a smaller --context' in r.stderr, r.stderr
+    assert '--grad_accum' not in r.stderr and '--batch_size' not in r.stderr
