@@ -109,6 +109,8 @@ def test_plan_command_prints_a_runnable_command(tmp_path):
     assert c.preset == 'tpu' and tt.matmul_params(c) == expected['params'] and c.steps == expected['steps']
     # fp32 params and two AdamW moments; with tied embeddings every parameter is a matmul weight
     assert f"params + AdamW {12 * expected['params'] / 2**30:,.1f} GiB per chip of 16 GiB" in r.stdout
+    shards = -(-expected['tokens'] // 100_000_000)  # FineWeb shards of 100M tokens: all the run reads
+    assert f'(after python prepare.py fineweb10B --shards={shards}):' in r.stdout and shards > 1
 
 
 @pytest.mark.parametrize('args, message', [
@@ -116,6 +118,7 @@ def test_plan_command_prints_a_runnable_command(tmp_path):
     (['--budget=10', '--hardware=tpu9'], '--hardware=tpu9: unknown chip'),
     (['--budget=10'], 'is not in the hardware table'),
     (['--budget=10', '--hardware=h100-pcie'], 'pass --price_per_hour'),
+    (['--budget=5', '--hardware=v6e', '--chips=1000000'], '--chips=1000000 is more than the 64 sequences of a step'),
 ])
 def test_plan_errors_are_one_line(args, message):
     r = run_cli('plan', *args)

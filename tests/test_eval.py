@@ -27,6 +27,9 @@ def test_acc_picks_by_total_and_acc_norm_by_mean_per_token():
     assert r == {'acc': 1.0, 'acc_norm': 0.0, 'examples': 2}
     r = tt.choice_accuracy(logp, counts, [(4, 2), (2, 1)])
     assert r == {'acc': 0.0, 'acc_norm': 1.0, 'examples': 2}
+    # a tie, or a NaN, is no pick: before the fix argmax gave it to ending 0 (acc 1.0 with label 0)
+    r = tt.choice_accuracy(np.array([-5., -5., np.nan, -1.]), np.ones(4), [(2, 0), (2, 0)])
+    assert r == {'acc': 0.0, 'acc_norm': 0.0, 'examples': 2}
 
 
 def test_rows_join_with_a_space_and_cut_from_the_left():
@@ -99,6 +102,9 @@ def test_eval_errors_are_one_line(tmp_path, byte_data):
     bad.write_text('{"ctx": "a", "endings": ["b", "c"], "label": 2}\n')
     with pytest.raises(prepare.PrepareError, match='line 1: "label" is 2, but there are 2 endings'):
         prepare.read_task(str(bad))
+    bad.write_text('{"ctx": "a", "endings": ["b", " "], "label": 0}\n')
+    with pytest.raises(prepare.PrepareError, match='line 1: an ending is empty'):
+        prepare.read_task(str(bad))
 
 
 HELLASWAG = [{'ind': i, 'ctx_a': f'A man is {w}.', 'ctx_b': 'he', 'ctx': f'A man is {w}. he', 'label': i % 4,
@@ -168,6 +174,23 @@ def test_plot_writes_svg_and_png_overlaying_runs(tmp_path, capsys):
     assert tt.main(['plot', f'--out={a}', f'--plot_file={tmp_path}/x.gif']) == 2
     assert tt.main(['plot', f'--out={tmp_path}/none']) == 2
     assert 'log.jsonl: no such file' in capsys.readouterr().err
+
+
+def test_plot_refuses_what_has_nothing_to_draw(tmp_path, capsys):
+    """An empty log wrote an empty picture (rc 0); --out=,, was an IndexError; a record with
+    "tokens": "x" or null a TypeError."""
+    pytest.importorskip('matplotlib')
+    (tmp_path / 'empty').mkdir()
+    (tmp_path / 'empty' / 'log.jsonl').write_text('')
+    assert tt.main(['plot', f'--out={tmp_path / "empty"}']) == 2
+    assert tt.main(['plot', '--out=,,']) == 2
+    err = capsys.readouterr().err.splitlines()
+    assert 'no loss recorded yet' in err[0] and err[1] == 'error: --out=,,: name the run directories to draw, --out=A or --out=A,B'
+    assert not (tmp_path / 'empty' / 'loss.svg').exists()
+    write_log(str(tmp_path / 'odd'), [3.0, 2.5], lambda s: {'tokens': 'x'} if s == 1 else {})
+    with open(tmp_path / 'odd' / 'log.jsonl', 'a') as f:
+        f.write(json.dumps({'step': 40, 'tokens': None, 'loss': 2.0}) + '\n')
+    assert tt.main(['plot', f'--out={tmp_path / "odd"}']) == 0
 
 
 def test_plot_without_matplotlib_says_how_to_install_it(tmp_path, monkeypatch, capsys):

@@ -49,7 +49,10 @@ def export(out, export_dir, *flags):
                          ids=['gqa-tied', 'mqa-untied'])
 def test_transformers_gives_tinytpus_logits_and_greedy_tokens(byte_data, tmp_path, flags):
     out = train(byte_data, str(tmp_path / 'run'), *flags)
+    (tmp_path / '.tmp_export_999999999').mkdir()  # what an export killed mid-write left (no such process)
+    (tmp_path / '.tmp_export_999999999' / 'model.safetensors').write_bytes(b'partial')
     hf_dir = export(out, tmp_path / 'hf', '--export_dtype=float32')
+    assert not (tmp_path / '.tmp_export_999999999').exists()
     model = transformers.AutoModelForCausalLM.from_pretrained(hf_dir)  # no custom code
     assert type(model).__name__ == 'Qwen3ForCausalLM' and model.dtype == torch.float32
 

@@ -357,6 +357,15 @@ def test_bpe_refuses_text_that_is_not_utf8_or_takes_its_encoding(tmp_path):
     assert r.returncode == 2 and 'bad.txt: not valid ascii at byte 3' in r.stderr, r.stderr
 
 
+def test_a_text_too_short_for_two_splits_is_refused_at_prepare_time(tmp_path):
+    """An empty file gave rc 0 and "train 0 tokens"; tinytpu then called the meta.json damaged."""
+    for content in (b'', b'a'):
+        (tmp_path / 'in.txt').write_bytes(content)
+        r = run_cli('prepare.py', 'text', f'--input={tmp_path / "in.txt"}', '--tokenizer=byte', f'--out={tmp_path / "o"}')
+        assert r.returncode == 2 and r.stderr.count('\n') == 1 and 'in.txt: no text for the train split' in r.stderr
+        assert not (tmp_path / 'o' / 'meta.json').exists()
+
+
 def test_reprepare_keeps_only_what_meta_lists(tmp_path):
     """Fewer shards the second time: before the fix the old ones stayed and were trained on."""
     out = tmp_path / 'out'

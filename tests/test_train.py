@@ -1,8 +1,11 @@
 """Train step, data, checkpoints, resume, config and the command line."""
 import glob
+import importlib.util
 import json
 import os
 import re
+import subprocess
+import sys
 
 import jax
 import jax.numpy as jnp
@@ -10,7 +13,7 @@ import numpy as np
 import pytest
 
 import tinytpu as tt
-from conftest import run_cli, tiny_config, write_shard
+from conftest import ROOT, run_cli, tiny_config, write_shard
 
 
 def test_grad_accumulation_equals_one_big_batch():
@@ -195,11 +198,24 @@ def test_cli_errors_are_one_line(args, message):
     assert r.returncode == 2 and r.stderr.count('\n') == 1 and message in r.stderr, r.stderr
 
 
-def test_help_lists_every_setting():
-    r = run_cli('--help')
+def test_help_lists_every_setting_aligned_without_loading_jax():
+    """--help took 5.3 s (it loaded JAX) and ran to 221 columns; it is read from the file's text."""
+    r = subprocess.run([sys.executable, '-X', 'importtime', os.path.join(ROOT, 'tinytpu.py'), '--help'],
+                       capture_output=True, text=True)
     assert r.returncode == 0
+    assert not [line for line in r.stderr.splitlines() if line.rstrip().endswith(('| jax', '| numpy'))]
+    lines = r.stdout.splitlines()
+    assert max(map(len, lines)) <= 100
+    for command, text in tt.COMMANDS.items():
+        assert f'  {command:<8}{text}' in lines
     for f in tt.dataclasses.fields(tt.Config):
-        assert f'--{f.name}=' in r.stdout
+        flag = [line for line in lines if line.startswith(f'  --{f.name}=')]
+        assert len(flag) == 1, f.name
+        text = ' '.join(line.strip() for line in lines[lines.index(flag[0]):][:4])
+        assert f.metadata['help'].split()[0] in text
+    described = [line for line in lines if line.startswith('  --') and len(line) > 34]
+    assert all(line[33] == ' ' and line[34] != ' ' for line in described if len(line[:34].rstrip()) < 33)
+    assert tt.main(['--help']) == 0  # in-process too
 
 
 def test_readme_reading_guide_names_true_line_ranges():
@@ -273,3 +289,21 @@ def test_eval_in_microbatches_gives_the_same_loss(byte_data):
         params = tt.init_params(c, jax.random.key(0))
         losses.append(float(tt.eval_loss(params, jnp.asarray(val.get(idx.ravel()).reshape(idx.shape + (-1,))), c)))
     np.testing.assert_allclose(losses, losses[0], rtol=1e-6)
+
+
+@pytest.mark.skipif(importlib.util.find_spec('libtpu') is None, reason='libtpu is not installed: nothing to quiet')
+def test_no_libtpu_noise_on_a_machine_without_a_tpu(tmp_path):
+    """With libtpu installed (the test extra), every command started with ~5 lines of libtpu
+    errors on a CPU machine. JAX_PLATFORMS unset, as a user has it."""
+    env = {k: v for k, v in os.environ.items() if k != 'JAX_PLATFORMS'}
+    r = subprocess.run([sys.executable, os.path.join(ROOT, 'tinytpu.py'), 'plan', '--budget=5', '--hardware=v6e',
+                        f'--out={tmp_path}'], capture_output=True, text=True, env=env)
+    assert r.returncode == 0 and r.stderr == '', r.stderr
+
+
+def test_training_says_when_it_will_see_its_data_more_than_once(byte_data, tmp_path, capsys):
+    tt.train(tiny_config(data=byte_data, out=str(tmp_path / 'a'), steps=2))     # 2 x 4 x 16 tokens of 60,000
+    assert 'sees its data more than once' not in capsys.readouterr().out
+    tt.train(tiny_config(data=byte_data, out=str(tmp_path / 'b'), steps=2, batch_size=2048, eval_batches=1))
+    assert ('note: 2 steps of 2048 x 16 tokens read 65,536 tokens, 1.1 times the 60,000 training tokens in '
+            f'{byte_data}: the model sees its data more than once') in capsys.readouterr().out
