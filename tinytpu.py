@@ -426,6 +426,13 @@ def lr_schedule(step, c):
     return c.lr * warmup * (c.min_lr_frac + (1 - c.min_lr_frac) * shape)
 
 
+def warmdown_start(c):
+    """Updates taken before the warmdown. Up to there a longer run's schedule is the same, so a
+    checkpoint of this step can be trained further (`--steps` raised) as if planned so from the
+    start: training writes and keeps one."""
+    return c.steps - round(c.warmdown_frac * c.steps)
+
+
 def adamw_init(params):
     zeros = lambda p: jnp.zeros_like(p, jnp.float32)
     return {'step': jnp.zeros((), jnp.int32), 'mu': jax.tree.map(zeros, params),
@@ -717,7 +724,7 @@ def train(c):
                 if record:
                     append(log, {'step': done, 'tokens': meter.tokens(done)} | record)
                 stopping = guard.stop_requested()
-                if done % c.ckpt_every == 0 or done == c.steps or stopping:
+                if done % c.ckpt_every == 0 or done == c.steps or stopping or done == warmdown_start(c):
                     guard.check_params(params, stats, done)
                     save(c, {'params': params, 'opt': opt}, run.meta, meter.clock()['elapsed'], meter.tokens(done))
                     guard.stop_if(stopping, done)
@@ -744,7 +751,8 @@ def save(c, state, meta, elapsed, tokens):
     """A checkpoint of the state, gathered from every process, written by process 0, with the wall
     time and the tokens trained on so far (across resumes, whatever their --seq_len)."""
     host = host_state(state)  # every process takes part
-    extra = {'tokenizer': meta.get('tokenizer'), 'eot_id': meta.get('eot_id'), 'elapsed': elapsed, 'tokens': tokens}
+    extra = {'tokenizer': meta.get('tokenizer'), 'eot_id': meta.get('eot_id'), 'elapsed': elapsed, 'tokens': tokens,
+             'before_warmdown': int(state['opt']['step']) == warmdown_start(c)}  # kept, to be trained further
     say(f'saved {save_checkpoint(c.out, host, c, extra) if lead() else None}', flush=True)
 
 
@@ -1730,6 +1738,7 @@ def start_run(c, held):
         f'| {device_note} | data {c.data} -> {c.out}')
     state, path, saved = restore(c, shapes, meta.get('tokenizer'))
     if path:
+        state, path, saved = same_schedule(c, shapes, state, path, saved)
         say(f'resuming from {path}')
         state = place(state, shardings)
     else:
@@ -2053,12 +2062,21 @@ def check_finite(stats, step, c):
 
 def keep_newest(out, written, keep):
     """After a save: keep the newest `keep` whole checkpoints in out, delete the older ones (and
-    damaged ones among them)."""
+    damaged ones among them), except the newest taken before the warmdown (train further from it)."""
     WHOLE[file_version(written)] = True  # just written and hashed: no need to read it back
     whole = [s for s, path in reversed(list_checkpoints(out)) if checkpoint_is_whole(path)][:keep]
+    branch = next((s for s, path in reversed(list_checkpoints(out)) if before_warmdown(path)), None)
     for s, old in list_checkpoints(out):
-        if s < whole[-1]:  # older than the oldest one kept
+        if s < whole[-1] and s != branch:  # older than the oldest one kept
             discard(old)
+
+
+def before_warmdown(path):
+    """Whether a whole checkpoint was taken at the end of its run's constant LR (save says)."""
+    try:
+        return read_checkpoint_meta(path).get('before_warmdown') is True and checkpoint_is_whole(path)
+    except UserError:
+        return False
 
 
 def discard(path):
@@ -2128,6 +2146,7 @@ CHECKPOINT_META = {  # field: (test, what it must be, required); prepare.field_p
     'state_sha256': (lambda v: text(v) and re.fullmatch('[0-9a-f]{64}', v) is not None, 'a SHA-256', True),
     'elapsed': (number(), 'seconds', False),
     'tokens': (integer(), 'tokens trained on', False),
+    'before_warmdown': (lambda v: type(v) is bool, 'true or false', False),
     'tokenizer': (optional(text), 'a tokenizer name', False),
     'eot_id': (optional(integer()), 'a token id', False),
 }
@@ -2193,6 +2212,45 @@ def restore(c, template, tokenizer=None):
         raise UserError(f'{problems[0] if problems else "checkpoints kept vanishing"}; and no older checkpoint in '
                         f'--out={c.out} loads: move them away to start over, or use a new --out')
     return template, None, {}
+
+
+SCHEDULE_FIELDS = ('steps', 'lr', 'min_lr_frac', 'warmup_steps', 'warmdown_frac', 'warmdown')
+
+
+def lr_history_agrees(saved, c, step):
+    """Whether a run with the settings `saved` (a checkpoint's config) took its first `step`
+    updates at the learning rates c's schedule gives them."""
+    before = dataclasses.replace(c, **{k: saved[k] for k in SCHEDULE_FIELDS if k in saved})
+    steps = np.arange(step)
+    return bool(np.allclose(lr_schedule(steps, before), lr_schedule(steps, c), rtol=1e-6, atol=0))
+
+
+def same_schedule(c, template, state, path, saved):
+    """Resuming with another LR schedule (most often: --steps raised after a finished run, whose
+    last updates decayed the LR). The newest checkpoint whose updates all agree with the new
+    schedule is resumed instead (training keeps one from before each warmdown), said in one line;
+    where none does, a warning says where the LR jumps. -> (state, path, meta) to resume"""
+    step, old = saved['step'], saved['config']
+    if lr_history_agrees(old, c, step):
+        return state, path, saved
+    changed = ', '.join(f'--{k} {old[k]} -> {getattr(c, k)}' for k in SCHEDULE_FIELDS if old.get(k) != getattr(c, k))
+    for earlier, candidate in reversed(list_checkpoints(c.out)):
+        if earlier >= step:
+            continue
+        try:
+            meta = read_checkpoint_meta(candidate)
+            if lr_history_agrees(meta['config'], c, earlier):
+                state = load_checkpoint(candidate, template)
+                say(f'the LR schedule changed ({changed}): training further from {candidate}, the newest checkpoint '
+                    f'whose updates follow the new schedule; those after it are replaced as training passes their steps')
+                return state, candidate, meta
+        except UserError:
+            continue
+    before = dataclasses.replace(c, **{k: old[k] for k in SCHEDULE_FIELDS if k in old})
+    say(f'warning: the LR schedule changed ({changed}) and no checkpoint in {c.out} follows it: step {step} resumes '
+        f'at lr {float(lr_schedule(step, c)):.2e}, where the run before took {float(lr_schedule(step - 1, before)):.2e}',
+        file=sys.stderr)
+    return state, path, saved
 
 
 def load_model(c, explicit):

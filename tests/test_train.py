@@ -170,6 +170,26 @@ def test_training_lowers_loss_and_resume_is_bitwise_exact(byte_data, tmp_path, m
     assert [s for s, _ in tt.list_checkpoints(str(tmp_path / 'full'))] == [4, 8]
 
 
+def test_training_further_continues_from_before_the_warmdown_bitwise(byte_data, tmp_path, capsys):
+    """--steps raised after a finished run: before the fix it resumed from the last checkpoint,
+    whose LR had decayed to min_lr, warmed it back up and the loss jumped, silently. Now it trains
+    on from the checkpoint kept before the warmdown, says so, and ends bitwise equal to a run
+    planned that long from the start."""
+    flags = dict(data=byte_data, ckpt_every=100, log_every=1, eval_every=100, lr=1e-2, keep_ckpts=1)
+    planned = tt.train(tiny_config(**flags, steps=12, out=str(tmp_path / 'planned')))
+    tt.train(tiny_config(**flags, steps=8, out=str(tmp_path / 'further')))
+    assert [s for s, _ in tt.list_checkpoints(str(tmp_path / 'further'))] == [4, 8]  # 4: before the warmdown, kept
+    capsys.readouterr()
+    further = tt.train(tiny_config(**flags, steps=12, out=str(tmp_path / 'further')))
+    out = capsys.readouterr().out
+    assert f'the LR schedule changed (--steps 8 -> 12): training further from {tmp_path / "further" / "ckpt_00000004"}' in out
+    for a, b in zip(jax.tree.leaves(planned), jax.tree.leaves(further)):
+        assert np.array_equal(a, b)
+    tt.train(tiny_config(**{**flags, 'lr': 5e-3}, steps=16, out=str(tmp_path / 'further')))  # none follows this one
+    assert 'warning: the LR schedule changed (--steps 12 -> 16, --lr 0.01 -> 0.005) and no checkpoint' in \
+        capsys.readouterr().err
+
+
 def test_cli_trains_then_samples(byte_data, tmp_path):
     out = str(tmp_path / 'out')
     common = ['--n_layer=2', '--d_model=32', '--n_head=2', '--n_kv_head=1', f'--out={out}']
