@@ -1061,9 +1061,6 @@ def backend(c):
 # blocks above the causal diagonal. Same inputs and outputs as `attention` over positions 0..T-1.
 
 
-# Fused attention kernels never write the T x T scores to memory: they stream blocks of keys
-# past each block of queries, keeping a running softmax (flash attention), and skip the blocks
-# above the causal diagonal. Same inputs and outputs as `attention` over positions 0..T-1.
 def splash_attention(q, k, v, interpret=None):
     """q (B,N,T,H), k and v (B,K,T,H) -> (B,N,T,H) with the Pallas TPU kernel (splash = sparse
     flash). It takes one sequence with one K head for a group of N/K query heads, so it is
