@@ -62,7 +62,7 @@ def usage(source):
             presets = [key.value for key in node.value.keys]
         elif name in ('GPTConfig', 'Config'):
             fields += [(f.target.id, *map(ast.literal_eval, f.value.args)) for f in node.body
-                       if isinstance(f, ast.AnnAssign) and getattr(f.value.func, 'id', None) == '_f']
+                       if isinstance(f.value, ast.Call) and getattr(f.value.func, 'id', None) == '_f']
     column, lines = 34, ['usage: python tinytpu.py [COMMAND] [--name=value ...]', '', 'commands:']
     lines += [f'  {name:<8}{text}' for name, text in commands.items()]
     lines += ['', f'settings, with their defaults (--preset={"|".join(presets)} sets groups of them; '
@@ -83,7 +83,10 @@ if __name__ == '__main__':
     # in one line with exit code 130, and --help answers at once.
     signal.signal(signal.SIGINT, lambda *_: (print('\ninterrupted', file=sys.stderr), os._exit(130)))
     if {'-h', '--help', 'help'} & set(sys.argv[1:]):
-        print(usage(open(__file__, encoding='utf-8').read()))
+        try:
+            print(usage(open(__file__, encoding='utf-8').read()), flush=True)
+        except BrokenPipeError:  # python tinytpu.py --help | head: the reader has what it wanted
+            os.dup2(os.open(os.devnull, os.O_WRONLY), sys.stdout.fileno())
         sys.exit(0)
 
 import jax  # noqa: E402 (after the command line's first moments, above)
