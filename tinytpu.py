@@ -2229,7 +2229,7 @@ def same_schedule(c, template, state, path, saved):
     """Resuming with another LR schedule (most often: --steps raised after a finished run, whose
     last updates decayed the LR). The newest checkpoint whose updates all agree with the new
     schedule is resumed instead (training keeps one from before each warmdown), said in one line;
-    where none does, a warning says where the LR jumps. -> (state, path, meta) to resume"""
+    where none does, a note says where the LR jumps. -> (state, path, meta) to resume"""
     step, old = saved['step'], saved['config']
     if lr_history_agrees(old, c, step):
         return state, path, saved
@@ -2247,9 +2247,8 @@ def same_schedule(c, template, state, path, saved):
         except UserError:
             continue
     before = dataclasses.replace(c, **{k: old[k] for k in SCHEDULE_FIELDS if k in old})
-    say(f'warning: the LR schedule changed ({changed}) and no checkpoint in {c.out} follows it: step {step} resumes '
-        f'at lr {float(lr_schedule(step, c)):.2e}, where the run before took {float(lr_schedule(step - 1, before)):.2e}',
-        file=sys.stderr)
+    say(f'note: the LR schedule changed ({changed}) and no checkpoint in {c.out} follows it: step {step} resumes '
+        f'at lr {float(lr_schedule(step, c)):.2e}, where the run before took {float(lr_schedule(step - 1, before)):.2e}')
     return state, path, saved
 
 

@@ -31,7 +31,8 @@ def test_hourly_price_from_the_table_or_the_flag(monkeypatch):
 def test_cost_in_the_log_and_the_summary(byte_data, tmp_path):
     """$3.6 per hour is $0.001 per second of wall time; resuming carries the time (so the
     dollars) of the earlier run on."""
-    c = tiny_config(data=byte_data, out=str(tmp_path), steps=4, ckpt_every=4, price_per_hour=3.6)
+    c = tiny_config(data=byte_data, out=str(tmp_path), steps=4, ckpt_every=4, price_per_hour=3.6,
+                    warmdown_frac=0.0)  # a constant LR: 6 steps continue the 4-step run from its end
     tt.train(c)
     records = [json.loads(line) for line in open(tmp_path / 'log.jsonl')]
     for r in records[:-1] + [records[-1]['summary']]:

@@ -186,8 +186,8 @@ def test_training_further_continues_from_before_the_warmdown_bitwise(byte_data, 
     for a, b in zip(jax.tree.leaves(planned), jax.tree.leaves(further)):
         assert np.array_equal(a, b)
     tt.train(tiny_config(**{**flags, 'lr': 5e-3}, steps=16, out=str(tmp_path / 'further')))  # none follows this one
-    assert 'warning: the LR schedule changed (--steps 12 -> 16, --lr 0.01 -> 0.005) and no checkpoint' in \
-        capsys.readouterr().err
+    assert 'note: the LR schedule changed (--steps 12 -> 16, --lr 0.01 -> 0.005) and no checkpoint' in \
+        capsys.readouterr().out
 
 
 def test_cli_trains_then_samples(byte_data, tmp_path):
