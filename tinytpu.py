@@ -1717,6 +1717,8 @@ def start_run(c, held):
         say(f'note: {c.steps:,} steps of {c.batch_size} x {c.seq_len} tokens read {seen:,} tokens, {seen / there:.1f} '
             f'times the {there:,} training tokens in {c.data}: the model sees its data more than once')
     c, mesh, device_note = setup_devices(c)
+    if in_bucket(c.out):  # a run kept in a bucket works in a local copy of it, uploaded as it goes
+        c = dataclasses.replace(c, out=held.enter_context(BucketRun(c.out, lead())).local)
     try:
         os.makedirs(c.out, exist_ok=True)
     except OSError as e:
@@ -2323,6 +2325,293 @@ def vocab_from_shards(c, windows):
 
 
 # ----------------------------------------------------------------------------------------------
+# Runs kept in a Cloud Storage bucket (--out=gs://BUCKET/PATH), for spot TPUs and Colab, whose
+# disks go with the machine. The run works in a local copy of the bucket path (local_copy) as in
+# any --out, and each checkpoint it writes is uploaded in the background, state.npz first and its
+# meta.json last: in the bucket as on disk, a checkpoint with a meta.json is whole (meta.json
+# records state.npz's size and SHA-256, checked on loading). On a new VM with an empty disk the
+# same command downloads the newest whole checkpoint and the log, and goes on. One run per bucket
+# path: a lock object, created only where none is, refreshed while the run lives, taken over
+# only when it has gone stale. google-cloud-storage is imported only here.
+
+def in_bucket(path):
+    return path.startswith('gs://')
+
+
+def local_copy(url):
+    """The local directory that stands for gs://BUCKET/PATH: ~/.cache/tinytpu/BUCKET/PATH (or
+    under $XDG_CACHE_HOME)."""
+    cache = os.environ.get('XDG_CACHE_HOME') or os.path.expanduser('~/.cache')
+    return os.path.join(cache, 'tinytpu', *url[len('gs://'):].strip('/').split('/'))
+
+
+class BucketDown(Exception):
+    """The bucket did not answer (network, server errors): worth retrying."""
+
+
+class Bucket:
+    """The objects under gs://BUCKET/PATH, named relative to it. Credentials are the machine's
+    (Application Default Credentials: TPU VMs and Colab have them); with STORAGE_EMULATOR_HOST set
+    the client talks to that emulator. A refusal (permission, no such bucket) is one line naming
+    the bucket; a bucket that does not answer raises BucketDown."""
+
+    def __init__(self, url):
+        try:
+            from google.api_core import exceptions
+            from google.cloud import storage
+        except ImportError:
+            raise UserError(f'{url}: a Cloud Storage path needs an optional extra: pip install google-cloud-storage')
+        name, _, path = url[len('gs://'):].partition('/')
+        if not re.fullmatch(r'[a-z0-9][a-z0-9._-]{1,220}[a-z0-9]', name):
+            raise UserError(f'{url}: not a bucket path; write gs://BUCKET/PATH')
+        self.url, self.prefix, self.errors = url.rstrip('/'), path.strip('/') + '/' if path.strip('/') else '', exceptions
+        try:
+            self.bucket = storage.Client().bucket(name)
+        except Exception as e:  # google.auth's DefaultCredentialsError, a bad project, ...
+            raise UserError(f'{url}: no Google Cloud credentials ({str(e).splitlines()[0][:120]}); on your own machine '
+                            'run `gcloud auth application-default login`')
+
+    def call(self, what, fn, *args, **kw):
+        """fn(*args, **kw), with the client's errors said as tinytpu's."""
+        import requests
+        try:
+            return fn(*args, **kw)
+        except self.errors.Forbidden as e:
+            raise UserError(f'{self.url}: permission denied to {what} ({e.message[:120]}); grant this machine\'s '
+                            'account Storage Object Admin on the bucket')
+        except self.errors.NotFound as e:
+            if 'bucket' in str(e).lower() and 'object' not in str(e).lower():
+                raise UserError(f'{self.url}: no such bucket; create it: gcloud storage buckets create gs://'
+                                f'{self.bucket.name} --location=REGION (the TPU\'s region)')
+            raise
+        except (self.errors.GoogleAPIError, requests.RequestException, OSError) as e:
+            if isinstance(e, (self.errors.PreconditionFailed, FileNotFoundError)):
+                raise
+            raise BucketDown(f'{what}: {type(e).__name__}: {str(e).splitlines()[0][:160] if str(e) else ""}')
+
+    def sizes(self, under=''):
+        """{name: bytes} of the objects under this path (and `under` in it)."""
+        blobs = self.call('list', lambda: list(self.bucket.client.list_blobs(self.bucket, prefix=self.prefix + under)))
+        return {b.name[len(self.prefix):]: b.size for b in blobs}
+
+    def blob(self, name):
+        return self.bucket.blob(self.prefix + name)
+
+    def upload(self, path, name):
+        self.call(f'upload {name}', self.blob(name).upload_from_filename, path)
+
+    def download(self, name, path):
+        """The object `name` into the file `path`, through a temporary file beside it."""
+        tmp = f'{path}.tmp{os.getpid()}'
+        try:
+            self.call(f'download {name}', self.blob(name).download_to_filename, tmp)
+            os.replace(tmp, path)
+        finally:
+            if os.path.exists(tmp):
+                os.remove(tmp)
+
+    def read(self, name):
+        """(bytes, generation) of an object, or (None, 0) where there is none."""
+        blob = self.call(f'read {name}', self.bucket.get_blob, self.prefix + name)
+        try:
+            return (None, 0) if blob is None else (self.call(f'read {name}', blob.download_as_bytes), blob.generation)
+        except self.errors.NotFound:  # deleted between the two
+            return None, 0
+
+    def write(self, name, data, generation=None):
+        """Replace an object by `data` whole; with `generation`, only if it is still that one
+        (0: only if there is none). -> the new generation, or None if the precondition failed."""
+        blob = self.blob(name)
+        try:
+            self.call(f'write {name}', blob.upload_from_string, data, if_generation_match=generation)
+        except self.errors.PreconditionFailed:
+            return None
+        return blob.generation
+
+    def delete(self, name):
+        with contextlib.suppress(self.errors.NotFound):
+            self.call(f'delete {name}', self.blob(name).delete)
+
+
+def bucket_checkpoints(sizes):
+    """{step: [object names]} of the checkpoints in a bucket listing, and which are whole (their
+    meta.json uploaded, which comes last) -> (whole steps, {step: names})"""
+    found = {}
+    for name in sizes:
+        m = re.fullmatch(r'(ckpt_([0-9]+))/[^/]+', name)
+        if m:
+            found.setdefault(int(m[2]), []).append(name)
+    whole = sorted(s for s, names in found.items() if f'ckpt_{s:08d}/meta.json' in names)
+    return whole, found
+
+
+class BucketRun:
+    """Training on --out=gs://...: the lock, the download of what a new VM lacks, and the uploads.
+    Process 0 holds the lock and uploads; every process downloads (each host reads its copy)."""
+    REFRESH, STALE = 30, 120  # seconds between the lock's refreshes; a lock older than STALE is a dead run's
+
+    def __init__(self, url, lead):
+        self.bucket, self.local, self.lead = Bucket(url), local_copy(url), lead
+        self.generation, self.lost, self.uploaded = None, False, set()
+        self.closing, self.uploading = threading.Event(), threading.Lock()
+
+    def __enter__(self):
+        os.makedirs(self.local, exist_ok=True)
+        if self.lead:
+            self.lock()
+        self.download_newest()
+        if self.lead:
+            threading.Thread(target=self.keep_lock, daemon=True).start()
+            threading.Thread(target=self.watch, daemon=True).start()
+        return self
+
+    def __exit__(self, *exc):
+        if self.lead and self.generation:
+            self.finish()
+            with contextlib.suppress(Exception):  # a lock left behind goes stale anyway
+                self.bucket.blob('.lock').delete(if_generation_match=self.generation)
+
+    def lock(self):
+        """Create .lock only where there is none (a generation precondition); a lock refreshed
+        less than STALE seconds ago is a live run's: refuse. A stale one is taken over, and so is
+        one of a process of this machine that is gone (killed, then the same command again)."""
+        me = json.dumps({'host': socket.gethostname(), 'pid': os.getpid(), 'time': time.time()}).encode()
+        data, generation = self.bucket.read('.lock')
+        if data is not None:
+            try:
+                owner = json.loads(data)
+                age = time.time() - float(owner['time'])
+            except (ValueError, KeyError, TypeError):
+                owner, age = {}, math.inf
+            dead_here = owner.get('host') == socket.gethostname() and type(owner.get('pid')) is int and \
+                not process_alive(owner['pid'])
+            if age < self.STALE and not dead_here:
+                raise UserError(f'--out={self.bucket.url} is in use by another training run (host {owner.get("host")}, '
+                                f'pid {owner.get("pid")}, alive {age:.0f}s ago); wait for it to finish, stop it, or choose '
+                                f'another --out (a lock not refreshed for {self.STALE}s is taken over)')
+            say(f'{self.bucket.url}: taking over the lock of a run that stopped' +
+                (' (its process is gone)' if dead_here else f' {age:.0f}s ago'))
+        self.generation = self.bucket.write('.lock', me, generation)
+        if self.generation is None:
+            raise UserError(f'--out={self.bucket.url} was locked by another training run just now; choose another --out')
+
+    def keep_lock(self):
+        """Refresh the lock every REFRESH seconds, only if it is still ours."""
+        while not self.closing.wait(self.REFRESH):
+            me = json.dumps({'host': socket.gethostname(), 'pid': os.getpid(), 'time': time.time()}).encode()
+            try:
+                generation = self.bucket.write('.lock', me, self.generation)
+            except BucketDown:
+                continue  # try again at the next refresh; STALE allows several misses
+            if generation is None:
+                self.lost = True
+                say(f'warning: {self.bucket.url}: another run took the lock over; this run uploads nothing more',
+                    file=sys.stderr)
+                return
+            self.generation = generation
+
+    def download_newest(self):
+        """What a new VM lacks: the bucket's whole checkpoints (the few retention keeps) that the
+        local copy does not hold whole, and the log. Process 0 also removes what a killed upload left (objects of a
+        checkpoint with no meta.json), under the lock."""
+        sizes = self.retry('list the bucket', self.bucket.sizes)
+        whole, found = bucket_checkpoints(sizes)
+        self.uploaded = set(whole)
+        if self.lead:
+            for step, names in found.items():
+                if step not in whole:
+                    for name in names:
+                        self.bucket.delete(name)
+        for step in whole:  # the newest, and those kept beside it (the one before the warmdown)
+            name = f'ckpt_{step:08d}'
+            path = os.path.join(self.local, name)
+            if not (os.path.isdir(path) and checkpoint_is_whole(path)):
+                t = time.time()
+                tmp = os.path.join(self.local, f'.tmp_ckpt_download_{os.getpid()}')
+                shutil.rmtree(tmp, ignore_errors=True)
+                os.makedirs(tmp)
+                for file in ('state.npz', 'meta.json'):
+                    self.retry(f'download {name}/{file}', self.bucket.download, f'{name}/{file}', os.path.join(tmp, file))
+                if os.path.lexists(path):
+                    discard(path)
+                os.rename(tmp, path)
+                say(f'downloaded {name} from {self.bucket.url} ({size(sizes[name + "/state.npz"])} in '
+                    f'{time.time() - t:.1f}s)')
+        if 'log.jsonl' in sizes:
+            self.retry('download log.jsonl', self.bucket.download, 'log.jsonl', os.path.join(self.local, 'log.jsonl'))
+
+    def retry(self, what, fn, *args):
+        """fn(*args), tried again while the bucket does not answer (said, with a growing wait)."""
+        for attempt in itertools.count():
+            try:
+                return fn(*args)
+            except BucketDown as e:
+                wait = min(2 ** attempt, 60)
+                say(f'{self.bucket.url}: could not {what} ({e}); trying again in {wait}s', file=sys.stderr, flush=True)
+                time.sleep(wait)
+
+    def watch(self):
+        """Upload each checkpoint that appears in the local copy (training writes them whole, by a
+        rename), one at a time, in this background thread: training never waits for the network."""
+        while not self.closing.is_set():
+            self.upload_newest()
+            self.closing.wait(1.0)
+
+    def upload_newest(self):
+        """Upload what the local copy keeps and the bucket lacks, the newest first (what a new VM
+        resumes from), one at a time."""
+        with self.uploading:
+            while not self.lost:
+                missing = [path for step, path in list_checkpoints(self.local) if step not in self.uploaded]
+                if not missing or not self.upload(missing[-1]):
+                    return
+
+    def finish(self):
+        """At the run's end (done, a signal, an error): the newest checkpoint and the log into the
+        bucket before the process exits, then the lock released."""
+        self.closing.set()
+        self.upload_newest()
+        log = os.path.join(self.local, 'log.jsonl')
+        if os.path.exists(log) and not self.lost:
+            self.retry('upload log.jsonl', self.bucket.upload, log, 'log.jsonl')
+
+    def upload(self, path):
+        """A checkpoint into the bucket: state.npz, then meta.json (from then on it is whole), then
+        the log (a whole-object rewrite), then the bucket's checkpoints that the local copy no
+        longer keeps are deleted, meta.json first."""
+        name, t = os.path.basename(path), time.time()
+        try:
+            for file in ('state.npz', 'meta.json'):
+                self.retry(f'upload {name}/{file}', self.bucket.upload, os.path.join(path, file), f'{name}/{file}')
+        except FileNotFoundError:
+            return False  # deleted by retention meanwhile: a newer one is there to upload
+        self.uploaded.add(int(name[5:]))
+        log = os.path.join(self.local, 'log.jsonl')
+        if os.path.exists(log):
+            self.retry('upload log.jsonl', self.bucket.upload, log, 'log.jsonl')
+        kept = {step for step, _ in list_checkpoints(self.local)}
+        whole, found = bucket_checkpoints(self.retry('list the bucket', self.bucket.sizes))
+        for step, names in found.items():
+            if step not in kept and step < whole[-1]:
+                for file in sorted(names, key=lambda n: not n.endswith('meta.json')):
+                    self.retry(f'delete {file}', self.bucket.delete, file)
+                self.uploaded.discard(step)
+        say(f'uploaded {name} to {self.bucket.url} in {time.time() - t:.1f}s', flush=True)
+        return True
+
+
+def fetch_run(c):
+    """sample, eval, export, plot with --out=gs://...: the newest whole checkpoint and the log,
+    downloaded into the local copy. -> the config with --out the local copy"""
+    if not in_bucket(c.out):
+        return c
+    if ',' in c.out:
+        raise UserError(f'--out={c.out}: name one bucket path at a time')
+    with BucketRun(c.out, lead=False) as run:
+        return dataclasses.replace(c, out=run.local)
+
+
+# ----------------------------------------------------------------------------------------------
 # Hardware: what a chip can do and what an hour of it costs, for MFU (model FLOPs utilization =
 # achieved model FLOP/s over peak) and for dollars in the log. Matched against
 # jax.devices()[0].device_kind, first match wins. Prices are on-demand list prices per chip-hour
@@ -2513,8 +2802,15 @@ def bench(c):
 
 
 def record_bench(c, r):
-    """Append a bench result to OUT/bench.jsonl, where `plan` finds its MFU."""
-    if jax.process_index() == 0:
+    """Append a bench result to OUT/bench.jsonl, where `plan` finds its MFU (in a bucket: the
+    object rewritten whole, only if no other run rewrote it meanwhile)."""
+    if jax.process_index() == 0 and in_bucket(c.out):
+        bucket = Bucket(c.out)
+        for _ in range(5):
+            data, generation = bucket.read('bench.jsonl')
+            if bucket.write('bench.jsonl', (data or b'') + (json.dumps(r) + '\n').encode(), generation) is not None:
+                return
+    elif jax.process_index() == 0:
         try:
             os.makedirs(c.out, exist_ok=True)
             with open_log(os.path.join(c.out, 'bench.jsonl')) as f:
@@ -2733,9 +3029,13 @@ def bench_mfu(c, chip):
         return r if type(r) is dict and r.get('chip') == chip.name else None
 
     try:
-        with open(os.path.join(c.out, 'bench.jsonl'), encoding='utf-8', errors='replace') as f:
-            mine = [r for r in map(record, f) if r]
-    except OSError:
+        if in_bucket(c.out):
+            lines = (Bucket(c.out).read('bench.jsonl')[0] or b'').decode('utf-8', errors='replace').splitlines()
+        else:
+            with open(os.path.join(c.out, 'bench.jsonl'), encoding='utf-8', errors='replace') as f:
+                lines = f.readlines()
+        mine = [r for r in map(record, lines) if r]
+    except (OSError, BucketDown):
         return None, None
     for key, how in (('mfu', 'measured by bench'), ('est_mfu', "ESTIMATED by bench --topology from libtpu's cost model")):
         found = [r[key] for r in mine if number(1e-6, 1)(r.get(key))]
@@ -2996,6 +3296,7 @@ def plot(c):
     runs = [out for out in c.out.split(',') if out]
     if not runs:
         raise UserError(f'--out={c.out}: name the run directories to draw, --out=A or --out=A,B')
+    runs = [fetch_run(dataclasses.replace(c, out=out)).out for out in runs]  # gs://: their local copies
     path = c.plot_file or os.path.join(runs[0], 'loss.svg')
     kind = os.path.splitext(path)[1].lstrip('.').lower()
     if kind not in ('svg', 'png', 'pdf'):
@@ -3288,11 +3589,11 @@ def main(argv):
         elif command == 'plot':
             plot(c)
         elif command == 'eval':
-            evaluate_task(c, set(flags) - set(MODEL_FIELDS))
+            evaluate_task(fetch_run(c), set(flags) - set(MODEL_FIELDS))
         elif command == 'export':
-            export(c, set(flags) - set(MODEL_FIELDS))
+            export(fetch_run(c), set(flags) - set(MODEL_FIELDS))
         else:
-            sample(c, set(flags) - set(MODEL_FIELDS))
+            sample(fetch_run(c), set(flags) - set(MODEL_FIELDS))
     except (UserError, PrepareError) as e:
         print(f'error: {e}', file=sys.stderr)
         return getattr(e, 'code', 2)

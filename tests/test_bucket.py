@@ -1,0 +1,158 @@
+"""Runs kept in a Cloud Storage bucket (--out=gs://...), against a real GCS API server on
+127.0.0.1 (gcp-storage-emulator): a run killed with its disk lost resumes from the bucket, bitwise;
+half-uploaded checkpoints are never loaded; one run per bucket path; a bucket that stops
+answering is retried. tinytpu is given nothing but STORAGE_EMULATOR_HOST, as a user would."""
+import json
+import os
+import shutil
+import signal
+import socket
+import subprocess
+import sys
+import time
+
+import numpy as np
+import pytest
+
+import tinytpu as tt
+from conftest import ROOT, run_cli, tiny_config
+
+storage = pytest.importorskip('google.cloud.storage', reason='google-cloud-storage is an optional extra')
+emulator = pytest.importorskip('gcp_storage_emulator.server', reason='the tests need gcp-storage-emulator')
+
+TINY = ['--n_layer=2', '--d_model=32', '--n_head=2', '--n_kv_head=1', '--seq_len=16', '--context=16',
+        '--batch_size=4', '--eval_batches=2', '--log_every=2', '--eval_every=50', '--ckpt_every=50', '--lr=3e-3',
+        '--warmup_steps=2']
+
+
+@pytest.fixture
+def bucket(monkeypatch, tmp_path):
+    """A fresh emulator with a bucket `runs`; the environment says where (and where local copies go)."""
+    with socket.socket() as s:
+        s.bind(('127.0.0.1', 0))
+        port = s.getsockname()[1]
+    server = emulator.create_server('localhost', port, in_memory=True, default_bucket='runs')
+    server.start()
+    monkeypatch.setenv('STORAGE_EMULATOR_HOST', f'http://localhost:{port}')
+    monkeypatch.setenv('XDG_CACHE_HOME', str(tmp_path / 'cache'))
+    yield storage.Client().bucket('runs')
+    server.stop()
+
+
+def names(bucket, prefix):
+    return sorted(b.name for b in bucket.client.list_blobs(bucket, prefix=prefix))
+
+
+def cli(data, out, steps, *extra):
+    return [sys.executable, os.path.join(ROOT, 'tinytpu.py'), f'--data={data}', f'--out={out}', f'--steps={steps}',
+            *TINY, *extra]
+
+
+def final_params(out):
+    path = tt.list_checkpoints(out)[-1][1]
+    with np.load(os.path.join(path, 'state.npz')) as f:
+        return {k: f[k] for k in f.files}
+
+
+def losses(out):
+    return [(r['step'], r['loss']) for r in map(json.loads, open(os.path.join(out, 'log.jsonl'))) if 'loss' in r]
+
+
+def test_a_run_killed_with_its_disk_lost_resumes_from_the_bucket_bitwise(byte_data, tmp_path, bucket):
+    steps = 1000
+    r = subprocess.run(cli(byte_data, tmp_path / 'whole', steps), capture_output=True, text=True, cwd=ROOT)
+    assert r.returncode == 0, r.stderr
+    out, local = 'gs://runs/spot/run1', tmp_path / 'cache' / 'tinytpu' / 'runs' / 'spot' / 'run1'
+    p = subprocess.Popen(cli(byte_data, out, steps), stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True, cwd=ROOT)
+    for line in p.stdout:
+        if line.startswith('uploaded ckpt_'):  # the first checkpoint is in the bucket
+            break
+    p.send_signal(signal.SIGKILL)  # no clean-up at all; then the VM is gone with its disk
+    p.communicate(timeout=60)
+    assert p.returncode == -signal.SIGKILL
+    shutil.rmtree(local)
+    r = subprocess.run(cli(byte_data, out, steps), capture_output=True, text=True, cwd=ROOT)
+    assert r.returncode == 0, r.stderr
+    assert 'downloaded ckpt_' in r.stdout and f'uploaded ckpt_{steps:08d} to {out}' in r.stdout
+    a, b = final_params(str(tmp_path / 'whole')), final_params(str(local))
+    assert a.keys() == b.keys() and all(np.array_equal(a[k], b[k]) for k in a)
+    shutil.rmtree(local)  # and what the bucket holds is the whole run: its log too
+    r = run_cli('sample', f'--out={out}', '--max_new_tokens=5')
+    assert r.returncode == 0, r.stderr
+    assert losses(str(tmp_path / 'whole')) == losses(str(local))
+    assert names(bucket, 'spot/run1/') == [f'spot/run1/{n}' for n in (
+        'ckpt_00000500/meta.json', 'ckpt_00000500/state.npz', 'ckpt_00000950/meta.json', 'ckpt_00000950/state.npz',
+        'ckpt_00001000/meta.json', 'ckpt_00001000/state.npz', 'log.jsonl')]  # 500: before the warmdown
+
+
+def test_a_half_uploaded_checkpoint_is_never_loaded_and_is_cleaned(byte_data, tmp_path, bucket, capsys):
+    out = 'gs://runs/half'
+    tt.train(tiny_config(data=byte_data, out=out, steps=4, ckpt_every=4, warmdown_frac=0.0))
+    local = tt.local_copy(out)
+    shutil.rmtree(local)
+    bucket.blob('half/ckpt_00000008/state.npz').upload_from_string(b'the first part of an upload')  # no meta.json
+    capsys.readouterr()
+    tt.train(tiny_config(data=byte_data, out=out, steps=6, ckpt_every=4, warmdown_frac=0.0))
+    assert f'resuming from {os.path.join(local, "ckpt_00000004")}' in capsys.readouterr().out
+    assert 'half/ckpt_00000008/state.npz' not in names(bucket, 'half/')
+
+
+def test_one_run_per_bucket_path_and_a_stale_lock_is_taken_over(byte_data, bucket):
+    out = 'gs://runs/locked'
+    lock = bucket.blob('locked/.lock')
+    lock.upload_from_string(json.dumps({'host': 'vm-1', 'pid': 42, 'time': time.time()}))
+    r = run_cli(f'--data={byte_data}', f'--out={out}', '--steps=2', *TINY)
+    assert r.returncode == 2 and r.stderr.count('\n') == 1, r.stderr
+    assert f'--out={out} is in use by another training run (host vm-1, pid 42' in r.stderr
+    assert names(bucket, 'locked/') == ['locked/.lock']
+    lock.upload_from_string(json.dumps({'host': 'vm-1', 'pid': 42, 'time': time.time() - 3600}))  # a dead VM's
+    r = run_cli(f'--data={byte_data}', f'--out={out}', '--steps=2', *TINY)
+    assert r.returncode == 0 and 'taking over the lock of a run that stopped 36' in r.stdout, r.stderr
+    lock.upload_from_string(json.dumps({'host': socket.gethostname(), 'pid': 2**22 + 7, 'time': time.time()}))
+    r = run_cli(f'--data={byte_data}', f'--out={out}', '--steps=4', *TINY)  # this machine's, its process gone
+    assert r.returncode == 0 and 'taking over the lock of a run that stopped (its process is gone)' in r.stdout, r.stderr
+    assert 'locked/.lock' not in names(bucket, 'locked/')  # released at the end
+
+
+def test_a_bucket_that_stops_answering_is_retried_and_said(byte_data, bucket, monkeypatch, capsys):
+    real, failures = tt.Bucket.upload, []
+
+    def flaky(self, path, name):
+        if len(failures) < 2:
+            failures.append(name)
+            raise tt.BucketDown(f'upload {name}: ConnectionError: the emulator is down')
+        return real(self, path, name)
+
+    monkeypatch.setattr(tt.Bucket, 'upload', flaky)
+    monkeypatch.setattr(tt.time, 'sleep', lambda s: None)  # no real waiting between tries
+    tt.train(tiny_config(data=byte_data, out='gs://runs/flaky', steps=4, ckpt_every=4))
+    err, out = capsys.readouterr()[::-1]
+    assert err.count('could not upload ckpt_00000004/state.npz (upload ckpt_00000004/state.npz: ConnectionError') == 2
+    assert 'trying again in 1s' in err and 'trying again in 2s' in err
+    assert 'uploaded ckpt_00000004 to gs://runs/flaky' in out
+    assert 'flaky/ckpt_00000004/meta.json' in names(bucket, 'flaky/')
+
+
+def test_bench_history_and_plots_in_a_bucket(byte_data, tmp_path, bucket):
+    out = 'gs://runs/hist'
+    tt.record_bench(tiny_config(out=out), {'chip': 'v5e', 'mfu': 0.25})
+    tt.record_bench(tiny_config(out=out), {'chip': 'v5e', 'mfu': 0.3})
+    assert tt.bench_mfu(tiny_config(out=out), tt.chip_named('v5e'))[0] == 0.3
+    pytest.importorskip('matplotlib')
+    tt.train(tiny_config(data=byte_data, out=out, steps=4))
+    shutil.rmtree(tt.local_copy(out))
+    assert tt.main(['plot', f'--out={out}', f'--plot_file={tmp_path / "loss.png"}']) == 0
+    assert (tmp_path / 'loss.png').exists()
+
+
+def test_without_google_cloud_storage_one_line_says_what_to_install(byte_data, monkeypatch, capsys):
+    monkeypatch.setitem(sys.modules, 'google.cloud', None)
+    assert tt.main([f'--data={byte_data}', '--out=gs://runs/x', '--steps=2', *TINY]) == 2
+    err = capsys.readouterr().err.strip().splitlines()
+    assert err == ['error: gs://runs/x: a Cloud Storage path needs an optional extra: pip install google-cloud-storage']
+
+
+def test_a_missing_bucket_is_one_line_naming_it(byte_data, bucket):
+    r = run_cli(f'--data={byte_data}', '--out=gs://no-such-bucket/run', '--steps=2', *TINY)
+    assert r.returncode == 2 and r.stderr.count('\n') == 1, r.stderr
+    assert 'gs://no-such-bucket/run: no such bucket; create it' in r.stderr
