@@ -94,8 +94,9 @@ import jax.numpy as jnp  # noqa: E402
 import numpy as np  # noqa: E402
 from jax.sharding import Mesh, NamedSharding, PartitionSpec as P  # noqa: E402
 
-from prepare import (DATA_META, HEADER_BYTES, PrepareError, file_error, file_sha256, flag_value,  # the companion
-                     get_encoding, integer, number, optional, read_json, read_task, shard_header, text)  # script
+from prepare import (DATA_META, HEADER_BYTES, Bucket, BucketDown, PrepareError, fetch_prepared,  # the companion
+                     file_error, file_sha256, flag_value, get_encoding, in_bucket, integer, local_copy,  # script
+                     number, optional, read_json, read_task, retried, shard_header, text)
 
 
 # ==============================================================================================
@@ -1708,6 +1709,8 @@ def start_run(c, held):
     or resumed), and unless there is nothing left to train, the compiled steps, the validation set,
     the batches and the cost. -> Run"""
     t0 = time.time()
+    if in_bucket(c.data):  # prepared data in a bucket: copied once into a local copy, read there
+        c = dataclasses.replace(c, data=fetch_prepared(c.data))  # every host: each reads its own copy
     train_windows, val_windows, meta = load_data(c)
     if 'vocab_size' in meta:
         c = dataclasses.replace(c, vocab_size=int(meta['vocab_size']))
@@ -2334,105 +2337,6 @@ def vocab_from_shards(c, windows):
 # path: a lock object, created only where none is, refreshed while the run lives, taken over
 # only when it has gone stale. google-cloud-storage is imported only here.
 
-def in_bucket(path):
-    return path.startswith('gs://')
-
-
-def local_copy(url):
-    """The local directory that stands for gs://BUCKET/PATH: ~/.cache/tinytpu/BUCKET/PATH (or
-    under $XDG_CACHE_HOME)."""
-    cache = os.environ.get('XDG_CACHE_HOME') or os.path.expanduser('~/.cache')
-    return os.path.join(cache, 'tinytpu', *url[len('gs://'):].strip('/').split('/'))
-
-
-class BucketDown(Exception):
-    """The bucket did not answer (network, server errors): worth retrying."""
-
-
-class Bucket:
-    """The objects under gs://BUCKET/PATH, named relative to it. Credentials are the machine's
-    (Application Default Credentials: TPU VMs and Colab have them); with STORAGE_EMULATOR_HOST set
-    the client talks to that emulator. A refusal (permission, no such bucket) is one line naming
-    the bucket; a bucket that does not answer raises BucketDown."""
-
-    def __init__(self, url):
-        try:
-            from google.api_core import exceptions
-            from google.cloud import storage
-        except ImportError:
-            raise UserError(f'{url}: a Cloud Storage path needs an optional extra: pip install google-cloud-storage')
-        name, _, path = url[len('gs://'):].partition('/')
-        if not re.fullmatch(r'[a-z0-9][a-z0-9._-]{1,220}[a-z0-9]', name):
-            raise UserError(f'{url}: not a bucket path; write gs://BUCKET/PATH')
-        self.url, self.prefix, self.errors = url.rstrip('/'), path.strip('/') + '/' if path.strip('/') else '', exceptions
-        try:
-            self.bucket = storage.Client().bucket(name)
-        except Exception as e:  # google.auth's DefaultCredentialsError, a bad project, ...
-            raise UserError(f'{url}: no Google Cloud credentials ({str(e).splitlines()[0][:120]}); on your own machine '
-                            'run `gcloud auth application-default login`')
-
-    def call(self, what, fn, *args, **kw):
-        """fn(*args, **kw), with the client's errors said as tinytpu's."""
-        import requests
-        try:
-            return fn(*args, **kw)
-        except self.errors.Forbidden as e:
-            raise UserError(f'{self.url}: permission denied to {what} ({e.message[:120]}); grant this machine\'s '
-                            'account Storage Object Admin on the bucket')
-        except self.errors.NotFound as e:
-            if 'bucket' in str(e).lower() and 'object' not in str(e).lower():
-                raise UserError(f'{self.url}: no such bucket; create it: gcloud storage buckets create gs://'
-                                f'{self.bucket.name} --location=REGION (the TPU\'s region)')
-            raise
-        except (self.errors.GoogleAPIError, requests.RequestException, OSError) as e:
-            if isinstance(e, (self.errors.PreconditionFailed, FileNotFoundError)):
-                raise
-            raise BucketDown(f'{what}: {type(e).__name__}: {str(e).splitlines()[0][:160] if str(e) else ""}')
-
-    def sizes(self, under=''):
-        """{name: bytes} of the objects under this path (and `under` in it)."""
-        blobs = self.call('list', lambda: list(self.bucket.client.list_blobs(self.bucket, prefix=self.prefix + under)))
-        return {b.name[len(self.prefix):]: b.size for b in blobs}
-
-    def blob(self, name):
-        return self.bucket.blob(self.prefix + name)
-
-    def upload(self, path, name):
-        self.call(f'upload {name}', self.blob(name).upload_from_filename, path)
-
-    def download(self, name, path):
-        """The object `name` into the file `path`, through a temporary file beside it."""
-        tmp = f'{path}.tmp{os.getpid()}'
-        try:
-            self.call(f'download {name}', self.blob(name).download_to_filename, tmp)
-            os.replace(tmp, path)
-        finally:
-            if os.path.exists(tmp):
-                os.remove(tmp)
-
-    def read(self, name):
-        """(bytes, generation) of an object, or (None, 0) where there is none."""
-        blob = self.call(f'read {name}', self.bucket.get_blob, self.prefix + name)
-        try:
-            return (None, 0) if blob is None else (self.call(f'read {name}', blob.download_as_bytes), blob.generation)
-        except self.errors.NotFound:  # deleted between the two
-            return None, 0
-
-    def write(self, name, data, generation=None):
-        """Replace an object by `data` whole; with `generation`, only if it is still that one
-        (0: only if there is none). -> the new generation, or None if the precondition failed."""
-        blob = self.blob(name)
-        try:
-            self.call(f'write {name}', blob.upload_from_string, data, if_generation_match=generation)
-        except self.errors.PreconditionFailed:
-            return None
-        return blob.generation
-
-    def delete(self, name):
-        with contextlib.suppress(self.errors.NotFound):
-            self.call(f'delete {name}', self.blob(name).delete)
-
-
 def bucket_checkpoints(sizes):
     """{step: [object names]} of the checkpoints in a bucket listing, and which are whole (their
     meta.json uploaded, which comes last) -> (whole steps, {step: names})"""
@@ -2542,13 +2446,7 @@ class BucketRun:
 
     def retry(self, what, fn, *args):
         """fn(*args), tried again while the bucket does not answer (said, with a growing wait)."""
-        for attempt in itertools.count():
-            try:
-                return fn(*args)
-            except BucketDown as e:
-                wait = min(2 ** attempt, 60)
-                say(f'{self.bucket.url}: could not {what} ({e}); trying again in {wait}s', file=sys.stderr, flush=True)
-                time.sleep(wait)
+        return retried(what, fn, *args, url=self.bucket.url, say=say)
 
     def watch(self):
         """Upload each checkpoint that appears in the local copy (training writes them whole, by a

@@ -156,3 +156,26 @@ def test_a_missing_bucket_is_one_line_naming_it(byte_data, bucket):
     r = run_cli(f'--data={byte_data}', '--out=gs://no-such-bucket/run', '--steps=2', *TINY)
     assert r.returncode == 2 and r.stderr.count('\n') == 1, r.stderr
     assert 'gs://no-such-bucket/run: no such bucket; create it' in r.stderr
+
+
+def test_data_prepared_into_a_bucket_is_copied_once_and_checked(tmp_path, bucket, capsys):
+    """prepare.py --out=gs://... uploads the shards and a meta.json with their SHA-256, last; a VM
+    training on --data=gs://... copies them once, checks each, and trains as on local data."""
+    from conftest import SHAKESPEARE
+    import prepare
+    data = 'gs://runs/data/shakespeare_byte'
+    assert prepare.main(['shakespeare', '--tokenizer=byte', f'--input={SHAKESPEARE}', f'--out={data}']) == 0
+    assert names(bucket, 'data/') == [f'data/shakespeare_byte/{n}' for n in ('meta.json', 'train_000000.bin', 'val_000000.bin')]
+    meta = json.loads(bucket.blob('data/shakespeare_byte/meta.json').download_as_bytes())
+    assert sorted(meta['sha256']) == ['train_000000.bin', 'val_000000.bin']
+    shutil.rmtree(tmp_path / 'cache')  # a new VM
+    capsys.readouterr()
+    tt.train(tiny_config(data=data, out=str(tmp_path / 'run'), steps=2))
+    out = capsys.readouterr().out
+    assert 'copied gs://runs/data/shakespeare_byte/train_000000.bin (2.0 MB' in out
+    tt.train(tiny_config(data=data, out=str(tmp_path / 'run'), steps=4))  # copied once: not again
+    assert 'copied' not in capsys.readouterr().out
+    shutil.rmtree(tmp_path / 'cache')
+    bucket.blob('data/shakespeare_byte/val_000000.bin').upload_from_string(b'\0' * 1024)  # damaged in the bucket
+    with pytest.raises(tt.PrepareError, match='val_000000.bin: its SHA-256 is not the one meta.json records'):
+        tt.train(tiny_config(data=data, out=str(tmp_path / 'run'), steps=6))
