@@ -2333,9 +2333,10 @@ def vocab_from_shards(c, windows):
 # any --out, and each checkpoint it writes is uploaded in the background, state.npz first and its
 # meta.json last: in the bucket as on disk, a checkpoint with a meta.json is whole (meta.json
 # records state.npz's size and SHA-256, checked on loading). On a new VM with an empty disk the
-# same command downloads the newest whole checkpoint and the log, and goes on. One run per bucket
-# path: a lock object, created only where none is, refreshed while the run lives, taken over
-# only when it has gone stale. google-cloud-storage is imported only here.
+# same command downloads the whole checkpoints the run keeps and its log, and goes on. One run per
+# bucket path: a lock object, created only where none is, refreshed while the run lives, taken
+# over only when it has gone stale. The bucket is reached through prepare.py's Bucket
+# (google-cloud-storage, imported only for gs:// paths).
 
 def bucket_checkpoints(sizes):
     """{step: [object names]} of the checkpoints in a bucket listing, and which are whole (their
