@@ -64,14 +64,14 @@ def usage(source):
             fields += [(f.target.id, *map(ast.literal_eval, f.value.args)) for f in node.body
                        if isinstance(f.value, ast.Call) and getattr(f.value.func, 'id', None) == '_f']
     column, lines = 34, ['usage: python tinytpu.py [COMMAND] [--name=value ...]', '', 'commands:']
-    lines += [f'  {name:<8}{text}' for name, text in commands.items()]
+    lines += [f'  {name:<8}{what}' for name, what in commands.items()]
     lines += ['', f'settings, with their defaults (--preset={"|".join(presets)} sets groups of them; '
                   'flags given win):']
-    for name, default, text in fields:
+    for name, default, what in fields:
         shown = str(default).lower() if type(default) is bool else \
             default if type(default) is not str or (default.isprintable() and default.strip()) else repr(default)
         flag = f'  --{name}={shown}'
-        wrapped = textwrap.wrap(text, 100 - column)
+        wrapped = textwrap.wrap(what, 100 - column)
         lines += [flag] if len(flag) >= column else []
         lines += [(f'{flag:<{column}}' if i == 0 and len(flag) < column else ' ' * column) + w
                   for i, w in enumerate(wrapped)]
@@ -619,7 +619,7 @@ def list_checkpoints(out):
     found = []
     for path in glob.glob(os.path.join(out, 'ckpt_*')):
         name = os.path.basename(path)
-        if re.fullmatch('ckpt_[0-9]+', name) and os.path.isdir(path) and os.path.exists(os.path.join(path, 'meta.json')):
+        if re.fullmatch('ckpt_[0-9]+', name) and os.path.isfile(os.path.join(path, 'meta.json')):
             found.append((int(name[5:]), path))
     return sorted(found)
 
@@ -1597,7 +1597,8 @@ def check_fits(compiled, also_resident, what, c, devices=1):
     if not limit and backend(c) == 'cpu':
         need, limit, where = need and need * devices, host_memory(), 'this machine'
     if need is not None and limit and need + also_resident > limit:
-        raise TooBig(f'the {what} step needs {size(need + also_resident)}{"" if where == "this machine" else " per device"} '
+        per = '' if where == 'this machine' else ' per device'
+        raise TooBig(f'the {what} step needs {size(need + also_resident)}{per} '
                      f'with microbatches of {c.batch_size // c.grad_accum} sequences, but {where} has {size(limit)}')
 
 
@@ -2247,13 +2248,14 @@ def same_schedule(c, template, state, path, saved):
             if lr_history_agrees(meta['config'], c, earlier):
                 state = load_checkpoint(candidate, template)
                 say(f'the LR schedule changed ({changed}): training further from {candidate}, the newest checkpoint '
-                    f'whose updates follow the new schedule; those after it are replaced as training passes their steps')
+                    'whose updates follow the new schedule; those after it are replaced as training passes their steps')
                 return state, candidate, meta
         except UserError:
             continue
     before = dataclasses.replace(c, **{k: old[k] for k in SCHEDULE_FIELDS if k in old})
+    now, then = float(lr_schedule(step, c)), float(lr_schedule(step - 1, before))
     say(f'note: the LR schedule changed ({changed}) and no checkpoint in {c.out} follows it: step {step} resumes '
-        f'at lr {float(lr_schedule(step, c)):.2e}, where the run before took {float(lr_schedule(step - 1, before)):.2e}')
+        f'at lr {now:.2e}, where the run before took {then:.2e}')
     return state, path, saved
 
 
@@ -2278,8 +2280,9 @@ def load_model(c, explicit):
     cache = 2 * c.n_layer * c.n_kv_head * c.context * head_dim(c) * jnp.dtype(compute_dtype(c)).itemsize
     limit = device_memory(c) or host_memory()
     if limit and cache > limit / 2:  # --context may grow for sampling too, but its KV cache must fit
-        raise UserError(f'--context={c.context}: its KV cache would take {size(cache)}, but '
-                        f'{"the device" if device_memory(c) else "this machine"} has {size(limit)}; use a smaller --context')
+        where = 'the device' if device_memory(c) else 'this machine'
+        raise UserError(f'--context={c.context}: its KV cache would take {size(cache)}, but {where} has '
+                        f'{size(limit)}; use a smaller --context')
     state, path, meta = restore(c, {'params': jax.eval_shape(lambda: init_params(c, jax.random.key(0)))})
     if not meta.get('tokenizer'):
         raise UserError(f'{path}: the training data had no meta.json naming a tokenizer')
@@ -2391,14 +2394,16 @@ class BucketRun:
             dead_here = owner.get('host') == socket.gethostname() and type(owner.get('pid')) is int and \
                 not process_alive(owner['pid'])
             if age < self.STALE and not dead_here:
-                raise UserError(f'--out={self.bucket.url} is in use by another training run (host {owner.get("host")}, '
-                                f'pid {owner.get("pid")}, alive {age:.0f}s ago); wait for it to finish, stop it, or choose '
-                                f'another --out (a lock not refreshed for {self.STALE}s is taken over)')
+                raise UserError(f'--out={self.bucket.url} is in use by another training run (host '
+                                f'{owner.get("host")}, pid {owner.get("pid")}, alive {age:.0f}s ago); wait for it to '
+                                f'finish, stop it, or choose another --out (a lock not refreshed for {self.STALE}s is '
+                                'taken over)')
             say(f'{self.bucket.url}: taking over the lock of a run that stopped' +
                 (' (its process is gone)' if dead_here else f' {age:.0f}s ago'))
         self.generation = self.bucket.write('.lock', me, generation)
         if self.generation is None:
-            raise UserError(f'--out={self.bucket.url} was locked by another training run just now; choose another --out')
+            raise UserError(f'--out={self.bucket.url} was locked by another training run just now; choose '
+                            'another --out')
 
     def keep_lock(self):
         """Refresh the lock every REFRESH seconds, only if it is still ours."""
@@ -2436,7 +2441,8 @@ class BucketRun:
                 shutil.rmtree(tmp, ignore_errors=True)
                 os.makedirs(tmp)
                 for file in ('state.npz', 'meta.json'):
-                    self.retry(f'download {name}/{file}', self.bucket.download, f'{name}/{file}', os.path.join(tmp, file))
+                    where = os.path.join(tmp, file)
+                    self.retry(f'download {name}/{file}', self.bucket.download, f'{name}/{file}', where)
                 if os.path.lexists(path):
                     discard(path)
                 os.rename(tmp, path)
@@ -3208,9 +3214,10 @@ def plot(c):
     except ImportError:
         raise UserError('plot needs matplotlib, an optional extra: pip install matplotlib')
     logs = {out: read_log(out) for out in runs}
-    if not any(type(r.get(key)) in (int, float) for records in logs.values() for r in records for key in ('loss', 'val_loss')):
-        raise UserError(f'--out={c.out}: no loss recorded yet in {" or ".join(os.path.join(o, "log.jsonl") for o in runs)}; '
-                        'train for --log_every steps at least')
+    losses = [r for records in logs.values() for r in records if {'loss', 'val_loss'} & set(r)]
+    if not any(type(r.get(key)) in (int, float) for r in losses for key in ('loss', 'val_loss')):
+        logs_named = ' or '.join(os.path.join(out, 'log.jsonl') for out in runs)
+        raise UserError(f'--out={c.out}: no loss recorded yet in {logs_named}; train for --log_every steps at least')
     panels = [('loss', 'loss (nats per token)')]
     for key, label in (('val_bpb', 'validation bits per byte'), (f'{c.task}_acc_norm', f'{c.task} acc_norm')):
         if any(key in r for records in logs.values() for r in records):
@@ -3501,7 +3508,7 @@ def main(argv):
         print(message, file=sys.stderr)
         return 128 + signum
     except KeyboardInterrupt:
-        print(f'\ninterrupted; the last checkpoint in --out is intact', file=sys.stderr)
+        print('\ninterrupted; the last checkpoint in --out is intact', file=sys.stderr)
         return 130
     except BrokenPipeError:  # sample | head: the reader has all it wanted
         drop_output(sys.stdout)
