@@ -1,6 +1,6 @@
 """tinytpu: train a small GPT from scratch with pure JAX, on a TPU, a GPU or a laptop CPU.
 
-The file has two parts. Part I is the GPT: config -> model -> loss -> AdamW -> train step ->
+The file has two parts. Part I is the GPT: config -> model -> loss -> AdamW/Muon -> train step ->
 data -> checkpoints -> the training loop -> sampling; read it top to bottom to see how
 pretraining works in JAX. Part II runs it for real: settings and flags, attention kernels,
 devices (FSDP, several hosts), memory, the run's clock and guard, checkpoints that survive
@@ -150,7 +150,10 @@ class GPTConfig:
     warmup_steps: int = _f(100, 'linear warmup steps from 0 to lr')
     warmdown_frac: float = _f(0.5, 'fraction of steps at the end that decay lr to min_lr')
     warmdown: str = _f('cosine', 'warmdown shape: linear or cosine')
-    weight_decay: float = _f(0.1, 'decoupled AdamW weight decay, matrices only')
+    optimizer: str = _f('adamw', "adamw, or muon: Muon for the blocks' matrices, AdamW for the embedding and output")
+    matrix_lr: float = _f(0.02, "muon: peak learning rate of the blocks' matrices (--lr is AdamW's, for the rest)")
+    momentum: float = _f(0.95, "muon: momentum of the matrices' updates (Nesterov)")
+    weight_decay: float = _f(0.1, 'decoupled weight decay (lr * weight_decay * weight each step), every weight')
     beta1: float = _f(0.9, 'AdamW beta1')
     beta2: float = _f(0.99, 'AdamW beta2')
     eps: float = _f(1e-8, 'AdamW epsilon')
@@ -411,11 +414,12 @@ def loss_fn(params, batch, c, gather=None):
 
 
 # ----------------------------------------------------------------------------------------------
-# Optimizer: AdamW written out with jax.tree.map over the parameter tree. Under jit, the update of
-# every weight is traced into one program either way (a Python loop over the leaves gives the
-# same jaxpr); what would be slow is calling a jitted function once per leaf. Semantics match
-# optax.chain(clip_by_global_norm, adamw): bias-corrected moments and decoupled weight decay
-# lr * wd * p, on every weight: all of this model's are matrices (its RMSNorms have no gain).
+# Optimizers: AdamW written out with jax.tree.map over the parameter tree, and Muon (--optimizer=
+# muon) for the blocks' matrices. Under jit, the update of every weight is traced into one program
+# either way (a Python loop over the leaves gives the same jaxpr); what would be slow is calling a
+# jitted function once per leaf. AdamW's semantics match optax.chain(clip_by_global_norm, adamw):
+# bias-corrected moments and decoupled weight decay lr * wd * p, on every weight: all of this
+# model's are matrices (its RMSNorms have no gain).
 
 
 def lr_schedule(step, c):
@@ -447,25 +451,103 @@ def global_norm(tree):
     return jnp.sqrt(sum(jnp.sum(jnp.square(x)) for x in jax.tree.leaves(tree)))
 
 
+def clipped(grads, c):
+    """The gradient scaled to a global norm of at most grad_clip, and its norm before."""
+    grad_norm = global_norm(grads)
+    clip = jnp.minimum(1.0, c.grad_clip / (grad_norm + 1e-12)) if c.grad_clip else 1.0
+    return jax.tree.map(lambda g: g * clip, grads), grad_norm
+
+
+def adamw_leaf(p, g, mu, nu, step, lr, c):
+    """AdamW on one weight: bias-corrected moments, decoupled weight decay. -> p, mu, nu"""
+    b1, b2 = c.beta1, c.beta2
+    mu = b1 * mu + (1 - b1) * g
+    nu = b2 * nu + (1 - b2) * g * g
+    mu_hat, nu_hat = mu / (1 - b1 ** step), nu / (1 - b2 ** step)
+    return p - lr * (mu_hat / (jnp.sqrt(nu_hat) + c.eps) + c.weight_decay * p), mu, nu
+
+
+def unzip(out):
+    """A tree whose leaves are tuples -> a tuple of trees."""
+    return tuple(jax.tree.map(lambda t: t[i], out, is_leaf=lambda t: isinstance(t, tuple)) for i in range(3))
+
+
 def adamw_update(params, grads, opt, lr, c):
     """One AdamW step at learning rate lr, with global-norm clipping. -> new params, new opt state,
     the gradient's norm before clipping."""
-    grad_norm = global_norm(grads)
-    clip = jnp.minimum(1.0, c.grad_clip / (grad_norm + 1e-12)) if c.grad_clip else 1.0
+    grads, grad_norm = clipped(grads, c)
     step = opt['step'] + 1
-    b1, b2 = c.beta1, c.beta2
+    params, mu, nu = unzip(jax.tree.map(lambda p, g, m, v: adamw_leaf(p, g, m, v, step, lr, c),
+                                        params, grads, opt['mu'], opt['nu']))
+    return params, {'step': step, 'mu': mu, 'nu': nu}, grad_norm
 
-    def update(p, g, mu, nu):
-        g = g * clip
-        mu = b1 * mu + (1 - b1) * g
-        nu = b2 * nu + (1 - b2) * g * g
-        mu_hat, nu_hat = mu / (1 - b1 ** step), nu / (1 - b2 ** step)
-        p = p - lr * (mu_hat / (jnp.sqrt(nu_hat) + c.eps) + c.weight_decay * p)
-        return p, mu, nu
 
-    out = jax.tree.map(update, params, grads, opt['mu'], opt['nu'])
-    first = lambda i: jax.tree.map(lambda t: t[i], out, is_leaf=lambda t: isinstance(t, tuple))
-    return first(0), {'step': step, 'mu': first(1), 'nu': first(2)}, grad_norm
+# Muon (Keller Jordan, 2024; modded-nanogpt's speedrun and nanochat train with it): for the blocks'
+# matrices, momentum, then the update matrix replaced by the nearest one whose singular values
+# are all 1 (U V^T of its SVD U S V^T), so that every direction of the update moves at the same
+# rate; a few Newton-Schulz steps compute it without an SVD. The embedding (a lookup) and the
+# output layer stay on AdamW at lr; the matrices get --matrix_lr, on the same schedule.
+
+NEWTON_SCHULZ = (3.4445, -4.7750, 2.0315)  # the quintic's coefficients, from Keller Jordan's Muon
+
+
+def orthogonalize(g, steps=5):
+    """g (..., m, n) -> about U V^T where g = U S V^T: on g / |g|, five steps of
+    x <- a x + (b A + c A^2) x with A = x x^T, in g's dtype, the short side first (A is the small
+    Gram matrix). The iteration pushes every singular value into about [0.7, 1.2], not exactly to
+    1: in practice as good, and cheap in bfloat16."""
+    a, b, c = NEWTON_SCHULZ
+    tall = g.shape[-2] > g.shape[-1]
+    x = jnp.swapaxes(g, -1, -2) if tall else g
+    norm = jnp.sqrt(jnp.sum(jnp.square(x.astype(wide(x.dtype))), (-2, -1), keepdims=True))  # in fp32 at least
+    x = x / (norm + 1e-7).astype(x.dtype)                      # every singular value at most 1
+    for _ in range(steps):
+        A = x @ jnp.swapaxes(x, -1, -2)
+        x = a * x + (b * A + c * A @ A) @ x
+    return jnp.swapaxes(x, -1, -2) if tall else x
+
+
+def muon_direction(name, u, c):
+    """The orthogonalized update of one stacked weight (L, ...), as L matrices (in, out): qkv as
+    three, q, k and v (each its own projection), o as (N*H, D). Each is scaled by
+    sqrt(max(1, out / in)), Muon's rule: an orthogonal matrix's entries shrink as it widens, and
+    this keeps the update's size per output the same for the MLP's 4x wider up projection."""
+    def orth(m):  # (L, in, out)
+        scale = max(1.0, m.shape[-1] / m.shape[-2]) ** 0.5
+        return orthogonalize(m.astype(compute_dtype(c))).astype(m.dtype) * scale
+
+    if name == 'qkv':  # (L, D, J, H): the q, k and v heads
+        L, D, _, H = u.shape
+        parts = jnp.split(u, [c.n_head, c.n_head + c.n_kv_head], axis=2)
+        return jnp.concatenate([orth(p.reshape(L, D, -1)).reshape(p.shape) for p in parts], axis=2)
+    if name == 'o':    # (L, N, H, D)
+        return orth(u.reshape(u.shape[0], -1, u.shape[-1])).reshape(u.shape)
+    return orth(u)     # up, gate (L, D, F); down (L, F, D)
+
+
+def muon_update(params, grads, opt, lr, c):
+    """One step: Muon for the blocks' matrices at lr * matrix_lr / c.lr (the schedule's shape),
+    AdamW at lr for the embedding and output layer; global-norm clipping first, decoupled weight
+    decay on both. opt['mu'] holds Muon's momentum for the matrices (opt['nu'] is AdamW's for the
+    rest; kept for the matrices too, unused, so both optimizers share one state layout). -> as
+    adamw_update"""
+    grads, grad_norm = clipped(grads, c)
+    step = opt['step'] + 1
+    matrix_lr = lr * c.matrix_lr / c.lr
+
+    def muon(name, p, g, m):
+        m = c.momentum * m + (1 - c.momentum) * g     # momentum, an average of past gradients
+        u = (1 - c.momentum) * g + c.momentum * m     # Nesterov: a look one step ahead
+        return p - matrix_lr * (muon_direction(name, u, c) + c.weight_decay * p), m
+
+    new = {'layers': {}}
+    mu, nu = {'layers': {}}, {'layers': opt['nu']['layers']}
+    for name, p in params['layers'].items():
+        new['layers'][name], mu['layers'][name] = muon(name, p, grads['layers'][name], opt['mu']['layers'][name])
+    for name in sorted(params.keys() - {'layers'}):  # embed, unembed
+        new[name], mu[name], nu[name] = adamw_leaf(params[name], grads[name], opt['mu'][name], opt['nu'][name],
+                                                   step, lr, c)
+    return new, {'step': step, 'mu': mu, 'nu': nu}, grad_norm
 
 
 # ----------------------------------------------------------------------------------------------
@@ -479,7 +561,8 @@ def train_step(params, opt, batch, c):
     """batch (grad_accum, micro_batch, seq_len + 1) -> new params, new opt state, stats."""
     loss, grads = on_devices(device_grads, params, batch, c, grads=True)  # batch_grads on every device
     lr = lr_schedule(opt['step'], c)
-    params, opt, grad_norm = adamw_update(params, grads, opt, lr, c)
+    update = muon_update if c.optimizer == 'muon' else adamw_update
+    params, opt, grad_norm = update(params, grads, opt, lr, c)
     return params, opt, {'loss': loss, 'grad_norm': grad_norm, 'lr': lr}
 
 
@@ -1015,6 +1098,9 @@ def setting_checks(c):
     yield c.warmdown in ('linear', 'cosine'), f'--warmdown={c.warmdown}: choose linear or cosine'
     yield (c.weight_decay >= 0 and c.grad_clip >= 0 and c.eps > 0,
            '--weight_decay and --grad_clip must be >= 0, --eps > 0')
+    yield c.optimizer in ('adamw', 'muon'), f'--optimizer={c.optimizer}: choose adamw or muon'
+    yield (c.matrix_lr > 0 and 0 <= c.momentum < 1,
+           f'--matrix_lr must be positive (now {c.matrix_lr}), --momentum in [0, 1) (now {c.momentum})')
     yield 0 <= c.beta1 < 1 and 0 <= c.beta2 < 1, '--beta1 and --beta2 must be in [0, 1)'
     yield (c.dtype in ('auto', 'float32', 'bfloat16') or c.dtype == 'float64' and jax.config.jax_enable_x64,
            f'--dtype={c.dtype}: choose auto, float32 or bfloat16' + (' (float64 needs JAX_ENABLE_X64=1; it is for '
@@ -2191,6 +2277,9 @@ def check_compatible(meta, c, path, tokenizer=None):
         if saved.get(name) != getattr(c, name):
             raise UserError(f'{path} was trained with --{name}={saved.get(name)}, but this run has '
                             f'--{name}={getattr(c, name)}; use the same setting or a new --out')
+    if saved.get('optimizer', 'adamw') != c.optimizer:  # its state (momentum, moments) is the optimizer's own
+        raise UserError(f'{path} was trained with --optimizer={saved.get("optimizer", "adamw")}, but this run has '
+                        f'--optimizer={c.optimizer}; resume with the same optimizer or use a new --out')
 
 
 def restore(c, template, tokenizer=None):
@@ -2228,7 +2317,8 @@ def lr_history_agrees(saved, c, step):
     updates at the learning rates c's schedule gives them."""
     before = dataclasses.replace(c, **{k: saved[k] for k in SCHEDULE_FIELDS if k in saved})
     steps = np.arange(step)
-    return bool(np.allclose(lr_schedule(steps, before), lr_schedule(steps, c), rtol=1e-6, atol=0))
+    same_matrix_lr = c.optimizer != 'muon' or saved.get('matrix_lr', c.matrix_lr) == c.matrix_lr
+    return same_matrix_lr and bool(np.allclose(lr_schedule(steps, before), lr_schedule(steps, c), rtol=1e-6, atol=0))
 
 
 def same_schedule(c, template, state, path, saved):

@@ -63,6 +63,19 @@ def test_eight_devices_match_one(single, fsdp):
     assert_close(losses(d / f'eight_{fsdp}'), reference)
 
 
+@pytest.mark.parametrize('fsdp', ['false', 'true'])
+def test_eight_devices_match_one_with_muon(single, fsdp):
+    """Muon's Newton-Schulz needs whole matrices: with FSDP's sharded ones the compiler gathers
+    them; the losses are one device's either way."""
+    d, _ = single
+    muon = ['--optimizer=muon', '--matrix_lr=0.02']
+    if not (d / 'one_muon').exists():
+        finish(run(d / 'data', d / 'one_muon', 12, '--cpu_devices=1', *muon))
+    finish(run(d / 'data', d / f'eight_muon_{fsdp}', 12, '--cpu_devices=8', f'--fsdp={fsdp}', *muon))
+    assert_close(losses(d / f'eight_muon_{fsdp}'), losses(d / 'one_muon'))
+    assert losses(d / 'one_muon') != single[1]  # really another optimizer
+
+
 def test_fsdp_really_shards_every_weight():
     """Each of 8 devices holds 1/8 of every weight and of its AdamW moments, before and after a
     train step, and the per-device state is 1/8 of the replicated one."""

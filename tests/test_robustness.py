@@ -556,7 +556,8 @@ def test_log_through_a_symlink_is_refused(byte_data, tmp_path):
     assert target.read_text() == 'precious\n'
 
 
-@pytest.mark.parametrize('field, value', [('rope_theta', 500.0), ('logit_softcap', 15.0)])
+@pytest.mark.parametrize('field, value', [('rope_theta', 500.0), ('logit_softcap', 15.0),
+                                         ('optimizer', 'muon')])  # its state is the optimizer's own
 def test_resume_refuses_settings_that_change_what_the_weights_compute(field, value, byte_data, tmp_path):
     c = tiny_config(data=byte_data, out=str(tmp_path), steps=4)
     tt.train(c)

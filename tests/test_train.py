@@ -16,10 +16,12 @@ import tinytpu as tt
 from conftest import ROOT, run_cli, tiny_config, write_shard
 
 
-def test_grad_accumulation_equals_one_big_batch():
+@pytest.mark.parametrize('optimizer', ['adamw', 'muon'])
+def test_grad_accumulation_equals_one_big_batch(optimizer):
     """4 microbatches of 2 give the update of one batch of 8. With eps=1 the first AdamW step
     is ~lr * g (not sign(g), which would amplify rounding in near-zero gradients)."""
-    kw = dict(batch_size=8, eps=1.0, lr=1.0, weight_decay=0.0, grad_clip=0.0, warmup_steps=0)
+    kw = dict(batch_size=8, eps=1.0, lr=1.0, weight_decay=0.0, grad_clip=0.0, warmup_steps=0, optimizer=optimizer,
+              matrix_lr=0.02)
     c1, c4 = tiny_config(grad_accum=1, **kw), tiny_config(grad_accum=4, **kw)
     params = tt.init_params(c1, jax.random.key(0))
     batch = np.asarray(jax.random.randint(jax.random.key(1), (8, 17), 0, c1.vocab_size))
@@ -135,10 +137,11 @@ def test_checkpoint_round_trip_and_retention(tmp_path):
         tt.load_checkpoint(path, {'params': params, 'opt': opt})
 
 
-def test_training_lowers_loss_and_resume_is_bitwise_exact(byte_data, tmp_path, monkeypatch):
+@pytest.mark.parametrize('optimizer', ['adamw', 'muon'])
+def test_training_lowers_loss_and_resume_is_bitwise_exact(byte_data, tmp_path, monkeypatch, optimizer):
     """Train 8 steps in one go; then train the same run, crash it in step 6 (after the step-4
     checkpoint) and re-run it: the logged losses and the final params are bitwise equal."""
-    flags = dict(data=byte_data, steps=8, ckpt_every=4, log_every=1, eval_every=4, lr=1e-2)
+    flags = dict(data=byte_data, steps=8, ckpt_every=4, log_every=1, eval_every=4, lr=1e-2, optimizer=optimizer)
     full = tt.train(tiny_config(**flags, out=str(tmp_path / 'full')))
     compile_step, calls = tt.compile_step, []
 
