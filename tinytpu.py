@@ -761,22 +761,6 @@ def load_checkpoint(path, template):
     return state  # host arrays
 
 
-def npz_problem(f, want):
-    """What makes an open npz file (np.load's) not hold exactly the arrays `want` names, {name:
-    (shape, dtype)}, read from each array's header alone, or None."""
-    for name, (shape, dtype) in want.items():
-        if name + '.npy' not in f.zip.namelist():
-            return f'no array {name}'
-        with f.zip.open(name + '.npy') as member:
-            version = np.lib.format.read_magic(member)
-            header = np.lib.format.read_array_header_1_0 if version == (1, 0) else np.lib.format.read_array_header_2_0
-            got_shape, _, got_dtype = header(member)
-        if (got_shape, got_dtype) != (shape, dtype):
-            return (f'array {name} is {got_dtype}{list(got_shape)}, but the model has {dtype}{list(shape)}; '
-                    'it was not written by this model')
-    return None
-
-
 # ----------------------------------------------------------------------------------------------
 # Training loop: start (Part II's start_run: data, devices, state, compiled steps), then step by
 # step: a batch, a step, a log line, an evaluation, a checkpoint. The clock (Meter) and the
@@ -2229,6 +2213,22 @@ def checkpoint_files(path):
         if os.path.islink(p):
             raise UserError(f'{p} is a symbolic link; refusing to load checkpoints through links')
     return files
+
+
+def npz_problem(f, want):
+    """What makes an open npz file (np.load's) not hold exactly the arrays `want` names, {name:
+    (shape, dtype)}, read from each array's header alone, or None."""
+    for name, (shape, dtype) in want.items():
+        if name + '.npy' not in f.zip.namelist():
+            return f'no array {name}'
+        with f.zip.open(name + '.npy') as member:
+            version = np.lib.format.read_magic(member)
+            header = np.lib.format.read_array_header_1_0 if version == (1, 0) else np.lib.format.read_array_header_2_0
+            got_shape, _, got_dtype = header(member)
+        if (got_shape, got_dtype) != (shape, dtype):
+            return (f'array {name} is {got_dtype}{list(got_shape)}, but the model has {dtype}{list(shape)}; '
+                    'it was not written by this model')
+    return None
 
 
 CHECKPOINT_META = {  # field: (test, what it must be, required); prepare.field_problem checks them
