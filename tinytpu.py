@@ -552,8 +552,8 @@ def muon_update(params, grads, opt, lr, c):
 
 # ----------------------------------------------------------------------------------------------
 # Train step: one jit-compiled function, with the params and optimizer state donated (updated in
-# place, no second copy): the gradient of a batch (batch_grads), then an AdamW update. On several
-# devices on_devices (Part II) runs it on each device's rows of the batch and combines them.
+# place, no second copy): the gradient of a batch (batch_grads), then an AdamW or Muon update. On
+# several devices on_devices (Part II) runs it on each device's rows of the batch and combines them.
 
 
 @partial(jax.jit, static_argnames='c', donate_argnums=(0, 1))
