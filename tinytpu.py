@@ -2473,7 +2473,7 @@ class BucketRun:
         """Create .lock only where there is none (a generation precondition); a lock refreshed
         less than STALE seconds ago is a live run's: refuse. A stale one is taken over, and so is
         one of a process of this machine that is gone (killed, then the same command again)."""
-        me = json.dumps({'host': socket.gethostname(), 'pid': os.getpid(), 'time': time.time()}).encode()
+        me = self.holder()
         data, generation = self.bucket.read('.lock')
         if data is not None:
             try:
@@ -2495,10 +2495,15 @@ class BucketRun:
             raise UserError(f'--out={self.bucket.url} was locked by another training run just now; choose '
                             'another --out')
 
+    @staticmethod
+    def holder():
+        """The lock object's contents: who holds it, and when it was last refreshed."""
+        return json.dumps({'host': socket.gethostname(), 'pid': os.getpid(), 'time': time.time()}).encode()
+
     def keep_lock(self):
         """Refresh the lock every REFRESH seconds, only if it is still ours."""
         while not self.closing.wait(self.REFRESH):
-            me = json.dumps({'host': socket.gethostname(), 'pid': os.getpid(), 'time': time.time()}).encode()
+            me = self.holder()
             try:
                 generation = self.bucket.write('.lock', me, self.generation)
             except BucketDown:
