@@ -943,7 +943,9 @@ class Config(GPTConfig):
     topology: str = _f('', 'bench: compile for this TPU slice without one (v5e:1x1, v6e:2x4, v5p:2x2x1) and '
                            'print its memory and the compiler-estimated speed; needs pip install "jax[tpu]"')
     peak_flops: float = _f(0.0, 'peak FLOP/s per chip for MFU; 0 = from the hardware table (CPU: measured)')
-    price_per_hour: float = _f(0.0, 'dollars per chip-hour (CPU: per machine-hour); 0 = the on-demand list price')
+    price_per_hour: float = _f(0.0, 'dollars per chip-hour (CPU: per machine-hour); 0 = the list price')
+    spot: bool = _f(False, "price the run at the chip's spot list price (a spot TPU VM, which can be taken away "
+                           'at any time: keep the run in a bucket, --out=gs://...) instead of on-demand')
     # planning (python tinytpu.py plan)
     budget: float = _f(0.0, 'plan: dollars to spend on one training run')
     hardware: str = _f('', 'plan: chip to plan for (v6e, v5e, v5p, v4, h100, h200, a100); default: this one')
@@ -2614,8 +2616,9 @@ def fetch_run(c):
 # ----------------------------------------------------------------------------------------------
 # Hardware: what a chip can do and what an hour of it costs, for MFU (model FLOPs utilization =
 # achieved model FLOP/s over peak) and for dollars in the log. Matched against
-# jax.devices()[0].device_kind, first match wins. Prices are on-demand list prices per chip-hour
-# and change over time and by region: pass --price_per_hour to use what you actually pay.
+# jax.devices()[0].device_kind, first match wins. Prices are list prices per chip-hour, on-demand
+# and spot (--spot); they change over time and by region (spot prices up to once a day): pass
+# --price_per_hour to use what you actually pay.
 
 
 @dataclass(frozen=True)
@@ -2627,6 +2630,7 @@ class Chip:
     memory: float    # bytes of HBM per chip
     clock: float = 0.0  # TPUs: Hz, to turn the compiler's cycle estimates into seconds
     ici: float = 0.0    # TPUs: bytes/s one chip sends over its inter-chip links
+    spot: float = 0.0   # spot (preemptible) dollars per chip-hour (0 = no list price known)
 
 
 GiB = 2 ** 30
@@ -2640,13 +2644,17 @@ CHIPS = [
     # cycle of the matrix units (4 MXUs per core, 256x256 on v6e and 128x128 before, 2 cores on v5p
     # and v4, 2 FLOPs per multiply-add): v6e 918e12 / (4 * 256^2 * 2) = 1.75 GHz. libtpu's cost
     # model agrees: it estimates a 4096^3 bf16 matmul at 87-97% of these FLOPs per cycle.
-    Chip('v6e', 'TPU v6', 918e12, 2.70, 32 * GiB, clock=918e12 / (4 * 256**2 * 2), ici=3584e9 / 8),
-    Chip('v5e', 'TPU v5 lite', 197e12, 1.20, 16 * GiB, clock=197e12 / (4 * 128**2 * 2), ici=1600e9 / 8),
-    Chip('v5p', 'TPU v5', 459e12, 4.20, 95 * GiB, clock=459e12 / (2 * 4 * 128**2 * 2), ici=4800e9 / 8),
-    Chip('v4', 'TPU v4', 275e12, 3.22, 32 * GiB, clock=275e12 / (2 * 4 * 128**2 * 2), ici=2400e9 / 8),
+    # spot: SkyPilot's GCP catalog (github.com/skypilot-org/skypilot-catalog, catalogs/v7/gcp/vms.csv
+    # at commit 017e250, which it builds from Google's billing catalog), the same regions as the
+    # on-demand prices, per chip (a v4-8 or v5p-8 is 4 chips): 24% of on-demand (v6e), 39% (v5e),
+    # 37% (v5p), 29% (v4). A spot price holds for a day at least (cloud.google.com/spot-vms/pricing).
+    Chip('v6e', 'TPU v6', 918e12, 2.70, 32 * GiB, clock=918e12 / (4 * 256**2 * 2), ici=3584e9 / 8, spot=0.6483),
+    Chip('v5e', 'TPU v5 lite', 197e12, 1.20, 16 * GiB, clock=197e12 / (4 * 128**2 * 2), ici=1600e9 / 8, spot=0.4692),
+    Chip('v5p', 'TPU v5', 459e12, 4.20, 95 * GiB, clock=459e12 / (2 * 4 * 128**2 * 2), ici=4800e9 / 8, spot=1.5601),
+    Chip('v4', 'TPU v4', 275e12, 3.22, 32 * GiB, clock=275e12 / (2 * 4 * 128**2 * 2), ici=2400e9 / 8, spot=0.9215),
     # peak and memory: NVIDIA's H100, H200 and A100 datasheets (dense, without sparsity);
     # price: runpod.io/pricing (Secure Cloud on-demand, per GPU-hour; SXM parts). No list price
-    # is kept for the H100 PCIe: pass --price_per_hour.
+    # is kept for the H100 PCIe, nor a spot price for any GPU: pass --price_per_hour.
     Chip('h100-pcie', 'H100 PCIe', 756e12, 0.0, 80 * GiB),
     Chip('h100', 'H100', 989e12, 2.69, 80 * GiB),
     Chip('h200', 'H200', 989e12, 3.59, 141 * GiB),
@@ -2711,15 +2719,21 @@ def hardware_peak(c, n_devices=1):
     return 2 * n ** 3 / min(times)
 
 
+def list_price(chip, spot):
+    """(a chip's list price per chip-hour, on-demand or spot, and which it is); 0 when none is kept."""
+    return (chip.spot if spot else chip.price), f"{chip.name} {'spot' if spot else 'on-demand'} list price"
+
+
 def hourly_price(c, mesh):
     """(dollars per hour for the whole run, where the number comes from), or (None, why not)."""
     chips, chip = chip_count(mesh), this_chip()
     unit = 'machine' if jax.default_backend() == 'cpu' else 'chip'
     if c.price_per_hour:
         return c.price_per_hour * chips, f'{chips} {unit}(s) x ${c.price_per_hour:g}/{unit}-hour (--price_per_hour)'
-    if chip and chip.price:
-        return chip.price * chips, f'{chips} chips x ${chip.price:g}/chip-hour ({chip.name} on-demand list price)'
-    return None, 'no price for this hardware; pass --price_per_hour to see dollars'
+    if chip and list_price(chip, c.spot)[0]:
+        each, what = list_price(chip, c.spot)
+        return each * chips, f'{chips} chips x ${each:g}/chip-hour ({what})'
+    return None, f"no {'spot ' if c.spot else ''}price for this hardware; pass --price_per_hour to see dollars"
 
 
 def dollars(x):
@@ -2970,7 +2984,8 @@ def bench_topology(c):
          'est_ms_xla': 1000 * est['xla_seconds'], 'est_ms_kernels': 1000 * est['kernel_seconds'],
          'est_ms_collectives': 1000 * est['collective_seconds'],
          'collective_bytes_per_step': est['collective_bytes'], 'flops_per_token': flops}
-    price = chip.price * mesh.size
+    per_million = {what: dollars(each * mesh.size / 3600 / tokens_per_sec * 1e6) + f' at ${each:g}/chip-hour {what}'
+                   for what, each in (('on-demand', chip.price), ('spot', chip.spot)) if each}
     say(f"bench | {c.preset} | compiled for {c.topology}: {mesh.size} x {chip.name} ({mesh.devices.flat[0].device_kind}) "
         f"| {r['params'] / 1e6:.2f}M params | {device_note} | compile {compile_s:.1f}s (not run)")
     say(f"memory per device: train step {size(train_bytes)}, eval step {size(eval_bytes)} of {size(chip.memory)} HBM "
@@ -2979,8 +2994,7 @@ def bench_topology(c):
     say(f"ESTIMATE (libtpu's cost model, not a measurement): {r['est_ms_per_step']:.1f} ms/step "
         f"(XLA ops {r['est_ms_xla']:.1f} + Pallas kernels {r['est_ms_kernels']:.1f} at {KERNEL_EFFICIENCY:.0%} of peak "
         f"+ collectives {r['est_ms_collectives']:.1f}, {size(r['collective_bytes_per_step'])} per chip) "
-        f"| {tokens_per_sec:,.0f} tok/s | MFU {r['est_mfu']:.1%} | {dollars(price / 3600 / tokens_per_sec * 1e6)} "
-        f"per million tokens at ${chip.price:g}/chip-hour")
+        f"| {tokens_per_sec:,.0f} tok/s | MFU {r['est_mfu']:.1%} | per million tokens: {', '.join(per_million.values())}")
     say('costliest XLA ops (estimated ms per step; output type and the JAX operation they come from):')
     for source, seconds in est['costliest']:
         say(f'  {1000 * seconds:8.1f} ms  {source[:150]}')
@@ -3063,9 +3077,9 @@ def make_plan(c, chip):
     if c.chips > c.batch_size:
         raise UserError(f'--chips={c.chips} is more than the {c.batch_size} sequences of a step (--batch_size): each '
                         'chip needs at least one; plan for fewer chips or a larger --batch_size')
-    price = c.price_per_hour or chip.price
+    price, _ = (c.price_per_hour, '') if c.price_per_hour else list_price(chip, c.spot)
     if not price:
-        raise UserError(f'no list price for {chip.name}; pass --price_per_hour=DOLLARS')
+        raise UserError(f"no {'spot ' if c.spot else ''}list price for {chip.name}; pass --price_per_hour=DOLLARS")
     peak = c.peak_flops or chip.peak
     mfu, mfu_source = (c.mfu, '--mfu') if c.mfu else bench_mfu(c, chip)
     if not mfu:
@@ -3101,6 +3115,8 @@ def plan(c):
              'n_kv_head': m.n_kv_head, 'd_head': m.d_head, 'd_ff': m.d_ff, 'mlp': m.mlp, 'steps': p['steps']}
     if p['steps'] < 10 * c.warmup_steps:  # short runs: warm up for a tenth of them
         flags['warmup_steps'] = max(1, p['steps'] // 10)
+    if c.spot and not c.price_per_hour:
+        flags['spot'] = 'true'  # the run's log prices it the same way
     flags['out'] = f"out/plan_{chip.name}_{round(c.budget)}usd"
     state = 12 * param_count(m) / c.chips  # fp32 p, mu, nu
     say(f"plan | {dollars(c.budget)} on {chip.name} at ${p['price']:g}/chip-hour = {p['chip_hours']:,.1f} chip-hours "
@@ -3113,6 +3129,19 @@ def plan(c):
     fits = state < 0.5 * chip.memory
     say(f"memory| params + AdamW {state / 2**30:,.1f} GiB per chip of {chip.memory / 2**30:g} GiB"
         + ('' if fits else ' -- too much for activations too: plan for more --chips (FSDP splits it)'))
+    if chip.price and chip.spot and not c.price_per_hour:
+        say(f'price | the same {dollars(c.budget)} at each list price of {chip.name} (--spot plans for spot):')
+        for spot in (False, True):
+            each, what = list_price(chip, spot)
+            try:
+                q = make_plan(dataclasses.replace(c, spot=spot), chip)
+                buys = (f"{q['chip_hours']:,.1f} chip-hours -> {q['config'].n_layer} layers x {q['config'].d_model}, "
+                        f"{q['params'] / 1e6:,.1f}M params, {q['steps']:,} steps, {q['hours']:,.1f} hours")
+            except UserError:
+                buys = 'too little for the smallest model'
+            say(f"      | {what.split()[1]:9} ${each:g}/chip-hour: {buys}" + ('  <- this plan' if spot == c.spot else '')
+                + ('  (plus restarts: spot TPUs are taken away without warning; keep the run in a bucket, '
+                   '--out=gs://...)' if spot else ''))
     data_tokens = {'data/fineweb10B': 10e9}.get(c.data)
     if data_tokens and p['tokens'] > data_tokens:
         say(f'data  | {p["tokens"] / data_tokens:.1f} passes over the 10B-token FineWeb sample (repeated data '

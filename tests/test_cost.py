@@ -26,6 +26,18 @@ def test_hourly_price_from_the_table_or_the_flag(monkeypatch):
     monkeypatch.setattr(tt, 'this_chip', lambda kind=None: tt.CHIPS[0])
     price, note = tt.hourly_price(tiny_config(), mesh)
     assert price == tt.CHIPS[0].price and 'v6e on-demand list price' in note
+    price, note = tt.hourly_price(tiny_config(spot=True), mesh)
+    assert price == 0.6483 and note == '1 chips x $0.6483/chip-hour (v6e spot list price)'
+    assert tt.hourly_price(tiny_config(spot=True, price_per_hour=0.5), mesh)[0] == 0.5  # the flag still wins
+    monkeypatch.setattr(tt, 'this_chip', lambda kind=None: tt.chip_named('h100'))
+    price, note = tt.hourly_price(tiny_config(spot=True), mesh)
+    assert price is None and note.startswith('no spot price') and '--price_per_hour' in note
+
+
+def test_every_tpu_has_a_spot_price_below_its_on_demand_one():
+    for chip in tt.CHIPS:
+        assert 0 <= chip.spot < chip.price or not chip.price, chip.name
+        assert chip.spot or not chip.clock, f'{chip.name}: a TPU without a spot price'
 
 
 def test_cost_in_the_log_and_the_summary(byte_data, tmp_path):
@@ -114,11 +126,34 @@ def test_plan_command_prints_a_runnable_command(tmp_path):
     assert f'(after python prepare.py fineweb10B --shards={shards}):' in r.stdout and shards > 1
 
 
+def test_plan_shows_on_demand_and_spot_side_by_side():
+    """Both list prices, the chosen one marked; --spot plans the larger model the cheaper hours buy
+    and passes --spot on, so the run's log prices its hours the same way."""
+    on_demand, spot = (run_cli('plan', '--budget=50', '--hardware=v5e', *extra) for extra in ([], ['--spot=true']))
+    for r in (on_demand, spot):
+        assert r.returncode == 0, r.stderr
+        assert '| on-demand $1.2/chip-hour: 41.7 chip-hours' in r.stdout
+        assert '| spot      $0.4692/chip-hour: 106.6 chip-hours' in r.stdout
+    assert on_demand.stdout.count('<- this plan') == spot.stdout.count('<- this plan') == 1
+    assert 'on-demand $1.2/chip-hour: 41.7 chip-hours' in on_demand.stdout.split('<- this plan')[0].splitlines()[-1]
+    assert 'spot      $0.4692' in spot.stdout.split('<- this plan')[0].splitlines()[-1]
+    command = spot.stdout.strip().splitlines()[-1].split()
+    assert '--spot=true' in command and '--spot=true' not in on_demand.stdout.strip().splitlines()[-1]
+    c = tt.validate(tt.make_config(tt.parse_flags(command[2:])))
+    expected = tt.make_plan(tt.validate(tt.make_config({'budget': 50.0, 'hardware': 'v5e', 'spot': True}, 'tpu')),
+                            tt.chip_named('v5e'))
+    assert expected['price'] == 0.4692 and expected['chip_hours'] == pytest.approx(50 / 0.4692)
+    assert c.spot and c.steps == expected['steps'] and tt.matmul_params(c) == expected['params']
+    cheaper = tt.make_plan(tt.validate(tt.make_config({'budget': 50.0, 'hardware': 'v5e'}, 'tpu')), tt.chip_named('v5e'))
+    assert expected['params'] > cheaper['params']
+
+
 @pytest.mark.parametrize('args, message', [
     (['--budget=0.001', '--hardware=v6e'], '--budget=0.001: too small'),
     (['--budget=10', '--hardware=tpu9'], '--hardware=tpu9: unknown chip'),
     (['--budget=10'], 'is not in the hardware table'),
     (['--budget=10', '--hardware=h100-pcie'], 'pass --price_per_hour'),
+    (['--budget=10', '--hardware=h100', '--spot=true'], 'no spot list price for h100; pass --price_per_hour'),
     (['--budget=5', '--hardware=v6e', '--chips=1000000'], '--chips=1000000 is more than the 64 sequences of a step'),
 ])
 def test_plan_errors_are_one_line(args, message):

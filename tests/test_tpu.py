@@ -137,4 +137,7 @@ def test_tpu_preset_train_and_eval_steps_fit_a_v5e(tmp_path):
     assert result['est_ms_per_step'] > 0 and 0 < result['est_mfu'] < 1
     assert result['est_tokens_per_sec'] == pytest.approx(64 * 2048 / result['est_ms_per_step'] * 1000)
     assert 'ESTIMATE' in r.stdout and 'not a measurement' in r.stdout
+    dollars = lambda price: f"${price / 3600 / result['est_tokens_per_sec'] * 1e6:.2g}"  # per million tokens
+    assert (f"per million tokens: {dollars(1.2)} at $1.2/chip-hour on-demand, {dollars(0.4692)} at $0.4692/chip-hour "
+            'spot') in r.stdout
     assert json.loads((tmp_path / 'bench.jsonl').read_text().splitlines()[-1])['est_mfu'] == result['est_mfu']
