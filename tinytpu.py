@@ -512,9 +512,9 @@ def muon_direction(name, u, c):
     three, q, k and v (each its own projection), o as (N*H, D). Each is scaled by
     sqrt(max(1, out / in)), Muon's rule: an orthogonal matrix's entries shrink as it widens, and
     this keeps the update's size per output the same for the MLP's 4x wider up projection."""
-    def orth(m):  # (L, in, out)
+    def orth(m):  # (L, in, out); on several devices each orthogonalizes its share of the L (Part II)
         scale = max(1.0, m.shape[-1] / m.shape[-2]) ** 0.5
-        return orthogonalize(m.astype(compute_dtype(c))).astype(m.dtype) * scale
+        return orthogonalize(share_layers(m.astype(compute_dtype(c)))).astype(m.dtype) * scale
 
     if name == 'qkv':  # (L, D, J, H): the q, k and v heads
         L, D, _, H = u.shape
@@ -1463,6 +1463,15 @@ def on_devices(fn, params, batches, c, grads=False):
                          out_specs=(P(), specs) if grads else P(), check_vma=False)(params, batches)
 
 
+def share_layers(x):
+    """A stack of L matrices (L, m, n) split over the devices along L when a mesh of several is
+    set: Muon's Newton-Schulz steps then run on each device for its share of the layers, not on
+    every device for all of them (modded-nanogpt does the same by hand), and XLA moves the
+    matrices there and the results back (all-to-all and all-gather)."""
+    mesh = jax.sharding.get_abstract_mesh()
+    return x if mesh.empty or mesh.size == 1 else jax.lax.with_sharding_constraint(x, P('data'))
+
+
 def device_grads(params, batch, c, gather, axis):
     """One device's part of a step (under on_devices): batch_grads of the rows it holds, then
     combined over the devices once: data parallel sums the gradients in one all-reduce per step,
@@ -1680,8 +1689,11 @@ def compile_step(params, opt, mesh, c):
     rather than an out-of-memory crash mid-run."""
     batch = jax.ShapeDtypeStruct((c.grad_accum, c.batch_size // c.grad_accum, c.seq_len + 1), jnp.int32,
                                  sharding=batch_sharding(mesh, 3))
+    state = state_shardings(c, mesh)  # the new state comes out sharded as the old went in (Muon's
+    pinned = jax.jit(train_step, static_argnames='c', donate_argnums=(0, 1),  # shares would spread it)
+                     out_shardings=(state['params'], state['opt'], NamedSharding(mesh, P())))
     with jax.set_mesh(mesh):
-        step = train_step.lower(params, opt, batch, c).compile()
+        step = pinned.lower(params, opt, batch, c).compile()
     check_fits(step, 0, 'train', c, len(mesh.local_devices))
     return step
 

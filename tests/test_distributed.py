@@ -64,14 +64,18 @@ def test_eight_devices_match_one(single, fsdp):
 
 
 def test_eight_devices_match_one_with_muon(single):
-    """Muon's Newton-Schulz needs whole matrices: with FSDP's sharded ones the compiler gathers
-    them (data parallel devices hold them whole: the single device's code); the losses are one
-    device's."""
+    """Muon's Newton-Schulz needs whole matrices, and each device orthogonalizes a share of the
+    layers (share_layers): the compiler moves FSDP's shards, or data parallel's whole matrices,
+    there and the results back; 2 layers over 8 devices leaves some with none. The losses are
+    one device's either way."""
     d, _ = single
     muon = ['--optimizer=muon', '--matrix_lr=0.02']
     finish(run(d / 'data', d / 'one_muon', 12, '--cpu_devices=1', *muon))
-    finish(run(d / 'data', d / 'eight_muon', 12, '--cpu_devices=8', '--fsdp=true', *muon))
-    assert_close(losses(d / 'eight_muon'), losses(d / 'one_muon'))
+    runs = {f'{n}_{fsdp}': run(d / 'data', d / f'muon_{n}_{fsdp}', 12, f'--cpu_devices={n}', f'--fsdp={fsdp}', *muon)
+            for n, fsdp in ((8, 'false'), (8, 'true'), (2, 'false'))}  # 2: a layer each, evenly
+    for name, p in runs.items():
+        finish(p)
+        assert_close(losses(d / f'muon_{name}'), losses(d / 'one_muon'))
     assert losses(d / 'one_muon') != single[1]  # really another optimizer
 
 
