@@ -1158,11 +1158,16 @@ def splash_attention(q, k, v, interpret=None):
     return jax.vmap(jax.vmap(kernel))(q, k, v).reshape(B, N, T, H)
 
 
+# Splash's block length, chosen by measurement on a real chip (libtpu's estimate cannot see inside
+# a Pallas kernel): one layer's attention, forward and backward, on a v6e, by tpuchat's author
+# (heads of 128, 2048 positions), in ms per block length. 1024 was fastest, though it computes more
+# of the masked triangle (3 of 4 blocks against 10 of 16 at 512).
+SPLASH_BLOCK_MS = {256: 2.13, 512: 1.44, 1024: 1.35, 2048: 1.42}
+
+
 def splash_block(T):
-    """Query and key block length of the splash kernel: the largest of 512, 256, 128 dividing T.
-    (tpuchat measured 1024 about 5% faster on a real v6e, for heads of 128; libtpu's estimate
-    cannot see inside the kernel, and counts the extra masked FLOPs of larger blocks.)"""
-    return max(b for b in (512, 256, 128) if T % b == 0)
+    """Query and key block length of the splash kernel: the largest of 1024, 512, 256, 128 dividing T."""
+    return max(b for b in (1024, 512, 256, 128) if T % b == 0)
 
 
 def cudnn_attention(q, k, v, implementation='cudnn'):
@@ -2860,6 +2865,14 @@ def record_bench(c, r):
 
 KERNEL_EFFICIENCY = 0.5  # an assumption: flash kernels reach roughly half of peak; see docs/performance.md
 
+# How much faster than estimated a real chip ran: tpuchat's own step (the revision its author
+# measured), rebuilt in plain JAX and compiled with the same libtpu, was estimated at 410.2 ms on a
+# v6e and 1,191.9 ms on a v5e and measured at ~301 and ~881 ms. A PROJECTION divides an estimate
+# by this; over 13 measured configurations of that code the factor was 1.26-1.45 (about +-7%).
+# Other chips and several chips are uncalibrated.
+CALIBRATION = {'v6e': 1.36, 'v5e': 1.35}
+CALIBRATION_BAND = (1.26, 1.45)
+
 
 DTYPE_BYTES = {'pred': 1, 's8': 1, 'u8': 1, 'bf16': 2, 'f16': 2, 's16': 2, 'u16': 2, 'f32': 4, 's32': 4,
                'u32': 4, 'f64': 8, 's64': 8, 'u64': 8}
@@ -2963,12 +2976,17 @@ def estimate_step(compiled, chip, n_devices, kernel_flops):
 
 
 def splash_flops(c, mesh):
-    """Matmul FLOPs of one call of each splash kernel on one device, blocks above the causal
-    diagonal skipped: forward QK^T and PV (2 matmuls); backward dK and dV (QK^T, dP recomputed: 4)
-    and dQ (QK^T, dP, dQ: 3). Each matmul is 2*T*T*H per head."""
+    """What one call of each splash kernel on one device costs, as FLOPs at KERNEL_EFFICIENCY: the
+    matmuls of blocks of 512 (or the kernel's, if smaller), the blocks above the causal diagonal
+    skipped: forward QK^T and PV (2 matmuls); backward dK and dV (QK^T, dP recomputed: 4) and dQ
+    (QK^T, dP, dQ: 3), each 2*T*T*H per head. Larger blocks compute more of the masked triangle but
+    ran faster on a real chip: their cost is scaled by the time measured (SPLASH_BLOCK_MS)."""
     micro = c.batch_size // c.grad_accum // mesh.size
-    blocks = c.seq_len // splash_block(c.seq_len)
+    block = splash_block(c.seq_len)
+    priced = min(block, 512)
+    blocks = c.seq_len // priced
     per_matmul = micro * c.n_head * 2 * c.seq_len ** 2 * head_dim(c) * (blocks + 1) / (2 * blocks)
+    per_matmul *= SPLASH_BLOCK_MS[block] / SPLASH_BLOCK_MS[512] if block > 512 else 1
     return {'dkv': 4 * per_matmul, 'dq': 3 * per_matmul, 'fwd': 2 * per_matmul}
 
 
@@ -2996,6 +3014,10 @@ def bench_topology(c):
          'est_ms_xla': 1000 * est['xla_seconds'], 'est_ms_kernels': 1000 * est['kernel_seconds'],
          'est_ms_collectives': 1000 * est['collective_seconds'],
          'collective_bytes_per_step': est['collective_bytes'], 'flops_per_token': flops}
+    factor = CALIBRATION.get(chip.name) if mesh.size == 1 else None
+    if factor:  # the projection: what a real chip would likely do
+        r |= {'calibration': factor, 'projected_ms_per_step': r['est_ms_per_step'] / factor,
+              'projected_tokens_per_sec': tokens_per_sec * factor, 'projected_mfu': r['est_mfu'] * factor}
     per_million = {what: dollars(each * mesh.size / 3600 / tokens_per_sec * 1e6) + f' at ${each:g}/chip-hour {what}'
                    for what, each in (('on-demand', chip.price), ('spot', chip.spot)) if each}
     say(f"bench | {c.preset} | compiled for {c.topology}: {mesh.size} x {chip.name} ({mesh.devices.flat[0].device_kind}) "
@@ -3007,6 +3029,15 @@ def bench_topology(c):
         f"(XLA ops {r['est_ms_xla']:.1f} + Pallas kernels {r['est_ms_kernels']:.1f} at {KERNEL_EFFICIENCY:.0%} of peak "
         f"+ collectives {r['est_ms_collectives']:.1f}, {size(r['collective_bytes_per_step'])} per chip) "
         f"| {tokens_per_sec:,.0f} tok/s | MFU {r['est_mfu']:.1%} | per million tokens: {', '.join(per_million.values())}")
+    if factor:
+        low, high = (r['est_ms_per_step'] / f for f in CALIBRATION_BAND[::-1])
+        say(f"PROJECTION (the estimate / {factor}, how much faster a real {chip.name} ran tpuchat's step than estimated; "
+            f"not a measurement): {r['projected_ms_per_step']:.1f} ms/step ({low:.0f}-{high:.0f} over the "
+            f"{CALIBRATION_BAND[0]}-{CALIBRATION_BAND[1]} seen) | {r['projected_tokens_per_sec']:,.0f} tok/s "
+            f"| MFU {r['projected_mfu']:.1%}")
+    else:
+        say(f'no PROJECTION: {"several chips are" if mesh.size > 1 else chip.name + " is"} uncalibrated (only one v6e '
+            'and one v5e have been measured against their estimates)')
     say('costliest XLA ops (estimated ms per step; output type and the JAX operation they come from):')
     for source, seconds in est['costliest']:
         say(f'  {1000 * seconds:8.1f} ms  {source[:150]}')
@@ -3046,7 +3077,8 @@ def plan_backend(flags):
 
 def bench_mfu(c, chip):
     """The MFU `bench` found for this chip, from OUT/bench.jsonl: the newest measured one, else the
-    newest estimate of bench --topology. -> (mfu, where it comes from), or (None, None)."""
+    newest projection of bench --topology (its estimate, calibrated), else its newest uncalibrated
+    estimate. -> (mfu, where it comes from), or (None, None)."""
     def record(line):  # a line that is not a result (damaged, hand-edited) is skipped
         try:
             r = json.loads(line)
@@ -3063,7 +3095,9 @@ def bench_mfu(c, chip):
         mine = [r for r in map(record, lines) if r]
     except (OSError, BucketDown):
         return None, None
-    for key, how in (('mfu', 'measured by bench'), ('est_mfu', "ESTIMATED by bench --topology from libtpu's cost model")):
+    for key, how in (('mfu', 'measured by bench'),
+                     ('projected_mfu', "PROJECTED: bench --topology's estimate x how much faster a real chip ran"),
+                     ('est_mfu', "ESTIMATED by bench --topology from libtpu's cost model")):
         found = [r[key] for r in mine if number(1e-6, 1)(r.get(key))]
         if found:
             return found[-1], f'{how}, {c.out}/bench.jsonl'

@@ -179,7 +179,8 @@ def reference_and_kernel(kernel, q, k, v):
 
 
 @pytest.mark.parametrize('N, K, T, H', [(4, 2, 256, 128), (2, 1, 384, 128),  # GQA, MQA; blocks of 256, 128
-                                        (4, 1, 512, 256)])                   # the tpu preset's heads
+                                        (4, 1, 512, 256),                    # the tpu preset's heads
+                                        (1, 1, 2048, 128)])                  # two blocks of 1024
 def test_splash_kernel_matches_reference_attention(N, K, T, H):
     """The Pallas TPU kernel, run by Pallas's interpreter on CPU."""
     (out, grads), (out_k, grads_k) = reference_and_kernel(tt.splash_attention, *random_qkv(2, N, K, T, H))
