@@ -929,8 +929,8 @@ class Config(GPTConfig):
     preset: str = _f('', "named group of settings (cpu, gpt2, tpu); '' picks one for the backend")
     # devices and hosts
     cpu_devices: int = _f(2, 'CPU only: virtual devices to split each batch over (data parallel)')
-    fsdp: str = _f('auto', 'shard params and optimizer state over devices: auto (when replicated they would take '
-                           'over half of a TPU/GPU), true, false')
+    fsdp: str = _f('auto', 'shard params and optimizer state over devices: auto (on several TPUs; on GPUs when '
+                           'replicated they would take over half of one), true, false')
     distributed: bool = _f(False, 'multi-host: call jax.distributed.initialize() first (TPU pod slices)')
     coordinator: str = _f('', 'multi-host elsewhere: address:port of process 0 (implies --distributed)')
     num_processes: int = _f(1, 'multi-host elsewhere: number of processes')
@@ -1332,21 +1332,26 @@ def setup_devices(c):
 
 
 def choose_fsdp(c, mesh):
-    """Resolve --fsdp=auto: data parallel (params and AdamW state replicated: the least traffic,
+    """Resolve --fsdp=auto. On several TPUs, FSDP: libtpu estimated the tpu preset's step on a
+    v6e:2x4 at 52.5 ms with FSDP against 58.5 data parallel (each chip updates only its shard of
+    the weights; docs/multi-chip.md). On GPUs, data parallel (params and AdamW state replicated:
     one gradient all-reduce per step) while params, gradients and AdamW moments, 16 bytes per
     parameter, take at most half of a device's memory, leaving the rest for activations; FSDP
     above that (and on devices that do not report their memory). A CPU stays data parallel.
     -> (config with --fsdp true or false, a note saying which, with the numbers)."""
     replicated = 16 * param_count(c)
     limit = device_memory(c)
-    fsdp = use_fsdp(c, mesh) and (c.fsdp == 'true' or not limit or replicated > limit / 2)
+    tpu = backend(c) == 'tpu' and c.fsdp == 'auto'
+    fsdp = use_fsdp(c, mesh) and (c.fsdp == 'true' or tpu or not limit or replicated > limit / 2)
     c = dataclasses.replace(c, fsdp='true' if fsdp else 'false')
     of = f' of {size(limit)}' if limit else ''
     if mesh.size == 1:
         return c, f'one device: params, gradients and AdamW {size(replicated)}{of}'
     if fsdp:
+        why = ('; on TPUs the faster: see docs/multi-chip.md' if tpu else
+               ', over half' if limit and replicated > limit / 2 else '')
         return c, (f'FSDP over {mesh.size} devices: params, gradients and AdamW {size(replicated / mesh.size)} per '
-                   f'device{of} ({size(replicated)} replicated{", over half" if limit and replicated > limit / 2 else ""})')
+                   f'device{of} ({size(replicated)} replicated{why})')
     return c, (f'data parallel over {mesh.size} devices: params, gradients and AdamW {size(replicated)} per device{of}'
                f'{" (FSDP from half)" if limit else ""}')
 

@@ -12,7 +12,7 @@ import numpy as np
 import pytest
 
 import tinytpu as tt
-from conftest import ROOT, run_cli
+from conftest import ROOT, run_cli, tiny_config
 
 FLAGS = ['--n_layer=2', '--d_model=32', '--n_head=4', '--n_kv_head=2', '--seq_len=16', '--context=16',
          '--batch_size=8', '--eval_batches=2', '--log_every=1', '--eval_every=100000', '--lr=3e-3',
@@ -223,3 +223,22 @@ def test_coordinator_problems_are_one_line(flags, says, tmp_path):
         r = run_cli(f'--out={tmp_path}/out', *flags, timeout=60)
     assert r.returncode == 2 and r.stderr.count('\n') == 1 and says in r.stderr, r.stderr
     assert time.time() - t < 30
+
+
+def test_fsdp_auto_is_fsdp_on_several_tpus_and_by_memory_on_gpus(monkeypatch):
+    """--fsdp=auto: on TPUs FSDP (estimated faster, and the first log line says why); on GPUs data
+    parallel while the replicated state takes at most half a device, FSDP beyond."""
+    class Mesh:
+        size = 8
+    c = tiny_config(fsdp='auto')
+    monkeypatch.setattr(tt, 'device_memory', lambda c: 32 * 2**30)
+    monkeypatch.setattr(tt, 'backend', lambda c: 'tpu')
+    chosen, note = tt.choose_fsdp(c, Mesh)
+    assert chosen.fsdp == 'true' and note.startswith('FSDP over 8 devices') and 'on TPUs the faster' in note
+    assert tt.choose_fsdp(tiny_config(fsdp='false'), Mesh)[0].fsdp == 'false'  # asked for, kept
+    monkeypatch.setattr(tt, 'backend', lambda c: 'gpu')
+    chosen, note = tt.choose_fsdp(c, Mesh)
+    assert chosen.fsdp == 'false' and note.startswith('data parallel over 8 devices')
+    monkeypatch.setattr(tt, 'device_memory', lambda c: 1.5 * 16 * tt.param_count(c))  # over half of it
+    chosen, note = tt.choose_fsdp(c, Mesh)
+    assert chosen.fsdp == 'true' and note.endswith('replicated, over half)')
