@@ -345,7 +345,18 @@ REMAT = {'none': None, 'full': jax.checkpoint_policies.nothing_saveable,
 def forward(params, tokens, c, cache=None, pos0=0, gather=None):
     """tokens (B,T) int32 -> logits (B,T,V) fp32, padded vocab entries at -inf.
     With `cache` (stacked per-layer k, v: (L,B,K,context,H)), tokens sit at positions pos0.. and
-    the updated cache is returned too: that is how sampling avoids recomputing the prefix.
+    the updated cache is returned too: that is how sampling avoids recomputing the prefix."""
+    x, out, cache = hidden(params, tokens, c, cache, pos0, gather)
+    logits = wide_einsum('BTD,DV->BTV', x, out)                            # fp32
+    if c.logit_softcap:
+        logits = c.logit_softcap * jnp.tanh(logits / c.logit_softcap)
+    logits = jnp.where(jnp.arange(logits.shape[-1]) < c.vocab_size, logits, -jnp.inf)
+    return logits if cache is None else (logits, cache)
+
+
+def hidden(params, tokens, c, cache=None, pos0=0, gather=None):
+    """The model up to its output layer: tokens (B,T) -> (the final normed residual stream
+    (B,T,D), the output matrix (D,V), both in the compute dtype; the cache as forward's).
     With FSDP (inside shard_map, see device_grads), params are this device's shards and
     gather(name, weights) all-gathers them, in the compute dtype, where each is used."""
     dt = compute_dtype(c)
@@ -375,17 +386,12 @@ def forward(params, tokens, c, cache=None, pos0=0, gather=None):
             caches.append(layer_cache)
         if cache is not None:
             cache = tuple(jnp.stack(kv) for kv in zip(*caches))
-    x = rms_norm(x)
     if c.tie_embed:
         out = embed.T
     else:
         out = params['unembed'].astype(dt)
         out = gather('unembed', out) if gather else out
-    logits = wide_einsum('BTD,DV->BTV', x, out)                            # fp32
-    if c.logit_softcap:
-        logits = c.logit_softcap * jnp.tanh(logits / c.logit_softcap)
-    logits = jnp.where(jnp.arange(logits.shape[-1]) < c.vocab_size, logits, -jnp.inf)
-    return logits if cache is None else (logits, cache)
+    return rms_norm(x), out, cache
 
 
 def init_cache(c, batch):
@@ -403,14 +409,59 @@ def param_count(c):
 
 
 # ----------------------------------------------------------------------------------------------
-# Loss: mean next-token cross-entropy in fp32, in nats per token.
+# Loss: mean next-token cross-entropy, in nats per token: log-sum-exp of the logits minus the
+# target's logit. Its gradient is softmax(logits) - onehot(target), so the loss is written with its
+# own backward pass: the logits are made in the compute dtype (bf16 on TPU/GPU, halving the bytes
+# of the largest array of the step; fp32 on CPU) and only their fp32 log-sum-exp is kept, not the
+# fp32 logits and their gradient that JAX's own backward would store: libtpu estimated the output
+# layer and loss 10% cheaper so on a v6e (docs/tpu-estimates.md). Rounding the logits to bf16, as
+# nanoGPT and nanochat do under PyTorch's bf16 autocast, moved the loss by at most 0.0015 nats and
+# its gradient by 1.3% on logits spread like a trained model's (tests/test_model.py).
 
 
 def loss_fn(params, batch, c, gather=None):
     """batch (B, T+1) int32: inputs are batch[:, :-1], targets batch[:, 1:]."""
-    logits = forward(params, batch[:, :-1], c, gather=gather)            # (B,T,V) fp32
-    target_logit = jnp.take_along_axis(logits, batch[:, 1:, None], -1)[..., 0]
-    return jnp.mean(jax.nn.logsumexp(logits, -1) - target_logit)
+    x, out, _ = hidden(params, batch[:, :-1], c, gather=gather)
+    return cross_entropy(x, out, batch[:, 1:], c)
+
+
+def head_logits(x, w, c):
+    """x (B,T,D) @ w (D,V), in x's dtype (accumulated in fp32), soft-capped if c says so."""
+    z = jnp.einsum('BTD,DV->BTV', x, w, preferred_element_type=x.dtype)
+    return (c.logit_softcap * jnp.tanh(z.astype(wide(x.dtype)) / c.logit_softcap)).astype(x.dtype) \
+        if c.logit_softcap else z
+
+
+@partial(jax.custom_vjp, nondiff_argnums=(3,))
+def cross_entropy(x, w, targets, c):
+    """Mean cross-entropy of the logits x @ w (vocab entries past c.vocab_size left out) against
+    targets (B,T)."""
+    return cross_entropy_fwd(x, w, targets, c)[0]
+
+
+def cross_entropy_fwd(x, w, targets, c):
+    z = head_logits(x, w, c)
+    z = jnp.where(jnp.arange(z.shape[-1]) < c.vocab_size, z.astype(wide(x.dtype)), -jnp.inf)  # fp32, in the fusion
+    lse = jax.nn.logsumexp(z, -1)
+    target = jnp.take_along_axis(z, targets[..., None], -1)[..., 0]
+    return jnp.mean(lse - target), (x, w, targets, lse)
+
+
+def cross_entropy_bwd(c, saved, g):
+    """d loss / d logits = (softmax - onehot(target)) / tokens, times the soft-cap's derivative;
+    made from logits recomputed from x and w (XLA reuses the forward's) and the saved lse."""
+    x, w, targets, lse = saved
+    z = head_logits(x, w, c).astype(lse.dtype)
+    dz = (jnp.exp(z - lse[..., None]) - jax.nn.one_hot(targets, z.shape[-1], dtype=z.dtype)) * (g / targets.size)
+    if c.logit_softcap:
+        dz = dz * (1 - jnp.square(z / c.logit_softcap))  # z is capped: tanh' = 1 - tanh^2
+    dz = jnp.where(jnp.arange(z.shape[-1]) < c.vocab_size, dz, 0.0).astype(x.dtype)
+    dx = jnp.einsum('BTV,DV->BTD', dz, w, preferred_element_type=wide(x.dtype)).astype(x.dtype)
+    dw = jnp.einsum('BTD,BTV->DV', x, dz, preferred_element_type=wide(x.dtype)).astype(w.dtype)
+    return dx, dw, None
+
+
+cross_entropy.defvjp(cross_entropy_fwd, cross_entropy_bwd)
 
 
 # ----------------------------------------------------------------------------------------------
