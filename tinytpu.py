@@ -6,7 +6,7 @@ pretraining works in JAX. Part II runs it for real: settings and flags, attentio
 devices (FSDP, several hosts), memory, the run's clock and guard, checkpoints that survive
 failures, hardware and cost, bench, TPU estimates, plan, evaluation tasks, plots, export, and
 the command line. To follow one step, read train, then train_step, batch_grads, loss_fn,
-forward, block, attention and adamw_update.
+hidden, block, attention, cross_entropy and adamw_update.
 
     python prepare.py shakespeare --tokenizer=byte       # 1.1 MB of Shakespeare as byte tokens
     python tinytpu.py --preset=cpu                       # train a 0.8M-parameter model (~75 s)
