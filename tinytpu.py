@@ -3452,10 +3452,11 @@ def plot(c):
     for color, (out, records) in zip(itertools.cycle(plt.rcParams['axes.prop_cycle'].by_key()['color']), logs.items()):
         for ax, (key, label) in zip(axes[0], panels):
             series = [('loss', 'train', '-'), ('val_loss', 'val', '--')] if key == 'loss' else [(key, None, '-')]
-            for field, name, style in series:
-                points = [(r['tokens'], r[field]) for r in records if type(r.get(field)) in (int, float) and r['tokens'] > 0]
+            for series_key, name, style in series:
+                points = [(r['tokens'], r[series_key]) for r in records
+                          if type(r.get(series_key)) in (int, float) and r['tokens'] > 0]
                 if points:
-                    ax.plot(*zip(*points), style, color=color, marker='o' if field != 'loss' else None, markersize=3,
+                    ax.plot(*zip(*points), style, color=color, marker='o' if series_key != 'loss' else None, markersize=3,
                             label=f'{out} {name}' if name else out)
     for ax, (key, label) in zip(axes[0], panels):
         if key.endswith('_acc_norm'):

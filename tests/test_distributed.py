@@ -59,7 +59,7 @@ def single(tmp_path_factory, request):
 def test_eight_devices_match_one(single, fsdp):
     d, reference = single
     out = finish(run(d / 'data', d / f'eight_{fsdp}', 12, '--cpu_devices=8', f'--fsdp={fsdp}'))
-    assert f'cpu x8' in out and ('FSDP over 8 devices' if fsdp == 'true' else 'data parallel over 8 devices') in out
+    assert 'cpu x8' in out and ('FSDP over 8 devices' if fsdp == 'true' else 'data parallel over 8 devices') in out
     assert_close(losses(d / f'eight_{fsdp}'), reference)
 
 

@@ -376,7 +376,7 @@ def test_reprepare_keeps_only_what_meta_lists(tmp_path):
     assert r.returncode == 0 and 'preparing' in r.stdout and 'again' in r.stdout, r.stderr
     assert sorted(p.name for p in out.glob('*.bin')) == ['train_000000.bin', 'val_000000.bin']
     assert 'already prepared' in run_cli('prepare.py', *args).stdout
-    write_shard = tt.open_shard  # a stale shard that meta.json does not list is not trained on
+    # a stale shard that meta.json does not list is not trained on
     (out / 'train_000007.bin').write_bytes((out / 'train_000000.bin').read_bytes())
     train, _, _ = tt.load_data(tt.validate(tt.Config(data=str(out), seq_len=64)))
     assert len(train.shards) == 1

@@ -3,7 +3,6 @@ preset compiled by libtpu for a v5e (what `bench --topology` does)."""
 import importlib.util
 import json
 
-import numpy as np
 import pytest
 
 from conftest import run_cli, tiny_config
@@ -139,7 +138,7 @@ def test_tpu_preset_train_and_eval_steps_fit_a_v5e(tmp_path):
     assert 0 < result['eval_bytes_per_device'] < result['train_bytes_per_device'] <= 16 * 2**30
     assert 64 % result['grad_accum'] == 0 and result['microbatch'] * result['grad_accum'] == 64
     # the search went both ways: half as many microbatches (twice as large) does not fit
-    assert f"the fewest that fit 16.00 GiB" in r.stdout
+    assert "the fewest that fit 16.00 GiB" in r.stdout
     assert result['collective_bytes_per_step'] == 0 and result['est_ms_collectives'] == 0
     assert result['est_ms_per_step'] > 0 and 0 < result['est_mfu'] < 1
     assert result['est_tokens_per_sec'] == pytest.approx(64 * 2048 / result['est_ms_per_step'] * 1000)
@@ -151,4 +150,4 @@ def test_tpu_preset_train_and_eval_steps_fit_a_v5e(tmp_path):
     # the projection: the estimate / 1.35 for a v5e, labelled as such, beside it in the JSON
     assert result['calibration'] == 1.35 and result['projected_mfu'] == pytest.approx(result['est_mfu'] * 1.35)
     assert result['projected_tokens_per_sec'] == pytest.approx(result['est_tokens_per_sec'] * 1.35)
-    assert f"PROJECTION (the estimate / 1.35" in r.stdout and f"{result['projected_ms_per_step']:.1f} ms/step" in r.stdout
+    assert "PROJECTION (the estimate / 1.35" in r.stdout and f"{result['projected_ms_per_step']:.1f} ms/step" in r.stdout

@@ -295,7 +295,7 @@ def test_training_with_the_splash_kernel_matches_xla(byte_data, tmp_path):
     for kernel in ('xla', 'splash'):
         r = run_cli(*shape, f'--attention={kernel}', f'--out={tmp_path / kernel}')
         assert r.returncode == 0, r.stderr
-        assert f'cpu x2 (cpu) | 0.' in r.stdout and f'| attention {kernel} |' in r.stdout
+        assert 'cpu x2 (cpu) | 0.' in r.stdout and f'| attention {kernel} |' in r.stdout
         losses[kernel] = [json.loads(line).get('loss') for line in open(tmp_path / kernel / 'log.jsonl')]
     np.testing.assert_allclose(losses['splash'][:3], losses['xla'][:3], rtol=1e-5)
 
