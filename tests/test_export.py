@@ -138,3 +138,13 @@ def test_what_does_not_map_is_refused_in_one_line(tmp_path, capsys):
     assert tt.main(['export', f'--out={tmp_path}/fine', f'--export_dir={tmp_path}/d']) == 0
     assert sorted(os.listdir(tmp_path / 'd')) == ['README.md', 'config.json', 'generation_config.json',
                                                  'model.safetensors', 'tokenizer.json', 'tokenizer_config.json']
+
+
+def test_the_accelerator_presets_export():
+    """gpt2 and tpu train what Qwen3ForCausalLM computes (SwiGLU, no soft-cap); gpt2 keeps the
+    parameter count it had with GPT-2's MLP. The cpu preset keeps ReLU^2, and says so when asked."""
+    for preset in ('gpt2', 'tpu'):
+        assert tt.export_problem(tt.make_config({'preset': preset}, 'cpu')) is None, preset
+    gpt2 = tt.make_config({'preset': 'gpt2'}, 'cpu')
+    assert tt.param_count(gpt2) == 123_568_128 and tt.ff_dim(gpt2) * 3 == 768 * 4 * 2
+    assert tt.export_problem(tt.make_config({'preset': 'cpu'}, 'cpu')).startswith('--mlp=relu2')
