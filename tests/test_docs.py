@@ -35,10 +35,11 @@ def test_the_tpu_presets_estimates_read_the_same_on_every_page():
     quoted = set()
     for page in PAGES:
         for line in open(os.path.join(ROOT, page), encoding='utf-8'):
-            if not line.startswith('|') or any(w in line for w in ('gpt2', 'plan', 'scan', 'compiled before')):
-                continue  # another model, or a row that says it is an older compile
+            if not line.startswith('|') or any(w in line for w in ('gpt2', 'plan', 'scan', 'compiled before',
+                                                                     'adamw', 'AdamW', 'vocab')):
+                continue  # another model or optimizer, or a row that says it is an older compile
             if '`v6e:1x1`' in line or '(the preset now)' in line or line.startswith('| v6e-1'):
                 quoted |= {('v6e', ms) for ms in re.findall(r'(?<![\d,.])(\d{3}\.\d)(?!\d)', line)}
             if '`v5e:1x1`' in line or line.startswith('| v5e-1'):
                 quoted |= {('v5e', ms) for ms in re.findall(r'\b(1,\d{3}\.\d)\b', line)}
-    assert quoted == {('v6e', '422.8'), ('v5e', '1,271.4')}, quoted
+    assert quoted == {('v6e', '416.1'), ('v5e', '1,224.1')}, quoted
