@@ -1388,10 +1388,11 @@ def setup_devices(c):
 def choose_fsdp(c, mesh):
     """Resolve --fsdp=auto. On several TPUs, FSDP: libtpu estimated the tpu preset's step on a
     v6e:2x4 at 51.4 ms with FSDP against 62.3 data parallel (AdamW: 50.7 against 56.4), as each
-    chip updates only its shard of the weights (docs/multi-chip.md). On GPUs, data parallel (params and AdamW state replicated:
-    one gradient all-reduce per step) while params, gradients and AdamW moments, 16 bytes per
-    parameter, take at most half of a device's memory, leaving the rest for activations; FSDP
-    above that (and on devices that do not report their memory). A CPU stays data parallel.
+    chip updates only its shard of the weights (docs/multi-chip.md). On GPUs, data parallel
+    (params and AdamW state replicated: one gradient all-reduce per step) while params,
+    gradients and AdamW moments, 16 bytes per parameter, take at most half of a device's memory,
+    leaving the rest for activations; FSDP above that (and on devices that do not report their
+    memory). A CPU stays data parallel.
     -> (config with --fsdp true or false, a note saying which, with the numbers)."""
     replicated = 16 * param_count(c)
     limit = device_memory(c)
@@ -1753,8 +1754,9 @@ def compile_step(params, opt, mesh, c):
     rather than an out-of-memory crash mid-run."""
     batch = jax.ShapeDtypeStruct((c.grad_accum, c.batch_size // c.grad_accum, c.seq_len + 1), jnp.int32,
                                  sharding=batch_sharding(mesh, 3))
-    state = state_shardings(c, mesh)  # the new state comes out sharded as the old went in (Muon's
-    pinned = jax.jit(train_step, static_argnames='c', donate_argnums=(0, 1),  # shares would spread it)
+    # the new state comes out sharded as the old went in (Muon's share_layers would spread it)
+    state = state_shardings(c, mesh)
+    pinned = jax.jit(train_step, static_argnames='c', donate_argnums=(0, 1),
                      out_shardings=(state['params'], state['opt'], NamedSharding(mesh, P())))
     with jax.set_mesh(mesh):
         step = pinned.lower(params, opt, batch, c).compile()
