@@ -347,9 +347,7 @@ def forward(params, tokens, c, cache=None, pos0=0, gather=None):
     With `cache` (stacked per-layer k, v: (L,B,K,context,H)), tokens sit at positions pos0.. and
     the updated cache is returned too: that is how sampling avoids recomputing the prefix."""
     x, out, cache = hidden(params, tokens, c, cache, pos0, gather)
-    logits = wide_einsum('BTD,DV->BTV', x, out)                            # fp32
-    if c.logit_softcap:
-        logits = c.logit_softcap * jnp.tanh(logits / c.logit_softcap)
+    logits = head_logits(x, out, c, wide(x.dtype))                          # fp32
     logits = jnp.where(jnp.arange(logits.shape[-1]) < c.vocab_size, logits, -jnp.inf)
     return logits if cache is None else (logits, cache)
 
@@ -425,10 +423,12 @@ def loss_fn(params, batch, c, gather=None):
     return cross_entropy(x, out, batch[:, 1:], c)
 
 
-def head_logits(x, w, c):
-    """x (B,T,D) @ w (D,V), in x's dtype (accumulated in fp32), soft-capped if c says so."""
-    z = jnp.einsum('BTD,DV->BTV', x, w, preferred_element_type=x.dtype)
-    return (c.logit_softcap * jnp.tanh(z.astype(wide(x.dtype)) / c.logit_softcap)).astype(x.dtype) \
+def head_logits(x, w, c, dtype=None):
+    """x (B,T,D) @ w (D,V) as logits in dtype (default x's; accumulated in fp32 either way),
+    soft-capped if c says so."""
+    dtype = dtype or x.dtype
+    z = jnp.einsum('BTD,DV->BTV', x, w, preferred_element_type=dtype)
+    return (c.logit_softcap * jnp.tanh(z.astype(wide(dtype)) / c.logit_softcap)).astype(dtype) \
         if c.logit_softcap else z
 
 
@@ -2808,8 +2808,8 @@ def hourly_price(c, mesh):
     unit = 'machine' if jax.default_backend() == 'cpu' else 'chip'
     if c.price_per_hour:
         return c.price_per_hour * chips, f'{chips} {unit}(s) x ${c.price_per_hour:g}/{unit}-hour (--price_per_hour)'
-    if chip and list_price(chip, c.spot)[0]:
-        each, what = list_price(chip, c.spot)
+    each, what = list_price(chip, c.spot) if chip else (0, '')
+    if each:
         return each * chips, f'{chips} chips x ${each:g}/chip-hour ({what})'
     return None, f"no {'spot ' if c.spot else ''}price for this hardware; pass --price_per_hour to see dollars"
 
@@ -3184,7 +3184,7 @@ def make_plan(c, chip):
     if c.chips > c.batch_size:
         raise UserError(f'--chips={c.chips} is more than the {c.batch_size} sequences of a step (--batch_size): each '
                         'chip needs at least one; plan for fewer chips or a larger --batch_size')
-    price, _ = (c.price_per_hour, '') if c.price_per_hour else list_price(chip, c.spot)
+    price = c.price_per_hour or list_price(chip, c.spot)[0]
     if not price:
         raise UserError(f"no {'spot ' if c.spot else ''}list price for {chip.name}; pass --price_per_hour=DOLLARS")
     peak = c.peak_flops or chip.peak
@@ -3239,14 +3239,14 @@ def plan(c):
     if chip.price and chip.spot and not c.price_per_hour:
         say(f'price | the same {dollars(c.budget)} at each list price of {chip.name} (--spot plans for spot):')
         for spot in (False, True):
-            each, what = list_price(chip, spot)
+            each = list_price(chip, spot)[0]
             try:
-                q = make_plan(dataclasses.replace(c, spot=spot), chip)
+                q = p if spot == c.spot else make_plan(dataclasses.replace(c, spot=spot), chip)
                 buys = (f"{q['chip_hours']:,.1f} chip-hours -> {q['config'].n_layer} layers x {q['config'].d_model}, "
                         f"{q['params'] / 1e6:,.1f}M params, {q['steps']:,} steps, {q['hours']:,.1f} hours")
             except UserError:
                 buys = 'too little for the smallest model'
-            say(f"      | {what.split()[1]:9} ${each:g}/chip-hour: {buys}" + ('  <- this plan' if spot == c.spot else '')
+            say(f"      | {'spot' if spot else 'on-demand':9} ${each:g}/chip-hour: {buys}" + ('  <- this plan' if spot == c.spot else '')
                 + ('  (plus restarts: spot TPUs are taken away without warning; keep the run in a bucket, '
                    '--out=gs://...)' if spot else ''))
     data_tokens = {'data/fineweb10B': 10e9}.get(c.data)
