@@ -21,6 +21,7 @@ tokens. Every document starts with the end-of-text token, as in llm.c. `byte` to
 files' raw bytes. Runtime needs: requests, tiktoken, numpy.
 """
 
+import base64
 import codecs
 import contextlib
 import glob
@@ -57,6 +58,12 @@ DATASETS = {  # name: where the text (or tokens) come from
     'tinystories': dict(
         train=f'{HF}/roneneldan/TinyStories/resolve/main/TinyStoriesV2-GPT4-train.txt',
         val=f'{HF}/roneneldan/TinyStories/resolve/main/TinyStoriesV2-GPT4-valid.txt'),
+    # FineWeb-edu as text, as nanochat takes it: karpathy/fineweb-edu-100b-shuffle on the Hub holds
+    # FineWeb-edu's sample-100BT shuffled into parquet files shard_00000 ... shard_01822 (a "text"
+    # column, ~250M characters each); the last is validation. Names from nanochat/dataset.py
+    # (BASE_URL, MAX_SHARD; github.com/karpathy/nanochat, commit 030de3a).
+    'fineweb-edu': dict(parquet=f'{HF}/karpathy/fineweb-edu-100b-shuffle/resolve/main/shard_{{i:05d}}.parquet',
+                        last=1822),
     'fineweb10B': dict(tokens=f'{HF}/kjj0/fineweb10B-gpt2/resolve/main/fineweb_{{split}}_{{i:06d}}.bin'),
     'finewebedu10B': dict(tokens=f'{HF}/kjj0/finewebedu10B-gpt2/resolve/main/finewebedu_{{split}}_{{i:06d}}.bin'),
     'text': {},
@@ -102,6 +109,9 @@ def shard_names(v):
 
 DATA_META = {  # field: (test, what it must be, required)
     'tokenizer': (text, 'a tokenizer name', False),
+    'tokenizer_file': (lambda v: text(v) and v and os.path.basename(v) == v and v not in ('.', '..'), 'a file name', False),
+    'tokenizer_sha256': (lambda v: text(v) and SHA256.fullmatch(v) is not None, 'a SHA-256', False),
+    'tokenizer_pattern': (text, 'a regular expression', False),
     'vocab_size': (integer(2, 2**32), 'an integer from 2 to 2^32', False),
     'eot_id': (integer(0, 2**32 - 1), 'a token id', False),
     'bytes_per_token': (number(1e-9), 'a positive number', False),
@@ -258,8 +268,7 @@ def upload_prepared(local, url):
     as on disk, its presence means complete. A VM that trains on it checks each file it copies."""
     bucket = Bucket(url)
     meta = json.load(open(os.path.join(local, 'meta.json'), encoding='utf-8'))
-    names = [name for split in meta.get('splits', {}).values() for name in split.get('shards', [])]
-    names += [meta['task']] if meta.get('task') else []
+    names = prepared_files(meta)
     there = retried('list the bucket', bucket.sizes, url=url)
     before, _ = retried('read meta.json', bucket.read, 'meta.json', url=url)
     before = json.loads(before).get('sha256', {}) if before else {}
@@ -310,20 +319,108 @@ def fetch_prepared(url):
 
 
 # ----------------------------------------------------------------------------------------------
-# Tokenizers. `byte` is built here: 256 byte tokens plus end-of-text, no download needed.
+# Tokenizers. tiktoken encodes every one of them. `gpt2`, `cl100k_base` and `o200k_base` are
+# OpenAI's; `byte` is built here (256 byte tokens plus end-of-text, no download needed); `bpe:N`
+# is a byte-level BPE of N tokens learned from the corpus being prepared: the training split's
+# text, up to --tokenizer_bytes of it (1 GB by default: a 32K vocabulary trained on more
+# compresses held-out text only a little better; docs/data.md has the numbers), is split by
+# BPE_PATTERN and the most frequent adjacent pair of tokens is merged, N - 257 times, by rustbpe
+# (nanochat's trainer; an optional extra, imported only here). Its ranks (token bytes -> id,
+# in the order the merges were learned) go into the data directory as tokenizer.tiktoken, in
+# tiktoken's own file format, and meta.json names that file and its SHA-256; the end-of-text
+# token comes last, id N - 1. --tokenizer=DIR reuses the tokenizer of a directory prepared so.
+
+# GPT-4's split (cl100k_base's pattern) with numbers cut into pieces of at most two digits, as
+# nanochat does for small vocabularies: no ids spent on the thousand three-digit numbers.
+BPE_PATTERN = (r"""'(?i:[sdmt]|ll|ve|re)|[^\r\n\p{L}\p{N}]?+\p{L}+|\p{N}{1,2}| ?[^\s\p{L}\p{N}]++[\r\n]*"""
+               r"""|\s*[\r\n]|\s+(?!\S)|\s+""")
+TOKENIZER_FILE = 'tokenizer.tiktoken'
+BUILT_IN = ('gpt2', 'r50k_base', 'p50k_base', 'cl100k_base', 'o200k_base')
+SHA256 = re.compile('[0-9a-f]{64}')
 
 
 def get_encoding(name):
+    """A built-in tokenizer by name (trained ones: load_encoding)."""
     if name == 'byte':
         return tiktoken.Encoding('byte', pat_str=r"[\s\S]", mergeable_ranks={bytes([i]): i for i in range(256)},
                                  special_tokens={EOT: 256})
-    if name not in ('gpt2', 'r50k_base', 'p50k_base', 'cl100k_base', 'o200k_base'):
-        raise PrepareError(f'--tokenizer={name}: unknown (choose gpt2, cl100k_base, o200k_base or byte)')
+    if name not in BUILT_IN:
+        raise PrepareError(f'--tokenizer={name}: unknown (choose gpt2, cl100k_base, o200k_base, byte, bpe:N '
+                           'to train one, or a directory prepared with one)')
     try:
         return tiktoken.get_encoding(name)
     except requests.RequestException as e:
         raise PrepareError(f'--tokenizer={name}: could not download its BPE files ({type(e).__name__}); '
                            'connect to the internet, set TIKTOKEN_CACHE_DIR to a cache, or use --tokenizer=byte')
+
+
+def bpe_size(name):
+    """N of a tokenizer name 'bpe:N', or None for any other name."""
+    m = re.fullmatch(r'bpe:([0-9]+)', name)
+    if name.startswith('bpe:') and not (m and 258 <= int(m[1]) <= 1 << 20):
+        raise PrepareError(f'--tokenizer={name}: say bpe:N with N, the vocabulary size, from 258 to 1048576 '
+                           '(for example bpe:32768)')
+    return int(m[1]) if m else None
+
+
+def load_encoding(meta, directory, what=None):
+    """The tokenizer a meta.json names (a data directory's, or a checkpoint's): a built-in one by
+    name, or a trained one from `directory`/tokenizer.tiktoken, which must have the SHA-256 that
+    meta.json records. `what` names the meta.json in errors."""
+    name = meta.get('tokenizer')
+    if not meta.get('tokenizer_sha256'):
+        return get_encoding(name)
+    path = os.path.join(directory, meta.get('tokenizer_file', TOKENIZER_FILE))
+    if not os.path.isfile(path):
+        raise PrepareError(f'{path}: missing; {what or directory} names a trained tokenizer ({name}) kept in that '
+                           'file; copy it back from the data directory it was prepared in')
+    if os.path.islink(path):
+        raise PrepareError(f'{path} is a symbolic link; refusing to read a tokenizer through links')
+    if file_sha256(path) != meta['tokenizer_sha256']:
+        raise PrepareError(f'{path}: not the tokenizer {what or directory} was made with (its SHA-256 differs); '
+                           'prepare the data again, or restore that file')
+    return bpe_encoding(name, read_ranks(path), meta.get('tokenizer_pattern', BPE_PATTERN))
+
+
+def bpe_encoding(name, ranks, pattern=BPE_PATTERN):
+    return tiktoken.Encoding(name, pat_str=pattern, mergeable_ranks=ranks, special_tokens={EOT: len(ranks)})
+
+
+def read_ranks(path):
+    """tokenizer.tiktoken: a line per token, base64 of its bytes, a space, its rank (id)."""
+    ranks = {}
+    with open(path, 'rb') as f:
+        for i, line in enumerate(f):
+            token, _, rank = line.partition(b' ')
+            try:
+                ranks[base64.b64decode(token, validate=True)] = int(rank)
+            except ValueError:
+                raise PrepareError(f'{path}: line {i + 1} is not "BASE64 RANK"; prepare the data again')
+    if sorted(ranks.values()) != list(range(len(ranks))) or any(ranks.get(bytes([b])) is None for b in range(256)):
+        raise PrepareError(f'{path}: not a byte-level BPE (its ranks must be 0..n-1 and hold every byte); '
+                           'prepare the data again')
+    return ranks
+
+
+def write_ranks(path, ranks):
+    """Ranks in tiktoken's file format, in rank order: the same ranks give the same bytes."""
+    with open(path + '.tmp', 'wb') as f:
+        for token, rank in sorted(ranks.items(), key=lambda t: t[1]):
+            f.write(base64.b64encode(token) + b' %d\n' % rank)
+    os.replace(path + '.tmp', path)
+
+
+def train_bpe(texts, vocab_size):
+    """Learn a byte-level BPE of vocab_size tokens (end-of-text included) from an iterable of
+    strings, with rustbpe: -> ranks. Deterministic: the same strings give the same ranks, on any
+    number of threads (RAYON_NUM_THREADS; one per core by default)."""
+    try:
+        import rustbpe
+    except ImportError:
+        raise PrepareError('--tokenizer=bpe:N trains a tokenizer with rustbpe: pip install rustbpe')
+    trainer = rustbpe.Tokenizer()
+    trainer.train_from_iterator(texts, vocab_size - 1, buffer_size=256, pattern=BPE_PATTERN)  # <= 256 MB held
+    return {bytes(token): rank for token, rank in trainer.get_mergeable_ranks()}
 
 
 # ----------------------------------------------------------------------------------------------
@@ -612,9 +709,10 @@ class ShardWriter:
 _encoder = None
 
 
-def _init_worker(name, parent):
+def _init_worker(tokenizer, parent):
+    """tokenizer: a built-in one's name, or (meta.json, directory) of a trained one."""
     global _encoder
-    _encoder = get_encoding(name)
+    _encoder = get_encoding(tokenizer) if isinstance(tokenizer, str) else load_encoding(*tokenizer)
     threading.Thread(target=_exit_with, args=(parent,), daemon=True).start()
 
 
@@ -671,14 +769,14 @@ def tokenize(chunks, tokenizer, writer, workers=None):
     return in_bytes, time.time() - t0
 
 
-def read_documents(ranges, split_at_eot, cut_anywhere):
-    """Yield (bytes, starts_a_document, (path, offset)) pieces of about CHUNK_BYTES from byte
+def read_documents(ranges, split_at_eot, cut_anywhere, size=CHUNK_BYTES):
+    """Yield (bytes, starts_a_document, (path, offset)) pieces of about `size` bytes from byte
     ranges (path, start, end) of files. Each range is a document; with split_at_eot,
     '<|endoftext|>' separates documents inside it too (and newlines around it are dropped)."""
     eot = EOT.encode()
     for path, start, end in ranges:
         new_doc = True
-        for block, offset in read_blocks(path, start, end, eot if split_at_eot else None, cut_anywhere):
+        for block, offset in read_blocks(path, start, end, eot if split_at_eot else None, cut_anywhere, size):
             at = offset
             for i, part in enumerate(block.split(eot) if split_at_eot else [block]):
                 if i > 0:  # an end-of-text marker came before this part
@@ -690,16 +788,16 @@ def read_documents(ranges, split_at_eot, cut_anywhere):
                 at += len(part)
 
 
-def read_blocks(path, start, end, sep, cut_anywhere):
-    """Bytes start..end of a file as (block, offset) of about CHUNK_BYTES each, cut just after the
-    last `sep` (an end-of-text marker) in a block, else at a token boundary: anywhere for byte
-    tokens, else before a newline that follows an ASCII letter or digit (no BPE pattern of
-    tiktoken's joins a letter or digit to the newline after it)."""
+def read_blocks(path, start, end, sep, cut_anywhere, size=CHUNK_BYTES):
+    """Bytes start..end of a file as (block, offset) of about `size` bytes each, cut just after
+    the last `sep` (an end-of-text marker) in a block, else at a token boundary: anywhere for byte
+    tokens, else before a newline that follows an ASCII letter or digit (no split pattern here,
+    tiktoken's or BPE_PATTERN, joins a letter or digit to the newline after it)."""
     with open(path, 'rb') as f:
         f.seek(start)
         carry, offset, left = b'', start, end - start
         while left > 0:
-            block = f.read(min(CHUNK_BYTES, left))
+            block = f.read(min(size, left))
             if not block:
                 break
             left -= len(block)
@@ -865,8 +963,6 @@ def dl_args(args):
 
 
 def prepare_text(dataset, args, out):
-    tokenizer = args.get('tokenizer', 'gpt2')
-    enc = get_encoding(tokenizer)
     raw = os.path.join(out, 'raw')
     os.makedirs(raw, exist_ok=True)
     paths, sources = text_sources(dataset, args, raw)
@@ -875,19 +971,187 @@ def prepare_text(dataset, args, out):
             where = args.get('input') or dataset
             raise PrepareError(f'{where}: no text for the {split} split (the input is empty, or too short to split '
                                'by --val_fraction); give it more text')
+    byte_tokens = args.get('tokenizer', 'gpt2') == 'byte'
+
+    def documents(split, size=CHUNK_BYTES):
+        return read_documents(paths[split], split_at_eot=(dataset == 'tinystories'), cut_anywhere=byte_tokens, size=size)
+
+    train_bytes = sum(end - start for _, start, end in paths['train'])  # a sample of it, in pieces of ~64 KB
+    enc, fields = make_tokenizer(args, out, lambda budget: spread(documents('train', 1 << 16), train_bytes, budget))
+    return {'dataset': dataset, **tokenize_splits(documents, enc, fields, args, out), 'sources': sources}
+
+
+def tokenize_splits(documents, enc, fields, args, out):
+    """Both splits' documents (documents(split): (bytes, new_doc, where) pieces) tokenized into
+    shards in out: -> meta.json's fields for the tokens and the tokenizer."""
     dtype = token_dtype(enc.n_vocab)
     splits = {}
     for split in ('train', 'val'):
         writer = ShardWriter(out, split, dtype, int(args.get('shard_tokens', SHARD_TOKENS)))
-        pieces = read_documents(paths[split], split_at_eot=(dataset == 'tinystories'), cut_anywhere=(tokenizer == 'byte'))
-        n_bytes, seconds = tokenize(chunked(pieces), tokenizer, writer, int(args.get('workers', 0)))
+        loads = enc.name if 'tokenizer_sha256' not in fields else (fields, out)  # what the workers load
+        n_bytes, seconds = tokenize(chunked(documents(split)), loads, writer, int(args.get('workers', 0)))
         shards = writer.close()
         splits[split] = {'tokens': writer.tokens, 'bytes': n_bytes, 'shards': [os.path.basename(p) for p in shards]}
         print(f'{split}: {writer.tokens:,} tokens from {n_bytes / 1e6:,.1f} MB in {seconds:.1f}s '
               f'({n_bytes / 1e6 / max(seconds, 1e-9):.1f} MB/s) -> {len(shards)} shard(s)', flush=True)
-    return {'dataset': dataset, 'tokenizer': tokenizer, 'vocab_size': enc.n_vocab, 'eot_id': enc.eot_token,
+    return {'tokenizer': enc.name, **fields, 'vocab_size': enc.n_vocab, 'eot_id': enc.eot_token,
             'dtype': np.dtype(dtype).name, 'splits': splits,
-            'bytes_per_token': splits['val']['bytes'] / max(splits['val']['tokens'], 1), 'sources': sources}
+            'bytes_per_token': splits['val']['bytes'] / max(splits['val']['tokens'], 1)}
+
+
+TOKENIZER_BYTES = 10 ** 9  # text a bpe:N tokenizer learns from, by default (--tokenizer_bytes)
+
+
+def make_tokenizer(args, out, sample):
+    """The tokenizer --tokenizer names, as (tiktoken encoding, meta.json's fields for it). bpe:N
+    is trained here on sample(budget) (strings of about budget bytes of the training split) and
+    written into out; --tokenizer=DIR's is copied from DIR. Built-in ones need no fields."""
+    name = args.get('tokenizer', 'gpt2')
+    source = tokenizer_source(name)
+    if source:  # a tokenizer trained for another directory
+        meta, directory = source
+        enc = load_encoding(meta, directory, os.path.join(directory, 'meta.json'))
+        shutil.copyfile(os.path.join(directory, meta.get('tokenizer_file', TOKENIZER_FILE)), os.path.join(out, 'tokenizer.tmp'))
+        os.replace(os.path.join(out, 'tokenizer.tmp'), os.path.join(out, TOKENIZER_FILE))
+        return enc, {k: meta[k] for k in TOKENIZER_FIELDS if k in meta}
+    n = bpe_size(name)
+    if not n:
+        return get_encoding(name), {}
+    budget, seen, t = int(args.get('tokenizer_bytes', TOKENIZER_BYTES)), [0], time.time()
+    print(f'training a {n:,}-token BPE on up to {budget / 1e6:,.0f} MB of the training text ...', flush=True)
+
+    def counted(texts):
+        for s in texts:
+            seen[0] += len(s.encode('utf-8'))
+            yield s
+
+    ranks = train_bpe(counted(sample(budget)), n)
+    path = os.path.join(out, TOKENIZER_FILE)
+    write_ranks(path, ranks)
+    seconds = time.time() - t
+    peak = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024
+    print(f'tokenizer: {len(ranks) + 1:,} tokens learned from {seen[0] / 1e6:,.1f} MB in {seconds:.1f}s '
+          f'(peak memory {peak:,.0f} MB) -> {path}', flush=True)
+    if len(ranks) + 1 < n:
+        print(f'note: the text has too few distinct pieces for {n:,} tokens; the tokenizer has {len(ranks) + 1:,}',
+              flush=True)
+    fields = {'tokenizer_file': TOKENIZER_FILE, 'tokenizer_sha256': file_sha256(path),
+              'tokenizer_pattern': BPE_PATTERN, 'tokenizer_trained_on': {'bytes': seen[0], 'seconds': round(seconds, 1)}}
+    return bpe_encoding(name, ranks), fields
+
+
+TOKENIZER_FIELDS = ('tokenizer_file', 'tokenizer_sha256', 'tokenizer_pattern', 'tokenizer_trained_on')
+
+
+def tokenizer_source(name):
+    """--tokenizer=DIR: (DIR's meta.json, DIR) when DIR was prepared with a trained tokenizer;
+    None for a tokenizer's name (checked). A one-line error otherwise."""
+    if name in BUILT_IN or name == 'byte' or bpe_size(name):
+        return None
+    meta_path = os.path.join(name, 'meta.json')
+    if not os.path.isdir(name):
+        get_encoding(name)  # says which names there are
+    meta, problem = read_json(meta_path, DATA_META)
+    if problem or not meta.get('tokenizer_sha256'):
+        raise PrepareError(f'--tokenizer={name}: {meta_path} ' + (problem or 'names no trained tokenizer') +
+                           '; pass a directory prepared with --tokenizer=bpe:N')
+    return meta, name
+
+
+def spread(pieces, total, budget):
+    """The text of (bytes, new_doc, where) pieces whose sizes sum to `total`, as strings, about
+    `budget` bytes of them spread evenly over all of them: a piece is kept while what is kept stays
+    within budget/total of what has been read (all when total <= budget; the first pieces up to
+    budget when total is None, for sources whose order is already random)."""
+    kept = seen = 0
+    for data, _, (path, offset) in pieces:
+        seen += len(data)
+        allowed = budget if total is None else budget * seen / max(total, 1)
+        if kept + len(data) > allowed:
+            if total is None:
+                return
+            continue
+        try:
+            yield data.decode('utf-8')
+        except UnicodeDecodeError as e:
+            raise PrepareError(f'{path}: not UTF-8 at byte {offset + e.start:,}; pass --encoding=NAME '
+                               '(latin-1, cp1252, utf-16, ...) or --tokenizer=byte')
+        kept += len(data)
+
+
+def prepare_parquet(dataset, args, out):
+    """Text in parquet files (fineweb-edu): --shards=N training files and the validation file,
+    each downloaded when tokenization reaches it (the next one while the current one is being
+    tokenized), read a row group at a time (a row is a document), tokenized as `text` is."""
+    try:
+        import pyarrow.parquet as pq
+    except ImportError:
+        raise PrepareError(f'{dataset} reads parquet files with pyarrow: pip install pyarrow')
+    spec, n = DATASETS[dataset], int(args.get('shards', 1))
+    if n > spec['last']:
+        raise PrepareError(f'--shards={n}: {dataset} has {spec["last"]} training shards')
+    raw = os.path.join(out, 'raw')
+    os.makedirs(raw, exist_ok=True)
+    urls = {'train': [spec['parquet'].format(i=i) for i in range(n)], 'val': [spec['parquet'].format(i=spec['last'])]}
+    sources = {}
+
+    def fetch(url):
+        url = mirrored(url, args)
+        path = os.path.join(raw, os.path.basename(url))
+        sources[url] = {'url': url, 'sha256': download(url, path, **dl_args(args))}
+        return path
+
+    def documents(split):
+        ahead = Ahead(fetch, urls[split][0])
+        for i in range(len(urls[split])):
+            path = ahead.result()
+            if i + 1 < len(urls[split]):
+                ahead = Ahead(fetch, urls[split][i + 1])
+            yield from parquet_documents(path, pq)
+
+    enc, fields = make_tokenizer(args, out, lambda budget: spread(documents('train'), None, budget))
+    meta = tokenize_splits(documents, enc, fields, args, out)
+    return {'dataset': dataset, **meta, 'sources': list(sources.values())}
+
+
+class Ahead:
+    """fn(*args) run in a background thread; result() waits for it (and raises what it raised)."""
+
+    def __init__(self, fn, *args):
+        self.value = self.error = None
+        self.thread = threading.Thread(target=self.run, args=(fn, args), daemon=True)  # never holds up an exit
+        self.thread.start()
+
+    def run(self, fn, args):
+        try:
+            self.value = fn(*args)
+        except BaseException as e:
+            self.error = e
+
+    def result(self):
+        self.thread.join()
+        if self.error:
+            raise self.error
+        return self.value
+
+
+def parquet_documents(path, pq):
+    """(bytes, new_doc, (path, row)) for each row's "text" of a parquet file, a row group at a
+    time. A file that does not read is removed (running again downloads it again)."""
+    try:
+        f = pq.ParquetFile(path)
+        if 'text' not in f.schema_arrow.names:
+            raise ValueError('no "text" column')
+        row = 0
+        for group in range(f.num_row_groups):
+            for doc in f.read_row_group(group, columns=['text']).column('text').to_pylist():
+                if doc:
+                    yield doc.encode('utf-8'), True, (path, row)
+                row += 1
+    except (OSError, ValueError) as e:  # pyarrow's ArrowInvalid is a ValueError
+        os.remove(path)
+        raise PrepareError(f'{path}: not a readable parquet file of text ({str(e)[:100]}); removed it, run again '
+                           'to download it again')
 
 
 def check_shard(path):
@@ -1052,14 +1316,16 @@ def prepare(dataset, args):
     if dataset not in DATASETS:
         raise PrepareError(f'unknown dataset {dataset!r} (choose {", ".join(DATASETS)})')
     tokenizer = args.get('tokenizer', 'gpt2')
-    suffix = '' if tokenizer == 'gpt2' or 'task' in DATASETS[dataset] else f'_{tokenizer}'
+    source = tokenizer_source(tokenizer)  # checked before anything is downloaded or written
+    name = source[0]['tokenizer'] if source else tokenizer
+    suffix = '' if name == 'gpt2' or 'task' in DATASETS[dataset] else '_' + name.replace(':', '')
     out = args.get('out') or os.path.join('data', dataset + suffix)
     meta_path = os.path.join(out, 'meta.json')
-    request = {'dataset': dataset, **{k: v for k, v in args.items() if k in OUTPUT_FLAGS}}
+    request = {'dataset': dataset, **{k: v for k, v in args.items() if k in OUTPUT_FLAGS},
+               **({'tokenizer_sha256': source[0]['tokenizer_sha256']} if source else {})}
     if os.path.exists(meta_path):
         meta, problem = read_json(meta_path, DATA_META)
-        files = [os.path.join(out, s) for split in (meta or {}).get('splits', {}).values() for s in split.get('shards', [])]
-        files += [os.path.join(out, meta['task'])] if meta and meta.get('task') else []
+        files = [os.path.join(out, name) for name in prepared_files(meta or {})]
         if meta and meta.get('request') == request and all(os.path.isfile(p) for p in files):
             print(f'{out} is already prepared ({meta_path}); delete it to prepare again')
             return out
@@ -1073,11 +1339,14 @@ def prepare(dataset, args):
         write_json(meta_path, {**meta, 'request': request})
         print(f'wrote {os.path.join(out, meta["task"])}: {meta["examples"]:,} examples')
         return out
-    meta = (prepare_tokens if 'tokens' in DATASETS[dataset] else prepare_text)(dataset, args, out)
+    kind = next((k for k in ('tokens', 'parquet') if k in DATASETS[dataset]), 'text')
+    meta = {'tokens': prepare_tokens, 'parquet': prepare_parquet, 'text': prepare_text}[kind](dataset, args, out)
     written = {name for split in meta['splits'].values() for name in split['shards']}
     for stale in glob.glob(os.path.join(out, '*_*.bin')) + glob.glob(os.path.join(out, '*_*.bin.tmp')):
         if os.path.basename(stale).startswith(('train_', 'val_')) and os.path.basename(stale) not in written:
             os.remove(stale)  # left by an earlier preparation: only what meta.json lists stays
+    if 'tokenizer_file' not in meta and os.path.lexists(os.path.join(out, TOKENIZER_FILE)):
+        os.remove(os.path.join(out, TOKENIZER_FILE))
     mine, child = (resource.getrusage(who).ru_maxrss / 1024 for who in (resource.RUSAGE_SELF, resource.RUSAGE_CHILDREN))
     print(f'peak memory: {mine:.0f} MB in this process, {child:.0f} MB in the largest worker')
     write_json(meta_path, {**meta, 'request': request})  # meta.json last: its presence means "complete"
@@ -1085,7 +1354,13 @@ def prepare(dataset, args):
     return out
 
 
-OUTPUT_FLAGS = ('tokenizer', 'input', 'val_fraction', 'shards', 'shard_tokens', 'encoding')  # what shapes the output
+OUTPUT_FLAGS = ('tokenizer', 'tokenizer_bytes', 'input', 'val_fraction', 'shards', 'shard_tokens', 'encoding')
+
+
+def prepared_files(meta):
+    """The files a prepared directory's meta.json lists: shards, the tokenizer, the task."""
+    return [name for split in meta.get('splits', {}).values() for name in split.get('shards', [])] + \
+        [meta[k] for k in ('tokenizer_file', 'task') if meta.get(k)]
 
 
 # Every flag: (type, what a value must satisfy, the words for it). Parsed and checked in one place,
@@ -1096,6 +1371,7 @@ FLAGS = {
     'val_fraction': (float, lambda v: 0 < v < 1, 'between 0 and 1'),
     'shards': (int, lambda v: v >= 1, 'at least 1'),
     'shard_tokens': (int, lambda v: v >= 1, 'at least 1'),
+    'tokenizer_bytes': (float, lambda v: v >= 1, 'a number of bytes, at least 1 (e.g. 1e9)'),
     'workers': (int, lambda v: v >= 0, 'at least 0 (0 = one per core)'),
     'allow_http': (bool, lambda v: True, 'true or false'),
     'encoding': (str, lambda v: known_encoding(v), 'an encoding Python knows (latin-1, cp1252, utf-16, ...)'),

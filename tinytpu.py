@@ -94,9 +94,9 @@ import jax.numpy as jnp  # noqa: E402
 import numpy as np  # noqa: E402
 from jax.sharding import Mesh, NamedSharding, PartitionSpec as P  # noqa: E402
 
-from prepare import (DATA_META, HEADER_BYTES, Bucket, BucketDown, PrepareError, fetch_prepared,  # the companion
-                     file_error, file_sha256, flag_value, get_encoding, in_bucket, integer, local_copy,  # script
-                     number, optional, read_json, read_task, retried, shard_header, text)
+from prepare import (DATA_META, HEADER_BYTES, TOKENIZER_FILE, Bucket, BucketDown, PrepareError,  # the companion
+                     fetch_prepared, file_error, file_sha256, flag_value, in_bucket, integer, load_encoding,  # script
+                     local_copy, number, optional, read_json, read_task, retried, shard_header, text)
 
 
 # ==============================================================================================
@@ -874,7 +874,8 @@ def save(c, state, meta, elapsed, tokens):
     time and the tokens trained on so far (across resumes, whatever their --seq_len)."""
     host = host_state(state)  # every process takes part
     extra = {'tokenizer': meta.get('tokenizer'), 'eot_id': meta.get('eot_id'), 'elapsed': elapsed, 'tokens': tokens,
-             'before_warmdown': int(state['opt']['step']) == warmdown_start(c)}  # kept, to be trained further
+             'before_warmdown': int(state['opt']['step']) == warmdown_start(c),  # kept, to be trained further
+             **{k: meta[k] for k in ('tokenizer_sha256', 'tokenizer_pattern') if k in meta}}  # a trained tokenizer's
     say(f'saved {save_checkpoint(c.out, host, c, extra) if lead() else None}', flush=True)
 
 
@@ -1863,6 +1864,8 @@ def start_run(c, held):
     if in_bucket(c.data):  # prepared data in a bucket: copied once into a local copy, read there
         c = dataclasses.replace(c, data=fetch_prepared(c.data))  # every host: each reads its own copy
     train_windows, val_windows, meta = load_data(c)
+    if meta.get('tokenizer_sha256'):  # a trained tokenizer: there and whole now, not after training, when it is needed
+        load_encoding(meta, c.data, os.path.join(c.data, 'meta.json'))
     if 'vocab_size' in meta:
         c = dataclasses.replace(c, vocab_size=int(meta['vocab_size']))
     validate(c)
@@ -1892,7 +1895,9 @@ def start_run(c, held):
         f'({jax.devices()[0].device_kind}{f", {jax.process_count()} hosts" if jax.process_count() > 1 else ""}) '
         f'| {count_params(shapes["params"]) / 1e6:.2f}M params | dtype {jnp.dtype(compute_dtype(c)).name} '
         f'| {device_note} | data {c.data} -> {c.out}')
-    state, path, saved = restore(c, shapes, meta.get('tokenizer'))
+    state, path, saved = restore(c, shapes, meta)
+    if meta.get('tokenizer_sha256') and lead():
+        keep_tokenizer(c, meta)
     if path:
         state, path, saved = same_schedule(c, shapes, state, path, saved)
         say(f'resuming from {path}')
@@ -1909,7 +1914,7 @@ def start_run(c, held):
     if c.hellaswag_every:  # read and checked before anything is compiled
         if not meta.get('tokenizer'):
             raise UserError(f'--hellaswag_every needs the tokenizer: {c.data} has no meta.json naming it')
-        run.task = read_task(task_file(c), c.task_limit), get_encoding(meta['tokenizer'])
+        run.task = read_task(task_file(c), c.task_limit), load_encoding(meta, c.data)
     run.price, run.price_note = hourly_price(c, mesh)
     say(f'cost: {run.price_note}')
     t = time.time()
@@ -2321,6 +2326,8 @@ CHECKPOINT_META = {  # field: (test, what it must be, required); prepare.field_p
     'before_warmdown': (lambda v: type(v) is bool, 'true or false', False),
     'tokenizer': (optional(text), 'a tokenizer name', False),
     'eot_id': (optional(integer()), 'a token id', False),
+    'tokenizer_sha256': DATA_META['tokenizer_sha256'],  # a trained tokenizer's (prepare.py --tokenizer=bpe:N)
+    'tokenizer_pattern': DATA_META['tokenizer_pattern'],
 }
 
 
@@ -2346,13 +2353,17 @@ def read_checkpoint_meta(path):
     return meta
 
 
-def check_compatible(meta, c, path, tokenizer=None):
+def check_compatible(meta, c, path, data=None):
     """The checkpoint's weights must be the model this config builds, trained on tokens of this
-    data's tokenizer (when both say which)."""
+    data's tokenizer (`data`: its meta.json), when both say which: the same name and, for a
+    trained tokenizer, the same file (its SHA-256)."""
     saved = meta['config']
-    if tokenizer and meta.get('tokenizer') and tokenizer != meta['tokenizer']:
-        raise UserError(f'{path} was trained on {meta["tokenizer"]} tokens, but --data={c.data} holds {tokenizer} '
-                        f'tokens; use data prepared with --tokenizer={meta["tokenizer"]}, or a new --out')
+    mine, theirs = (tokenizer_words(m) for m in (meta, data or {}))
+    if mine and theirs and mine != theirs:
+        redo = (f'--tokenizer={meta["tokenizer"]}' if not meta.get('tokenizer_sha256') else
+                'the same tokenizer (prepare.py --tokenizer=DIR reuses a trained one)')
+        raise UserError(f'{path} was trained on {mine} tokens, but --data={c.data} holds {theirs} '
+                        f'tokens; use data prepared with {redo}, or a new --out')
     for name in MODEL_FIELDS:
         if saved.get(name) != getattr(c, name):
             raise UserError(f'{path} was trained with --{name}={saved.get(name)}, but this run has '
@@ -2362,7 +2373,37 @@ def check_compatible(meta, c, path, tokenizer=None):
                         f'--optimizer={c.optimizer}; resume with the same optimizer or use a new --out')
 
 
-def restore(c, template, tokenizer=None):
+def tokenizer_words(meta):
+    """A meta.json's tokenizer in words: its name, and for a trained one its file's SHA-256."""
+    sha = meta.get('tokenizer_sha256')
+    return meta.get('tokenizer') and meta['tokenizer'] + (f' (tokenizer.tiktoken SHA-256 {sha[:12]})' if sha else '')
+
+
+def keep_tokenizer(c, meta):
+    """A trained tokenizer goes with the run: the data's tokenizer.tiktoken is copied into --out
+    (written beside it, then renamed over), where sample, eval and export find it beside the
+    checkpoints, and a run kept in a bucket uploads it."""
+    dst = os.path.join(c.out, TOKENIZER_FILE)
+    if os.path.isfile(dst) and not os.path.islink(dst) and file_sha256(dst) == meta['tokenizer_sha256']:
+        return
+    shutil.copyfile(os.path.join(c.data, meta.get('tokenizer_file', TOKENIZER_FILE)), f'{dst}.{os.getpid()}.tmp')
+    os.replace(f'{dst}.{os.getpid()}.tmp', dst)
+
+
+def checkpoint_encoding(meta, c, path):
+    """The tokenizer a checkpoint was trained with: a built-in one by name, or a trained one from
+    --out (where training copied it), else from the data directory it was trained on; either
+    must be the very file (SHA-256) its meta.json records."""
+    if not meta.get('tokenizer'):
+        raise UserError(f'{path}: the training data had no meta.json naming a tokenizer')
+    where = c.out
+    if meta.get('tokenizer_sha256') and not os.path.lexists(os.path.join(c.out, TOKENIZER_FILE)) and \
+            os.path.lexists(os.path.join(c.data, TOKENIZER_FILE)):
+        where = c.data
+    return load_encoding(meta, where, os.path.join(path, 'meta.json'))
+
+
+def restore(c, template, data=None):
     """The newest loadable checkpoint in c.out as (state, path, meta), or (template, None, {}) if
     there is none. A damaged one (bad checksum, truncated) is skipped with a warning. One that
     vanishes while being read (a training run beside us deleting its oldest) means: look again."""
@@ -2371,7 +2412,7 @@ def restore(c, template, tokenizer=None):
         for _, path in reversed(checkpoints):
             try:
                 meta = read_checkpoint_meta(path)
-                check_compatible(meta, c, path, tokenizer)
+                check_compatible(meta, c, path, data)
                 state = load_checkpoint(path, template)
             except CorruptCheckpoint as e:
                 if not os.path.isdir(path):
@@ -2454,9 +2495,7 @@ def load_model(c, explicit):
         raise UserError(f'--context={c.context}: its KV cache would take {size(cache)}, but {where} has '
                         f'{size(limit)}; use a smaller --context')
     state, path, meta = restore(c, {'params': jax.eval_shape(lambda: init_params(c, jax.random.key(0)))})
-    if not meta.get('tokenizer'):
-        raise UserError(f'{path}: the training data had no meta.json naming a tokenizer')
-    return c, state['params'], meta, get_encoding(meta['tokenizer'])
+    return c, state['params'], meta, checkpoint_encoding(meta, c, path)
 
 
 def data_files(c):
@@ -2506,9 +2545,9 @@ def vocab_from_shards(c, windows):
 # any --out, and each checkpoint it writes is uploaded in the background, state.npz first and its
 # meta.json last: in the bucket as on disk, a checkpoint with a meta.json is whole (meta.json
 # records state.npz's size and SHA-256, checked on loading). On a new VM with an empty disk the
-# same command downloads the whole checkpoints the run keeps and its log, and goes on. One run per
-# bucket path: a lock object, created only where none is, refreshed while the run lives, taken
-# over only when it has gone stale. The bucket is reached through prepare.py's Bucket
+# same command downloads the whole checkpoints the run keeps, its log and its trained tokenizer
+# (if any), and goes on. One run per bucket path: a lock object, created only where none is,
+# refreshed while the run lives, taken over only when it has gone stale. The bucket is reached through prepare.py's Bucket
 # (google-cloud-storage, imported only for gs:// paths).
 
 def bucket_checkpoints(sizes):
@@ -2530,7 +2569,7 @@ class BucketRun:
 
     def __init__(self, url, lead):
         self.bucket, self.local, self.lead = Bucket(url), local_copy(url), lead
-        self.generation, self.lost, self.uploaded = None, False, set()
+        self.generation, self.lost, self.uploaded, self.tokenizer_sent = None, False, set(), False
         self.closing, self.uploading = threading.Event(), threading.Lock()
 
     def __enter__(self):
@@ -2623,8 +2662,9 @@ class BucketRun:
                 os.rename(tmp, path)
                 say(f'downloaded {name} from {self.bucket.url} ({size(sizes[name + "/state.npz"])} in '
                     f'{time.time() - t:.1f}s)')
-        if 'log.jsonl' in sizes:
-            self.retry('download log.jsonl', self.bucket.download, 'log.jsonl', os.path.join(self.local, 'log.jsonl'))
+        for name in ('log.jsonl', TOKENIZER_FILE):  # the log; a trained tokenizer (sample, eval, export read it)
+            if name in sizes:
+                self.retry(f'download {name}', self.bucket.download, name, os.path.join(self.local, name))
 
     def retry(self, what, fn, *args):
         """fn(*args), tried again while the bucket does not answer (said, with a growing wait)."""
@@ -2666,9 +2706,12 @@ class BucketRun:
         except FileNotFoundError:
             return False  # deleted by retention meanwhile: a newer one is there to upload
         self.uploaded.add(int(name[5:]))
-        log = os.path.join(self.local, 'log.jsonl')
+        log, tokenizer = os.path.join(self.local, 'log.jsonl'), os.path.join(self.local, TOKENIZER_FILE)
         if os.path.exists(log):
             self.retry('upload log.jsonl', self.bucket.upload, log, 'log.jsonl')
+        if os.path.isfile(tokenizer) and not self.tokenizer_sent:  # once: a run's tokenizer never changes
+            self.retry(f'upload {TOKENIZER_FILE}', self.bucket.upload, tokenizer, TOKENIZER_FILE)
+            self.tokenizer_sent = True
         kept = {step for step, _ in list_checkpoints(self.local)}
         whole, found = bucket_checkpoints(self.retry('list the bucket', self.bucket.sizes))
         for step, names in found.items():
