@@ -3,15 +3,21 @@
     python prepare.py                                     # tiny Shakespeare, GPT-2 BPE -> data/shakespeare
     python prepare.py shakespeare --tokenizer=byte        # byte tokens -> data/shakespeare_byte
     python prepare.py tinystories                         # 2.2 GB of short stories, streamed
+    python prepare.py fineweb-edu --shards=24 --tokenizer=bpe:32768   # nanochat's text, its own 32K BPE
     python prepare.py fineweb10B --shards=8               # pre-tokenized GPT-2 shards, 100M tokens each
     python prepare.py text --input=my_corpus/             # your own .txt files (or one file, or a URL)
     python prepare.py hellaswag                           # HellaSwag's 10,042 validation examples (eval)
     python prepare.py choices                             # a multiple-choice test made of held-out text
 
-Flags: --tokenizer=gpt2|cl100k_base|o200k_base|byte --out=DIR --input=PATH_OR_URL --val_fraction=0.1
---shards=N (fineweb) --workers=N (tokenizer processes; default one per core) --allow_http
---mirror=URL (fetch Hugging Face files from a mirror instead of https://huggingface.co)
---encoding=NAME (text that is not UTF-8, for BPE tokenizers: latin-1, cp1252, utf-16, ...)
+Flags: --tokenizer=gpt2|cl100k_base|o200k_base|byte|bpe:N|DIR --out=DIR --input=PATH_OR_URL
+--val_fraction=0.1 --shards=N (fineweb-edu, fineweb10B) --workers=N (tokenizer processes; default
+one per core) --allow_http --mirror=URL (fetch Hugging Face files from a mirror instead of
+https://huggingface.co) --encoding=NAME (text that is not UTF-8, for BPE tokenizers: latin-1,
+cp1252, utf-16, ...) --tokenizer_bytes=1e9 (text a bpe:N tokenizer learns from)
+
+--tokenizer=bpe:N trains a byte-level BPE of N tokens on the training text (needs: pip install
+rustbpe) and keeps it in DIR/tokenizer.tiktoken; --tokenizer=DIR reuses the one of a directory
+prepared so. fineweb-edu reads parquet files (needs: pip install pyarrow).
 
 Output: DIR/train_000000.bin ..., DIR/val_000000.bin ..., DIR/meta.json (listing the shards);
 for hellaswag and choices, DIR/NAME_val.jsonl, the examples `python tinytpu.py eval` scores.
@@ -323,7 +329,7 @@ def fetch_prepared(url):
 # OpenAI's; `byte` is built here (256 byte tokens plus end-of-text, no download needed); `bpe:N`
 # is a byte-level BPE of N tokens learned from the corpus being prepared: the training split's
 # text, up to --tokenizer_bytes of it (1 GB by default: a 32K vocabulary trained on more
-# compresses held-out text only a little better; docs/data.md has the numbers), is split by
+# compresses held-out text only a little better; docs/running.md has the numbers), is split by
 # BPE_PATTERN and the most frequent adjacent pair of tokens is merged, N - 257 times, by rustbpe
 # (nanochat's trainer; an optional extra, imported only here). Its ranks (token bytes -> id,
 # in the order the merges were learned) go into the data directory as tokenizer.tiktoken, in
