@@ -323,7 +323,6 @@ def fetch_prepared(url):
     return local
 
 
-
 # ----------------------------------------------------------------------------------------------
 # Tokenizers. tiktoken encodes every one of them. `gpt2`, `cl100k_base` and `o200k_base` are
 # OpenAI's; `byte` is built here (256 byte tokens plus end-of-text, no download needed); `bpe:N`
@@ -994,7 +993,7 @@ def tokenize_splits(documents, enc, fields, args, out):
     splits = {}
     for split in ('train', 'val'):
         writer = ShardWriter(out, split, dtype, int(args.get('shard_tokens', SHARD_TOKENS)))
-        loads = enc.name if 'tokenizer_sha256' not in fields else (fields, out)  # what the workers load
+        loads = enc.name if 'tokenizer_sha256' not in fields else ({'tokenizer': enc.name, **fields}, out)
         n_bytes, seconds = tokenize(chunked(documents(split)), loads, writer, int(args.get('workers', 0)))
         shards = writer.close()
         splits[split] = {'tokens': writer.tokens, 'bytes': n_bytes, 'shards': [os.path.basename(p) for p in shards]}

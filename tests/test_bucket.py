@@ -181,3 +181,22 @@ def test_data_prepared_into_a_bucket_is_copied_once_and_checked(tmp_path, bucket
     bucket.blob('data/shakespeare_byte/val_000000.bin').upload_from_string(b'\0' * 1024)  # damaged in the bucket
     with pytest.raises(tt.PrepareError, match='val_000000.bin: its SHA-256 is not the one meta.json records'):
         tt.train(tiny_config(data=data, out=str(tmp_path / 'run'), steps=6))
+
+
+def test_a_trained_tokenizer_goes_into_the_bucket_with_the_run(tmp_path, bucket, capsys):
+    """--tokenizer=bpe:N data: the run uploads its tokenizer.tiktoken; a new VM that has neither
+    the data nor the run samples from the bucket with it."""
+    pytest.importorskip('rustbpe', reason='rustbpe trains the tokenizer (pip install rustbpe)')
+    import prepare
+    from conftest import SHAKESPEARE
+    data = tmp_path / 'data'
+    assert prepare.main(['text', f'--input={SHAKESPEARE}', '--tokenizer=bpe:512', f'--out={data}']) == 0
+    out = 'gs://runs/bpe'
+    tt.train(tiny_config(data=str(data), out=out, steps=2))
+    assert 'bpe/tokenizer.tiktoken' in names(bucket, 'bpe/')
+    assert bucket.blob('bpe/tokenizer.tiktoken').download_as_bytes() == (data / 'tokenizer.tiktoken').read_bytes()
+    shutil.rmtree(tmp_path / 'cache')  # a new VM: no local copy of the run ...
+    shutil.move(data, tmp_path / 'elsewhere')  # ... and no data directory
+    capsys.readouterr()
+    assert tt.main(['sample', f'--out={out}', '--prompt=ROMEO:', '--max_new_tokens=4']) == 0
+    assert capsys.readouterr().out.strip().splitlines()[-1].startswith('ROMEO:')
