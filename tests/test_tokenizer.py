@@ -105,6 +105,11 @@ def test_the_tokenizer_goes_with_the_run_sample_eval_export_and_resume(bpe_data,
         assert hf(text)['input_ids'] == enc.encode_ordinary(text)
         assert hf.eos_token == '<|endoftext|>' and hf.convert_tokens_to_ids('<|endoftext|>') == 1023
         assert 'tokenizer `bpe:1024`' in open(tmp_path / 'hf' / 'README.md').read()
+        assert prepare.main(['choices', f'--input={SHAKESPEARE}', f'--out={tmp_path / "task"}']) == 0
+        capsys.readouterr()
+        assert tt.main(['eval', f'--out={out}', '--task=choices', f'--task_data={tmp_path / "task" / "choices_val.jsonl"}',
+                        '--task_limit=20']) == 0  # scored with the model's own tokenizer
+        assert json.loads(capsys.readouterr().out.strip().splitlines()[-1])['examples'] == 20
         with open(copy, 'ab') as f:  # a tokenizer that is not the one the model learned: refused in one line
             f.write(b'AAAA 1023\n')
         with pytest.raises(tt.PrepareError, match='tokenizer.tiktoken: not the tokenizer .* was made with'):
