@@ -105,24 +105,29 @@ def optional(test):
     return lambda v: v is None or test(v)
 
 
+def file_name(v):
+    """A plain file name: no directory, not '.' or '..' (what meta.json may name in its directory)."""
+    return text(v) and v and os.path.basename(v) == v and v not in ('.', '..')
+
+
 def shard_names(v):
     """{'train': {'shards': ['train_000000.bin', ...], 'tokens': N}, 'val': {...}}: plain file names."""
     return type(v) is dict and all(
         type(s) is dict and type(s.get('shards', [])) is list and integer()(s.get('tokens', 0))
-        and all(text(n) and n and os.path.basename(n) == n and n not in ('.', '..') for n in s.get('shards', []))
+        and all(file_name(n) for n in s.get('shards', []))
         for s in v.values())
 
 
 DATA_META = {  # field: (test, what it must be, required)
     'tokenizer': (text, 'a tokenizer name', False),
-    'tokenizer_file': (lambda v: text(v) and v and os.path.basename(v) == v and v not in ('.', '..'), 'a file name', False),
+    'tokenizer_file': (file_name, 'a file name', False),
     'tokenizer_sha256': (lambda v: text(v) and SHA256.fullmatch(v) is not None, 'a SHA-256', False),
     'tokenizer_pattern': (text, 'a regular expression', False),
     'vocab_size': (integer(2, 2**32), 'an integer from 2 to 2^32', False),
     'eot_id': (integer(0, 2**32 - 1), 'a token id', False),
     'bytes_per_token': (number(1e-9), 'a positive number', False),
     'splits': (shard_names, 'per split, a list of shard file names and a token count', False),
-    'task': (lambda v: text(v) and v and os.path.basename(v) == v and v not in ('.', '..'), 'a file name', False),
+    'task': (file_name, 'a file name', False),
 }
 
 
@@ -564,6 +569,12 @@ def full_size(r):
     return int(length) if length.isdigit() else None
 
 
+def copy_file(src, dst):
+    """Copy src to dst whole: written beside it, then renamed over it."""
+    shutil.copyfile(src, dst + '.tmp')
+    os.replace(dst + '.tmp', dst)
+
+
 def write_json(path, record):
     """Replace a JSON file whole: written beside it, then renamed over it."""
     with open(path + '.tmp', 'w') as f:
@@ -990,10 +1001,10 @@ def tokenize_splits(documents, enc, fields, args, out):
     """Both splits' documents (documents(split): (bytes, new_doc, where) pieces) tokenized into
     shards in out: -> meta.json's fields for the tokens and the tokenizer."""
     dtype = token_dtype(enc.n_vocab)
+    loads = enc.name if 'tokenizer_sha256' not in fields else ({'tokenizer': enc.name, **fields}, out)  # the workers
     splits = {}
     for split in ('train', 'val'):
         writer = ShardWriter(out, split, dtype, int(args.get('shard_tokens', SHARD_TOKENS)))
-        loads = enc.name if 'tokenizer_sha256' not in fields else ({'tokenizer': enc.name, **fields}, out)
         n_bytes, seconds = tokenize(chunked(documents(split)), loads, writer, int(args.get('workers', 0)))
         shards = writer.close()
         splits[split] = {'tokens': writer.tokens, 'bytes': n_bytes, 'shards': [os.path.basename(p) for p in shards]}
@@ -1016,8 +1027,8 @@ def make_tokenizer(args, out, sample):
     if source:  # a tokenizer trained for another directory
         meta, directory = source
         enc = load_encoding(meta, directory, os.path.join(directory, 'meta.json'))
-        shutil.copyfile(os.path.join(directory, meta.get('tokenizer_file', TOKENIZER_FILE)), os.path.join(out, 'tokenizer.tmp'))
-        os.replace(os.path.join(out, 'tokenizer.tmp'), os.path.join(out, TOKENIZER_FILE))
+        copy_file(os.path.join(directory, meta.get('tokenizer_file', TOKENIZER_FILE)),
+                  os.path.join(out, TOKENIZER_FILE))
         return enc, {k: meta[k] for k in TOKENIZER_FIELDS if k in meta}
     n = bpe_size(name)
     if not n:
@@ -1292,8 +1303,7 @@ def prepare_task(dataset, args, out):
         if not os.path.isfile(source):
             raise PrepareError(f'--input={source}: no such file (a copy of hellaswag_val.jsonl)')
         read_task(source)
-        shutil.copyfile(source, path + '.tmp')
-        os.replace(path + '.tmp', path)
+        copy_file(source, path)
         sources.append({'path': source, 'sha256': file_sha256(path)})
     else:
         raw = os.path.join(out, 'raw')
@@ -1330,7 +1340,7 @@ def prepare(dataset, args):
                **({'tokenizer_sha256': source[0]['tokenizer_sha256']} if source else {})}
     if os.path.exists(meta_path):
         meta, problem = read_json(meta_path, DATA_META)
-        files = [os.path.join(out, name) for name in prepared_files(meta or {})]
+        files = [os.path.join(out, f) for f in prepared_files(meta or {})]
         if meta and meta.get('request') == request and all(os.path.isfile(p) for p in files):
             print(f'{out} is already prepared ({meta_path}); delete it to prepare again')
             return out

@@ -95,8 +95,8 @@ import numpy as np  # noqa: E402
 from jax.sharding import Mesh, NamedSharding, PartitionSpec as P  # noqa: E402
 
 from prepare import (DATA_META, HEADER_BYTES, TOKENIZER_FILE, Bucket, BucketDown, PrepareError,  # the companion
-                     fetch_prepared, file_error, file_sha256, flag_value, in_bucket, integer, load_encoding,  # script
-                     local_copy, number, optional, read_json, read_task, retried, shard_header, text)
+                     copy_file, fetch_prepared, file_error, file_sha256, flag_value, in_bucket, integer,  # script
+                     load_encoding, local_copy, number, optional, read_json, read_task, retried, shard_header, text)
 
 
 # ==============================================================================================
@@ -2386,8 +2386,7 @@ def keep_tokenizer(c, meta):
     dst = os.path.join(c.out, TOKENIZER_FILE)
     if os.path.isfile(dst) and not os.path.islink(dst) and file_sha256(dst) == meta['tokenizer_sha256']:
         return
-    shutil.copyfile(os.path.join(c.data, meta.get('tokenizer_file', TOKENIZER_FILE)), f'{dst}.{os.getpid()}.tmp')
-    os.replace(f'{dst}.{os.getpid()}.tmp', dst)
+    copy_file(os.path.join(c.data, meta.get('tokenizer_file', TOKENIZER_FILE)), dst)
 
 
 def checkpoint_encoding(meta, c, path):
@@ -2547,8 +2546,8 @@ def vocab_from_shards(c, windows):
 # records state.npz's size and SHA-256, checked on loading). On a new VM with an empty disk the
 # same command downloads the whole checkpoints the run keeps, its log and its trained tokenizer
 # (if any), and goes on. One run per bucket path: a lock object, created only where none is,
-# refreshed while the run lives, taken over only when it has gone stale. The bucket is reached through prepare.py's Bucket
-# (google-cloud-storage, imported only for gs:// paths).
+# refreshed while the run lives, taken over only when it has gone stale. The bucket is reached
+# through prepare.py's Bucket (google-cloud-storage, imported only for gs:// paths).
 
 def bucket_checkpoints(sizes):
     """{step: [object names]} of the checkpoints in a bucket listing, and which are whole (their

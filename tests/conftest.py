@@ -73,8 +73,10 @@ def run_cli(*args, cwd=ROOT, timeout=600):
 
 class HubHandler(http.server.BaseHTTPRequestHandler):
     """A stand-in for huggingface.co with the real URL layout: /datasets/<repo>/resolve/main/<file>
-    answers a 302 to /cdn/<file>, as the Hub does, which serves the bytes."""
-    files = {}
+    answers a 302 to /cdn/<file>, as the Hub does, which serves the bytes, with Range requests.
+    `seen` logs (file, Range header) per request; `hold` = (file, event): that file's first
+    whole-file answer stops halfway until the event is set (a download killed mid-file)."""
+    files, seen, hold = {}, [], None
 
     def do_GET(self):
         if '/resolve/main/' in self.path:
@@ -82,14 +84,26 @@ class HubHandler(http.server.BaseHTTPRequestHandler):
             self.send_header('Location', '/cdn/' + self.path.split('/resolve/main/')[1])
             self.end_headers()
             return
-        body = self.files.get(self.path[len('/cdn/'):])
+        name = self.path[len('/cdn/'):]
+        body = self.files.get(name)
         if body is None:
             self.send_error(404)
             return
-        self.send_response(200)
-        self.send_header('Content-Length', str(len(body)))
+        asked = self.headers.get('Range')
+        self.seen.append((name, asked))
+        start = int(asked[6:-1]) if asked else 0
+        self.send_response(206 if start else 200)
+        if start:
+            self.send_header('Content-Range', f'bytes {start}-{len(body) - 1}/{len(body)}')
+        self.send_header('Content-Length', str(len(body) - start))
+        self.send_header('ETag', '"%s"' % hashlib.sha256(body).hexdigest()[:16])
         self.end_headers()
-        self.wfile.write(body)
+        if self.hold and self.hold[0] == name and not start:
+            self.wfile.write(body[:len(body) // 2])
+            self.wfile.flush()
+            self.hold[1].wait(60)
+            return
+        self.wfile.write(body[start:])
 
     def log_message(self, *args):
         pass
@@ -109,6 +123,6 @@ def serving(handler):
 @pytest.fixture
 def hub():
     """(its URL, the files it serves: name -> bytes), on 127.0.0.1 for this test only."""
-    HubHandler.files = {}
+    HubHandler.files, HubHandler.seen, HubHandler.hold = {}, [], None
     with serving(HubHandler) as url:
         yield url, HubHandler.files

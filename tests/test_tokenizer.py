@@ -5,7 +5,6 @@ does with the exported files; parquet shards come from a local stand-in for the 
 after a kill."""
 import base64
 import hashlib
-import http.server
 import json
 import os
 import shutil
@@ -20,7 +19,7 @@ import pytest
 
 import prepare
 import tinytpu as tt
-from conftest import ROOT, SHAKESPEARE, serving, tiny_config
+from conftest import ROOT, SHAKESPEARE, HubHandler, tiny_config
 
 pytest.importorskip('rustbpe', reason='rustbpe trains the tokenizers (pip install rustbpe)')
 TEXT = open(SHAKESPEARE, 'rb').read()
@@ -170,53 +169,16 @@ def parquet_bytes(docs, tmp_path, name):
     return path.read_bytes()
 
 
-class ParquetHub(http.server.BaseHTTPRequestHandler):
-    """The Hub's layout (/datasets/<repo>/resolve/main/<file> -> 302 -> /cdn/<file>) with Range
-    requests; `hold` = (file, event): its first whole-file answer stops halfway until the event."""
-    files, seen, hold = {}, [], None
-
-    def do_GET(self):
-        if '/resolve/main/' in self.path:
-            self.send_response(302)
-            self.send_header('Location', '/cdn/' + self.path.split('/resolve/main/')[1])
-            self.end_headers()
-            return
-        name = self.path[len('/cdn/'):]
-        body = self.files.get(name)
-        if body is None:
-            self.send_error(404)
-            return
-        asked = self.headers.get('Range')
-        self.seen.append((name, asked))
-        start = int(asked[6:-1]) if asked else 0
-        self.send_response(206 if start else 200)
-        if start:
-            self.send_header('Content-Range', f'bytes {start}-{len(body) - 1}/{len(body)}')
-        self.send_header('Content-Length', str(len(body) - start))
-        self.send_header('ETag', '"%s"' % hashlib.sha256(body).hexdigest()[:16])
-        self.end_headers()
-        if self.hold and self.hold[0] == name and not start:
-            self.wfile.write(body[:len(body) // 2])
-            self.wfile.flush()
-            self.hold[1].wait(60)
-            return
-        self.wfile.write(body[start:])
-
-    def log_message(self, *args):
-        pass
-
-
 @pytest.fixture
-def fineweb(tmp_path):
+def fineweb(tmp_path, hub):
     """Three small shards of Shakespeare's lines as documents, under nanochat's names: two for
     training, and the dataset's last one (validation). -> (hub URL, {shard: docs})"""
     lines = [l for l in TEXT.decode().split('\n\n') if l.strip()]
     docs = {'shard_00000.parquet': lines[:300], 'shard_00001.parquet': lines[300:600],
             'shard_01822.parquet': lines[600:700] + ['naïve 日本語 🙂']}
-    ParquetHub.files = {name: parquet_bytes(d, tmp_path, name) for name, d in docs.items()}
-    ParquetHub.seen, ParquetHub.hold = [], None
-    with serving(ParquetHub) as url:
-        yield url, docs
+    url, files = hub
+    files.update({name: parquet_bytes(d, tmp_path, name) for name, d in docs.items()})
+    return url, docs
 
 
 def as_byte_tokens(docs):
@@ -229,21 +191,21 @@ def test_fineweb_edu_downloads_resume_after_a_kill_and_give_the_documents(finewe
     cmd = [sys.executable, os.path.join(ROOT, 'prepare.py'), 'fineweb-edu', '--shards=2', '--tokenizer=byte',
            f'--mirror={url}', '--allow_http', f'--out={out}']
     release = threading.Event()
-    ParquetHub.hold = ('shard_00001.parquet', release)
+    HubHandler.hold = ('shard_00001.parquet', release)
     p = subprocess.Popen(cmd, stdout=subprocess.PIPE, stderr=subprocess.PIPE, start_new_session=True)
-    part, half = out / 'raw' / 'shard_00001.parquet.part', len(ParquetHub.files['shard_00001.parquet']) // 2
+    part, half = out / 'raw' / 'shard_00001.parquet.part', len(HubHandler.files['shard_00001.parquet']) // 2
     deadline = time.time() + 60
     while not (part.exists() and part.stat().st_size == half) and time.time() < deadline:
         time.sleep(0.05)
     os.killpg(p.pid, signal.SIGKILL)  # the machine goes: no clean-up at all
     p.communicate(timeout=60)
     release.set()
-    ParquetHub.hold = None
+    HubHandler.hold = None
     assert part.stat().st_size == half and not (out / 'meta.json').exists()
     r = subprocess.run(cmd, capture_output=True, text=True, timeout=300)
     assert r.returncode == 0, r.stderr
-    assert ('shard_00001.parquet', f'bytes={half}-') in ParquetHub.seen  # continued, not started over
-    assert [n for n, _ in ParquetHub.seen].count('shard_00000.parquet') == 1  # a whole file is not fetched again
+    assert ('shard_00001.parquet', f'bytes={half}-') in HubHandler.seen  # continued, not started over
+    assert [n for n, _ in HubHandler.seen].count('shard_00000.parquet') == 1  # a whole file is not fetched again
     meta = json.load(open(out / 'meta.json'))
     assert meta['sources'][0]['url'] == f'{url}/datasets/karpathy/fineweb-edu-100b-shuffle/resolve/main/shard_00000.parquet'
     assert np.array_equal(tokens(out / 'train_000000.bin'), as_byte_tokens(docs['shard_00000.parquet'] + docs['shard_00001.parquet']))
@@ -268,7 +230,7 @@ def test_fineweb_edu_with_a_trained_tokenizer_learns_from_the_first_training_tex
 
 def test_a_damaged_parquet_shard_is_removed_and_named(fineweb, tmp_path, capsys):
     url, _ = fineweb
-    ParquetHub.files['shard_00000.parquet'] = b'PAR1 not really'
+    HubHandler.files['shard_00000.parquet'] = b'PAR1 not really'
     out = tmp_path / 'bad'
     assert prepare.main(['fineweb-edu', '--tokenizer=byte', f'--mirror={url}', '--allow_http', f'--out={out}']) == 2
     err = capsys.readouterr().err
