@@ -46,6 +46,7 @@ import time
 import zipfile
 from dataclasses import dataclass, field
 from functools import partial
+from typing import NamedTuple
 
 
 def usage(source):
@@ -62,7 +63,7 @@ def usage(source):
             presets = [key.value for key in node.value.keys]
         elif name in ('GPTConfig', 'Config'):
             fields += [(f.target.id, *map(ast.literal_eval, f.value.args)) for f in node.body
-                       if isinstance(f.value, ast.Call) and getattr(f.value.func, 'id', None) == '_f']
+                       if isinstance(f.value, ast.Call) and getattr(f.value.func, 'id', None) == 'setting']
     column, lines = 34, ['usage: python tinytpu.py [COMMAND] [--name=value ...]', '', 'commands:']
     lines += [f'  {name:<8}{what}' for name, what in commands.items()]
     lines += ['', f'settings, with their defaults (--preset={"|".join(presets)} sets groups of them; '
@@ -100,10 +101,11 @@ from prepare import (DATA_META, HEADER_BYTES, TOKENIZER_FILE, Bucket, BucketDown
 
 
 # ==============================================================================================
-# Part I: the GPT. The model, its loss, AdamW, the train step, the data, checkpoints, the
-# training loop and sampling, in the order a step needs them. What concerns running it on real
-# hardware (several chips and hosts, fitting memory, surviving failures, costs, the tools around
-# training) is Part II's, reached by one named call where it is needed.
+# Part I: the GPT. The model, its loss, AdamW and Muon, the train step, the data, checkpoints,
+# the training loop and sampling, in the order a step needs them. It runs alone: with GPTConfig
+# and these names, init_params, forward, loss_fn and train_step work on one device. Running it
+# for real (several chips and hosts, fitting memory, surviving failures, costs, the tools around
+# training) is Part II's, which wraps Part I from outside; the training loop calls it by name.
 # ==============================================================================================
 
 # ----------------------------------------------------------------------------------------------
@@ -111,67 +113,74 @@ from prepare import (DATA_META, HEADER_BYTES, TOKENIZER_FILE, Bucket, BucketDown
 # the jit-compiled functions). Part II's Config adds those of running it.
 
 
-def _f(default, help):
-    return field(default=default, metadata={'help': help})
+def setting(default, doc):
+    """A config field: its default, and the line of --help that says what it does."""
+    return field(default=default, metadata={'help': doc})
 
 
 @dataclass(frozen=True)
 class GPTConfig:
     """The settings of the model and of its training. Each is a flag, `--name=value`; Part II adds
     those of running it (devices, costs, tools) in Config, which is what the functions receive."""
-    data: str = _f('data/shakespeare_byte', 'directory with train_*.bin, val_*.bin, meta.json')
-    out: str = _f('out/shakespeare_byte', 'directory for checkpoints and log.jsonl')
+    data: str = setting('data/shakespeare_byte', 'directory with train_*.bin, val_*.bin, meta.json')
+    out: str = setting('out/shakespeare_byte', 'directory for checkpoints and log.jsonl')
     # model shape
-    n_layer: int = _f(4, 'transformer blocks')
-    d_model: int = _f(128, 'residual stream width')
-    n_head: int = _f(4, 'query heads')
-    n_kv_head: int = _f(4, 'key/value heads (1 = multi-query, n_head = multi-head)')
-    d_head: int = _f(0, 'per-head width; 0 = d_model // n_head')
-    d_ff: int = _f(0, 'MLP hidden width; 0 = 4*d_model for relu2, 3*d_model for swiglu')
-    mlp: str = _f('relu2', 'MLP type: relu2 (2 matrices, squared ReLU) or swiglu (3, gated)')
-    vocab_size: int = _f(257, "tokens in the vocabulary (taken from the data's meta.json)")
-    context: int = _f(64, 'longest sequence the model attends over (sampling slides a window past it)')
-    tie_embed: bool = _f(True, 'share the input embedding with the output projection')
-    logit_softcap: float = _f(0.0, 'cap logits smoothly at +-this value (0 = off)')
-    rope_theta: float = _f(10000.0, 'RoPE base frequency')
-    scan_layers: bool = _f(False, 'run the blocks with lax.scan (fast compile) instead of unrolled')
-    remat: str = _f('none', 'recompute in the backward pass what the forward would store: none, full '
-                            '(keep only each block\'s input), dots (keep matmul outputs)')
-    attention: str = _f('auto', 'attention kernel: auto (splash on TPU, cudnn on GPU, xla on CPU), xla, splash, cudnn')
+    n_layer: int = setting(4, 'transformer blocks')
+    d_model: int = setting(128, 'residual stream width')
+    n_head: int = setting(4, 'query heads')
+    n_kv_head: int = setting(4, 'key/value heads (1 = multi-query, n_head = multi-head)')
+    d_head: int = setting(0, 'per-head width; 0 = d_model // n_head')
+    d_ff: int = setting(0, 'MLP hidden width; 0 = 4*d_model for relu2, 3*d_model for swiglu')
+    mlp: str = setting('relu2', 'MLP type: relu2 (2 matrices, squared ReLU) or swiglu (3, gated)')
+    vocab_size: int = setting(257, "tokens in the vocabulary (taken from the data's meta.json)")
+    context: int = setting(64, 'longest sequence the model attends over (sampling slides a window past it)')
+    tie_embed: bool = setting(True, 'share the input embedding with the output projection')
+    logit_softcap: float = setting(0.0, 'cap logits smoothly at +-this value (0 = off)')
+    rope_theta: float = setting(10000.0, 'RoPE base frequency')
+    scan_layers: bool = setting(False, 'run the blocks with lax.scan (fast compile) instead of unrolled')
+    remat: str = setting('none', 'recompute in the backward pass what the forward would store: none, full '
+                                 '(keep only each block\'s input), dots (keep matmul outputs)')
+    attention: str = setting('auto', 'attention kernel: auto (splash on TPU, cudnn on GPU, xla on CPU), xla, splash, cudnn')
     # training
-    steps: int = _f(2000, 'optimizer steps in the whole run')
-    batch_size: int = _f(12, 'sequences per optimizer step')
-    grad_accum: int = _f(0, 'microbatches per step (batch_size must divide evenly); 0 = the fewest that fit '
-                            "the device's memory, of at most 16K tokens per device (1 where the device reports "
-                            'no memory, as a CPU)')
-    seq_len: int = _f(64, 'tokens per training sequence (at most context)')
-    lr: float = _f(2e-3, 'peak learning rate')
-    min_lr_frac: float = _f(0.1, 'learning rate at the end of the warmdown, as a fraction of lr')
-    warmup_steps: int = _f(100, 'linear warmup steps from 0 to lr')
-    warmdown_frac: float = _f(0.5, 'fraction of steps at the end that decay lr to min_lr')
-    warmdown: str = _f('cosine', 'warmdown shape: linear or cosine')
-    optimizer: str = _f('adamw', "adamw, or muon: Muon for the blocks' matrices, AdamW for the embedding and output")
-    matrix_lr: float = _f(0.02, "muon: peak learning rate of the blocks' matrices (--lr is AdamW's, for the rest)")
-    momentum: float = _f(0.95, "muon: momentum of the matrices' updates (Nesterov)")
-    weight_decay: float = _f(0.1, 'decoupled weight decay (lr * weight_decay * weight each step), every weight')
-    beta1: float = _f(0.9, 'AdamW beta1')
-    beta2: float = _f(0.99, 'AdamW beta2')
-    eps: float = _f(1e-8, 'AdamW epsilon')
-    grad_clip: float = _f(1.0, 'clip gradients to this global norm (0 = off)')
-    dtype: str = _f('auto', 'matmul dtype: auto (bfloat16 on TPU/GPU, float32 on CPU), float32, bfloat16')
-    seed: int = _f(1337, 'seed for initialization, data order and sampling')
+    steps: int = setting(2000, 'optimizer steps in the whole run')
+    batch_size: int = setting(12, 'sequences per optimizer step')
+    grad_accum: int = setting(0, 'microbatches per step (batch_size must divide evenly); 0 = the fewest that fit '
+                                 "the device's memory, of at most 16K tokens per device (1 where the device reports "
+                                 'no memory, as a CPU)')
+    seq_len: int = setting(64, 'tokens per training sequence (at most context)')
+    lr: float = setting(2e-3, 'peak learning rate')
+    min_lr_frac: float = setting(0.1, 'learning rate at the end of the warmdown, as a fraction of lr')
+    warmup_steps: int = setting(100, 'linear warmup steps from 0 to lr')
+    warmdown_frac: float = setting(0.5, 'fraction of steps at the end that decay lr to min_lr')
+    warmdown: str = setting('cosine', 'warmdown shape: linear or cosine')
+    optimizer: str = setting('adamw', "adamw, or muon: Muon for the blocks' matrices, AdamW for the embedding and output")
+    matrix_lr: float = setting(0.02, "muon: peak learning rate of the blocks' matrices (--lr is AdamW's, for the rest)")
+    momentum: float = setting(0.95, "muon: momentum of the matrices' updates (Nesterov)")
+    weight_decay: float = setting(0.1, 'decoupled weight decay (lr * weight_decay * weight each step), every weight')
+    beta1: float = setting(0.9, 'AdamW beta1')
+    beta2: float = setting(0.99, 'AdamW beta2')
+    eps: float = setting(1e-8, 'AdamW epsilon')
+    grad_clip: float = setting(1.0, 'clip gradients to this global norm (0 = off)')
+    dtype: str = setting('auto', 'matmul dtype: auto (bfloat16 on TPU/GPU, float32 on CPU), float32, bfloat16; '
+                                      'float64 for the tests\' oracles (needs JAX_ENABLE_X64=1)')
+    seed: int = setting(1337, 'seed for initialization, data order and sampling')
     # logging, eval, checkpoints
-    log_every: int = _f(100, 'print and log a progress line every this many steps')
-    eval_every: int = _f(500, 'validation loss every this many steps (and at the end)')
-    eval_batches: int = _f(40, 'batches in the fixed validation set')
-    ckpt_every: int = _f(1000, 'write a checkpoint every this many steps (and at the end)')
-    keep_ckpts: int = _f(2, 'checkpoints to keep; older ones are deleted')
+    log_every: int = setting(100, 'print and log a progress line every this many steps')
+    eval_every: int = setting(500, 'validation loss every this many steps (and at the end)')
+    eval_batches: int = setting(40, 'batches in the fixed validation set')
+    ckpt_every: int = setting(1000, 'write a checkpoint every this many steps (and at the end)')
+    keep_ckpts: int = setting(2, 'checkpoints to keep; older ones are deleted')
     # sampling (python tinytpu.py sample)
-    prompt: str = _f('\n', 'text to continue (sample)')
-    max_new_tokens: int = _f(500, 'tokens to generate (sample)')
-    temperature: float = _f(0.8, 'sampling temperature; 0 = greedy (sample)')
-    top_k: int = _f(0, 'sample from the k most likely tokens; 0 = all (sample)')
-    top_p: float = _f(1.0, 'sample from the smallest set with this much probability (sample)')
+    prompt: str = setting('\n', 'text to continue (sample)')
+    max_new_tokens: int = setting(500, 'tokens to generate (sample)')
+    temperature: float = setting(0.8, 'sampling temperature; 0 = greedy (sample)')
+    top_k: int = setting(0, 'sample from the k most likely tokens; 0 = all (sample)')
+    top_p: float = setting(1.0, 'sample from the smallest set with this much probability (sample)')
+
+
+class UserError(Exception):
+    """A mistake the user can fix (a setting, a missing file): printed as one line, exit code 2."""
+    code = 2
 
 
 def head_dim(c):
@@ -188,14 +197,14 @@ def padded_vocab(c):
     return -(-c.vocab_size // 128) * 128
 
 
-def wide(dtype):
+def wide_dtype(dtype):
     """The dtype for softmax, norms and the loss: fp32, or fp64 when computing in fp64 (tests)."""
     return jnp.promote_types(dtype, jnp.float32)
 
 
 def compute_dtype(c):
     if c.dtype == 'auto':  # bf16 matmuls are native on TPU/GPU, emulated (slow) on CPU
-        return jnp.float32 if backend(c) == 'cpu' else jnp.bfloat16
+        return jnp.float32 if jax.default_backend() == 'cpu' else jnp.bfloat16
     return jnp.dtype(c.dtype)
 
 
@@ -203,8 +212,7 @@ def compute_dtype(c):
 # Model: a decoder-only transformer, params as a nested dict of fp32 arrays. Block weights are
 # stacked on a leading L axis, so one layer's weights are `layers[name][l]`.
 #   - RMSNorm without a learned gain (modded-nanogpt): cheaper than LayerNorm, as good in
-#     practice; the matmul after it can learn any per-channel scale, and on CPU the gain's
-#     gradient (a reduction over every token) cost more than the norm itself.
+#     practice; the matmul after it can learn any per-channel scale.
 #   - RoPE: relative positions by rotating q and k; no learned position table, any length.
 #   - QK-norm: RMSNorm on q and k keeps attention logits bounded, so higher lrs stay stable.
 #   - Grouped-query attention: K <= N key/value heads shrink the KV cache N/K times.
@@ -213,33 +221,38 @@ def compute_dtype(c):
 #   - Tied embeddings (GPT-2): for small models the embedding is a large share of params.
 
 
+class Weight(NamedTuple):
+    shape: tuple    # block weights are stacked on a leading L axis
+    std: float      # initialized from Normal(0, std)
+    fsdp_axis: int  # the large axis along which the weight is split over devices (FSDP, Part II)
+
+
 def param_specs(c):
-    """Every weight as (shape, init std, FSDP axis): GPT-2's Normal(0, 0.02), residual-output
-    projections scaled by 1/sqrt(2L). Block weights are stacked on a leading L axis. The FSDP axis
-    is the large dimension a weight (and its AdamW moments) is split along across devices."""
+    """Every weight of the model, as a Weight: GPT-2's init, Normal(0, 0.02), with the
+    residual-output projections (o, down) scaled by 1/sqrt(2L)."""
     L, D, N, K, H, F, V = c.n_layer, c.d_model, c.n_head, c.n_kv_head, head_dim(c), ff_dim(c), padded_vocab(c)
     out_std = 0.02 / math.sqrt(2 * L)
     layers = {
-        'qkv': ((L, D, N + 2 * K, H), 0.02, 1),  # q, k and v heads side by side: one matmul
-        'o': ((L, N, H, D), out_std, 3),
-        'up': ((L, D, F), 0.02, 2), 'down': ((L, F, D), out_std, 1),
+        'qkv': Weight((L, D, N + 2 * K, H), 0.02, 1),  # q, k and v heads side by side: one matmul
+        'o': Weight((L, N, H, D), out_std, 3),
+        'up': Weight((L, D, F), 0.02, 2), 'down': Weight((L, F, D), out_std, 1),
     }
     if c.mlp == 'swiglu':
-        layers['gate'] = ((L, D, F), 0.02, 2)
-    specs = {'layers': layers, 'embed': ((V, D), 0.02, 0)}
+        layers['gate'] = Weight((L, D, F), 0.02, 2)
+    specs = {'layers': layers, 'embed': Weight((V, D), 0.02, 0)}
     if not c.tie_embed:
-        specs['unembed'] = ((D, V), 0.02, 1)
+        specs['unembed'] = Weight((D, V), 0.02, 1)
     return specs
 
 
 def spec_map(fn, specs):
-    """Apply fn(shape, std, axis) to every weight spec, keeping the nested-dict structure."""
-    return {k: spec_map(fn, v) if isinstance(v, dict) else fn(*v) for k, v in specs.items()}
+    """Apply fn(weight) to every Weight of param_specs, keeping the nested-dict structure."""
+    return {k: spec_map(fn, v) if isinstance(v, dict) else fn(v) for k, v in specs.items()}
 
 
 def init_params(c, key):
     keys = iter(jax.random.split(key, len(param_specs(c)['layers']) + 2))
-    return spec_map(lambda shape, std, axis: std * jax.random.normal(next(keys), shape), param_specs(c))
+    return spec_map(lambda w: w.std * jax.random.normal(next(keys), w.shape), param_specs(c))
 
 
 NORM_EPS = 1e-6  # RMSNorm's epsilon (export writes it into the Hugging Face config)
@@ -255,17 +268,14 @@ def rope_table(pos, H, theta):
     rotate together, by the angle pos * theta^(-2i/H)."""
     freq = theta ** (-jnp.arange(0, H, 2, dtype=jnp.float32) / H)        # (H/2,)
     angle = pos[:, None].astype(jnp.float32) * freq                      # (T, H/2)
-    # Duplicate after sin/cos, not before: XLA then computes each sine once, instead of fusing
-    # the sin into every use of the table (that cost 3 ms per step on CPU).
-    sin, cos = jnp.sin(angle), jnp.cos(angle)
+    sin, cos = jnp.sin(angle), jnp.cos(angle)  # then duplicated: see docs/performance.md, "Part I's code"
     return jnp.concatenate([sin, sin], -1), jnp.concatenate([cos, cos], -1)  # (T, H)
 
 
 def rope(x, sin, cos):
     """RoPE: rotate each pair (x[i], x[i + H/2]) of x (B,heads,T,H) by its position's angle:
-    x * cos + rotate_half(x) * sin with rotate_half(x) = (-x2, x1), computed as a product with a
-    fixed signed permutation matrix: on XLA:CPU that beat splitting x in halves and concatenating
-    them back, whose backward pass is made of slow pad/concatenate ops."""
+    x * cos + rotate_half(x) * sin, where rotate_half(x1, x2) = (-x2, x1) is a fixed signed
+    permutation of the H entries, applied as a matmul (docs/performance.md, "Part I's code")."""
     H = x.shape[-1]
     half, zero = jnp.eye(H // 2, dtype=x.dtype), jnp.zeros((H // 2, H // 2), x.dtype)
     rotate_half = jnp.block([[zero, half], [-half, zero]])               # (H, H)
@@ -277,9 +287,8 @@ def wide_einsum(spec, a, b):
     """einsum(spec, a, b) multiplied in a's dtype, accumulated and returned in fp32, for what a
     softmax follows (the logits, attention scores: it needs the range). A custom gradient keeps
     the two backward matmuls in a's dtype too: JAX's own would multiply the fp32 gradient by fp32
-    copies of a and b, TF32 at best on a GPU. (On a TPU libtpu estimates both the same: its
-    compiler already rounds there.)"""
-    return jnp.einsum(spec, a, b, preferred_element_type=wide(a.dtype))
+    copies of a and b (docs/performance.md, "Part I's code")."""
+    return jnp.einsum(spec, a, b, preferred_element_type=wide_dtype(a.dtype))
 
 
 def wide_einsum_fwd(spec, a, b):
@@ -291,8 +300,8 @@ def wide_einsum_bwd(spec, saved, g):
     inputs, z = spec.split('->')                                          # 'x,y->z'
     x, y = inputs.split(',')
     g = g.astype(a.dtype)
-    da = jnp.einsum(f'{z},{y}->{x}', g, b, preferred_element_type=wide(a.dtype))
-    db = jnp.einsum(f'{x},{z}->{y}', a, g, preferred_element_type=wide(a.dtype))
+    da = jnp.einsum(f'{z},{y}->{x}', g, b, preferred_element_type=wide_dtype(a.dtype))
+    db = jnp.einsum(f'{x},{z}->{y}', a, g, preferred_element_type=wide_dtype(a.dtype))
     return da.astype(a.dtype), db.astype(b.dtype)
 
 
@@ -311,13 +320,23 @@ def attention(q, k, v, q_pos, k_pos):
     return jnp.einsum('BNTS,BNSH->BNTH', weights.astype(v.dtype), v)
 
 
-def block(x, w, c, pos, rot, cache=None, gather=None):
+# Fused attention kernels by name (--attention): kernel(q, k, v, c) computes attention(q, k, v, pos,
+# pos) over positions 0..T-1 without writing the T x T scores to memory. Part II adds splash (TPU)
+# and cuDNN (GPU); any other name, xla included, is the `attention` above.
+FUSED_ATTENTION = {}
+
+
+def causal_attention(q, k, v, pos, c):
+    """Attention within one chunk of positions pos (no KV cache), by the kernel c.attention names."""
+    kernel = FUSED_ATTENTION.get(c.attention)
+    return kernel(q, k, v, c) if kernel else attention(q, k, v, pos, pos)
+
+
+def block(x, w, c, pos, rot, cache=None):
     """One pre-norm transformer block. x (B,T,D); w holds this layer's weights (cast to x.dtype);
     rot = rope_table(pos). With a KV cache (k, v of shape (B, K, context, H)), this chunk's keys
-    and values are written at positions pos and attention runs over the whole cache. With FSDP,
-    w holds this device's shards and gather assembles them here, where they are used."""
+    and values are written at positions pos and attention runs over the whole cache."""
     N, K = c.n_head, c.n_kv_head
-    w = gather('layers', w) if gather else w
     h = rms_norm(x)
     qkv = jnp.einsum('BTD,DJH->BJTH', h, w['qkv'])                     # J = N + 2K heads
     qk = rope(rms_norm(qkv[:, :N + K]), *rot)                            # QK-norm, then RoPE
@@ -342,35 +361,47 @@ REMAT = {'none': None, 'full': jax.checkpoint_policies.nothing_saveable,
          'dots': jax.checkpoint_policies.dots_with_no_batch_dims_saveable}
 
 
-def forward(params, tokens, c, cache=None, pos0=0, gather=None):
-    """tokens (B,T) int32 -> logits (B,T,V) fp32, padded vocab entries at -inf.
-    With `cache` (stacked per-layer k, v: (L,B,K,context,H)), tokens sit at positions pos0.. and
-    the updated cache is returned too: that is how sampling avoids recomputing the prefix."""
-    x, out, cache = hidden(params, tokens, c, cache, pos0, gather)
-    logits = head_logits(x, out, c, wide(x.dtype))                          # fp32
-    logits = jnp.where(jnp.arange(logits.shape[-1]) < c.vocab_size, logits, -jnp.inf)
-    return logits if cache is None else (logits, cache)
+def forward(params, tokens, c):
+    """tokens (B,T) int32 -> logits (B,T,V) fp32, padded vocab entries at -inf."""
+    x, out, _ = hidden(params, tokens, c)
+    return output_logits(x, out, c)
 
 
-def hidden(params, tokens, c, cache=None, pos0=0, gather=None):
+def forward_cached(params, tokens, cache, pos0, c):
+    """Decoding: forward for tokens (B,T) at positions pos0.., which also attend over the keys
+    and values of the positions before them, kept in `cache` (per layer k, v, stacked:
+    (L,B,K,context,H)); this chunk's are written into it. -> (logits, the updated cache). That is
+    how sampling avoids recomputing the prefix."""
+    x, out, cache = hidden(params, tokens, c, cache, pos0)
+    return output_logits(x, out, c), cache
+
+
+def output_logits(x, out, c):
+    """The final residual stream (B,T,D) @ out (D,V) as fp32 logits, padded vocab entries at -inf."""
+    logits = head_logits(x, out, c, wide_dtype(x.dtype))
+    return jnp.where(jnp.arange(logits.shape[-1]) < c.vocab_size, logits, -jnp.inf)
+
+
+def embed_tokens(table, tokens, dtype):
+    """The table's rows for tokens (B,T) -> (B,T,D), cast to dtype. Looked up in fp32 (fp64 in
+    fp64) whatever the table's dtype, so that their gradient sums the rows of repeated tokens in
+    fp32 too: a bf16 scatter-add would round at every add."""
+    return table.astype(wide_dtype(table.dtype))[tokens].astype(dtype)
+
+
+def hidden(params, tokens, c, cache=None, pos0=0):
     """The model up to its output layer: tokens (B,T) -> (the final normed residual stream
-    (B,T,D), the output matrix (D,V), both in the compute dtype; the cache as forward's).
-    With FSDP (inside shard_map, see device_grads), params are this device's shards and
-    gather(name, weights) all-gathers them, in the compute dtype, where each is used."""
+    (B,T,D), the output matrix (D,V), both in the compute dtype; the cache, if one is given)."""
     dt = compute_dtype(c)
     T = tokens.shape[1]
     pos = pos0 + jnp.arange(T)
     rot = rope_table(pos, head_dim(c), c.rope_theta)
     layers = jax.tree.map(lambda w: w.astype(dt), params['layers'])
-    block_fn = lambda x, w, pos, rot, cache: block(x, w, c, pos, rot, cache, gather)  # noqa: E731
+    block_fn = lambda x, w, pos, rot, cache: block(x, w, c, pos, rot, cache)  # noqa: E731
     if c.remat != 'none':
         block_fn = jax.checkpoint(block_fn, policy=REMAT[c.remat])
     embed = params['embed'].astype(dt)
-    if gather:  # FSDP: the table is assembled in bf16; embed_lookup sums its rows' gradient in fp32
-        embed = gather('embed', embed)
-        x = embed_lookup(embed, tokens)                                    # (B,T,D)
-    else:       # rows of the fp32 table, then cast: JAX sums their gradient in fp32 itself
-        x = params['embed'][tokens].astype(dt)
+    x = embed_tokens(params['embed'], tokens, dt)                         # (B,T,D)
     if c.scan_layers:  # one compiled block, looped L times: compile time independent of depth
         def body(x, layer):
             w, layer_cache = layer
@@ -384,11 +415,7 @@ def hidden(params, tokens, c, cache=None, pos0=0, gather=None):
             caches.append(layer_cache)
         if cache is not None:
             cache = tuple(jnp.stack(kv) for kv in zip(*caches))
-    if c.tie_embed:
-        out = embed.T
-    else:
-        out = params['unembed'].astype(dt)
-        out = gather('unembed', out) if gather else out
+    out = embed.T if c.tie_embed else params['unembed'].astype(dt)
     return rms_norm(x), out, cache
 
 
@@ -409,17 +436,17 @@ def param_count(c):
 # ----------------------------------------------------------------------------------------------
 # Loss: mean next-token cross-entropy, in nats per token: log-sum-exp of the logits minus the
 # target's logit. Its gradient is softmax(logits) - onehot(target), so the loss is written with its
-# own backward pass: the logits are made in the compute dtype (bf16 on TPU/GPU, halving the bytes
-# of the largest array of the step; fp32 on CPU) and only their fp32 log-sum-exp is kept, not the
-# fp32 logits and their gradient that JAX's own backward would store: libtpu estimated the output
-# layer and loss 10% cheaper so on a v6e (docs/tpu-estimates.md). Rounding the logits to bf16, as
-# nanoGPT and nanochat do under PyTorch's bf16 autocast, moved the loss by at most 0.0015 nats and
-# its gradient by 1.3% on logits spread like a trained model's (tests/test_model.py).
+# own backward pass: the logits are made in the compute dtype (bf16 with --dtype=bfloat16, halving
+# the bytes of the largest array of the step) and only their fp32 log-sum-exp is kept, not the
+# fp32 logits and their gradient that JAX's own backward would store (docs/tpu-estimates.md says
+# what that saves). Rounding the logits to bf16, as nanoGPT and nanochat do under PyTorch's bf16
+# autocast, moved the loss by at most 0.0015 nats and its gradient by 1.3% on logits spread like a
+# trained model's (tests/test_model.py).
 
 
-def loss_fn(params, batch, c, gather=None):
+def loss_fn(params, batch, c):
     """batch (B, T+1) int32: inputs are batch[:, :-1], targets batch[:, 1:]."""
-    x, out, _ = hidden(params, batch[:, :-1], c, gather=gather)
+    x, out, _ = hidden(params, batch[:, :-1], c)
     return cross_entropy(x, out, batch[:, 1:], c)
 
 
@@ -428,7 +455,7 @@ def head_logits(x, w, c, dtype=None):
     soft-capped if c says so."""
     dtype = dtype or x.dtype
     z = jnp.einsum('BTD,DV->BTV', x, w, preferred_element_type=dtype)
-    return (c.logit_softcap * jnp.tanh(z.astype(wide(dtype)) / c.logit_softcap)).astype(dtype) \
+    return (c.logit_softcap * jnp.tanh(z.astype(wide_dtype(dtype)) / c.logit_softcap)).astype(dtype) \
         if c.logit_softcap else z
 
 
@@ -441,7 +468,7 @@ def cross_entropy(x, w, targets, c):
 
 def cross_entropy_fwd(x, w, targets, c):
     z = head_logits(x, w, c)
-    z = jnp.where(jnp.arange(z.shape[-1]) < c.vocab_size, z.astype(wide(x.dtype)), -jnp.inf)  # fp32, in the fusion
+    z = jnp.where(jnp.arange(z.shape[-1]) < c.vocab_size, z.astype(wide_dtype(x.dtype)), -jnp.inf)  # fp32, in the fusion
     lse = jax.nn.logsumexp(z, -1)
     target = jnp.take_along_axis(z, targets[..., None], -1)[..., 0]
     return jnp.mean(lse - target), (x, w, targets, lse)
@@ -456,8 +483,8 @@ def cross_entropy_bwd(c, saved, g):
     if c.logit_softcap:
         dz = dz * (1 - jnp.square(z / c.logit_softcap))  # z is capped: tanh' = 1 - tanh^2
     dz = jnp.where(jnp.arange(z.shape[-1]) < c.vocab_size, dz, 0.0).astype(x.dtype)
-    dx = jnp.einsum('BTV,DV->BTD', dz, w, preferred_element_type=wide(x.dtype)).astype(x.dtype)
-    dw = jnp.einsum('BTD,BTV->DV', x, dz, preferred_element_type=wide(x.dtype)).astype(w.dtype)
+    dx = jnp.einsum('BTV,DV->BTD', dz, w, preferred_element_type=wide_dtype(x.dtype)).astype(x.dtype)
+    dw = jnp.einsum('BTD,BTV->DV', x, dz, preferred_element_type=wide_dtype(x.dtype)).astype(w.dtype)
     return dx, dw, None
 
 
@@ -550,12 +577,21 @@ def orthogonalize(g, steps=5):
     a, b, c = NEWTON_SCHULZ
     tall = g.shape[-2] > g.shape[-1]
     x = jnp.swapaxes(g, -1, -2) if tall else g
-    norm = jnp.sqrt(jnp.sum(jnp.square(x.astype(wide(x.dtype))), (-2, -1), keepdims=True))  # in fp32 at least
+    norm = jnp.sqrt(jnp.sum(jnp.square(x.astype(wide_dtype(x.dtype))), (-2, -1), keepdims=True))  # in fp32 at least
     x = x / (norm + 1e-7).astype(x.dtype)                      # every singular value at most 1
     for _ in range(steps):
         A = x @ jnp.swapaxes(x, -1, -2)
         x = a * x + (b * A + c * A @ A) @ x
     return jnp.swapaxes(x, -1, -2) if tall else x
+
+
+def share_layers(x):
+    """A sharding annotation: when Part II runs the step on a mesh of several devices, the stack of
+    L matrices (L, m, n) is split over them along L, so that each device orthogonalizes its share of
+    the layers rather than all of them (modded-nanogpt does the same by hand); XLA moves the
+    matrices there and the results back. On one device it changes nothing."""
+    mesh = jax.sharding.get_abstract_mesh()
+    return x if mesh.empty or mesh.size == 1 else jax.lax.with_sharding_constraint(x, P('data'))
 
 
 def muon_direction(name, u, c):
@@ -603,36 +639,42 @@ def muon_update(params, grads, opt, lr, c):
 
 # ----------------------------------------------------------------------------------------------
 # Train step: one jit-compiled function, with the params and optimizer state donated (updated in
-# place, no second copy): the gradient of a batch (batch_grads), then an AdamW or Muon update. On
-# several devices on_devices (Part II) runs it on each device's rows of the batch and combines them.
+# place, no second copy): the gradient of a batch (batch_grads), then an AdamW or Muon update
+# (optimizer_step). Part II compiles the same two halves for several devices (mesh_train_step).
 
 
 @partial(jax.jit, static_argnames='c', donate_argnums=(0, 1))
 def train_step(params, opt, batch, c):
     """batch (grad_accum, micro_batch, seq_len + 1) -> new params, new opt state, stats."""
-    loss, grads = on_devices(device_grads, params, batch, c, grads=True)  # batch_grads on every device
-    lr = lr_schedule(opt['step'], c)
-    update = muon_update if c.optimizer == 'muon' else adamw_update
-    params, opt, grad_norm = update(params, grads, opt, lr, c)
-    return params, opt, {'loss': loss, 'grad_norm': grad_norm, 'lr': lr}
+    loss, grads = batch_grads(params, batch, c)
+    return optimizer_step(params, opt, loss, grads, c)
 
 
-def batch_grads(params, batch, c, gather=None):
+def batch_grads(params, batch, c, loss_fn=loss_fn):
     """The mean loss and gradient of a batch given as microbatches (grad_accum, B, T+1): the
     gradients of the microbatches are summed under lax.scan, so grad_accum=4 gives the update of
-    one 4x larger batch at a quarter of the memory."""
+    one 4x larger batch at a quarter of the memory. (Part II's several-device step passes a
+    loss_fn of its own: loss_fn of the weights it assembles from the devices' shards.)"""
     def micro(grad_sum, mb):
-        loss, grads = jax.value_and_grad(loss_fn)(params, mb, c, gather)
+        loss, grads = jax.value_and_grad(loss_fn)(params, mb, c)
         return jax.tree.map(jnp.add, grad_sum, grads), loss
 
     grads, losses = jax.lax.scan(micro, jax.tree.map(jnp.zeros_like, params), batch)
     return jnp.mean(losses), jax.tree.map(lambda g: g / batch.shape[0], grads)
 
 
+def optimizer_step(params, opt, loss, grads, c):
+    """The update at this step's learning rate. -> new params, new opt state, stats."""
+    lr = lr_schedule(opt['step'], c)
+    update = muon_update if c.optimizer == 'muon' else adamw_update
+    params, opt, grad_norm = update(params, grads, opt, lr, c)
+    return params, opt, {'loss': loss, 'grad_norm': grad_norm, 'lr': lr}
+
+
 @partial(jax.jit, static_argnames='c')
 def eval_loss(params, batches, c):
     """Mean loss over a stack of batches (n, B, T+1)."""
-    return on_devices(device_loss, params, batches, c)
+    return jnp.mean(jax.lax.map(lambda b: loss_fn(params, b, c), batches))
 
 
 def fresh_state(c):
@@ -674,16 +716,6 @@ class TokenWindows:
         shard = np.searchsorted(self.ends, idx, side='right')
         start = idx - np.concatenate([[0], self.ends])[shard]
         return np.stack([self.shards[s][o:o + self.window] for s, o in zip(shard, start)]).astype(np.int32)
-
-
-def load_data(c):
-    """-> (train windows, val windows, meta dict) for the data directory c.data: the shards its
-    meta.json lists (data_files, Part II, checks them and reads other trainers' directories)."""
-    splits, meta = data_files(c)
-    train_windows, val_windows = (TokenWindows(splits[s], c.seq_len + 1) for s in ('train', 'val'))
-    if 'vocab_size' not in meta:
-        meta = {**meta, **vocab_from_shards(c, train_windows)}
-    return train_windows, val_windows, meta
 
 
 def train_indices(windows, c, k):
@@ -731,7 +763,8 @@ def prefetch(make, start, depth=2):
 # Checkpoints: OUT/ckpt_<step>/ holds state.npz (every array: params, AdamW moments, step) and
 # meta.json (step, config, tokenizer, the npz's size and SHA-256). A checkpoint is written into a
 # temporary directory and renamed into place, so a crash mid-write leaves the last one intact.
-# No pickle: arrays load with allow_pickle=False and metadata is JSON.
+# No pickle: arrays load with allow_pickle=False and metadata is JSON. Which checkpoints are kept,
+# and how a damaged or foreign one is found out, is Part II's (save_checkpoint, load_checkpoint).
 
 
 def flatten(tree, prefix=''):
@@ -758,10 +791,9 @@ def list_checkpoints(out):
     return sorted(found)
 
 
-def save_checkpoint(out, state, c, meta_extra):
-    """Write state = {'params', 'opt'} as OUT/ckpt_<step>, then keep the newest keep_ckpts. A
-    checkpoint already at this step is one this run could not load (damaged: a whole one would
-    have been resumed from): the new one replaces it."""
+def write_checkpoint(out, state, c, meta_extra):
+    """Write state = {'params', 'opt'} as OUT/ckpt_<step>: state.npz, then meta.json, in a
+    temporary directory renamed into place. -> its path"""
     step = int(state['opt']['step'])
     final = os.path.join(out, f'ckpt_{step:08d}')
     tmp = os.path.join(out, f'.tmp_ckpt_{step:08d}_{os.getpid()}')
@@ -778,38 +810,18 @@ def save_checkpoint(out, state, c, meta_extra):
             json.dump(meta, f, indent=1)
             f.flush()
             os.fsync(f.fileno())
-        if os.path.lexists(final):
-            discard(final)
         os.rename(tmp, final)  # atomic: readers see the whole checkpoint or none of it
     except OSError as e:
         shutil.rmtree(tmp, ignore_errors=True)
         raise UserError(f'{out}: could not write the step-{step} checkpoint ({e.strerror or e}); '
                         'the previous checkpoint is intact; free some space and resume')
-    keep_newest(out, final, c.keep_ckpts)
     return final
 
 
-def load_checkpoint(path, template):
-    """Read state.npz into the structure of `template` (arrays or shapes), checking its size and
-    hash, then every array's name, shape and dtype against the template before reading it (a
-    header can claim any size), and the optimizer's step against meta.json's."""
-    meta = read_checkpoint_meta(path)
-    _, npz = checkpoint_files(path)
-    want = {k: (tuple(x.shape), np.dtype(x.dtype)) for k, x in flatten(template).items()}
-    try:
-        if os.path.getsize(npz) != meta['state_bytes'] or file_sha256(npz) != meta['state_sha256']:
-            raise CorruptCheckpoint(f'{npz}: truncated or not matching its checksum')
-        with np.load(npz, allow_pickle=False) as f:  # no pickle: loading runs no code
-            problem = npz_problem(f, want)
-            if problem:
-                raise CorruptCheckpoint(f'{npz}: {problem}')
-            state = unflatten_like(template, {k: f[k] for k in want})
-    except (OSError, ValueError, KeyError, zipfile.BadZipFile) as e:
-        raise CorruptCheckpoint(f'{npz}: unreadable ({getattr(e, "strerror", None) or e})')
-    if 'opt' in state and int(state['opt']['step']) != meta['step']:
-        raise CorruptCheckpoint(f'{npz}: its optimizer step {int(state["opt"]["step"])} is not the step of its '
-                                f'meta.json ({meta["step"]})')
-    return state  # host arrays
+def read_checkpoint(npz, template):
+    """A checkpoint's state.npz read into the structure of `template` (arrays or shapes)."""
+    with np.load(npz, allow_pickle=False) as f:  # no pickle: loading runs no code
+        return unflatten_like(template, {k: f[k] for k in flatten(template)})
 
 
 # ----------------------------------------------------------------------------------------------
@@ -828,7 +840,7 @@ def train(c):
             return params
         meter = Meter(c, run)                 # time, tokens/s, MFU and dollars; the profiler
         guard = held.enter_context(Guard(c))  # signals stop training with a checkpoint; so does divergence
-        log = held.enter_context(open_log(os.path.join(c.out, 'log.jsonl')) if lead() else open(os.devnull, 'wb'))
+        log = held.enter_context(open_log(os.path.join(c.out, 'log.jsonl')) if is_process0() else open(os.devnull, 'wb'))
         held.enter_context(jax.set_mesh(run.mesh))
         say(run.compiled_note)
         val = {}
@@ -837,7 +849,7 @@ def train(c):
                 params, opt, stats = run.step(params, opt, next(run.batches))
             guard.check(stats, step)  # the step before this one, once done
             done = step + 1
-            record = meter.log_line(done, stats) if done % c.log_every == 0 or done == c.steps else {}
+            record = meter.progress_line(done, stats) if done % c.log_every == 0 or done == c.steps else {}
             with meter.aside():  # evaluation and checkpoints are not step time
                 if done % c.eval_every == 0 or done == c.steps:
                     val = evaluate(run.eval, params, run.vals, run.meta, done)
@@ -869,16 +881,6 @@ def evaluate(eval_fn, params, vals, meta, step):
     return record
 
 
-def save(c, state, meta, elapsed, tokens):
-    """A checkpoint of the state, gathered from every process, written by process 0, with the wall
-    time and the tokens trained on so far (across resumes, whatever their --seq_len)."""
-    host = host_state(state)  # every process takes part
-    extra = {'tokenizer': meta.get('tokenizer'), 'eot_id': meta.get('eot_id'), 'elapsed': elapsed, 'tokens': tokens,
-             'before_warmdown': int(state['opt']['step']) == warmdown_start(c),  # kept, to be trained further
-             **{k: meta[k] for k in ('tokenizer_sha256', 'tokenizer_pattern') if k in meta}}  # a trained tokenizer's
-    say(f'saved {save_checkpoint(c.out, host, c, extra) if lead() else None}', flush=True)
-
-
 # ----------------------------------------------------------------------------------------------
 # Sampling: prefill the prompt in one pass (filling a KV cache), then decode one token at a time,
 # each step attending over the cache instead of recomputing the prefix.
@@ -886,13 +888,13 @@ def save(c, state, meta, elapsed, tokens):
 
 @partial(jax.jit, static_argnames='c')
 def prefill(params, tokens, cache, c):
-    logits, cache = forward(params, tokens, c, cache, 0)
+    logits, cache = forward_cached(params, tokens, cache, 0, c)
     return logits[:, -1], cache
 
 
 @partial(jax.jit, static_argnames='c', donate_argnums=2)
 def decode_step(params, token, cache, pos, c):
-    logits, cache = forward(params, token[:, None], c, cache, pos)
+    logits, cache = forward_cached(params, token[:, None], cache, pos, c)
     return logits[:, -1], cache
 
 
@@ -941,32 +943,12 @@ def generate(params, prompt_ids, c, eot_id=None):
             pos = len(window)
 
 
-def sample(c, explicit):
-    """Load the newest checkpoint in c.out and print a continuation of c.prompt."""
-    c, params, meta, enc = load_model(c, explicit)
-    params = jax.device_put(params)
-    prompt_ids = enc.encode(c.prompt, allowed_special='all')
-    if not prompt_ids:
-        raise UserError('--prompt is empty; give some text to continue')
-    print(c.prompt, end='', flush=True)
-    pending = []  # a character can span several tokens: print only what decodes cleanly
-    for token in generate(params, prompt_ids, c, meta.get('eot_id')):
-        pending.append(token)
-        text = enc.decode_bytes(pending)
-        try:
-            print(text.decode('utf-8'), end='', flush=True)
-            pending = []
-        except UnicodeDecodeError:
-            if len(pending) > 8:
-                print(text.decode('utf-8', errors='replace'), end='', flush=True)
-                pending = []
-    print()
-
-
 # ==============================================================================================
-# Part II: running it for real. Settings and flags, attention kernels, devices (FSDP, several
-# hosts), fitting memory, the run's clock and its guard, checkpoints that survive failures,
-# hardware and cost, bench, TPU estimates, plan, evaluation tasks, plots, export, command line.
+# Part II: running it for real. First what training meets, in that order: settings and flags,
+# processes (backend, several hosts, who prints), devices (the mesh, FSDP, the step on several
+# devices), attention kernels, fitting memory, the run (its clock and guard), checkpoints and data
+# that survive failures, runs kept in a bucket, hardware and cost. Then the tools training never
+# calls: bench, TPU estimates, plan, evaluation tasks, plots, export, and the command line.
 # ==============================================================================================
 
 # ----------------------------------------------------------------------------------------------
@@ -976,45 +958,45 @@ def sample(c, explicit):
 
 @dataclass(frozen=True)
 class Config(GPTConfig):
-    """Every setting: GPTConfig's (Part I) and those of running it. Frozen, so it can be a static jit
-    argument; `--name=value` overrides a field, a preset sets a group of them."""
-    preset: str = _f('', "named group of settings (cpu, gpt2, tpu); '' picks one for the backend")
+    """Every setting: GPTConfig's (Part I) and those of running it; the functions of Part II receive
+    this one. Frozen, so it can be a static jit argument."""
+    preset: str = setting('', "named group of settings (cpu, gpt2, tpu); '' picks one for the backend")
     # devices and hosts
-    cpu_devices: int = _f(2, 'CPU only: virtual devices to split each batch over (data parallel)')
-    fsdp: str = _f('auto', 'shard params and optimizer state over devices: auto (on several TPUs; on GPUs when '
-                           'replicated they would take over half of one), true, false')
-    distributed: bool = _f(False, 'multi-host: call jax.distributed.initialize() first (TPU pod slices)')
-    coordinator: str = _f('', 'multi-host elsewhere: address:port of process 0 (implies --distributed)')
-    num_processes: int = _f(1, 'multi-host elsewhere: number of processes')
-    process_id: int = _f(0, 'multi-host elsewhere: this process, 0 .. num_processes - 1')
-    coordinator_timeout: int = _f(300, 'multi-host elsewhere: seconds to wait for the coordinator (process 0) '
-                                       'and the other processes')
-    profile_steps: str = _f('', 'A:B writes a jax.profiler trace of steps A..B-1 to OUT/profile')
+    cpu_devices: int = setting(2, 'CPU only: virtual devices to split each batch over (data parallel)')
+    fsdp: str = setting('auto', 'shard params and optimizer state over devices: auto (on several TPUs; on GPUs when '
+                                'replicated they would take over half of one), true, false')
+    distributed: bool = setting(False, 'multi-host: call jax.distributed.initialize() first (TPU pod slices)')
+    coordinator: str = setting('', 'multi-host elsewhere: address:port of process 0 (implies --distributed)')
+    num_processes: int = setting(1, 'multi-host elsewhere: number of processes')
+    process_id: int = setting(0, 'multi-host elsewhere: this process, 0 .. num_processes - 1')
+    coordinator_timeout: int = setting(300, 'multi-host elsewhere: seconds to wait for the coordinator (process 0) '
+                                            'and the other processes')
+    profile_steps: str = setting('', 'A:B writes a jax.profiler trace of steps A..B-1 to OUT/profile')
     # benchmark (python tinytpu.py bench)
-    bench_steps: int = _f(50, 'train steps timed by bench, after 3 untimed warm-up steps')
-    topology: str = _f('', 'bench: compile for this TPU slice without one (v5e:1x1, v6e:2x4, v5p:2x2x1) and '
-                           'print its memory and the compiler-estimated speed; needs pip install "jax[tpu]"')
-    peak_flops: float = _f(0.0, 'peak FLOP/s per chip for MFU; 0 = from the hardware table (CPU: measured)')
-    price_per_hour: float = _f(0.0, 'dollars per chip-hour (CPU: per machine-hour); 0 = the list price')
-    spot: bool = _f(False, "price the run at the chip's spot list price (a spot TPU VM, which can be taken away "
-                           'at any time: keep the run in a bucket, --out=gs://...) instead of on-demand')
+    bench_steps: int = setting(50, 'train steps timed by bench, after 3 untimed warm-up steps')
+    topology: str = setting('', 'bench: compile for this TPU slice without one (v5e:1x1, v6e:2x4, v5p:2x2x1) and '
+                                'print its memory and the compiler-estimated speed; needs pip install "jax[tpu]"')
+    peak_flops: float = setting(0.0, 'peak FLOP/s per chip for MFU; 0 = from the hardware table (CPU: measured)')
+    price_per_hour: float = setting(0.0, 'dollars per chip-hour (CPU: per machine-hour); 0 = the list price')
+    spot: bool = setting(False, "price the run at the chip's spot list price (a spot TPU VM, which can be taken away "
+                                'at any time: keep the run in a bucket, --out=gs://...) instead of on-demand')
     # planning (python tinytpu.py plan)
-    budget: float = _f(0.0, 'plan: dollars to spend on one training run')
-    hardware: str = _f('', 'plan: chip to plan for (v6e, v5e, v5p, v4, h100, h200, a100); default: this one')
-    chips: int = _f(1, 'plan: chips to train on (divides the hours, not the cost)')
-    mfu: float = _f(0.0, 'plan: expected MFU; 0 = the last bench result for the chip, else 0.4')
+    budget: float = setting(0.0, 'plan: dollars to spend on one training run')
+    hardware: str = setting('', 'plan: chip to plan for (v6e, v5e, v5p, v4, h100, h200, a100); default: this one')
+    chips: int = setting(1, 'plan: chips to train on (divides the hours, not the cost)')
+    mfu: float = setting(0.0, 'plan: expected MFU; 0 = the last bench result for the chip, else 0.4')
     # evaluation (python tinytpu.py eval) and loss curves (python tinytpu.py plot)
-    task: str = _f('hellaswag', 'eval: multiple-choice task to score: hellaswag or choices (python prepare.py NAME '
-                                'makes its file), or any name with --task_data')
-    task_data: str = _f('', "eval: the task's jsonl (ctx or ctx_a + ctx_b, endings, label); '' = data/TASK/TASK_val.jsonl")
-    task_limit: int = _f(0, 'eval and --hellaswag_every: score the first N examples only; 0 = all')
-    hellaswag_every: int = _f(0, 'train: score --task (HellaSwag) every this many steps and at the end, logged as '
-                                 'TASK_acc_norm; 0 = off')
-    plot_file: str = _f('', 'plot: the picture to write (.svg, .png or .pdf); default OUT/loss.svg of the first --out')
+    task: str = setting('hellaswag', 'eval: multiple-choice task to score: hellaswag or choices (python prepare.py NAME '
+                                     'makes its file), or any name with --task_data')
+    task_data: str = setting('', "eval: the task's jsonl (ctx or ctx_a + ctx_b, endings, label); '' = data/TASK/TASK_val.jsonl")
+    task_limit: int = setting(0, 'eval and --hellaswag_every: score the first N examples only; 0 = all')
+    hellaswag_every: int = setting(0, 'train: score --task (HellaSwag) every this many steps and at the end, logged as '
+                                      'TASK_acc_norm; 0 = off')
+    plot_file: str = setting('', 'plot: the picture to write (.svg, .png or .pdf); default OUT/loss.svg of the first --out')
     # export (python tinytpu.py export)
-    export_dir: str = _f('', 'export: directory to write the Hugging Face model to (config.json, model.safetensors, '
-                             'tokenizer); must not exist yet')
-    export_dtype: str = _f('bfloat16', 'export: dtype of the exported weights: bfloat16, float16 or float32')
+    export_dir: str = setting('', 'export: directory to write the Hugging Face model to (config.json, model.safetensors, '
+                                  'tokenizer); must not exist yet')
+    export_dtype: str = setting('bfloat16', 'export: dtype of the exported weights: bfloat16, float16 or float32')
 
 
 # Presets override the defaults above. `cpu` is nanoGPT's CPU demo size on byte-level Shakespeare;
@@ -1048,20 +1030,6 @@ MODEL_FIELDS = ('n_layer', 'd_model', 'n_head', 'n_kv_head', 'd_head', 'd_ff', '
 
 USE_FIELDS = ('task', 'task_data', 'task_limit', 'plot_file', 'export_dir', 'export_dtype', 'prompt', 'max_new_tokens',
               'temperature', 'top_k', 'top_p')  # how a trained model is used: from the flags, never from its checkpoint
-
-
-class UserError(Exception):
-    """A mistake the user can fix: printed as one line, exit code 2."""
-    code = 2
-
-
-class CorruptCheckpoint(UserError):
-    """A checkpoint whose files are damaged (truncated, wrong checksum, unreadable)."""
-
-
-class Diverged(UserError):
-    """The loss or gradients became NaN or inf. Exit code 3."""
-    code = 3
 
 
 def parse_flags(argv):
@@ -1144,9 +1112,8 @@ def setting_checks(c):
            f'--matrix_lr must be positive (now {c.matrix_lr}), --momentum in [0, 1) (now {c.momentum})')
     yield 0 <= c.beta1 < 1 and 0 <= c.beta2 < 1, '--beta1 and --beta2 must be in [0, 1)'
     yield (c.dtype in ('auto', 'float32', 'bfloat16') or c.dtype == 'float64' and jax.config.jax_enable_x64,
-           f'--dtype={c.dtype}: choose auto, float32 or bfloat16' + (' (float64 needs JAX_ENABLE_X64=1; it is for '
-                                                                     'float64 oracles in tests, not for training)'
-                                                                     if c.dtype == 'float64' else ''))
+           f'--dtype={c.dtype}: choose auto, float32 or bfloat16 (float64 is for the tests\' oracles, with '
+           'JAX_ENABLE_X64=1)')
     yield (min(c.log_every, c.eval_every, c.eval_batches, c.ckpt_every, c.keep_ckpts) >= 1,
            '--log_every, --eval_every, --eval_batches, --ckpt_every, --keep_ckpts must be >= 1')
     yield (c.temperature >= 0 and c.top_k >= 0 and 0 < c.top_p <= 1,
@@ -1187,108 +1154,129 @@ def backend(c):
 
 
 # ----------------------------------------------------------------------------------------------
-# Attention kernels. Fused kernels never write the T x T scores to memory: they stream blocks of
-# keys past each block of queries, keeping a running softmax (flash attention), and skip the
-# blocks above the causal diagonal. Same inputs and outputs as `attention` over positions 0..T-1.
+# Processes: before JAX touches a device, which backend it starts (skip_absent_tpu), how many
+# virtual CPU devices (use_cpu_devices), and the other hosts of a multi-host run joined
+# (init_distributed). After it, process 0 alone prints, logs and writes checkpoints.
 
 
-def splash_attention(q, k, v, interpret=None):
-    """q (B,N,T,H), k and v (B,K,T,H) -> (B,N,T,H) with the Pallas TPU kernel (splash = sparse
-    flash). It takes one sequence with one K head for a group of N/K query heads, so it is
-    vmapped over B and K. Off TPU it runs in Pallas's interpreter: slow, for tests only."""
-    from jax.experimental.pallas.ops.tpu.splash_attention import splash_attention_kernel as sk
-    from jax.experimental.pallas.ops.tpu.splash_attention import splash_attention_mask as sm
-    B, N, T, H = q.shape
-    K = k.shape[1]
-    b = splash_block(T)
-    # The backward runs as two kernels (dk and dv; dq). splash's fused one does 2 matmuls fewer, but
-    # leaves XLA a sum of partial dq's that libtpu estimated at 77 ms of a 498 ms v6e step.
-    sizes = sk.BlockSizes(block_q=b, block_kv=b, block_kv_compute=b, block_q_dkv=b,
-                          block_kv_dkv=b, block_kv_dkv_compute=b, block_q_dq=b, block_kv_dq=b)
-    mask = sm.MultiHeadMask([sm.CausalMask((T, T))] * (N // K))
-    if interpret is None:
-        interpret = jax.default_backend() != 'tpu'
-    kernel = sk.make_splash_mqa_single_device(mask, block_sizes=sizes, interpret=interpret)
-    q = (q / math.sqrt(H)).astype(q.dtype).reshape(B, K, N // K, T, H)  # the kernel does not scale
-    return jax.vmap(jax.vmap(kernel))(q, k, v).reshape(B, N, T, H)
+def skip_absent_tpu():
+    """libtpu, installed where no TPU is attached (jax[tpu] on a laptop, for bench --topology),
+    prints errors while JAX starts its backends. Unless JAX_PLATFORMS says which to use, a
+    machine with neither a TPU (JAX's own PCI scan) nor a GPU runs on the CPU without asking libtpu."""
+    import importlib.util
+    if os.environ.get('JAX_PLATFORMS') or jax.config.jax_platforms or importlib.util.find_spec('libtpu') is None:
+        return
+    try:
+        from jax._src import hardware_utils
+        tpu = hardware_utils.num_available_tpu_chips_and_device_id()[0]
+        gpu = hardware_utils.has_visible_nvidia_gpu() or os.path.exists('/dev/kfd')  # NVIDIA or AMD
+    except (ImportError, AttributeError, OSError):  # JAX moved its check: leave the choice to JAX
+        return
+    if not tpu and not gpu:
+        jax.config.update('jax_platforms', 'cpu')
 
 
-# Splash's block length, chosen by measurement on a real chip (libtpu's estimate cannot see inside
-# a Pallas kernel): one layer's attention, forward and backward, on a v6e, by tpuchat's author
-# (heads of 128, 2048 positions), in ms per block length. 1024 was fastest, though it computes more
-# of the masked triangle (3 of 4 blocks against 10 of 16 at 512).
-SPLASH_BLOCK_MS = {256: 2.13, 512: 1.44, 1024: 1.35, 2048: 1.42}
+def use_cpu_devices(n):
+    """Ask for n virtual CPU devices; possible only before JAX has initialized its backends."""
+    try:
+        jax.config.update('jax_num_cpu_devices', n)
+    except RuntimeError:  # already initialized (e.g. called twice in one process): keep as is
+        pass
 
 
-def splash_block(T):
-    """Query and key block length of the splash kernel: the largest of 1024, 512, 256, 128 dividing T."""
-    return max(b for b in (1024, 512, 256, 128) if T % b == 0)
+def init_distributed(flags):
+    """Join the other hosts (before JAX touches a device). On a TPU pod slice, --distributed lets
+    JAX find them itself; elsewhere --coordinator, --num_processes and --process_id say. What JAX
+    would only report by aborting the process (a bad address, a port in use, no coordinator
+    after --coordinator_timeout) is checked here first, and said in one line."""
+    if not (flags.get('distributed') or flags.get('coordinator')):
+        return
+    if not flags.get('coordinator'):
+        jax.distributed.initialize()
+        return
+    address, n = flags['coordinator'], flags.get('num_processes', 1)
+    i, timeout = flags.get('process_id', 0), flags.get('coordinator_timeout', Config.coordinator_timeout)
+    host, _, port = address.rpartition(':')
+    if not host or not port.isdigit() or not 0 < int(port) < 65536:
+        raise UserError(f'--coordinator={address}: expected HOST:PORT, like 10.0.0.2:1234')
+    if not (n >= 1 and 0 <= i < n and timeout >= 1):
+        raise UserError('--num_processes must be >= 1, --process_id in 0 .. num_processes - 1, '
+                        '--coordinator_timeout >= 1')
+    try:
+        socket.getaddrinfo(host.strip('[]'), int(port), type=socket.SOCK_STREAM)
+    except OSError as e:
+        raise UserError(f'--coordinator={address}: cannot resolve {host} ({e.strerror or e})')
+    if i == 0:  # the coordinator runs here: its port must be free
+        with socket.socket(socket.AF_INET6 if ':' in host.strip('[]') else socket.AF_INET) as probe:
+            try:
+                probe.bind(('', int(port)))
+            except OSError as e:
+                raise UserError(f'--coordinator={address}: cannot listen on port {port} ({e.strerror}); '
+                                'choose a free port for every process')
+        print(f'coordinator at {address}: waiting up to {timeout}s for {n - 1} more process(es) to join')
+    else:
+        wait_for_coordinator(host.strip('[]'), int(port), address, timeout)
+    jax.config.update('jax_cpu_collectives_implementation', 'gloo')  # CPU hosts talk over TCP
+    joined = threading.Event()
+
+    def give_up():  # JAX reports a process that never came only by aborting (C++): say it first
+        if not joined.wait(timeout + 1):
+            print(f'error: --coordinator={address}: not all {n} processes joined within {timeout}s '
+                  '(--coordinator_timeout); start each with the same --coordinator and --num_processes and its own '
+                  '--process_id, or wait longer', file=sys.stderr, flush=True)
+            os._exit(2)
+
+    threading.Thread(target=give_up, daemon=True).start()
+    jax.distributed.initialize(address, n, i, initialization_timeout=timeout)
+    joined.set()
 
 
-def cudnn_attention(q, k, v, implementation='cudnn'):
-    """q (B,N,T,H), k and v (B,K,T,H) -> (B,N,T,H) with cuDNN's fused attention (GPU; bf16 or
-    fp16). jax.nn.dot_product_attention wants (B,T,heads,H) and serves K < N heads itself; its
-    default implementation is plain XLA, so cuDNN must be asked for by name."""
-    t = lambda x: x.transpose(0, 2, 1, 3)
-    return t(jax.nn.dot_product_attention(t(q), t(k), t(v), is_causal=True, implementation=implementation))
-
-
-KERNELS = {'splash': splash_attention, 'cudnn': cudnn_attention}
-
-
-def kernel_for(name, c):
-    """The attention kernel called `name`, built for the platform c compiles for (a TPU kernel is
-    interpreted anywhere else)."""
-    return partial(splash_attention, interpret=backend(c) != 'tpu') if name == 'splash' else KERNELS[name]
-
-
-def causal_attention(q, k, v, pos, c):
-    """Attention over one chunk of positions pos (no KV cache), by the kernel c.attention names
-    (auto = xla until pick_attention resolves it). On several devices this runs inside
-    shard_map (device_grads): a kernel sees only this device's rows of the batch."""
-    if c.attention not in KERNELS:
-        return attention(q, k, v, pos, pos)
-    return kernel_for(c.attention, c)(q, k, v)
-
-
-def pick_attention(c, device=None):
-    """Resolve --attention=auto (splash on TPU, cudnn on GPU, xla on CPU, where the reference
-    measured faster than jax.nn's attention) and check that the kernel compiles, forward and backward,
-    for these shapes on `device` (default: JAX's first). -> (config with the kernel that will run,
-    a note saying which and why). An explicit choice that cannot run is an error; auto falls back
-    to xla and says why."""
-    platform, dt = backend(c), compute_dtype(c)
-    want = c.attention if c.attention != 'auto' else {'tpu': 'splash', 'gpu': 'cudnn'}.get(platform, 'xla')
-    problem = None
-    if want == 'splash' and (platform == 'gpu' or c.seq_len % 128 or head_dim(c) % 128):
-        problem = f'needs a TPU, and --seq_len ({c.seq_len}) and the head dim ({head_dim(c)}) multiples of 128'
-    elif want == 'cudnn' and (platform != 'gpu' or dt not in (jnp.bfloat16, jnp.float16)):
-        problem = f'needs a GPU and --dtype=bfloat16 (here: {platform}, {jnp.dtype(dt).name})'
-    elif want != 'xla':
-        one = NamedSharding(Mesh(np.array([device or jax.devices()[0]]), ('data',)), P())
-        q = jax.ShapeDtypeStruct((1, c.n_head, c.seq_len, head_dim(c)), dt, sharding=one)
-        kv = jax.ShapeDtypeStruct((1, c.n_kv_head, c.seq_len, head_dim(c)), dt, sharding=one)
-        loss = lambda q, k, v: jnp.sum(kernel_for(want, c)(q, k, v).astype(jnp.float32))
+def wait_for_coordinator(host, port, address, timeout):
+    """Return once something listens at host:port, or fail in one line after `timeout` seconds."""
+    deadline = time.time() + timeout
+    while True:
         try:
-            jax.jit(jax.grad(loss, argnums=(0, 1, 2))).lower(q, kv, kv).compile()
-        except Exception as e:  # whatever the kernel's own checks or the compiler reject
-            problem = f'does not compile for these shapes ({type(e).__name__}: {str(e)[:200]})'.replace('\n', ' ')
-    if problem and c.attention == want:
-        raise UserError(f'--attention={want}: {problem}; use --attention=xla')
-    if problem:
-        return dataclasses.replace(c, attention='xla'), f'xla ({want} not used: {problem})'
-    return dataclasses.replace(c, attention=want), want
+            socket.create_connection((host, port), timeout=2).close()
+            return
+        except OSError:
+            if time.time() > deadline:
+                raise UserError(f'--coordinator={address}: nothing listening there after {timeout}s; start '
+                                'process 0 (it runs the coordinator), check the address, port and firewall, '
+                                'or wait longer with --coordinator_timeout')
+            time.sleep(0.5)
+
+
+def is_process0():
+    """Whether this is process 0, which alone prints, logs and writes checkpoints."""
+    return jax.process_index() == 0
+
+
+def say(*args, **kw):
+    """print, on process 0 only: a pod slice's other hosts train silently. Output piped into a
+    program that stops reading (python tinytpu.py | head) is dropped from then on: training goes
+    on to its end and its checkpoints."""
+    if jax.process_index() == 0:
+        try:
+            print(*args, **kw)
+        except BrokenPipeError:
+            drop_output(kw.get('file') or sys.stdout)
+
+
+def drop_output(stream):
+    """Send what is still written to a stream whose reader has gone (a closed pipe) to /dev/null."""
+    os.dup2(os.open(os.devnull, os.O_WRONLY), stream.fileno())
 
 
 # ----------------------------------------------------------------------------------------------
 # Devices: one Mesh over every device (of every host) with a 'data' axis. Each batch is split
 # along it, so every device computes the gradient of its slice. Params and AdamW moments are
 # either replicated (one all-reduce of the gradients per step) or, with FSDP (ZeRO-3), split
-# along one large axis per weight, chosen in param_specs: each weight is all-gathered where it is
-# used and its gradient reduce-scattered (train step, below), so a model too big for one chip
-# trains on several. choose_fsdp picks by memory. On CPU the
-# mesh pays off too: XLA threads small matmuls poorly, and splitting the batch over one virtual
-# device per core (--cpu_devices) ran the quickstart 1.4x faster on 2 cores.
+# along one large axis per weight (param_specs' fsdp_axis): the weights are all-gathered for the
+# forward pass and their gradients reduce-scattered (gathered_weights), so a model too big for one
+# chip trains on several. choose_fsdp picks by memory. mesh_train_step is Part I's train step made
+# of the same halves, batch_grads on every device and one optimizer_step. On CPU the mesh pays
+# off too: XLA threads small matmuls poorly, and splitting the batch over one virtual device per
+# core (--cpu_devices) ran the quickstart 1.4x faster on 2 cores.
 
 
 @functools.cache
@@ -1422,13 +1410,13 @@ def state_shardings(c, mesh):
     """The NamedSharding of every array in {'params', 'opt'}."""
     fsdp = use_fsdp(c, mesh)
 
-    def sharding(shape, std, axis):
+    def sharding(w):
         if not fsdp:
             return NamedSharding(mesh, P())
-        if shape[axis] % mesh.size:
-            raise UserError(f'--fsdp: a weight of shape {shape} cannot be split evenly over {mesh.size} '
-                            f'devices along axis {axis}; choose sizes divisible by {mesh.size} or --fsdp=false')
-        return NamedSharding(mesh, P(*[None] * axis, 'data'))
+        if w.shape[w.fsdp_axis] % mesh.size:
+            raise UserError(f'--fsdp: a weight of shape {w.shape} cannot be split evenly over {mesh.size} '
+                            f'devices along axis {w.fsdp_axis}; choose sizes divisible by {mesh.size} or --fsdp=false')
+        return NamedSharding(mesh, P(*[None] * w.fsdp_axis, 'data'))
 
     params = spec_map(sharding, param_specs(c))
     return {'params': params, 'opt': {'step': NamedSharding(mesh, P()), 'mu': params, 'nu': params}}
@@ -1491,193 +1479,164 @@ def host_state(state):
     return jax.device_get(state)
 
 
-def lead():
-    """Whether this is process 0, which alone prints, logs and writes checkpoints."""
-    return jax.process_index() == 0
-
-
-def say(*args, **kw):
-    """print, on process 0 only: a pod slice's other hosts train silently. Output piped into a
-    program that stops reading (python tinytpu.py | head) is dropped from then on: training goes
-    on to its end and its checkpoints."""
-    if jax.process_index() == 0:
-        try:
-            print(*args, **kw)
-        except BrokenPipeError:
-            drop_output(kw.get('file') or sys.stdout)
-
-
-def drop_output(stream):
-    """Send what is still written to a stream whose reader has gone (a closed pipe) to /dev/null."""
-    os.dup2(os.open(os.devnull, os.O_WRONLY), stream.fileno())
-
-
 def on_devices(fn, params, batches, c, grads=False):
-    """Run fn(params, batches, c, gather, axis) on every device of the mesh (jax.set_mesh) with
+    """Run fn(params, batches, c, whole, axis) on every device of the mesh (jax.set_mesh) with
     shard_map, each device on its rows of the batches (split along their second axis) and its
-    params: whole (data parallel) or its FSDP shards, which gather assembles where used. Its
-    output is replicated; with grads, a second output is sharded like the params. Without a mesh
-    of several devices, fn runs as it is."""
+    params: replicated (data parallel, whole=None) or its FSDP shards, which whole(params)
+    assembles. Its output is replicated; with grads, a second output is sharded like the params.
+    Without a mesh of several devices, fn runs as it is."""
     mesh = jax.sharding.get_abstract_mesh()
     if mesh.empty or mesh.size == 1:
         return fn(params, batches, c, None, None)
     specs = jax.tree.map(lambda s: s.spec, state_shardings(c, mesh)['params'])
-    gather = all_gather_weights(c) if use_fsdp(c, mesh) else None
+    whole = gathered_weights(c) if use_fsdp(c, mesh) else None
     # check_vma=False: Pallas kernels (splash) do not declare how their outputs vary over the mesh;
     # and so a device's gradient of replicated params stays its own until device_grads' psum
-    return jax.shard_map(partial(fn, c=c, gather=gather, axis='data'), mesh=mesh, in_specs=(specs, P(None, 'data')),
+    return jax.shard_map(partial(fn, c=c, whole=whole, axis='data'), mesh=mesh, in_specs=(specs, P(None, 'data')),
                          out_specs=(P(), specs) if grads else P(), check_vma=False)(params, batches)
 
 
-def share_layers(x):
-    """A stack of L matrices (L, m, n) split over the devices along L when a mesh of several is
-    set: Muon's Newton-Schulz steps then run on each device for its share of the layers, not on
-    every device for all of them (modded-nanogpt does the same by hand), and XLA moves the
-    matrices there and the results back (all-to-all and all-gather)."""
-    mesh = jax.sharding.get_abstract_mesh()
-    return x if mesh.empty or mesh.size == 1 else jax.lax.with_sharding_constraint(x, P('data'))
+@partial(jax.jit, static_argnames='c', donate_argnums=(0, 1))
+def mesh_train_step(params, opt, batch, c):
+    """Part I's train_step on every device of the mesh: batch_grads of each device's rows, combined
+    over the devices (device_grads), then the same optimizer_step, on replicated or sharded state."""
+    loss, grads = on_devices(device_grads, params, batch, c, grads=True)
+    return optimizer_step(params, opt, loss, grads, c)
 
 
-def device_grads(params, batch, c, gather, axis):
+@partial(jax.jit, static_argnames='c')
+def mesh_eval_loss(params, batches, c):
+    """Part I's eval_loss on every device of the mesh, each on its rows of the batches."""
+    return on_devices(device_loss, params, batches, c)
+
+
+def device_grads(params, batch, c, whole, axis):
     """One device's part of a step (under on_devices): batch_grads of the rows it holds, then
     combined over the devices once: data parallel sums the gradients in one all-reduce per step,
-    in the compute dtype (bf16 on TPU/GPU: half the bytes). With FSDP the gradient of each
-    gathered weight comes back already summed and scattered to this device's shard (the
-    transpose of the all-gather is a reduce-scatter, in the compute dtype too), once per
-    microbatch."""
-    loss, grads = batch_grads(params, batch, c, gather)
+    in the compute dtype (bf16 on TPU/GPU: half the bytes). With FSDP the loss is differentiated
+    through whole(shards), so the gradient of each gathered weight comes back already summed and
+    scattered to this device's shard (the transpose of the all-gather is a reduce-scatter, in the
+    compute dtype too), once per microbatch."""
+    if whole:
+        loss, grads = batch_grads(params, batch, c, lambda shards, mb, c: loss_fn(whole(shards), mb, c))
+    else:
+        loss, grads = batch_grads(params, batch, c)
     if not axis:
         return loss, grads
-    if not gather:
+    if not whole:
         summed = jax.lax.psum(jax.tree.map(lambda g: g.astype(compute_dtype(c)), grads), axis)
         grads = jax.tree.map(lambda g: g.astype(jnp.float32), summed)
     n = jax.lax.axis_size(axis)
     return jax.lax.pmean(loss, axis), jax.tree.map(lambda g: g / n, grads)
 
 
-def device_loss(params, batches, c, gather, axis):
+def device_loss(params, batches, c, whole, axis):
     """One device's part of evaluating: the mean loss of its rows of a stack of batches."""
-    loss = jnp.mean(jax.lax.map(lambda b: loss_fn(params, b, c, gather), batches))
+    loss = jnp.mean(jax.lax.map(lambda b: loss_fn(whole(params) if whole else params, b, c), batches))
     return jax.lax.pmean(loss, axis) if axis else loss
 
 
-def all_gather_weights(c):
-    """FSDP's gather(name, w): a layer's weights ('layers', its L axis already indexed away) or the
-    embedding, assembled from every device's shard along the FSDP axis param_specs names."""
-    axes = spec_map(lambda shape, std, axis: axis, param_specs(c))
+def gathered_weights(c):
+    """FSDP's whole(shards): every weight assembled from the devices' shards along the axis
+    param_specs names, sent and handed to Part I in the compute dtype (bf16 on TPU/GPU: half the
+    bytes; the model's own casts to it then do nothing, and its embedding lookup still sums the
+    rows of repeated tokens in fp32). Block weights are gathered one layer at a time, as the
+    unrolled model uses them. The gradient goes back by the transpose of each all-gather: a
+    reduce-scatter, in the compute dtype too."""
+    specs, dt = param_specs(c), compute_dtype(c)
+    gather = partial(jax.lax.all_gather, axis_name='data', tiled=True)
 
-    def gather(name, w):
-        if name == 'layers':
-            return {k: jax.lax.all_gather(v, 'data', axis=axes['layers'][k] - 1, tiled=True) for k, v in w.items()}
-        return jax.lax.all_gather(w, 'data', axis=axes[name], tiled=True)
-    return gather
+    def layers(w, axis):  # a stack (L, ...) gathered layer by layer
+        sent = w.astype(dt)
+        return jnp.stack([gather(sent[l], axis=axis - 1) for l in range(c.n_layer)])
 
-
-@jax.custom_vjp
-def embed_lookup(table, tokens):
-    """table[tokens]. Its gradient adds up the rows of repeated tokens in fp32, whatever the
-    table's dtype (JAX's own scatter-add would sum a bf16 table's in bf16), then rounds once."""
-    return table[tokens]
-
-
-def embed_lookup_fwd(table, tokens):
-    return table[tokens], (table, tokens)
+    def whole(shards):
+        return {'layers': {k: layers(w, specs['layers'][k].fsdp_axis) for k, w in shards['layers'].items()},
+                **{k: gather(w.astype(dt), axis=specs[k].fsdp_axis) for k, w in shards.items() if k != 'layers'}}
+    return whole
 
 
-def embed_lookup_bwd(saved, g):
-    table, tokens = saved
-    summed = jnp.zeros(table.shape, wide(table.dtype)).at[tokens].add(g.astype(wide(table.dtype)))
-    return summed.astype(table.dtype), None
+# ----------------------------------------------------------------------------------------------
+# Attention kernels. Fused kernels never write the T x T scores to memory: they stream blocks of
+# keys past each block of queries, keeping a running softmax (flash attention), and skip the
+# blocks above the causal diagonal. Same inputs and outputs as `attention` over positions 0..T-1.
 
 
-embed_lookup.defvjp(embed_lookup_fwd, embed_lookup_bwd)
+def splash_attention(q, k, v, interpret=None):
+    """q (B,N,T,H), k and v (B,K,T,H) -> (B,N,T,H) with the Pallas TPU kernel (splash = sparse
+    flash). It takes one sequence with one K head for a group of N/K query heads, so it is
+    vmapped over B and K. Off TPU it runs in Pallas's interpreter: slow, for tests only."""
+    from jax.experimental.pallas.ops.tpu.splash_attention import splash_attention_kernel as sk
+    from jax.experimental.pallas.ops.tpu.splash_attention import splash_attention_mask as sm
+    B, N, T, H = q.shape
+    K = k.shape[1]
+    b = splash_block(T)
+    # The backward runs as two kernels (dk and dv; dq). splash's fused one does 2 matmuls fewer, but
+    # leaves XLA a sum of partial dq's that libtpu estimated at 77 ms of a 498 ms v6e step.
+    sizes = sk.BlockSizes(block_q=b, block_kv=b, block_kv_compute=b, block_q_dkv=b,
+                          block_kv_dkv=b, block_kv_dkv_compute=b, block_q_dq=b, block_kv_dq=b)
+    mask = sm.MultiHeadMask([sm.CausalMask((T, T))] * (N // K))
+    if interpret is None:
+        interpret = jax.default_backend() != 'tpu'
+    kernel = sk.make_splash_mqa_single_device(mask, block_sizes=sizes, interpret=interpret)
+    q = (q / math.sqrt(H)).astype(q.dtype).reshape(B, K, N // K, T, H)  # the kernel does not scale
+    return jax.vmap(jax.vmap(kernel))(q, k, v).reshape(B, N, T, H)
 
 
-def skip_absent_tpu():
-    """libtpu, installed where no TPU is attached (jax[tpu] on a laptop, for bench --topology),
-    prints errors while JAX starts its backends. Unless JAX_PLATFORMS says which to use, a
-    machine with neither a TPU (JAX's own PCI scan) nor a GPU runs on the CPU without asking libtpu."""
-    import importlib.util
-    if os.environ.get('JAX_PLATFORMS') or jax.config.jax_platforms or importlib.util.find_spec('libtpu') is None:
-        return
-    try:
-        from jax._src import hardware_utils
-        tpu = hardware_utils.num_available_tpu_chips_and_device_id()[0]
-        gpu = hardware_utils.has_visible_nvidia_gpu() or os.path.exists('/dev/kfd')  # NVIDIA or AMD
-    except (ImportError, AttributeError, OSError):  # JAX moved its check: leave the choice to JAX
-        return
-    if not tpu and not gpu:
-        jax.config.update('jax_platforms', 'cpu')
+# Splash's block length, chosen by measurement on a real chip (libtpu's estimate cannot see inside
+# a Pallas kernel): one layer's attention, forward and backward, on a v6e, by tpuchat's author
+# (heads of 128, 2048 positions), in ms per block length. 1024 was fastest, though it computes more
+# of the masked triangle (3 of 4 blocks against 10 of 16 at 512).
+SPLASH_BLOCK_MS = {256: 2.13, 512: 1.44, 1024: 1.35, 2048: 1.42}
 
 
-def use_cpu_devices(n):
-    """Ask for n virtual CPU devices; possible only before JAX has initialized its backends."""
-    try:
-        jax.config.update('jax_num_cpu_devices', n)
-    except RuntimeError:  # already initialized (e.g. called twice in one process): keep as is
-        pass
+def splash_block(T):
+    """Query and key block length of the splash kernel: the largest of 1024, 512, 256, 128 dividing T."""
+    return max(b for b in (1024, 512, 256, 128) if T % b == 0)
 
 
-def init_distributed(flags):
-    """Join the other hosts (before JAX touches a device). On a TPU pod slice, --distributed lets
-    JAX find them itself; elsewhere --coordinator, --num_processes and --process_id say. What JAX
-    would only report by aborting the process (a bad address, a port in use, no coordinator
-    after --coordinator_timeout) is checked here first, and said in one line."""
-    if not (flags.get('distributed') or flags.get('coordinator')):
-        return
-    if not flags.get('coordinator'):
-        jax.distributed.initialize()
-        return
-    address, n = flags['coordinator'], flags.get('num_processes', 1)
-    i, timeout = flags.get('process_id', 0), flags.get('coordinator_timeout', Config.coordinator_timeout)
-    host, _, port = address.rpartition(':')
-    if not host or not port.isdigit() or not 0 < int(port) < 65536:
-        raise UserError(f'--coordinator={address}: expected HOST:PORT, like 10.0.0.2:1234')
-    if not (n >= 1 and 0 <= i < n and timeout >= 1):
-        raise UserError('--num_processes must be >= 1, --process_id in 0 .. num_processes - 1, '
-                        '--coordinator_timeout >= 1')
-    try:
-        socket.getaddrinfo(host.strip('[]'), int(port), type=socket.SOCK_STREAM)
-    except OSError as e:
-        raise UserError(f'--coordinator={address}: cannot resolve {host} ({e.strerror or e})')
-    if i == 0:  # the coordinator runs here: its port must be free
-        with socket.socket(socket.AF_INET6 if ':' in host.strip('[]') else socket.AF_INET) as probe:
-            try:
-                probe.bind(('', int(port)))
-            except OSError as e:
-                raise UserError(f'--coordinator={address}: cannot listen on port {port} ({e.strerror}); '
-                                'choose a free port for every process')
-        print(f'coordinator at {address}: waiting up to {timeout}s for {n - 1} more process(es) to join')
-    else:
-        wait_for_coordinator(host.strip('[]'), int(port), address, timeout)
-    jax.config.update('jax_cpu_collectives_implementation', 'gloo')  # CPU hosts talk over TCP
-    joined = threading.Event()
-
-    def give_up():  # JAX reports a process that never came only by aborting (C++): say it first
-        if not joined.wait(timeout + 1):
-            print(f'error: --coordinator={address}: not all {n} processes joined within {timeout}s '
-                  '(--coordinator_timeout); start each with the same --coordinator and --num_processes and its own '
-                  '--process_id, or wait longer', file=sys.stderr, flush=True)
-            os._exit(2)
-
-    threading.Thread(target=give_up, daemon=True).start()
-    jax.distributed.initialize(address, n, i, initialization_timeout=timeout)
-    joined.set()
+def cudnn_attention(q, k, v, implementation='cudnn'):
+    """q (B,N,T,H), k and v (B,K,T,H) -> (B,N,T,H) with cuDNN's fused attention (GPU; bf16 or
+    fp16). jax.nn.dot_product_attention wants (B,T,heads,H) and serves K < N heads itself; its
+    default implementation is plain XLA, so cuDNN must be asked for by name."""
+    t = lambda x: x.transpose(0, 2, 1, 3)
+    return t(jax.nn.dot_product_attention(t(q), t(k), t(v), is_causal=True, implementation=implementation))
 
 
-def wait_for_coordinator(host, port, address, timeout):
-    """Return once something listens at host:port, or fail in one line after `timeout` seconds."""
-    deadline = time.time() + timeout
-    while True:
+# Part I's causal_attention calls them by --attention's name (auto = xla until pick_attention resolves
+# it). On several devices they run inside shard_map (device_grads): a kernel sees only this device's
+# rows of the batch. Splash is built for the platform c compiles for: interpreted off a TPU.
+FUSED_ATTENTION['splash'] = lambda q, k, v, c: splash_attention(q, k, v, interpret=backend(c) != 'tpu')
+FUSED_ATTENTION['cudnn'] = lambda q, k, v, c: cudnn_attention(q, k, v)
+
+
+def pick_attention(c, device=None):
+    """Resolve --attention=auto (splash on TPU, cudnn on GPU, xla on CPU, where the reference
+    measured faster than jax.nn's attention) and check that the kernel compiles, forward and backward,
+    for these shapes on `device` (default: JAX's first). -> (config with the kernel that will run,
+    a note saying which and why). An explicit choice that cannot run is an error; auto falls back
+    to xla and says why."""
+    platform, dt = backend(c), compute_dtype(c)
+    want = c.attention if c.attention != 'auto' else {'tpu': 'splash', 'gpu': 'cudnn'}.get(platform, 'xla')
+    problem = None
+    if want == 'splash' and (platform == 'gpu' or c.seq_len % 128 or head_dim(c) % 128):
+        problem = f'needs a TPU, and --seq_len ({c.seq_len}) and the head dim ({head_dim(c)}) multiples of 128'
+    elif want == 'cudnn' and (platform != 'gpu' or dt not in (jnp.bfloat16, jnp.float16)):
+        problem = f'needs a GPU and --dtype=bfloat16 (here: {platform}, {jnp.dtype(dt).name})'
+    elif want != 'xla':
+        one = NamedSharding(Mesh(np.array([device or jax.devices()[0]]), ('data',)), P())
+        q = jax.ShapeDtypeStruct((1, c.n_head, c.seq_len, head_dim(c)), dt, sharding=one)
+        kv = jax.ShapeDtypeStruct((1, c.n_kv_head, c.seq_len, head_dim(c)), dt, sharding=one)
+        loss = lambda q, k, v: jnp.sum(FUSED_ATTENTION[want](q, k, v, c).astype(jnp.float32))
         try:
-            socket.create_connection((host, port), timeout=2).close()
-            return
-        except OSError:
-            if time.time() > deadline:
-                raise UserError(f'--coordinator={address}: nothing listening there after {timeout}s; start '
-                                'process 0 (it runs the coordinator), check the address, port and firewall, '
-                                'or wait longer with --coordinator_timeout')
-            time.sleep(0.5)
+            jax.jit(jax.grad(loss, argnums=(0, 1, 2))).lower(q, kv, kv).compile()
+        except Exception as e:  # whatever the kernel's own checks or the compiler reject
+            problem = f'does not compile for these shapes ({type(e).__name__}: {str(e)[:200]})'.replace('\n', ' ')
+    if problem and c.attention == want:
+        raise UserError(f'--attention={want}: {problem}; use --attention=xla')
+    if problem:
+        return dataclasses.replace(c, attention='xla'), f'xla ({want} not used: {problem})'
+    return dataclasses.replace(c, attention=want), want
 
 
 # ----------------------------------------------------------------------------------------------
@@ -1750,14 +1709,14 @@ def check_fits(compiled, also_resident, what, c, devices=1):
 
 
 def compile_step(params, opt, mesh, c):
-    """train_step compiled ahead of time for these arrays (or their shapes) and this config, called
+    """mesh_train_step compiled ahead of time for these arrays (or their shapes) and this config, called
     as step(params, opt, batch), and checked against the device's memory: a clear error now
     rather than an out-of-memory crash mid-run."""
     batch = jax.ShapeDtypeStruct((c.grad_accum, c.batch_size // c.grad_accum, c.seq_len + 1), jnp.int32,
                                  sharding=batch_sharding(mesh, 3))
     # the new state comes out sharded as the old went in (Muon's share_layers would spread it)
     state = state_shardings(c, mesh)
-    pinned = jax.jit(train_step, static_argnames='c', donate_argnums=(0, 1),
+    pinned = jax.jit(mesh_train_step, static_argnames='c', donate_argnums=(0, 1),
                      out_shardings=(state['params'], state['opt'], NamedSharding(mesh, P())))
     with jax.set_mesh(mesh):
         step = pinned.lower(params, opt, batch, c).compile()
@@ -1766,12 +1725,12 @@ def compile_step(params, opt, mesh, c):
 
 
 def compile_eval(params, opt, mesh, c):
-    """eval_loss compiled for the validation set in training's microbatches, called as
+    """mesh_eval_loss compiled for the validation set in training's microbatches, called as
     step(params, batches); checked against the memory it shares with the optimizer state."""
     vals = jax.ShapeDtypeStruct((c.eval_batches * c.grad_accum, c.batch_size // c.grad_accum, c.seq_len + 1),
                                 jnp.int32, sharding=batch_sharding(mesh, 3))
     with jax.set_mesh(mesh):
-        step = eval_loss.lower(params, vals, c).compile()
+        step = mesh_eval_loss.lower(params, vals, c).compile()
     check_fits(step, resident_bytes(opt) * len(mesh.local_devices), 'eval', c, len(mesh.local_devices))
     return step
 
@@ -1828,9 +1787,9 @@ def buffer_note(m):
 
 
 # ----------------------------------------------------------------------------------------------
-# A training run: what it starts from (Run, start_run: one run per --out, the log cut back to the
-# checkpoint it resumes), its clock (Meter: time, tokens/s, MFU, dollars) and its guard (signals
-# stop it with a checkpoint; so does divergence, before anything garbage is written).
+# The run: what a training run starts from (Run, start_run: one run per --out, the log cut back
+# to the checkpoint it resumes), its clock (Meter: time, tokens/s, MFU, dollars) and its guard
+# (signals stop it with a checkpoint; so does divergence, before anything garbage is written).
 
 
 @dataclass
@@ -1875,7 +1834,7 @@ def start_run(c, held):
             f'times the {there:,} training tokens in {c.data}: the model sees its data more than once')
     c, mesh, device_note = setup_devices(c)
     if in_bucket(c.out):  # a run kept in a bucket works in a local copy of it, uploaded as it goes
-        c = dataclasses.replace(c, out=held.enter_context(BucketRun(c.out, lead())).local)
+        c = dataclasses.replace(c, out=held.enter_context(BucketRun(c.out, is_process0())).local)
     try:
         os.makedirs(c.out, exist_ok=True)
     except OSError as e:
@@ -1896,7 +1855,7 @@ def start_run(c, held):
         f'| {count_params(shapes["params"]) / 1e6:.2f}M params | dtype {jnp.dtype(compute_dtype(c)).name} '
         f'| {device_note} | data {c.data} -> {c.out}')
     state, path, saved = restore(c, shapes, meta)
-    if meta.get('tokenizer_sha256') and lead():
+    if meta.get('tokenizer_sha256') and is_process0():
         keep_tokenizer(c, meta)
     if path:
         state, path, saved = same_schedule(c, shapes, state, path, saved)
@@ -2047,7 +2006,7 @@ class Meter:
     def mfu(self, seconds_per_step):
         return self.flops * self.tokens_per_step / seconds_per_step / self.peak if self.peak else None
 
-    def log_line(self, done, stats):
+    def progress_line(self, done, stats):
         """Print a progress line and return it as a log record."""
         values, now = as_floats(stats), time.time()  # waits for the step
         dt = (now - self.last) / max(done - self.last_step, 1)
@@ -2056,7 +2015,7 @@ class Meter:
         self.last, self.last_step = now, done
         record = {'step': done, **values, 'ms_per_step': 1000 * dt, 'tokens_per_sec': self.tokens_per_step / dt,
                   'mfu': self.mfu(dt), **self.clock()}
-        say(log_line(record))
+        say(progress_text(record))
         return record
 
     @contextlib.contextmanager
@@ -2082,7 +2041,8 @@ class Meter:
         return {'tokens': self.tokens(self.c.steps), **self.clock(), 'val_loss': val_loss, 'mfu': mfu}
 
 
-def log_line(r):
+def progress_text(r):
+    """A log record as its printed progress line."""
     s = f"step {r['step']:6d} | loss {r['loss']:.4f} | lr {r['lr']:.2e} | gnorm {r['grad_norm']:.3f}"
     s += f" | {r['ms_per_step']:.1f} ms/step | {r['tokens_per_sec']:,.0f} tok/s"
     s += f" | MFU {r['mfu']:.1%}" if r.get('mfu') is not None else ' | MFU n/a'
@@ -2199,6 +2159,11 @@ class Preempted(Exception):
     """Training stopped on SIGTERM/SIGINT after saving a checkpoint. Exit code 128 + signal."""
 
 
+class Diverged(UserError):
+    """The loss or gradients became NaN or inf. Exit code 3."""
+    code = 3
+
+
 @jax.jit
 def all_finite(tree):
     return jnp.all(jnp.stack([jnp.all(jnp.isfinite(x)) for x in jax.tree.leaves(tree)]))
@@ -2219,6 +2184,54 @@ def check_finite(stats, step, c):
 # field, its state.npz's size and SHA-256) before it is used or counted as kept; a damaged one is
 # skipped for the one before it; one deleted while a reader lists them is looked for again. The
 # data directory is checked the same way, and other trainers' directories are read as they are.
+
+
+class CorruptCheckpoint(UserError):
+    """A checkpoint whose files are damaged (truncated, wrong checksum, unreadable)."""
+
+
+def save_checkpoint(out, state, c, meta_extra):
+    """Part I's write_checkpoint, then keep the newest keep_ckpts. A checkpoint already at this
+    step is one this run could not load (damaged: a whole one would have been resumed from): the
+    new one replaces it."""
+    final = os.path.join(out, f'ckpt_{int(state["opt"]["step"]):08d}')
+    if os.path.lexists(final):
+        discard(final)
+    keep_newest(out, write_checkpoint(out, state, c, meta_extra), c.keep_ckpts)
+    return final
+
+
+def load_checkpoint(path, template):
+    """Part I's read_checkpoint, after checking state.npz's size and hash, then every array's
+    name, shape and dtype against the template (a header can claim any size); and after it the
+    optimizer's step against meta.json's."""
+    meta = read_checkpoint_meta(path)
+    _, npz = checkpoint_files(path)
+    want = {k: (tuple(x.shape), np.dtype(x.dtype)) for k, x in flatten(template).items()}
+    try:
+        if os.path.getsize(npz) != meta['state_bytes'] or file_sha256(npz) != meta['state_sha256']:
+            raise CorruptCheckpoint(f'{npz}: truncated or not matching its checksum')
+        with np.load(npz, allow_pickle=False) as f:
+            problem = npz_problem(f, want)
+        if problem:
+            raise CorruptCheckpoint(f'{npz}: {problem}')
+        state = read_checkpoint(npz, template)
+    except (OSError, ValueError, KeyError, zipfile.BadZipFile) as e:
+        raise CorruptCheckpoint(f'{npz}: unreadable ({getattr(e, "strerror", None) or e})')
+    if 'opt' in state and int(state['opt']['step']) != meta['step']:
+        raise CorruptCheckpoint(f'{npz}: its optimizer step {int(state["opt"]["step"])} is not the step of its '
+                                f'meta.json ({meta["step"]})')
+    return state  # host arrays
+
+
+def save(c, state, meta, elapsed, tokens):
+    """A checkpoint of the state, gathered from every process, written by process 0, with the wall
+    time and the tokens trained on so far (across resumes, whatever their --seq_len)."""
+    host = host_state(state)  # every process takes part
+    extra = {'tokenizer': meta.get('tokenizer'), 'eot_id': meta.get('eot_id'), 'elapsed': elapsed, 'tokens': tokens,
+             'before_warmdown': int(state['opt']['step']) == warmdown_start(c),  # kept, to be trained further
+             **{k: meta[k] for k in ('tokenizer_sha256', 'tokenizer_pattern') if k in meta}}  # a trained tokenizer's
+    say(f'saved {save_checkpoint(c.out, host, c, extra) if is_process0() else None}', flush=True)
 
 
 def keep_newest(out, written, keep):
@@ -2495,6 +2508,16 @@ def load_model(c, explicit):
                         f'{size(limit)}; use a smaller --context')
     state, path, meta = restore(c, {'params': jax.eval_shape(lambda: init_params(c, jax.random.key(0)))})
     return c, state['params'], meta, checkpoint_encoding(meta, c, path)
+
+
+def load_data(c):
+    """-> (train windows, val windows, meta dict) for the data directory c.data: the shards its
+    meta.json lists (data_files, Part II, checks them and reads other trainers' directories)."""
+    splits, meta = data_files(c)
+    train_windows, val_windows = (TokenWindows(splits[s], c.seq_len + 1) for s in ('train', 'val'))
+    if 'vocab_size' not in meta:
+        meta = {**meta, **vocab_from_shards(c, train_windows)}
+    return train_windows, val_windows, meta
 
 
 def data_files(c):
@@ -3095,7 +3118,9 @@ def splash_flops(c, mesh):
 
 def bench_topology(c):
     """bench --topology: compile (never run) the train and eval steps for a TPU slice, with the
-    fewest microbatches that fit its memory, and print their memory and estimated speed."""
+    fewest microbatches that fit its memory, and print their memory and estimated speed. The
+    program runs on the CPU backend here, so --dtype=auto is resolved as on a TPU: bfloat16."""
+    c = dataclasses.replace(c, dtype='bfloat16') if c.dtype == 'auto' else c
     c, mesh, device_note = setup_devices(c)
     chip = this_chip(mesh.devices.flat[0].device_kind)
     state = state_shapes(c, mesh)
@@ -3343,7 +3368,7 @@ def score_task(params, examples, enc, c, mesh, tokens_per_device=TASK_TOKENS, wh
     """acc and acc_norm of a model on [(context, endings, label)]. -> {'acc', 'acc_norm', 'examples'}"""
     rows = task_rows(examples, enc, c.context)
     logp = ending_logprob_sums(params, rows, c, mesh, tokens_per_device, what)
-    counts = np.array([max(len(ids) - first, 1) for ids, first in rows])  # an empty ending: 1, not 0
+    counts = np.array([max(len(ids) - scored_from, 1) for ids, scored_from in rows])  # an empty ending: 1, not 0
     return choice_accuracy(logp, counts, [(len(endings), label) for _, endings, label in examples])
 
 
@@ -3365,9 +3390,9 @@ def ending_logprob_sums(params, rows, c, mesh, tokens_per_device, what):
         chunk = order[i:i + R]
         tokens, mask = np.zeros((1, R, T + 1), np.int32), np.zeros((1, R, T), bool)
         for k, r in enumerate(chunk):
-            ids, first = rows[r]
+            ids, scored_from = rows[r]
             tokens[0, k, :len(ids)] = ids
-            mask[0, k, first - 1:len(ids) - 1] = True
+            mask[0, k, scored_from - 1:len(ids) - 1] = True
         batch = place({'tokens': tokens, 'mask': mask}, {'tokens': batch_sharding(mesh, 3), 'mask': batch_sharding(mesh, 3)})
         with jax.set_mesh(mesh):
             out = score_rows(params, batch, c)
@@ -3379,11 +3404,11 @@ def ending_logprob_sums(params, rows, c, mesh, tokens_per_device, what):
     return logp
 
 
-def device_ending_logprobs(params, batch, c, gather, axis):
+def device_ending_logprobs(params, batch, c, whole, axis):
     """One device's rows (tokens (1, R, T+1), mask (1, R, T)): the summed log-probability of each
     row's masked next tokens, gathered from every device. -> (R_all,) fp32"""
     tokens, mask = batch['tokens'][0], batch['mask'][0]
-    logits = forward(params, tokens[:, :-1], c, gather=gather)           # (R,T,V) fp32
+    logits = forward(whole(params) if whole else params, tokens[:, :-1], c)  # (R,T,V) fp32
     target = jnp.take_along_axis(logits, tokens[:, 1:, None], -1)[..., 0]
     logp = jnp.sum(jnp.where(mask, target - jax.nn.logsumexp(logits, -1), 0.0), -1)
     return jax.lax.all_gather(logp, axis, tiled=True) if axis else logp
@@ -3727,6 +3752,29 @@ def model_card(c, meta):
 
 # ----------------------------------------------------------------------------------------------
 # Command line: python tinytpu.py [train|sample|eval|plot|export|bench|plan] [--name=value ...]
+
+
+def sample(c, explicit):
+    """Load the newest checkpoint in c.out and print a continuation of c.prompt."""
+    c, params, meta, enc = load_model(c, explicit)
+    params = jax.device_put(params)
+    prompt_ids = enc.encode(c.prompt, allowed_special='all')
+    if not prompt_ids:
+        raise UserError('--prompt is empty; give some text to continue')
+    print(c.prompt, end='', flush=True)
+    pending = []  # a character can span several tokens: print only what decodes cleanly
+    for token in generate(params, prompt_ids, c, meta.get('eot_id')):
+        pending.append(token)
+        piece = enc.decode_bytes(pending)
+        try:
+            print(piece.decode('utf-8'), end='', flush=True)
+            pending = []
+        except UnicodeDecodeError:
+            if len(pending) > 8:
+                print(piece.decode('utf-8', errors='replace'), end='', flush=True)
+                pending = []
+    print()
+
 
 COMMANDS = {  # what --help says of each (usage, at the top of the file, reads this)
     'train': 'train a GPT, or continue the run in --out (the default command)',

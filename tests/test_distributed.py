@@ -89,10 +89,11 @@ c = tt.validate(tt.Config(n_layer=2, d_model=32, n_head=4, n_kv_head=2, seq_len=
 mesh = tt.make_mesh(c)
 state = jax.jit(lambda: tt.fresh_state(c), out_shardings=tt.state_shardings(c, mesh))()
 batch = tt.put_batch([(d, np.ones((1, 1, 17), np.int32)) for d in mesh.devices.flat], (1, 8, 17), mesh)
-specs = jax.tree.leaves(tt.param_specs(c), is_leaf=lambda s: isinstance(s, tuple) and len(s) == 3)
+specs = jax.tree.leaves(tt.param_specs(c), is_leaf=lambda w: isinstance(w, tt.Weight))
 def check(tree):
-    for (shape, std, axis), x in zip(specs, jax.tree.leaves(tree)):
-        local = list(shape); local[axis] //= 8
+    for w, x in zip(specs, jax.tree.leaves(tree)):
+        shape = w.shape
+        local = list(shape); local[w.fsdp_axis] //= 8
         assert len(x.addressable_shards) == 8, x.sharding
         assert all(s.data.shape == tuple(local) for s in x.addressable_shards), (shape, x.sharding)
 check(state['params'])
@@ -138,8 +139,8 @@ for fsdp in ('false', 'true'):
         grads = sum(tt.array_bytes(found[0][2]))
         assert grads >= 4 * tt.count_params(state['params']), (grads, found)
     else:
-        weights = {tuple(shape[1:]) for shape, std, axis in jax.tree.leaves(tt.param_specs(c)['layers'],
-                   is_leaf=lambda s: isinstance(s, tuple) and len(s) == 3)} | {tt.param_specs(c)['embed'][0]}
+        weights = {w.shape[1:] for w in jax.tree.leaves(tt.param_specs(c)['layers'], is_leaf=lambda w: isinstance(w, tt.Weight))} \
+            | {tt.param_specs(c)['embed'].shape}
         gathered = [tuple(int(d) for d in __import__('re').search(r'\\[([\\d,]*)\\]', t)[1].split(',')) for _, op, t in found
                     if op == 'all-gather']
         assert gathered and set(gathered) <= weights, (gathered, weights)

@@ -8,6 +8,7 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 import pytest
+from jax.sharding import PartitionSpec as P
 
 import tinytpu as tt
 from conftest import tiny_config
@@ -156,7 +157,8 @@ def test_large_presets_trace(preset):
     batch = jax.ShapeDtypeStruct((1, 8, c.seq_len + 1), jnp.int32)
     params, opt, stats = jax.eval_shape(lambda s, b: tt.train_step.__wrapped__(s['params'], s['opt'], b, c), state, batch)
     assert jax.tree.map(lambda x: x.shape, params) == jax.tree.map(lambda x: x.shape, state['params'])
-    logits, cache = jax.eval_shape(lambda p: tt.forward(p, jnp.zeros((1, 1), jnp.int32), c, tt.init_cache(c, 1), 5), params)
+    logits, cache = jax.eval_shape(lambda p: tt.forward_cached(p, jnp.zeros((1, 1), jnp.int32), tt.init_cache(c, 1), 5, c),
+                                   params)
     assert logits.shape == (1, 1, 50304) and cache[0].shape == (c.n_layer, 1, c.n_kv_head, c.context, tt.head_dim(c))
 
 
@@ -236,17 +238,25 @@ def test_wide_einsum_gradient_is_the_matmul_gradient(spec, a_shape, b_shape, dty
                                    atol=tol * float(jnp.abs(g.astype(jnp.float32)).max()))
 
 
-def test_embedding_gradient_sums_repeated_tokens_in_fp32():
-    """4,096 lookups of one row of a bf16 table: its gradient is the fp32 sum rounded once to
-    bf16 (a bf16 scatter-add, JAX's own, drifts: each add rounds)."""
-    table = jnp.zeros((5, 8), jnp.bfloat16)
+def test_fsdp_sends_weights_in_bf16_and_the_embedding_gradient_sums_in_fp32():
+    """FSDP's gathered_weights hands Part I a bf16 table; for 4,096 lookups of one row its
+    gradient is the fp32 sum, rounded once to bf16 (JAX's own bf16 scatter-add drifts: each add
+    rounds). On a mesh of one device, the gather itself is the identity."""
+    c = tiny_config(dtype='bfloat16')
+    whole = tt.gathered_weights(c)
     tokens = jnp.full((4096,), 3)
     g = (1 + jnp.arange(4096 * 8).reshape(4096, 8) % 7 / 1000).astype(jnp.bfloat16)
-    ours = jax.grad(lambda t: jnp.sum(tt.embed_lookup(t, tokens).astype(jnp.float32) * g))(table)
-    exact = jnp.sum(g.astype(jnp.float32), 0).astype(jnp.bfloat16)
+
+    def loss(table):  # the lookup of hidden(), on the table FSDP assembles
+        sent = whole({'layers': {}, 'embed': table})['embed']
+        assert sent.dtype == jnp.bfloat16
+        return jnp.sum(tt.embed_tokens(sent, tokens, jnp.bfloat16).astype(jnp.float32) * g)
+    mesh = jax.sharding.Mesh(np.array(jax.devices()[:1]), ('data',))
+    ours = jax.jit(jax.shard_map(jax.grad(loss), mesh=mesh, in_specs=P(), out_specs=P()))(jnp.zeros((5, 8)))
+    exact = jnp.sum(g.astype(jnp.float32), 0).astype(jnp.bfloat16).astype(jnp.float32)
     np.testing.assert_array_equal(ours[3], exact)
-    theirs = jax.grad(lambda t: jnp.sum(t[tokens].astype(jnp.float32) * g))(table)
-    assert not np.array_equal(theirs[3], exact)  # what the custom gradient avoids
+    theirs = jax.grad(lambda t: jnp.sum(t[tokens].astype(jnp.float32) * g))(jnp.zeros((5, 8), jnp.bfloat16))
+    assert not np.array_equal(theirs[3].astype(jnp.float32), exact)  # what looking up in fp32 avoids
 
 
 def test_bf16_loss_is_the_fp32_loss_within_bf16_rounding():

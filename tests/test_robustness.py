@@ -502,7 +502,7 @@ def test_eval_step_counts_against_memory_with_the_optimizer_state(byte_data, tmp
     ('--seed=4294967296', '--seed=4294967296 must be in 0 .. 2^32 - 1 (JAX keys take 32 bits)'),
     ('--seed=9223372036854775808', '--seed=9223372036854775808: out of range'),
     ('--steps=99999999999999999999', '--steps=99999999999999999999: out of range'),
-    ('--dtype=float64', '--dtype=float64: choose auto, float32 or bfloat16 (float64 needs JAX_ENABLE_X64=1'),
+    ('--dtype=float64', "--dtype=float64: choose auto, float32 or bfloat16 (float64 is for the tests' oracles, with JAX_ENABLE_X64=1)"),
     ('--profile_steps=3000:3005', '--profile_steps=3000:3005: the run has 2000 steps'),
     ('--rope_theta=0', '--rope_theta=0.0 must be positive'),
     ('--lr=inf', '--lr=inf: must be a finite number'),

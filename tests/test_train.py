@@ -241,22 +241,27 @@ def test_help_lists_every_setting_aligned_without_loading_jax():
     assert tt.main(['--help']) == 0  # in-process too
 
 
-def test_readme_reading_guide_names_true_line_ranges():
-    """README's "Reading tinytpu.py" gives each Part I section's lines: each range must start at
-    that section's banner and end where the next begins (or at Part II)."""
+def test_readme_line_maps_cover_the_file_section_by_section():
+    """README's "Reading tinytpu.py" maps both parts: each row's range starts at that section's
+    banner and ends where the next section begins; together Part I's rows cover Part I and Part
+    II's the rest of the file, every section listed once, in order."""
     root = os.path.dirname(tt.__file__)
     readme = open(os.path.join(root, 'README.md')).read()
     lines = open(os.path.join(root, 'tinytpu.py')).read().split('\n')
-    rows = re.findall(r'^\| ([A-Z][a-z ]+) \| (\d+)–(\d+) \|', readme, re.M)
-    assert [name for name, _, _ in rows] == ['Config', 'Model', 'Loss', 'Optimizer', 'Train step', 'Data',
-                                             'Checkpoints', 'Training loop', 'Sampling']
-    for name, start, end in rows:
-        start, end = int(start), int(end)
-        assert lines[start - 1].startswith('# ----') and lines[start].startswith(f'# {name}'), (name, start)
-        after = lines[end:end + 3]
-        assert after[0].startswith('# ----') or any(line.startswith('# ====') for line in after), (name, end)
-    part_two = next(i for i, line in enumerate(lines) if line.startswith('# Part II'))
-    assert part_two - int(rows[0][1]) < 870  # Part I stays short (714 lines with AdamW alone; Muon took ~80, the loss ~45)
+    rows = [(name, int(a), int(b)) for name, a, b in re.findall(r'^\| ([^|`]+?) \| (\d+)–(\d+) \|', readme, re.M)]
+    banners = [i + 1 for i, line in enumerate(lines) if line.startswith('# ----') and i + 1 < len(lines)]
+    part_two = next(i + 1 for i, line in enumerate(lines) if line.startswith('# Part II'))
+    assert [start for _, start, _ in rows] == banners  # every section, in the file's order
+    for (name, start, end), after in zip(rows, rows[1:] + [(None, len(lines) + 1, None)]):
+        assert lines[start].startswith(f'# {name}'), (name, lines[start])
+        gap = lines[end:after[1] - 1]  # between this section's end and the next banner: blank, or Part II's banner
+        assert end >= start and all(not line or line.startswith('# ====') or line.startswith('# Part II')
+                                    or line.startswith('# ') and start < part_two < after[1] for line in gap), (name, end)
+        assert lines[end - 1].strip(), (name, end, 'ends on a blank line')
+    part_one = [name for name, start, _ in rows if start < part_two]
+    assert part_one == ['Config', 'Model', 'Loss', 'Optimizers', 'Train step', 'Data', 'Checkpoints',
+                        'Training loop', 'Sampling']
+    assert part_two - rows[0][1] < 870  # Part I stays short (714 lines with AdamW alone; Muon took ~80, the loss ~45)
 
 
 def test_bench_reports_timing_flops_and_memory(tmp_path):
