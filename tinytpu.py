@@ -2,11 +2,12 @@
 
 The file has two parts. Part I is the GPT: config -> model -> loss -> AdamW/Muon -> train step ->
 data -> checkpoints -> the training loop -> sampling; read it top to bottom to see how
-pretraining works in JAX. Part II runs it for real: settings and flags, attention kernels,
-devices (FSDP, several hosts), memory, the run's clock and guard, checkpoints that survive
-failures, hardware and cost, bench, TPU estimates, plan, evaluation tasks, plots, export, and
-the command line. To follow one step, read train, then train_step, batch_grads, loss_fn,
-hidden, block, attention, cross_entropy and adamw_update.
+pretraining works in JAX. It runs alone, on one device. Part II runs it for real, wrapping it
+from outside: settings and flags, processes and hosts, devices (the mesh, FSDP, the step on
+several devices), attention kernels, memory, the run's clock and guard, checkpoints and data that
+survive failures, runs kept in a bucket, hardware and cost; then bench, TPU estimates, plan,
+evaluation tasks, plots, export, and the command line. To follow one step, read train_step, then
+batch_grads, loss_fn, hidden, block, attention, cross_entropy, optimizer_step and adamw_update.
 
     python prepare.py shakespeare --tokenizer=byte       # 1.1 MB of Shakespeare as byte tokens
     python tinytpu.py --preset=cpu                       # train a 0.8M-parameter model (~75 s)
@@ -222,6 +223,8 @@ def compute_dtype(c):
 
 
 class Weight(NamedTuple):
+    """One weight: its shape, its initialization, and its sharding annotation (as picodo writes
+    it, beside the shape): the axis Part II splits it along when params are sharded (FSDP)."""
     shape: tuple    # block weights are stacked on a leading L axis
     std: float      # initialized from Normal(0, std)
     fsdp_axis: int  # the large axis along which the weight is split over devices (FSDP, Part II)
@@ -686,7 +689,7 @@ def fresh_state(c):
 # Data: token shards in the llm.c / modded-nanogpt format (prepare.py owns it: a header of 256
 # int32, then the tokens), so their FineWeb shards load as is. Batch k is a pure function of
 # (seed, k): a resumed run sees exactly the batches of an uninterrupted one, with nothing to save
-# but the step.
+# but the step. (Part II's load_data finds and checks a data directory's shards.)
 
 
 def open_shard(path):
@@ -846,7 +849,7 @@ def train(c):
         val = {}
         for step in range(run.start, c.steps):
             with meter.profile(step):
-                params, opt, stats = run.step(params, opt, next(run.batches))
+                params, opt, stats = run.step(params, opt, next(run.batches))  # train_step, on the run's devices
             guard.check(stats, step)  # the step before this one, once done
             done = step + 1
             record = meter.progress_line(done, stats) if done % c.log_every == 0 or done == c.steps else {}

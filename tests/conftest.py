@@ -9,6 +9,7 @@ import subprocess
 import sys
 import tempfile
 import threading
+import types
 
 import numpy as np
 import pytest
@@ -69,6 +70,14 @@ def run_cli(*args, cwd=ROOT, timeout=600):
     rest = args[1:] if script == args[0] else args
     return subprocess.run([sys.executable, os.path.join(ROOT, script), *rest], cwd=cwd, capture_output=True,
                           text=True, timeout=timeout)
+
+
+def run_main(capsys, *args):
+    """tt.main(args) in this process, as run_cli runs the command line in a new one, for what needs
+    no process of its own (one-line errors, plan): -> .returncode, .stdout, .stderr"""
+    code = tt.main(list(args))
+    out = capsys.readouterr()
+    return types.SimpleNamespace(returncode=code, stdout=out.out, stderr=out.err)
 
 
 class HubHandler(http.server.BaseHTTPRequestHandler):

@@ -4,7 +4,7 @@ import json
 import pytest
 
 import tinytpu as tt
-from conftest import run_cli, tiny_config
+from conftest import run_main, tiny_config
 
 
 def test_device_kinds_find_their_chip():
@@ -109,9 +109,9 @@ def test_damaged_bench_records_are_skipped(tmp_path):
     assert mfu == 0.3 and how.startswith('measured by bench')
 
 
-def test_plan_command_prints_a_runnable_command(tmp_path):
+def test_plan_command_prints_a_runnable_command(tmp_path, capsys):
     (tmp_path / 'bench.jsonl').write_text(json.dumps({'chip': 'v5e', 'mfu': 0.25}) + '\n')
-    r = run_cli('plan', '--budget=40', '--hardware=v5e', f'--out={tmp_path}')
+    r = run_main(capsys, 'plan', '--budget=40', '--hardware=v5e', f'--out={tmp_path}')
     assert r.returncode == 0, r.stderr
     assert 'MFU 25.0% (measured by bench' in r.stdout and '$1.2/chip-hour' in r.stdout
     command = r.stdout.strip().splitlines()[-1].split()
@@ -126,10 +126,10 @@ def test_plan_command_prints_a_runnable_command(tmp_path):
     assert f'(after python prepare.py fineweb10B --shards={shards}):' in r.stdout and shards > 1
 
 
-def test_plan_shows_on_demand_and_spot_side_by_side():
+def test_plan_shows_on_demand_and_spot_side_by_side(capsys):
     """Both list prices, the chosen one marked; --spot plans the larger model the cheaper hours buy
     and passes --spot on, so the run's log prices its hours the same way."""
-    on_demand, spot = (run_cli('plan', '--budget=50', '--hardware=v5e', *extra) for extra in ([], ['--spot=true']))
+    on_demand, spot = [run_main(capsys, 'plan', '--budget=50', '--hardware=v5e', *extra) for extra in ([], ['--spot=true'])]
     for r in (on_demand, spot):
         assert r.returncode == 0, r.stderr
         assert '| on-demand $1.2/chip-hour: 41.7 chip-hours' in r.stdout
@@ -156,6 +156,6 @@ def test_plan_shows_on_demand_and_spot_side_by_side():
     (['--budget=10', '--hardware=h100', '--spot=true'], 'no spot list price for h100; pass --price_per_hour'),
     (['--budget=5', '--hardware=v6e', '--chips=1000000'], '--chips=1000000 is more than the 64 sequences of a step'),
 ])
-def test_plan_errors_are_one_line(args, message):
-    r = run_cli('plan', *args)
+def test_plan_errors_are_one_line(args, message, capsys):
+    r = run_main(capsys, 'plan', *args)
     assert r.returncode == 2 and message in r.stderr and len(r.stderr.strip().splitlines()) == 1

@@ -1,10 +1,8 @@
-"""Evaluation on multiple-choice tasks (HellaSwag's format) and loss-curve plots: the scorer
-against hand-computed choices and a float reference forward, a held-out task a trained model
-passes and an untrained one does not, prepare.py hellaswag through a local HTTP server, plot."""
+"""Evaluation on multiple-choice tasks (HellaSwag's format): the scorer against hand-computed
+choices and a float reference forward, a held-out task a trained model passes and an untrained
+one does not, prepare.py hellaswag through a local HTTP server."""
 import json
 import os
-import sys
-import xml.etree.ElementTree as ET
 
 import jax
 import jax.numpy as jnp
@@ -13,7 +11,7 @@ import pytest
 
 import prepare
 import tinytpu as tt
-from conftest import SHAKESPEARE, run_cli, tiny_config
+from conftest import SHAKESPEARE, run_cli, run_main, tiny_config
 
 TEXT = open(SHAKESPEARE, encoding='utf-8').read()
 
@@ -90,10 +88,11 @@ def test_a_trained_model_finds_the_held_out_continuation_and_an_untrained_one_do
     assert 0.15 < r['acc_norm'] < 0.35, r
 
 
-def test_eval_errors_are_one_line(tmp_path, byte_data):
-    r = run_cli('eval', f'--out={tmp_path}/nothing', f'--task_data={tmp_path}/missing.jsonl')
+def test_eval_errors_are_one_line(tmp_path, byte_data, capsys, monkeypatch):
+    r = run_main(capsys, 'eval', f'--out={tmp_path}/nothing', f'--task_data={tmp_path}/missing.jsonl')
     assert r.returncode == 2 and 'missing.jsonl: no such file' in r.stderr and len(r.stderr.splitlines()) == 1
-    r = run_cli('eval', f'--out={tmp_path}/nothing', '--task=hellaswag', cwd=str(tmp_path))
+    monkeypatch.chdir(tmp_path)
+    r = run_main(capsys, 'eval', f'--out={tmp_path}/nothing', '--task=hellaswag')
     assert r.returncode == 2 and 'python prepare.py hellaswag' in r.stderr
     bad = tmp_path / 'bad.jsonl'
     bad.write_text('{"ctx": "a", "endings": ["b", "c"], "label": 1}\n{"ctx": "a", "endings": ["b"], "label": 3}\n')
@@ -148,54 +147,3 @@ def test_prepare_choices_is_held_out_and_deterministic(tmp_path):
     for ctx, endings, label in examples:
         assert ctx + ' ' + endings[label] in held_out  # the true continuation, from the last 10%
         assert len(set(endings)) == 4 and all(sorted(e.split()) == sorted(endings[label].split()) for e in endings)
-
-
-def write_log(out, losses, extra=lambda step: {}):
-    os.makedirs(out, exist_ok=True)
-    with open(os.path.join(out, 'log.jsonl'), 'w') as f:
-        for step, loss in enumerate(losses, 1):
-            f.write(json.dumps({'step': step * 10, 'tokens': step * 7680, 'loss': loss, **extra(step)}) + '\n')
-        f.write('{"step": 30, "summary": {}}\n{"cut by a cra')
-
-
-def test_plot_writes_svg_and_png_overlaying_runs(tmp_path, capsys):
-    pytest.importorskip('matplotlib')
-    a, b = str(tmp_path / 'run_a'), str(tmp_path / 'run_b')
-    write_log(a, [3.0, 2.5, 2.2], lambda s: {'val_loss': 2.4, 'val_bpb': 3.4} if s == 3 else {})
-    write_log(b, [3.1, 2.4, 2.0], lambda s: {'hellaswag_acc_norm': 0.3} if s > 1 else {})
-    assert tt.main(['plot', f'--out={a},{b}']) == 0
-    svg = ET.parse(os.path.join(a, 'loss.svg')).getroot()
-    words = ' '.join(t.text or '' for t in svg.iter('{http://www.w3.org/2000/svg}text'))
-    assert 'run_a train' in words and 'run_b train' in words and 'run_a val' in words
-    assert 'hellaswag acc_norm' in words and 'validation bits per byte' in words
-    png = tmp_path / 'curves.png'
-    assert tt.main(['plot', f'--out={a}', f'--plot_file={png}']) == 0
-    assert png.read_bytes()[:8] == b'\x89PNG\r\n\x1a\n'
-    assert tt.main(['plot', f'--out={a}', f'--plot_file={tmp_path}/x.gif']) == 2
-    assert tt.main(['plot', f'--out={tmp_path}/none']) == 2
-    assert 'log.jsonl: no such file' in capsys.readouterr().err
-
-
-def test_plot_refuses_what_has_nothing_to_draw(tmp_path, capsys):
-    """An empty log wrote an empty picture (rc 0); --out=,, was an IndexError; a record with
-    "tokens": "x" or null a TypeError."""
-    pytest.importorskip('matplotlib')
-    (tmp_path / 'empty').mkdir()
-    (tmp_path / 'empty' / 'log.jsonl').write_text('')
-    assert tt.main(['plot', f'--out={tmp_path / "empty"}']) == 2
-    assert tt.main(['plot', '--out=,,']) == 2
-    err = capsys.readouterr().err.splitlines()
-    assert 'no loss recorded yet' in err[0] and err[1] == 'error: --out=,,: name the run directories to draw, --out=A or --out=A,B'
-    assert not (tmp_path / 'empty' / 'loss.svg').exists()
-    write_log(str(tmp_path / 'odd'), [3.0, 2.5], lambda s: {'tokens': 'x'} if s == 1 else {})
-    with open(tmp_path / 'odd' / 'log.jsonl', 'a') as f:
-        f.write(json.dumps({'step': 40, 'tokens': None, 'loss': 2.0}) + '\n')
-    assert tt.main(['plot', f'--out={tmp_path / "odd"}']) == 0
-
-
-def test_plot_without_matplotlib_says_how_to_install_it(tmp_path, monkeypatch, capsys):
-    write_log(str(tmp_path), [3.0])
-    monkeypatch.setitem(sys.modules, 'matplotlib', None)
-    assert tt.main(['plot', f'--out={tmp_path}']) == 2
-    assert 'pip install matplotlib' in capsys.readouterr().err
-    assert not os.path.exists(tmp_path / 'loss.svg')

@@ -16,7 +16,7 @@ import numpy as np
 import pytest
 
 import tinytpu as tt
-from conftest import ROOT, run_cli, tiny_config, write_shard
+from conftest import ROOT, run_cli, run_main, tiny_config, write_shard
 
 TINY = ['--n_layer=2', '--d_model=32', '--n_head=2', '--n_kv_head=1', '--seq_len=16', '--context=16',
         '--batch_size=4', '--eval_batches=2', '--log_every=1', '--eval_every=100000', '--ckpt_every=100000']
@@ -519,8 +519,8 @@ def test_settings_that_cannot_work_are_one_line_before_anything_runs(flag, says,
     assert os.listdir(tmp_path) == []
 
 
-def test_cpu_devices_zero_is_one_line(tmp_path):
-    r = run_cli('--cpu_devices=0', f'--out={tmp_path}')
+def test_cpu_devices_zero_is_one_line(tmp_path, capsys):
+    r = run_main(capsys, '--cpu_devices=0', f'--out={tmp_path}')
     assert r.returncode == 2 and r.stderr.strip() == 'error: --cpu_devices=0 must be at least 1'
 
 
@@ -750,8 +750,8 @@ def test_tokens_are_counted_across_a_resume_with_another_seq_len(byte_data, tmp_
     assert json.loads((tmp_path / 'ckpt_00000008' / 'meta.json').read_text())['tokens'] == 384
 
 
-def test_sample_with_a_context_too_large_for_memory_names_context(tmp_path):
+def test_sample_with_a_context_too_large_for_memory_names_context(tmp_path, capsys):
     make_checkpoints(tmp_path, steps=(1,))
-    r = run_cli('sample', f'--out={tmp_path}', '--context=1000000000')
+    r = run_main(capsys, 'sample', f'--out={tmp_path}', '--context=1000000000')
     assert r.returncode == 2 and r.stderr.count('\n') == 1 and 'use a smaller --context' in r.stderr, r.stderr
     assert '--grad_accum' not in r.stderr and '--batch_size' not in r.stderr

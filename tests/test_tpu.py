@@ -5,7 +5,7 @@ import json
 
 import pytest
 
-from conftest import run_cli, tiny_config
+from conftest import run_cli, run_main, tiny_config
 import tinytpu as tt
 
 # A compiled module as libtpu prints it, cut down: a loop run 4 times around a fusion of 1,000
@@ -93,22 +93,23 @@ def test_splash_flops_count_the_causal_blocks_of_each_kernel():
     assert tt.splash_flops(long, Mesh)['fwd'] == pytest.approx(2 * 2 * 4 * 2 * 2048 ** 2 * 128 * 5 / 8 * 1.35 / 1.44)
 
 
-def test_plan_uses_a_topology_estimate_and_says_so(tmp_path):
+def test_plan_uses_a_topology_estimate_and_says_so(tmp_path, capsys):
     record = {'chip': 'v6e', 'topology': 'v6e:1x1', 'est_mfu': 0.3}
     (tmp_path / 'bench.jsonl').write_text(json.dumps(record) + '\n')
-    r = run_cli('plan', '--budget=5', '--hardware=v6e', f'--out={tmp_path}')
+    r = run_main(capsys, 'plan', '--budget=5', '--hardware=v6e', f'--out={tmp_path}')
     assert r.returncode == 0, r.stderr
     assert 'MFU 30.0% (ESTIMATED by bench --topology' in r.stdout
     calibrated = record | {'est_mfu': 0.28, 'projected_mfu': 0.28 * 1.36}  # an estimate, and its projection
     (tmp_path / 'bench.jsonl').write_text(json.dumps(record) + '\n' + json.dumps(calibrated) + '\n')
-    assert 'MFU 38.1% (PROJECTED: bench --topology' in run_cli('plan', '--budget=5', '--hardware=v6e',
-                                                              f'--out={tmp_path}').stdout
+    assert 'MFU 38.1% (PROJECTED: bench --topology' in run_main(capsys, 'plan', '--budget=5', '--hardware=v6e',
+                                                                       f'--out={tmp_path}').stdout
     (tmp_path / 'bench.jsonl').write_text(json.dumps(calibrated) + '\n' + json.dumps({'chip': 'v6e', 'mfu': 0.25}) + '\n')
-    assert 'MFU 25.0% (measured by bench' in run_cli('plan', '--budget=5', '--hardware=v6e', f'--out={tmp_path}').stdout
+    assert 'MFU 25.0% (measured by bench' in run_main(capsys, 'plan', '--budget=5', '--hardware=v6e',
+                                                        f'--out={tmp_path}').stdout
 
 
-def test_topology_is_only_for_bench(tmp_path):
-    r = run_cli('--topology=v5e:1x1', f'--out={tmp_path}')
+def test_topology_is_only_for_bench(tmp_path, capsys):
+    r = run_main(capsys, '--topology=v5e:1x1', f'--out={tmp_path}')
     assert r.returncode == 2 and r.stderr.strip() == 'error: --topology is for bench (python tinytpu.py bench --topology=v5e:1x1)'
 
 

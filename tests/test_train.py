@@ -13,7 +13,7 @@ import numpy as np
 import pytest
 
 import tinytpu as tt
-from conftest import ROOT, run_cli, tiny_config, write_shard
+from conftest import ROOT, run_cli, run_main, tiny_config, write_shard
 
 
 @pytest.mark.parametrize('optimizer', ['adamw', 'muon'])
@@ -216,8 +216,8 @@ def test_cli_trains_then_samples(byte_data, tmp_path):
     (['fly'], 'unknown command'),
     (['sample', '--out=/nonexistent'], 'no checkpoint found'),
 ])
-def test_cli_errors_are_one_line(args, message):
-    r = run_cli(*args)
+def test_cli_errors_are_one_line(args, message, capsys):
+    r = run_main(capsys, *args)
     assert r.returncode == 2 and r.stderr.count('\n') == 1 and message in r.stderr, r.stderr
 
 
