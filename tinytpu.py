@@ -1606,9 +1606,10 @@ def cudnn_attention(q, k, v, implementation='cudnn'):
     return t(jax.nn.dot_product_attention(t(q), t(k), t(v), is_causal=True, implementation=implementation))
 
 
-# Part I's causal_attention calls them by --attention's name (auto = xla until pick_attention resolves
-# it). On several devices they run inside shard_map (device_grads): a kernel sees only this device's
-# rows of the batch. Splash is built for the platform c compiles for: interpreted off a TPU.
+# Part I's causal_attention calls them by --attention's name (auto = xla until pick_attention
+# resolves it). On several devices they run inside shard_map (device_grads): a kernel sees only
+# this device's rows of the batch. Splash is built for the platform c compiles for: interpreted
+# off a TPU.
 FUSED_ATTENTION['splash'] = lambda q, k, v, c: splash_attention(q, k, v, interpret=backend(c) != 'tpu')
 FUSED_ATTENTION['cudnn'] = lambda q, k, v, c: cudnn_attention(q, k, v)
 
@@ -2183,10 +2184,11 @@ def check_finite(stats, step, c):
 
 
 # ----------------------------------------------------------------------------------------------
-# Checkpoints and data that survive failures: each checkpoint is checked (its meta.json field by
-# field, its state.npz's size and SHA-256) before it is used or counted as kept; a damaged one is
-# skipped for the one before it; one deleted while a reader lists them is looked for again. The
-# data directory is checked the same way, and other trainers' directories are read as they are.
+# Checkpoints and data that survive failures: around Part I's write_checkpoint and read_checkpoint,
+# each checkpoint is checked (its meta.json field by field, its state.npz's size and SHA-256)
+# before it is used or counted as kept (save_checkpoint, load_checkpoint); a damaged one is skipped
+# for the one before it; one deleted while a reader lists them is looked for again. The data
+# directory is checked the same way (load_data); other trainers' directories are read as they are.
 
 
 class CorruptCheckpoint(UserError):

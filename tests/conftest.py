@@ -20,6 +20,11 @@ os.environ.setdefault('JAX_PLATFORMS', 'cpu')  # libtpu may be installed (test_t
 SHAKESPEARE = os.path.join(ROOT, 'tests', 'data', 'tinyshakespeare.txt')  # public domain, 1.1 MB
 
 
+def pytest_configure(config):
+    config.addinivalue_line('markers', 'slow: takes seconds of training, compiling or subprocesses; '
+                                       'python -m pytest -m "not slow" tests runs the rest, the fast tier')
+
+
 def gpt2_files_cached():
     """Whether tiktoken's cache holds GPT-2's two BPE files (named by the SHA-1 of their URLs, in
     $TIKTOKEN_CACHE_DIR, else tiktoken's default): tests never download them."""

@@ -58,6 +58,7 @@ def losses(out):
     return [(r['step'], r['loss']) for r in map(json.loads, open(os.path.join(out, 'log.jsonl'))) if 'loss' in r]
 
 
+@pytest.mark.slow
 def test_a_run_killed_with_its_disk_lost_resumes_from_the_bucket_bitwise(byte_data, tmp_path, bucket):
     steps = 1000
     r = subprocess.run(cli(byte_data, tmp_path / 'whole', steps), capture_output=True, text=True, cwd=ROOT)
@@ -87,6 +88,7 @@ def test_a_run_killed_with_its_disk_lost_resumes_from_the_bucket_bitwise(byte_da
                           ['spot/run1/log.jsonl'])
 
 
+@pytest.mark.slow
 def test_a_half_uploaded_checkpoint_is_never_loaded_and_is_cleaned(byte_data, tmp_path, bucket, capsys):
     out = 'gs://runs/half'
     tt.train(tiny_config(data=byte_data, out=out, steps=4, ckpt_every=4, warmdown_frac=0.0))
@@ -99,6 +101,7 @@ def test_a_half_uploaded_checkpoint_is_never_loaded_and_is_cleaned(byte_data, tm
     assert 'half/ckpt_00000008/state.npz' not in names(bucket, 'half/')
 
 
+@pytest.mark.slow
 def test_one_run_per_bucket_path_and_a_stale_lock_is_taken_over(byte_data, bucket):
     out = 'gs://runs/locked'
     lock = bucket.blob('locked/.lock')
@@ -116,6 +119,7 @@ def test_one_run_per_bucket_path_and_a_stale_lock_is_taken_over(byte_data, bucke
     assert 'locked/.lock' not in names(bucket, 'locked/')  # released at the end
 
 
+@pytest.mark.slow
 def test_a_bucket_that_stops_answering_is_retried_and_said(byte_data, bucket, monkeypatch, capsys):
     real, failures = tt.Bucket.upload, []
 
@@ -135,6 +139,7 @@ def test_a_bucket_that_stops_answering_is_retried_and_said(byte_data, bucket, mo
     assert 'flaky/ckpt_00000004/meta.json' in names(bucket, 'flaky/')
 
 
+@pytest.mark.slow
 def test_bench_history_and_plots_in_a_bucket(byte_data, tmp_path, bucket):
     out = 'gs://runs/hist'
     tt.record_bench(tiny_config(out=out), {'chip': 'v5e', 'mfu': 0.25})
@@ -160,6 +165,7 @@ def test_a_missing_bucket_is_one_line_naming_it(byte_data, bucket):
     assert 'gs://no-such-bucket/run: no such bucket; create it' in r.stderr
 
 
+@pytest.mark.slow
 def test_data_prepared_into_a_bucket_is_copied_once_and_checked(tmp_path, bucket, capsys):
     """prepare.py --out=gs://... uploads the shards and a meta.json with their SHA-256, last; a VM
     training on --data=gs://... copies them once, checks each, and trains as on local data."""
@@ -183,6 +189,7 @@ def test_data_prepared_into_a_bucket_is_copied_once_and_checked(tmp_path, bucket
         tt.train(tiny_config(data=data, out=str(tmp_path / 'run'), steps=6))
 
 
+@pytest.mark.slow
 def test_a_trained_tokenizer_goes_into_the_bucket_with_the_run(tmp_path, bucket, capsys):
     """--tokenizer=bpe:N data: the run uploads its tokenizer.tiktoken; a new VM that has neither
     the data nor the run samples from the bucket with it."""

@@ -40,6 +40,7 @@ def test_every_tpu_has_a_spot_price_below_its_on_demand_one():
         assert chip.spot or not chip.clock, f'{chip.name}: a TPU without a spot price'
 
 
+@pytest.mark.slow
 def test_cost_in_the_log_and_the_summary(byte_data, tmp_path):
     """$3.6 per hour is $0.001 per second of wall time; resuming carries the time (so the
     dollars) of the earlier run on."""
@@ -126,6 +127,7 @@ def test_plan_command_prints_a_runnable_command(tmp_path, capsys):
     assert f'(after python prepare.py fineweb10B --shards={shards}):' in r.stdout and shards > 1
 
 
+@pytest.mark.slow
 def test_plan_shows_on_demand_and_spot_side_by_side(capsys):
     """Both list prices, the chosen one marked; --spot plans the larger model the cheaper hours buy
     and passes --spot on, so the run's log prices its hours the same way."""

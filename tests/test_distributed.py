@@ -55,6 +55,7 @@ def single(tmp_path_factory, request):
     return d, losses(d / 'one')
 
 
+@pytest.mark.slow
 @pytest.mark.parametrize('fsdp', ['false', 'true'])
 def test_eight_devices_match_one(single, fsdp):
     d, reference = single
@@ -63,6 +64,7 @@ def test_eight_devices_match_one(single, fsdp):
     assert_close(losses(d / f'eight_{fsdp}'), reference)
 
 
+@pytest.mark.slow
 def test_eight_devices_match_one_with_muon(single):
     """Muon's Newton-Schulz needs whole matrices, and each device orthogonalizes a share of the
     layers (share_layers): the compiler moves FSDP's shards, or data parallel's whole matrices,
@@ -79,6 +81,7 @@ def test_eight_devices_match_one_with_muon(single):
     assert losses(d / 'one_muon') != single[1]  # really another optimizer
 
 
+@pytest.mark.slow
 def test_fsdp_really_shards_every_weight():
     """Each of 8 devices holds 1/8 of every weight and of its AdamW moments, before and after a
     train step, and the per-device state is 1/8 of the replicated one."""
@@ -115,6 +118,7 @@ print('ok')
     assert r.returncode == 0 and r.stdout.strip() == 'ok', r.stderr
 
 
+@pytest.mark.slow
 def test_what_moves_between_devices_is_gradients_once_or_weights():
     """Compiled for 8 virtual devices with 2 microbatches per step. Data parallel: the gradients
     are all-reduced once per step, after the microbatch loop, and nothing is gathered. FSDP: what
@@ -152,6 +156,7 @@ print('ok')
     assert r.returncode == 0 and r.stdout.strip() == 'ok', r.stderr[-3000:]
 
 
+@pytest.mark.slow
 def test_checkpoints_move_between_topologies(single):
     """6 steps on 8 devices (FSDP), resumed on 1 device; and 6 on 1, resumed on 8: the losses of
     steps 7-12 are those of the uninterrupted single-device run."""
@@ -170,6 +175,7 @@ def free_port():
         return s.getsockname()[1]
 
 
+@pytest.mark.slow
 def test_two_processes_match_one_and_write_one_checkpoint(single):
     """Two real processes of 2 CPU devices each, joined by jax.distributed (gloo collectives) on
     127.0.0.1, each reading only its half of every batch: the losses of one device, exactly one

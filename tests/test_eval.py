@@ -39,6 +39,7 @@ def test_rows_join_with_a_space_and_cut_from_the_left():
     assert rows[3] == (list(b'89 abcdef'), 2)  # context 8: the last 9 tokens, all 7 ending tokens scored
 
 
+@pytest.mark.slow
 def test_batched_scores_equal_a_float64_forward_of_each_ending():
     """Sorted, padded to buckets, several batches, split over 2 devices, with a last partial
     batch: each ending's log-probability equals one unpadded float64 forward of its tokens."""
@@ -62,6 +63,7 @@ def test_batched_scores_equal_a_float64_forward_of_each_ending():
             assert value == pytest.approx(float(jnp.sum(logp[first - 1:])), abs=1e-9)
 
 
+@pytest.mark.slow
 def test_a_trained_model_finds_the_held_out_continuation_and_an_untrained_one_does_not(byte_data, tmp_path):
     """`prepare.py choices`'s examples from text the model never saw (Shakespeare after the
     fixture's 70 KB): the rest of a line against its words in other orders."""

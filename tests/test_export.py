@@ -44,6 +44,7 @@ def export(out, export_dir, *flags):
     return str(export_dir)
 
 
+@pytest.mark.slow
 @pytest.mark.parametrize('flags', [('--n_kv_head=2', '--tie_embed=true', '--rope_theta=500'),
                                    ('--n_kv_head=1', '--tie_embed=false', '--d_head=32', '--d_ff=96')],
                          ids=['gqa-tied', 'mqa-untied'])
@@ -119,6 +120,7 @@ def untrained(out, **settings):
     return out
 
 
+@pytest.mark.slow
 def test_what_does_not_map_is_refused_in_one_line(tmp_path, capsys):
     def refused(*flags):
         assert tt.main(['export', *flags]) == 2

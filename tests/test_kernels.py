@@ -29,6 +29,7 @@ def reference_and_kernel(kernel, q, k, v):
     return results
 
 
+@pytest.mark.slow
 @pytest.mark.parametrize('N, K, T, H', [(4, 2, 256, 128), (2, 1, 384, 128),  # GQA, MQA; blocks of 256, 128
                                         (4, 1, 512, 256),                    # the tpu preset's heads
                                         (1, 1, 2048, 128)])                  # two blocks of 1024
@@ -40,6 +41,7 @@ def test_splash_kernel_matches_reference_attention(N, K, T, H):
         np.testing.assert_allclose(g_k, g, atol=1e-4 * np.abs(g).max())
 
 
+@pytest.mark.slow
 def test_cudnn_wrapper_matches_reference_attention():
     """jax.nn.dot_product_attention's layout and GQA handling, through its XLA implementation
     here; on a GPU also through cuDNN itself, in bf16."""

@@ -44,6 +44,7 @@ def test_scan_and_unrolled_layers_agree():
     np.testing.assert_allclose(tt.forward(params, tokens, c), scanned, rtol=1e-5, atol=1e-5)
 
 
+@pytest.mark.slow
 @pytest.mark.parametrize('scan', [False, True])
 @pytest.mark.parametrize('remat', ['full', 'dots'])
 def test_remat_changes_memory_not_results(scan, remat):
@@ -65,6 +66,7 @@ def test_initial_loss_is_uniform_guess():
     assert abs(float(tt.loss_fn(params, batch, c)) - np.log(c.vocab_size)) < 0.05
 
 
+@pytest.mark.slow
 def test_gradient_matches_float64_finite_differences():
     """Directional derivatives of the loss (every parameter moved along a random direction) match
     central differences, all in float64, for a model with GQA, SwiGLU and untied embeddings."""
@@ -97,6 +99,7 @@ def test_kv_cache_decoding_matches_full_forward():
         np.testing.assert_allclose(logits, full[:, pos], rtol=1e-5, atol=1e-5)
 
 
+@pytest.mark.slow
 @pytest.mark.parametrize('prompt_len', [5, 16, 23])  # shorter than, equal to, longer than the context
 def test_generated_logits_are_a_full_forward_over_the_kept_window(prompt_len, monkeypatch):
     """Every logits vector generate() samples from equals a full forward over exactly the window
@@ -204,6 +207,7 @@ def test_fsdp_sends_weights_in_bf16_and_the_embedding_gradient_sums_in_fp32():
     assert not np.array_equal(theirs[3].astype(jnp.float32), exact)  # what looking up in fp32 avoids
 
 
+@pytest.mark.slow
 def test_bf16_loss_is_the_fp32_loss_within_bf16_rounding():
     c = tiny_config(dtype='float32')
     params = tt.init_params(c, jax.random.key(0))
@@ -254,6 +258,7 @@ def reference_loss(x, w, targets, c):
     return jnp.mean(jax.nn.logsumexp(z, -1) - jnp.take_along_axis(z, targets[..., None], -1)[..., 0])
 
 
+@pytest.mark.slow
 @pytest.mark.parametrize('softcap', [0.0, 5.0])
 def test_cross_entropy_and_its_backward_match_the_textbook_loss(softcap):
     """The loss with its own backward pass against JAX's gradient of the plain formula, in float64,
@@ -271,6 +276,7 @@ def test_cross_entropy_and_its_backward_match_the_textbook_loss(softcap):
         assert not np.any(grads[1][:, 50:])  # the padded entries
 
 
+@pytest.mark.slow
 def test_bf16_logits_move_the_loss_within_the_stated_bound():
     """With the compute dtype bf16 the logits are rounded to bf16 (the matmul still accumulates in
     fp32). On GPT-2's vocabulary, logits spread like a trained model's (std 6, up to 34) and

@@ -8,6 +8,7 @@ import tinytpu as tt
 from conftest import tiny_config
 
 
+@pytest.mark.slow
 @pytest.mark.parametrize('warmdown', ['linear', 'cosine'])
 def test_adamw_matches_optax(warmdown):
     c = tiny_config(steps=6, warmup_steps=2, warmdown_frac=0.5, warmdown=warmdown, grad_clip=0.05,
@@ -108,6 +109,7 @@ def muon_reference(params, grads, state, step, c, lr):
     return new, new_state
 
 
+@pytest.mark.slow
 def test_muon_matches_a_float64_reference_of_the_published_algorithm():
     with jax.enable_x64(True):
         c = tiny_config(optimizer='muon', dtype='float64', mlp='swiglu', n_head=4, n_kv_head=2, steps=6,

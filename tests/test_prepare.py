@@ -290,6 +290,7 @@ def test_a_stale_part_is_never_spliced_into_a_download(left, server, tmp_path):
     assert not os.path.exists(part) and not os.path.exists(part + '.json')
 
 
+@pytest.mark.slow
 def test_a_trickling_download_gives_up(server, tmp_path, monkeypatch):
     """One byte every 0.05 s: before the fix, it never ended (each read was within the timeout)."""
     url, _ = server

@@ -59,6 +59,7 @@ def interrupt(cmd, signals, delay):
     return p.returncode, err
 
 
+@pytest.mark.slow
 def test_soak_random_preemptions_end_bitwise_equal(byte_data, tmp_path):
     """A run stopped by SIGTERM or Ctrl-C at random moments and resumed each time ends with
     exactly the params and optimizer state of an uninterrupted run."""
@@ -159,6 +160,7 @@ def test_corrupt_latest_checkpoint_falls_back_with_warning(tmp_path, capsys):
         tt.restore(c, template())
 
 
+@pytest.mark.slow
 def test_damaged_newest_checkpoint_is_replaced_and_never_counted_as_kept(byte_data, tmp_path):
     """ckpt 8 damaged: the run resumes from 4, trains back to 8 and replaces it (before the fix
     it kept the damaged one, printed "saved", and deleted the good 4 as the older of two)."""
@@ -209,6 +211,7 @@ def test_sample_retries_when_the_checkpoint_it_reads_is_rotated_away(tmp_path, m
     assert path.endswith('ckpt_00000003') and int(state['opt']['step']) == 3 and meta['step'] == 3
 
 
+@pytest.mark.slow
 def test_one_run_per_output_directory(byte_data, tmp_path):
     """A second run on a locked --out is one line naming it, and touches nothing there (before
     the fix it deleted the first run's in-progress checkpoint)."""
@@ -228,6 +231,7 @@ def test_one_run_per_output_directory(byte_data, tmp_path):
     assert r.returncode == 0, r.stderr
 
 
+@pytest.mark.slow
 def test_crash_mid_save_leaves_previous_checkpoint(byte_data, tmp_path, monkeypatch):
     """A full disk during a save: a one-line error, no partial checkpoint, the previous one
     intact. A temp directory left by a killed process is cleaned up by the next run."""
@@ -251,6 +255,7 @@ def test_crash_mid_save_leaves_previous_checkpoint(byte_data, tmp_path, monkeypa
     assert [s for s, _ in tt.list_checkpoints(str(tmp_path))] == [1, 3]
 
 
+@pytest.mark.slow
 def test_divergence_stops_with_advice_and_no_nan_checkpoint(byte_data, tmp_path):
     out = tmp_path / 'out'
     r = run_cli(f'--data={byte_data}', f'--out={out}', '--steps=50', *TINY, '--ckpt_every=1', '--lr=1e30',
@@ -309,6 +314,7 @@ def bad_data(tmp_path, kind):
     ('short', 'fewer tokens than one window of 17'),
     ('vocab', 'holds token id 299 but the vocabulary has 257 tokens'),
 ])
+@pytest.mark.slow
 def test_bad_data_is_one_line_and_changes_nothing(tmp_path, kind, message):
     out = tmp_path / 'out'
     make_checkpoints(out, steps=(1,))  # an existing run must stay untouched
@@ -348,6 +354,7 @@ def test_bad_checkpoints_are_one_line_and_change_nothing(byte_data, tmp_path, da
     assert r.returncode == 2 and r.stderr.count('\n') == 1 and str(path) in r.stderr, r.stderr
 
 
+@pytest.mark.slow
 def test_unwritable_output_and_bad_flags(byte_data, tmp_path):
     blocker = tmp_path / 'a_file'
     blocker.write_text('x')
@@ -380,6 +387,7 @@ def test_checkpoints_hold_no_pickles(tmp_path):
         assert all(f[k].dtype != object for k in f.files)
 
 
+@pytest.mark.slow
 def test_out_of_memory_mid_run_is_one_line_naming_grad_accum(byte_data, tmp_path, monkeypatch, capsys):
     """Running out of memory after compiling (XLA's RESOURCE_EXHAUSTED, as a GPU may) gets advice,
     not a traceback."""
@@ -406,6 +414,7 @@ def compiled_need(c):
     return m.temp_size_in_bytes + m.argument_size_in_bytes + m.output_size_in_bytes - m.alias_size_in_bytes
 
 
+@pytest.mark.slow
 @pytest.mark.parametrize('how', ['device memory', 'compiler'])
 def test_a_step_too_big_for_the_device_gets_smaller_microbatches(how, byte_data, tmp_path, monkeypatch, capsys):
     """A step that does not fit (beyond the memory a GPU or TPU reports, or refused by a TPU's
@@ -451,6 +460,7 @@ def test_the_memory_floor_is_checked_against_the_device(byte_data, tmp_path, mon
     assert not os.path.exists(c.out)
 
 
+@pytest.mark.slow
 def test_a_step_that_cannot_fit_stops_before_training(byte_data, tmp_path, monkeypatch):
     """Microbatches as small as the devices allow and still too big: one line, nothing written."""
     c = tiny_config(data=byte_data, out=str(tmp_path / 'out'), grad_accum=2)
@@ -462,6 +472,7 @@ def test_a_step_that_cannot_fit_stops_before_training(byte_data, tmp_path, monke
     assert tt.list_checkpoints(c.out) == [] and not os.path.exists(os.path.join(c.out, 'log.jsonl'))
 
 
+@pytest.mark.slow
 def test_auto_microbatches_are_the_fewest_that_fit(byte_data, tmp_path, monkeypatch, capsys):
     """--grad_accum=0 searches both ways: with memory for microbatches of 4 sequences (not 8), it
     settles on 2 microbatches of 4, and the run is exactly the run with --grad_accum=2."""
@@ -476,6 +487,7 @@ def test_auto_microbatches_are_the_fewest_that_fit(byte_data, tmp_path, monkeypa
         assert np.array_equal(a, b)
 
 
+@pytest.mark.slow
 def test_eval_step_counts_against_memory_with_the_optimizer_state(byte_data, tmp_path, monkeypatch):
     """The eval step shares the device with AdamW's moments, which it does not take as arguments:
     a limit that both compiled steps fit, but not eval plus the moments, is refused before
@@ -556,6 +568,7 @@ def test_log_through_a_symlink_is_refused(byte_data, tmp_path):
     assert target.read_text() == 'precious\n'
 
 
+@pytest.mark.slow
 @pytest.mark.parametrize('field, value', [('rope_theta', 500.0), ('logit_softcap', 15.0),
                                          ('optimizer', 'muon')])  # its state is the optimizer's own
 def test_resume_refuses_settings_that_change_what_the_weights_compute(field, value, byte_data, tmp_path):
@@ -565,6 +578,7 @@ def test_resume_refuses_settings_that_change_what_the_weights_compute(field, val
         tt.train(tt.dataclasses.replace(c, steps=8, **{field: value}))
 
 
+@pytest.mark.slow
 def test_resume_refuses_data_of_another_tokenizer(byte_data, tmp_path):
     c = tiny_config(data=byte_data, out=str(tmp_path / 'out'), steps=4)
     tt.train(c)
@@ -575,6 +589,7 @@ def test_resume_refuses_data_of_another_tokenizer(byte_data, tmp_path):
         tt.train(tt.dataclasses.replace(c, steps=8))
 
 
+@pytest.mark.slow
 def test_output_piped_into_a_reader_that_stops_still_trains_to_the_end(byte_data, tmp_path):
     """python tinytpu.py | head: before the fix, BrokenPipeError aborted training unsaved."""
     out = tmp_path / 'out'
@@ -688,6 +703,7 @@ def test_a_crafted_state_is_skipped_for_the_checkpoint_before_it(tmp_path, capsy
     assert says in err and 'using the previous checkpoint' in err, err
 
 
+@pytest.mark.slow
 def test_things_named_like_checkpoints_are_not_taken_for_them(byte_data, tmp_path, capsys):
     """ckpt_² (int('²') was a traceback) and a plain file ckpt_00000004 (resumed past it silently,
     then left .tmp_ckpt_old_... behind for ever)."""
@@ -708,6 +724,7 @@ def test_things_named_like_checkpoints_are_not_taken_for_them(byte_data, tmp_pat
         assert 'Traceback' not in r.stderr, r.stderr
 
 
+@pytest.mark.slow
 @pytest.mark.filterwarnings('ignore:os.fork')  # the child only sets a limit, then runs python
 def test_a_full_disk_while_logging_is_one_line_and_exit_2(byte_data, tmp_path):
     """A real write error (the file size limit: EFBIG, as a full disk gives ENOSPC) in the log:
@@ -728,6 +745,7 @@ def test_a_full_disk_while_logging_is_one_line_and_exit_2(byte_data, tmp_path):
     assert snapshot(tmp_path / 'ckpt_00000004') == before
 
 
+@pytest.mark.slow
 def test_a_coordinator_whose_peers_never_come_says_so_in_one_line():
     """Before: a C++ check failure and an abort (exit 134) after the timeout, nothing said."""
     import socket
@@ -740,6 +758,7 @@ def test_a_coordinator_whose_peers_never_come_says_so_in_one_line():
     assert 'not all 2 processes joined within 3s (--coordinator_timeout)' in r.stderr
 
 
+@pytest.mark.slow
 def test_tokens_are_counted_across_a_resume_with_another_seq_len(byte_data, tmp_path):
     c = tiny_config(data=byte_data, out=str(tmp_path), steps=4, warmdown_frac=0.0, **tiny_shape())  # 4 x 16 a step
     tt.train(c)

@@ -82,6 +82,7 @@ def test_tokenizer_bytes_bounds_what_it_learns_from(tmp_path):
     assert 150_000 < meta['tokenizer_trained_on']['bytes'] <= 200_000 and meta['request']['tokenizer_bytes'] == 2e5
 
 
+@pytest.mark.slow
 def test_the_tokenizer_goes_with_the_run_sample_eval_export_and_resume(bpe_data, tmp_path, capsys):
     transformers = pytest.importorskip('transformers')
     out = str(tmp_path / 'run')
@@ -122,6 +123,7 @@ def test_the_tokenizer_goes_with_the_run_sample_eval_export_and_resume(bpe_data,
     assert enc.name == 'bpe:1024' and enc.n_vocab == 1024
 
 
+@pytest.mark.slow
 def test_data_of_another_trained_tokenizer_is_refused_and_dir_reuses_one(bpe_data, tmp_path):
     out = str(tmp_path / 'run')
     tt.train(tiny_config(data=bpe_data, out=out, steps=2))
@@ -212,6 +214,7 @@ def test_fineweb_edu_downloads_resume_after_a_kill_and_give_the_documents(finewe
     assert np.array_equal(tokens(out / 'val_000000.bin'), as_byte_tokens(docs['shard_01822.parquet']))
 
 
+@pytest.mark.slow
 def test_fineweb_edu_with_a_trained_tokenizer_learns_from_the_first_training_text(fineweb, tmp_path):
     url, docs = fineweb
     out = tmp_path / 'edu_bpe'

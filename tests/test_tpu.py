@@ -93,6 +93,7 @@ def test_splash_flops_count_the_causal_blocks_of_each_kernel():
     assert tt.splash_flops(long, Mesh)['fwd'] == pytest.approx(2 * 2 * 4 * 2 * 2048 ** 2 * 128 * 5 / 8 * 1.35 / 1.44)
 
 
+@pytest.mark.slow
 def test_plan_uses_a_topology_estimate_and_says_so(tmp_path, capsys):
     record = {'chip': 'v6e', 'topology': 'v6e:1x1', 'est_mfu': 0.3}
     (tmp_path / 'bench.jsonl').write_text(json.dumps(record) + '\n')

@@ -16,6 +16,7 @@ import tinytpu as tt
 from conftest import ROOT, run_cli, run_main, tiny_config, write_shard
 
 
+@pytest.mark.slow
 @pytest.mark.parametrize('optimizer', ['adamw', 'muon'])
 def test_grad_accumulation_equals_one_big_batch(optimizer):
     """4 microbatches of 2 give the update of one batch of 8. With eps=1 the first AdamW step
@@ -137,6 +138,7 @@ def test_checkpoint_round_trip_and_retention(tmp_path):
         tt.load_checkpoint(path, {'params': params, 'opt': opt})
 
 
+@pytest.mark.slow
 @pytest.mark.parametrize('optimizer', ['adamw', 'muon'])
 def test_training_lowers_loss_and_resume_is_bitwise_exact(byte_data, tmp_path, monkeypatch, optimizer):
     """Train 8 steps in one go; then train the same run, crash it in step 6 (after the step-4
@@ -173,6 +175,7 @@ def test_training_lowers_loss_and_resume_is_bitwise_exact(byte_data, tmp_path, m
     assert [s for s, _ in tt.list_checkpoints(str(tmp_path / 'full'))] == [4, 8]
 
 
+@pytest.mark.slow
 def test_training_further_continues_from_before_the_warmdown_bitwise(byte_data, tmp_path, capsys):
     """--steps raised after a finished run: before the fix it resumed from the last checkpoint,
     whose LR had decayed to min_lr, warmed it back up and the loss jumped, silently. Now it trains
@@ -193,6 +196,7 @@ def test_training_further_continues_from_before_the_warmdown_bitwise(byte_data, 
         capsys.readouterr().out
 
 
+@pytest.mark.slow
 def test_cli_trains_then_samples(byte_data, tmp_path):
     out = str(tmp_path / 'out')
     common = ['--n_layer=2', '--d_model=32', '--n_head=2', '--n_kv_head=1', f'--out={out}']
@@ -264,6 +268,7 @@ def test_readme_line_maps_cover_the_file_section_by_section():
     assert part_two - rows[0][1] < 870  # Part I stays short (714 lines with AdamW alone; Muon took ~80, the loss ~45)
 
 
+@pytest.mark.slow
 def test_bench_reports_timing_flops_and_memory(tmp_path):
     r = run_cli('bench', '--n_layer=2', '--d_model=32', '--n_head=2', '--n_kv_head=1', '--seq_len=16',
                 '--context=16', '--batch_size=4', '--bench_steps=5', '--peak_flops=1e12',
@@ -282,6 +287,7 @@ def test_bench_reports_timing_flops_and_memory(tmp_path):
     assert json.loads((tmp_path / 'bench.jsonl').read_text()) == result  # what `plan` reads
 
 
+@pytest.mark.slow
 def test_profile_steps_writes_a_trace(byte_data, tmp_path):
     tt.train(tiny_config(data=byte_data, out=str(tmp_path), steps=5, profile_steps='2:4'))
     traces = glob.glob(str(tmp_path / 'profile' / '**' / '*.trace.json.gz'), recursive=True)
@@ -291,6 +297,7 @@ def test_profile_steps_writes_a_trace(byte_data, tmp_path):
             tiny_config(profile_steps=bad)
 
 
+@pytest.mark.slow
 def test_training_with_the_splash_kernel_matches_xla(byte_data, tmp_path):
     """The TPU attention kernel (interpreted on CPU), run per device under shard_map on the two
     virtual devices of a CLI run, trains to the losses of the reference attention."""
@@ -329,6 +336,7 @@ def test_no_libtpu_noise_on_a_machine_without_a_tpu(tmp_path):
     assert r.returncode == 0 and r.stderr == '', r.stderr
 
 
+@pytest.mark.slow
 def test_training_says_when_it_will_see_its_data_more_than_once(byte_data, tmp_path, capsys):
     tt.train(tiny_config(data=byte_data, out=str(tmp_path / 'a'), steps=2))     # 2 x 4 x 16 tokens of 60,000
     assert 'sees its data more than once' not in capsys.readouterr().out
