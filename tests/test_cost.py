@@ -127,7 +127,6 @@ def test_plan_command_prints_a_runnable_command(tmp_path, capsys):
     assert f'(after python prepare.py fineweb10B --shards={shards}):' in r.stdout and shards > 1
 
 
-@pytest.mark.slow
 def test_plan_shows_on_demand_and_spot_side_by_side(capsys):
     """Both list prices, the chosen one marked; --spot plans the larger model the cheaper hours buy
     and passes --spot on, so the run's log prices its hours the same way."""

@@ -93,7 +93,6 @@ def test_splash_flops_count_the_causal_blocks_of_each_kernel():
     assert tt.splash_flops(long, Mesh)['fwd'] == pytest.approx(2 * 2 * 4 * 2 * 2048 ** 2 * 128 * 5 / 8 * 1.35 / 1.44)
 
 
-@pytest.mark.slow
 def test_plan_uses_a_topology_estimate_and_says_so(tmp_path, capsys):
     record = {'chip': 'v6e', 'topology': 'v6e:1x1', 'est_mfu': 0.3}
     (tmp_path / 'bench.jsonl').write_text(json.dumps(record) + '\n')
@@ -126,6 +125,7 @@ def test_unknown_topology_is_one_line(name, says, tmp_path):
     assert r.returncode == 2 and f'error: --topology={name}: {says}' in r.stderr
 
 
+@pytest.mark.slow
 @needs_libtpu
 def test_tpu_preset_train_and_eval_steps_fit_a_v5e(tmp_path):
     """libtpu compiles the tpu preset's train and eval steps for a v5e (16 GiB) with the fewest
