@@ -16,7 +16,8 @@ import pytest
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 sys.path.insert(0, ROOT)
-os.environ.setdefault('JAX_PLATFORMS', 'cpu')  # libtpu may be installed (test_tpu compiles with it): run on CPU
+os.environ.setdefault('JAX_PLATFORMS', 'cpu')
+os.environ.setdefault('ALLOW_MULTIPLE_LIBTPU_LOAD', '1')  # test_tpu's compiles may overlap under pytest -n  # libtpu may be installed (test_tpu compiles with it): run on CPU
 SHAKESPEARE = os.path.join(ROOT, 'tests', 'data', 'tinyshakespeare.txt')  # public domain, 1.1 MB
 
 
