@@ -163,7 +163,7 @@ class GPTConfig:
     eps: float = setting(1e-8, 'AdamW epsilon')
     grad_clip: float = setting(1.0, 'clip gradients to this global norm (0 = off)')
     dtype: str = setting('auto', 'matmul dtype: auto (bfloat16 on TPU/GPU, float32 on CPU), float32, bfloat16; '
-                                      'float64 for the tests\' oracles (needs JAX_ENABLE_X64=1)')
+                                 'float64 for the tests\' oracles (needs JAX_ENABLE_X64=1)')
     seed: int = setting(1337, 'seed for initialization, data order and sampling')
     # logging, eval, checkpoints
     log_every: int = setting(100, 'print and log a progress line every this many steps')
