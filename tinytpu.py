@@ -794,12 +794,16 @@ def list_checkpoints(out):
     return sorted(found)
 
 
+def checkpoint_name(step):
+    return f'ckpt_{step:08d}'
+
+
 def write_checkpoint(out, state, c, meta_extra):
     """Write state = {'params', 'opt'} as OUT/ckpt_<step>: state.npz, then meta.json, in a
     temporary directory renamed into place. -> its path"""
     step = int(state['opt']['step'])
-    final = os.path.join(out, f'ckpt_{step:08d}')
-    tmp = os.path.join(out, f'.tmp_ckpt_{step:08d}_{os.getpid()}')
+    final = os.path.join(out, checkpoint_name(step))
+    tmp = os.path.join(out, f'.tmp_{checkpoint_name(step)}_{os.getpid()}')
     try:
         os.makedirs(tmp)
         npz = os.path.join(tmp, 'state.npz')
@@ -822,9 +826,9 @@ def write_checkpoint(out, state, c, meta_extra):
 
 
 def read_checkpoint(npz, template):
-    """A checkpoint's state.npz read into the structure of `template` (arrays or shapes)."""
-    with np.load(npz, allow_pickle=False) as f:  # no pickle: loading runs no code
-        return unflatten_like(template, {k: f[k] for k in flatten(template)})
+    """The arrays of a checkpoint's state.npz, opened with np.load(path, allow_pickle=False) (no
+    pickle: loading runs no code), in the structure of `template` (arrays or shapes)."""
+    return unflatten_like(template, {k: npz[k] for k in flatten(template)})
 
 
 # ----------------------------------------------------------------------------------------------
@@ -2199,7 +2203,7 @@ def save_checkpoint(out, state, c, meta_extra):
     """Part I's write_checkpoint, then keep the newest keep_ckpts. A checkpoint already at this
     step is one this run could not load (damaged: a whole one would have been resumed from): the
     new one replaces it."""
-    final = os.path.join(out, f'ckpt_{int(state["opt"]["step"]):08d}')
+    final = os.path.join(out, checkpoint_name(int(state['opt']['step'])))
     if os.path.lexists(final):
         discard(final)
     keep_newest(out, write_checkpoint(out, state, c, meta_extra), c.keep_ckpts)
@@ -2216,11 +2220,11 @@ def load_checkpoint(path, template):
     try:
         if os.path.getsize(npz) != meta['state_bytes'] or file_sha256(npz) != meta['state_sha256']:
             raise CorruptCheckpoint(f'{npz}: truncated or not matching its checksum')
-        with np.load(npz, allow_pickle=False) as f:
+        with np.load(npz, allow_pickle=False) as f:  # no pickle: loading runs no code
             problem = npz_problem(f, want)
-        if problem:
-            raise CorruptCheckpoint(f'{npz}: {problem}')
-        state = read_checkpoint(npz, template)
+            if problem:
+                raise CorruptCheckpoint(f'{npz}: {problem}')
+            state = read_checkpoint(f, template)
     except (OSError, ValueError, KeyError, zipfile.BadZipFile) as e:
         raise CorruptCheckpoint(f'{npz}: unreadable ({getattr(e, "strerror", None) or e})')
     if 'opt' in state and int(state['opt']['step']) != meta['step']:
@@ -2585,7 +2589,7 @@ def bucket_checkpoints(sizes):
         m = re.fullmatch(r'(ckpt_([0-9]+))/[^/]+', name)
         if m:
             found.setdefault(int(m[2]), []).append(name)
-    whole = sorted(s for s, names in found.items() if f'ckpt_{s:08d}/meta.json' in names)
+    whole = sorted(s for s, names in found.items() if f'{checkpoint_name(s)}/meta.json' in names)
     return whole, found
 
 
@@ -2674,7 +2678,7 @@ class BucketRun:
                     for name in names:
                         self.bucket.delete(name)
         for step in whole:  # the newest, and those kept beside it (the one before the warmdown)
-            name = f'ckpt_{step:08d}'
+            name = checkpoint_name(step)
             path = os.path.join(self.local, name)
             if not (os.path.isdir(path) and checkpoint_is_whole(path)):
                 t = time.time()
