@@ -5,6 +5,7 @@ import contextlib
 import hashlib
 import http.server
 import os
+import shutil
 import subprocess
 import sys
 import tempfile
@@ -16,14 +17,40 @@ import pytest
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 sys.path.insert(0, ROOT)
-os.environ.setdefault('JAX_PLATFORMS', 'cpu')
-os.environ.setdefault('ALLOW_MULTIPLE_LIBTPU_LOAD', '1')  # test_tpu's compiles may overlap under pytest -n  # libtpu may be installed (test_tpu compiles with it): run on CPU
+os.environ.setdefault('JAX_PLATFORMS', 'cpu')  # libtpu may be installed (test_tpu compiles with it): run on CPU
+os.environ.setdefault('ALLOW_MULTIPLE_LIBTPU_LOAD', '1')  # test_tpu's compiles may overlap under pytest -n
+# One compilation cache for the whole session, this process's and every `python tinytpu.py` it
+# starts: the tests compile the same tiny steps many times over (each CLI run, each new config), and
+# a cached executable is the one XLA would compile again. Gone with the session; set
+# JAX_COMPILATION_CACHE_DIR yourself to keep one between sessions.
+if 'JAX_COMPILATION_CACHE_DIR' not in os.environ:
+    COMPILE_CACHE = os.environ['JAX_COMPILATION_CACHE_DIR'] = tempfile.mkdtemp(prefix='tinytpu-tests-jax-cache-')
+    os.environ['JAX_PERSISTENT_CACHE_MIN_COMPILE_TIME_SECS'] = '0'
+    os.environ['JAX_PERSISTENT_CACHE_MIN_ENTRY_SIZE_BYTES'] = '0'
+else:
+    COMPILE_CACHE = None
 SHAKESPEARE = os.path.join(ROOT, 'tests', 'data', 'tinyshakespeare.txt')  # public domain, 1.1 MB
+
+
+def pytest_unconfigure(config):
+    if COMPILE_CACHE and not hasattr(config, 'workerinput'):  # pytest -n: the workers share it
+        shutil.rmtree(COMPILE_CACHE, ignore_errors=True)
 
 
 def pytest_configure(config):
     config.addinivalue_line('markers', 'slow: takes seconds of training, compiling or subprocesses; '
-                                       'python -m pytest -m "not slow" tests runs the rest, the fast tier')
+                                       'python -m pytest -m "not slow" tests runs the rest, the fast tier; '
+                                       'slow(seconds=N) for the few of a minute or so, which run first')
+
+
+def pytest_collection_modifyitems(items):
+    """The tests marked slow(seconds=N) first, longest first, the rest in their files' order: under
+    pytest -n 2 a minute-long test that started last would keep one worker busy while the other
+    waits. (Only tests without module-scoped fixtures carry the mark: moving them costs nothing.)"""
+    def seconds(item):
+        mark = item.get_closest_marker('slow')
+        return mark.kwargs.get('seconds', 0) if mark else 0
+    items.sort(key=lambda item: -seconds(item))
 
 
 def gpt2_files_cached():
@@ -40,6 +67,12 @@ needs_gpt2 = pytest.mark.skipif(not gpt2_files_cached(), reason="needs GPT-2's B
                                 '(set TIKTOKEN_CACHE_DIR to a directory holding them); tests never download')
 
 import tinytpu as tt  # noqa: E402
+
+# The tests' own process has one CPU device, whichever test runs first: tt.main asks for
+# --cpu_devices (2 by default), which JAX grants until its backend starts, so it starts here.
+# What runs on several devices runs in processes of its own, as a user's run would.
+tt.use_cpu_devices(1)
+assert len(tt.jax.devices()) == 1
 
 
 def tiny_config(**kw):

@@ -3,6 +3,8 @@ choices and a float reference forward, a held-out task a trained model passes an
 one does not, prepare.py hellaswag through a local HTTP server."""
 import json
 import os
+import subprocess
+import sys
 
 import jax
 import jax.numpy as jnp
@@ -11,7 +13,7 @@ import pytest
 
 import prepare
 import tinytpu as tt
-from conftest import SHAKESPEARE, run_cli, run_main, tiny_config
+from conftest import ROOT, SHAKESPEARE, run_cli, run_main, tiny_config
 
 TEXT = open(SHAKESPEARE, encoding='utf-8').read()
 
@@ -42,28 +44,38 @@ def test_rows_join_with_a_space_and_cut_from_the_left():
 @pytest.mark.slow
 def test_batched_scores_equal_a_float64_forward_of_each_ending():
     """Sorted, padded to buckets, several batches, split over 2 devices, with a last partial
-    batch: each ending's log-probability equals one unpadded float64 forward of its tokens."""
-    with jax.enable_x64(True):
-        c = tiny_config(context=24, dtype='float64', cpu_devices=2)
-        params = jax.tree.map(lambda x: x.astype(jnp.float64), tt.init_params(c, jax.random.key(3)))
-        enc = prepare.get_encoding('byte')
-        rng = np.random.default_rng(0)
-        words = ['the', 'king', 'is', 'dead', 'long', 'live', 'queen', 'and', 'so', 'on']
-        examples = [(' '.join(rng.choice(words, rng.integers(1, 9))),
-                     [' '.join(rng.choice(words, rng.integers(1, 4))) for _ in range(4)], 0) for _ in range(5)]
-        rows = tt.task_rows(examples, enc, c.context)
-        lengths = [len(ids) for ids, _ in rows]
-        assert max(lengths) == c.context + 1 and min(lengths) <= 17  # some cut from the left; two buckets
-        mesh = jax.sharding.Mesh(np.array(jax.devices()[:2]), ('data',))
-        got = tt.ending_logprob_sums(params, rows, c, mesh, tokens_per_device=32, what='test')
-        forward = jax.jit(tt.forward, static_argnames='c')  # compiled once per length: faster than op by op
-        for (ids, first), value in zip(rows, got):
-            logits = forward(params, jnp.asarray([ids[:-1]]), c)[0]
-            logp = jax.nn.log_softmax(logits, -1)[np.arange(len(ids) - 1), np.array(ids[1:])]
-            assert value == pytest.approx(float(jnp.sum(logp[first - 1:])), abs=1e-9)
+    batch: each ending's log-probability equals one unpadded float64 forward of its tokens. (In a
+    process of its own: the tests' process has one device.)"""
+    script = '''
+import sys; sys.path.insert(0, 'tests')
+import jax, jax.numpy as jnp, numpy as np, prepare, tinytpu as tt
+from conftest import tiny_config
+tt.use_cpu_devices(2)
+jax.config.update('jax_enable_x64', True)
+c = tiny_config(context=24, dtype='float64', cpu_devices=2)
+params = jax.tree.map(lambda x: x.astype(jnp.float64), tt.init_params(c, jax.random.key(3)))
+rng = np.random.default_rng(0)
+words = ['the', 'king', 'is', 'dead', 'long', 'live', 'queen', 'and', 'so', 'on']
+examples = [(' '.join(rng.choice(words, rng.integers(1, 9))),
+             [' '.join(rng.choice(words, rng.integers(1, 4))) for _ in range(4)], 0) for _ in range(5)]
+rows = tt.task_rows(examples, prepare.get_encoding('byte'), c.context)
+lengths = [len(ids) for ids, _ in rows]
+assert max(lengths) == c.context + 1 and min(lengths) <= 17  # some cut from the left; two buckets
+mesh = jax.sharding.Mesh(np.array(jax.devices()), ('data',))
+assert mesh.size == 2
+got = tt.ending_logprob_sums(params, rows, c, mesh, tokens_per_device=32, what='test')
+forward = jax.jit(tt.forward, static_argnames='c')  # compiled once per length: faster than op by op
+for (ids, first), value in zip(rows, got):
+    logits = forward(params, jnp.asarray([ids[:-1]]), c)[0]
+    logp = jax.nn.log_softmax(logits, -1)[np.arange(len(ids) - 1), np.array(ids[1:])]
+    assert abs(value - float(jnp.sum(logp[first - 1:]))) <= 1e-9, (value, float(jnp.sum(logp[first - 1:])))
+print('ok', len(rows))
+'''
+    r = subprocess.run([sys.executable, '-c', script], cwd=ROOT, capture_output=True, text=True, timeout=300)
+    assert r.returncode == 0 and r.stdout.startswith('ok'), r.stderr[-3000:]
 
 
-@pytest.mark.slow
+@pytest.mark.slow(seconds=25)
 def test_a_trained_model_finds_the_held_out_continuation_and_an_untrained_one_does_not(byte_data, tmp_path):
     """`prepare.py choices`'s examples from text the model never saw (Shakespeare after the
     fixture's 70 KB): the rest of a line against its words in other orders."""

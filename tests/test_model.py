@@ -52,8 +52,9 @@ def test_remat_changes_memory_not_results(scan, remat):
     c = tiny_config(scan_layers=scan)
     params = tt.init_params(c, jax.random.key(0))
     batch = jax.random.randint(jax.random.key(1), (2, 13), 0, c.vocab_size)
-    loss, grads = jax.value_and_grad(tt.loss_fn)(params, batch, c)
-    loss_r, grads_r = jax.value_and_grad(tt.loss_fn)(params, batch, tt.dataclasses.replace(c, remat=remat))
+    loss_and_grads = jax.jit(jax.value_and_grad(tt.loss_fn), static_argnames='c')  # one compile, not each op's
+    loss, grads = loss_and_grads(params, batch, c=c)
+    loss_r, grads_r = loss_and_grads(params, batch, c=tt.dataclasses.replace(c, remat=remat))
     np.testing.assert_allclose(loss_r, loss, rtol=1e-6)
     for g, g_r in zip(jax.tree.leaves(grads), jax.tree.leaves(grads_r)):
         np.testing.assert_allclose(g_r, g, rtol=1e-5, atol=1e-7)
@@ -74,8 +75,8 @@ def test_gradient_matches_float64_finite_differences():
         c = tiny_config(dtype='float64', n_layer=2, d_model=16, n_head=4, n_kv_head=2, mlp='swiglu', tie_embed=False)
         params = jax.tree.map(lambda x: x.astype(jnp.float64) * 10, tt.init_params(c, jax.random.key(0)))
         batch = jax.random.randint(jax.random.key(1), (2, 9), 0, c.vocab_size)
-        loss = lambda p: tt.loss_fn(p, batch, c)
-        grads = jax.grad(loss)(params)
+        loss = jax.jit(lambda p: tt.loss_fn(p, batch, c))  # one compile, not each op's
+        grads = jax.jit(jax.grad(loss))(params)
         for seed in range(3):
             leaves, tree = jax.tree.flatten(params)
             keys = jax.random.split(jax.random.key(100 + seed), len(leaves))
@@ -120,11 +121,12 @@ def test_generated_logits_are_a_full_forward_over_the_kept_window(prompt_len, mo
     new = list(tt.generate(params, prompt, c))
     assert len(new) == len(seen) == 40
     tokens, start = prompt, max(0, prompt_len - c.context)
-    forward = jax.jit(tt.forward, static_argnames='c')  # once per window length: faster than op by op
+    forward = jax.jit(tt.forward, static_argnames='c')
     for i, logits in enumerate(seen):
         window = tokens[start:start + c.context] if i == 0 else tokens[start:]
         assert len(window) <= c.context
-        full = forward(params, jnp.asarray([window], jnp.int32), c)[0, -1]
+        padded = window + [0] * (c.context - len(window))  # causal: what follows cannot change it (one compile)
+        full = forward(params, jnp.asarray([padded], jnp.int32), c)[0, len(window) - 1]
         np.testing.assert_allclose(logits, full, rtol=1e-4, atol=1e-4)
         tokens = tokens + [new[i]]
         if len(tokens) - start > c.context:  # one token too many: keep the last half
@@ -212,8 +214,9 @@ def test_bf16_loss_is_the_fp32_loss_within_bf16_rounding():
     c = tiny_config(dtype='float32')
     params = tt.init_params(c, jax.random.key(0))
     batch = jax.random.randint(jax.random.key(1), (4, 17), 0, c.vocab_size)
-    loss32, grads32 = jax.value_and_grad(tt.loss_fn)(params, batch, c)
-    loss16, grads16 = jax.value_and_grad(tt.loss_fn)(params, batch, dataclasses.replace(c, dtype='bfloat16'))
+    loss_and_grads = jax.jit(jax.value_and_grad(tt.loss_fn), static_argnames='c')
+    loss32, grads32 = loss_and_grads(params, batch, c=c)
+    loss16, grads16 = loss_and_grads(params, batch, c=dataclasses.replace(c, dtype='bfloat16'))
     assert abs(float(loss16) - float(loss32)) <= 1e-2 * float(loss32)
     for a, b in zip(jax.tree.leaves(grads16), jax.tree.leaves(grads32)):
         assert a.dtype == jnp.float32
@@ -258,6 +261,12 @@ def reference_loss(x, w, targets, c):
     return jnp.mean(jax.nn.logsumexp(z, -1) - jnp.take_along_axis(z, targets[..., None], -1)[..., 0])
 
 
+@partial(jax.jit, static_argnums=(0, 4))
+def loss_and_grads(loss, x, w, y, c):
+    """A loss and its gradients by x and w, compiled whole (op by op, compiling each op takes longer)."""
+    return jax.value_and_grad(loss, argnums=(0, 1))(x, w, y, c)
+
+
 @pytest.mark.slow
 @pytest.mark.parametrize('softcap', [0.0, 5.0])
 def test_cross_entropy_and_its_backward_match_the_textbook_loss(softcap):
@@ -268,8 +277,8 @@ def test_cross_entropy_and_its_backward_match_the_textbook_loss(softcap):
         x = jax.random.normal(jax.random.key(0), (2, 7, 16), jnp.float64)
         w = jax.random.normal(jax.random.key(1), (16, 64), jnp.float64)
         y = jax.random.randint(jax.random.key(2), (2, 7), 0, 50)
-        loss, grads = jax.value_and_grad(tt.cross_entropy, argnums=(0, 1))(x, w, y, c)
-        ref_loss, ref_grads = jax.value_and_grad(reference_loss, argnums=(0, 1))(x, w, y, c)
+        loss, grads = loss_and_grads(tt.cross_entropy, x, w, y, c)
+        ref_loss, ref_grads = loss_and_grads(reference_loss, x, w, y, c)
         np.testing.assert_allclose(loss, ref_loss, rtol=1e-13)
         for g, r in zip(grads, ref_grads):
             np.testing.assert_allclose(g, r, rtol=1e-10, atol=1e-14)
@@ -288,8 +297,8 @@ def test_bf16_logits_move_the_loss_within_the_stated_bound():
     w = (jax.random.normal(jax.random.key(1), (256, V)) * 6 / 16).astype(jnp.bfloat16)
     z = tt.wide_einsum('BTD,DV->BTV', x, w)
     y = jax.random.categorical(jax.random.key(2), jnp.where(jnp.arange(V) < c.vocab_size, z, -jnp.inf))
-    loss, grads = jax.value_and_grad(tt.cross_entropy, argnums=(0, 1))(x, w, y, c)
-    ref_loss, ref_grads = jax.value_and_grad(reference_loss, argnums=(0, 1))(x, w, y, c)
+    loss, grads = loss_and_grads(tt.cross_entropy, x, w, y, c)
+    ref_loss, ref_grads = loss_and_grads(reference_loss, x, w, y, c)
     assert 5 < float(z.std()) < 7 and 2 < float(ref_loss) < 2.5
     assert abs(float(loss) - float(ref_loss)) <= 0.0016
     for g, r in zip(grads, ref_grads):

@@ -19,11 +19,20 @@ def test_adamw_matches_optax(warmdown):
                                      weight_decay=c.weight_decay))
     ostate, opt = oracle.init(params), tt.adamw_init(params)
     ours = theirs = params
+
+    @jax.jit  # both steps compiled whole: op by op, compiling each op takes longer
+    def ours_step(p, g, o):
+        return tt.adamw_update(p, g, o, tt.lr_schedule(o['step'], c), c)
+
+    @jax.jit
+    def theirs_step(p, g, s):
+        updates, s = oracle.update(g, s, p)
+        return optax.apply_updates(p, updates), s
+
     for step in range(c.steps):
         grads = jax.tree.map(lambda p: jax.random.normal(jax.random.key(step), p.shape) * 0.1, params)
-        ours, opt, norm = tt.adamw_update(ours, grads, opt, tt.lr_schedule(opt['step'], c), c)
-        updates, ostate = oracle.update(grads, ostate, theirs)
-        theirs = optax.apply_updates(theirs, updates)
+        ours, opt, norm = ours_step(ours, grads, opt)
+        theirs, ostate = theirs_step(theirs, grads, ostate)
         np.testing.assert_allclose(norm, np.sqrt(sum(np.sum(np.square(g)) for g in jax.tree.leaves(grads))), rtol=1e-6)
         for a, b in zip(jax.tree.leaves(ours), jax.tree.leaves(theirs)):
             np.testing.assert_allclose(a, b, rtol=1e-6, atol=1e-6)
@@ -118,11 +127,12 @@ def test_muon_matches_a_float64_reference_of_the_published_algorithm():
         opt = jax.tree.map(lambda x: np.asarray(x, np.float64), tt.adamw_init(params))
         opt['step'] = np.int32(0)
         ours, ref, ref_state = params, params, {'mu': opt['mu'], 'nu': opt['nu']}
+        muon_update = jax.jit(tt.muon_update, static_argnames='c')  # compiled whole, not op by op
         for step in range(3):
             grads = jax.tree.map(lambda p: np.asarray(jax.random.normal(jax.random.key(step), p.shape), np.float64),
                                  params)
             lr = float(tt.lr_schedule(step, c))
-            ours, opt, _ = tt.muon_update(ours, grads, opt, lr, c)
+            ours, opt, _ = muon_update(ours, grads, opt, lr, c=c)
             ref, ref_state = muon_reference(ref, grads, ref_state, step + 1, c, lr)
             for (path, a), b in zip(jax.tree_util.tree_leaves_with_path(ours), jax.tree.leaves(ref)):
                 np.testing.assert_allclose(np.asarray(a), b, rtol=1e-9, atol=1e-12, err_msg=str(path))

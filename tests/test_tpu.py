@@ -125,7 +125,7 @@ def test_unknown_topology_is_one_line(name, says, tmp_path):
     assert r.returncode == 2 and f'error: --topology={name}: {says}' in r.stderr
 
 
-@pytest.mark.slow
+@pytest.mark.slow(seconds=60)
 @needs_libtpu
 def test_tpu_preset_train_and_eval_steps_fit_a_v5e(tmp_path):
     """libtpu compiles the tpu preset's train and eval steps for a v5e (16 GiB) with the fewest

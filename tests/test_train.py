@@ -197,7 +197,7 @@ def test_training_further_continues_from_before_the_warmdown_bitwise(byte_data, 
 
 
 @pytest.mark.slow
-def test_cli_trains_then_samples(byte_data, tmp_path):
+def test_cli_trains_then_samples(byte_data, tmp_path, capsys):
     out = str(tmp_path / 'out')
     common = ['--n_layer=2', '--d_model=32', '--n_head=2', '--n_kv_head=1', f'--out={out}']
     r = run_cli('--steps=20', '--log_every=10', '--eval_every=20', f'--data={byte_data}', *common)
@@ -209,7 +209,7 @@ def test_cli_trains_then_samples(byte_data, tmp_path):
     assert r.stdout.startswith('ROMEO:') and len(r.stdout) > 40
     r2 = run_cli('sample', f'--out={out}', '--prompt=ROMEO:', '--max_new_tokens=80', '--seed=3')
     assert r2.stdout == r.stdout  # same seed, same text
-    r = run_cli('--steps=20', f'--data={byte_data}', *common[:-1], '--d_model=64', f'--out={out}')
+    r = run_main(capsys, '--steps=20', f'--data={byte_data}', *common[:-1], '--d_model=64', f'--out={out}')
     assert r.returncode == 2 and r.stderr.count('\n') == 1 and 'trained with --d_model=32' in r.stderr
 
 
