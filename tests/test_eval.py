@@ -7,13 +7,12 @@ import subprocess
 import sys
 
 import jax
-import jax.numpy as jnp
 import numpy as np
 import pytest
 
 import prepare
 import tinytpu as tt
-from conftest import ROOT, SHAKESPEARE, run_cli, run_main, tiny_config
+from conftest import ROOT, SHAKESPEARE, run_cli, run_main
 
 TEXT = open(SHAKESPEARE, encoding='utf-8').read()
 
