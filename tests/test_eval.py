@@ -46,12 +46,11 @@ def test_batched_scores_equal_a_float64_forward_of_each_ending():
     batch: each ending's log-probability equals one unpadded float64 forward of its tokens. (In a
     process of its own: the tests' process has one device.)"""
     script = '''
-import sys; sys.path.insert(0, 'tests')
 import jax, jax.numpy as jnp, numpy as np, prepare, tinytpu as tt
-from conftest import tiny_config
 tt.use_cpu_devices(2)
 jax.config.update('jax_enable_x64', True)
-c = tiny_config(context=24, dtype='float64', cpu_devices=2)
+c = tt.validate(tt.Config(n_layer=2, d_model=32, n_head=4, n_kv_head=2, vocab_size=257, context=24, seq_len=16,
+                            dtype='float64'))
 params = jax.tree.map(lambda x: x.astype(jnp.float64), tt.init_params(c, jax.random.key(3)))
 rng = np.random.default_rng(0)
 words = ['the', 'king', 'is', 'dead', 'long', 'live', 'queen', 'and', 'so', 'on']
