@@ -74,7 +74,7 @@ print('ok', len(rows))
 
 
 @pytest.mark.slow(seconds=25)
-def test_a_trained_model_finds_the_held_out_continuation_and_an_untrained_one_does_not(byte_data, tmp_path):
+def test_a_trained_model_finds_the_held_out_continuation_and_an_untrained_one_does_not(byte_data, tmp_path, capsys):
     """`prepare.py choices`'s examples from text the model never saw (Shakespeare after the
     fixture's 70 KB): the rest of a line against its words in other orders."""
     task = tmp_path / 'choices.jsonl'
@@ -87,14 +87,14 @@ def test_a_trained_model_finds_the_held_out_continuation_and_an_untrained_one_do
     assert [x['step'] for x in logged if 'hellaswag_acc_norm' in x] == [150, 300]
     assert all(x['tokens'] == x['step'] * 12 * 64 for x in logged if 'summary' not in x)
 
-    r = run_cli('eval', f'--out={out}', '--task=choices', f'--task_data={task}')
+    r = run_main(capsys, 'eval', f'--out={out}', '--task=choices', f'--task_data={task}')
     assert r.returncode == 0, r.stderr
     trained = json.loads(r.stdout.strip().splitlines()[-1])
     assert trained['task'] == 'choices' and trained['examples'] == 200 and trained['step'] == 300
     assert trained['acc_norm'] > 0.45, trained  # chance is 0.25
 
     c = tt.validate(tt.make_config({'preset': 'cpu', 'out': out}))
-    untrained = tt.init_params(c, jax.random.key(0))
+    untrained = jax.jit(tt.init_params, static_argnums=0)(c, jax.random.key(0))  # compiled whole: faster
     mesh = jax.sharding.Mesh(np.array(jax.devices()[:1]), ('data',))
     r = tt.score_task(untrained, prepare.read_task(str(task)), prepare.get_encoding('byte'), c, mesh)
     assert 0.15 < r['acc_norm'] < 0.35, r

@@ -31,6 +31,9 @@ def gpt2_data(tmp_path_factory):
     return str(d)
 
 
+forward = jax.jit(tt.forward, static_argnames='c')  # compiled whole: op by op, compiling each op takes longer
+
+
 def train(data, out, *flags):
     """A small SwiGLU model trained for 30 steps (in this process: no second JAX start-up)."""
     assert tt.main([f'--data={data}', f'--out={out}', '--mlp=swiglu', '--n_layer=2', '--d_model=64', '--n_head=4',
@@ -60,7 +63,7 @@ def test_transformers_gives_tinytpus_logits_and_greedy_tokens(byte_data, tmp_pat
     c = tt.validate(tt.make_config({'out': out}))
     c, params, meta, enc = tt.load_model(c, set())
     tokens = np.array([list(TEXT[i:i + 32].encode()) for i in (0, 5000, 9000)])
-    ours = np.asarray(tt.forward(params, jnp.asarray(tokens), c))[..., :c.vocab_size]
+    ours = np.asarray(forward(params, jnp.asarray(tokens), c))[..., :c.vocab_size]
     with torch.no_grad():
         theirs = model(torch.tensor(tokens)).logits.numpy()
     assert theirs.shape == ours.shape == (3, 32, 257)
@@ -92,7 +95,7 @@ def test_a_gpt2_model_exports_in_bfloat16_with_its_tokenizer(gpt2_data, tmp_path
     c, params, meta, enc = tt.load_model(c, set())
     rounded = jax.tree.map(lambda x: x.astype(jnp.bfloat16).astype(jnp.float32), params)  # what bf16 keeps
     tokens = np.array([enc.encode_ordinary(TEXT[50_000:50_400])[:32]])
-    ours = np.asarray(tt.forward(rounded, jnp.asarray(tokens), c))[..., :50257]
+    ours = np.asarray(forward(rounded, jnp.asarray(tokens), c))[..., :50257]
     with torch.no_grad():
         theirs = model(torch.tensor(tokens)).logits.numpy()
     np.testing.assert_allclose(theirs, ours, atol=1e-4, rtol=1e-4)
