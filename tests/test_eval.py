@@ -66,7 +66,8 @@ forward = jax.jit(tt.forward, static_argnames='c')  # compiled once per length: 
 for (ids, first), value in zip(rows, got):
     logits = forward(params, jnp.asarray([ids[:-1]]), c)[0]
     logp = jax.nn.log_softmax(logits, -1)[np.arange(len(ids) - 1), np.array(ids[1:])]
-    assert abs(value - float(jnp.sum(logp[first - 1:]))) <= 1e-9, (value, float(jnp.sum(logp[first - 1:])))
+    want = float(jnp.sum(logp[first - 1:]))
+    assert abs(value - want) <= 1e-9, (value, want)
 print('ok', len(rows))
 '''
     r = subprocess.run([sys.executable, '-c', script], cwd=ROOT, capture_output=True, text=True, timeout=300)

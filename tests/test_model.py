@@ -44,6 +44,11 @@ def test_scan_and_unrolled_layers_agree():
     np.testing.assert_allclose(tt.forward(params, tokens, c), scanned, rtol=1e-5, atol=1e-5)
 
 
+# The model's loss and its gradients by the params, compiled whole (op by op, compiling each op
+# takes longer than the test)
+model_loss_and_grads = jax.jit(jax.value_and_grad(tt.loss_fn), static_argnames='c')
+
+
 @pytest.mark.slow
 @pytest.mark.parametrize('scan', [False, True])
 @pytest.mark.parametrize('remat', ['full', 'dots'])
@@ -52,9 +57,8 @@ def test_remat_changes_memory_not_results(scan, remat):
     c = tiny_config(scan_layers=scan)
     params = tt.init_params(c, jax.random.key(0))
     batch = jax.random.randint(jax.random.key(1), (2, 13), 0, c.vocab_size)
-    loss_and_grads = jax.jit(jax.value_and_grad(tt.loss_fn), static_argnames='c')  # one compile, not each op's
-    loss, grads = loss_and_grads(params, batch, c=c)
-    loss_r, grads_r = loss_and_grads(params, batch, c=tt.dataclasses.replace(c, remat=remat))
+    loss, grads = model_loss_and_grads(params, batch, c=c)
+    loss_r, grads_r = model_loss_and_grads(params, batch, c=tt.dataclasses.replace(c, remat=remat))
     np.testing.assert_allclose(loss_r, loss, rtol=1e-6)
     for g, g_r in zip(jax.tree.leaves(grads), jax.tree.leaves(grads_r)):
         np.testing.assert_allclose(g_r, g, rtol=1e-5, atol=1e-7)
@@ -214,9 +218,8 @@ def test_bf16_loss_is_the_fp32_loss_within_bf16_rounding():
     c = tiny_config(dtype='float32')
     params = tt.init_params(c, jax.random.key(0))
     batch = jax.random.randint(jax.random.key(1), (4, 17), 0, c.vocab_size)
-    loss_and_grads = jax.jit(jax.value_and_grad(tt.loss_fn), static_argnames='c')
-    loss32, grads32 = loss_and_grads(params, batch, c=c)
-    loss16, grads16 = loss_and_grads(params, batch, c=dataclasses.replace(c, dtype='bfloat16'))
+    loss32, grads32 = model_loss_and_grads(params, batch, c=c)
+    loss16, grads16 = model_loss_and_grads(params, batch, c=dataclasses.replace(c, dtype='bfloat16'))
     assert abs(float(loss16) - float(loss32)) <= 1e-2 * float(loss32)
     for a, b in zip(jax.tree.leaves(grads16), jax.tree.leaves(grads32)):
         assert a.dtype == jnp.float32
