@@ -1,6 +1,7 @@
 """Nothing lost: signals, crashes mid-save, corrupt checkpoints, divergence, bad inputs, unsafe
 files. Every bad input gives one line naming the file or flag, a non-zero exit, and leaves the
 output directory exactly as it was."""
+import contextlib
 import dataclasses
 import fcntl
 import hashlib
@@ -113,14 +114,34 @@ def test_second_signal_stops_at_once(monkeypatch, capsys):
     assert 'interrupted; the last checkpoint in --out is intact' in capsys.readouterr().err
 
 
-@pytest.mark.parametrize('delay', [0.3, 1.0, 2.0, 3.5])
+def wait_until_jax_loads(p, timeout=60):
+    """Until the child process maps JAX's compiled code (jaxlib's or numpy's libraries): it is then
+    running tinytpu.py, whose Ctrl-C handler comes before `import jax`. Earlier, a Ctrl-C meets
+    Python's own start-up, as in any Python program (on a loaded machine that can last past 0.3 s,
+    which is how this test once failed). Where /proc is missing, wait a second instead."""
+    import time
+    if not os.path.exists(f'/proc/{p.pid}/maps'):
+        time.sleep(1.0)
+        return
+    deadline = time.monotonic() + timeout
+    while time.monotonic() < deadline and p.poll() is None:
+        with contextlib.suppress(OSError), open(f'/proc/{p.pid}/maps') as f:
+            if any('jaxlib' in line or 'numpy' in line for line in f):
+                return
+        time.sleep(0.002)
+    raise AssertionError(f'the child never loaded JAX (exit code {p.poll()})')
+
+
+@pytest.mark.parametrize('delay', [0.0, 0.7, 1.7, 3.2])
 def test_a_ctrl_c_at_any_moment_stops_in_one_line_with_exit_130(byte_data, tmp_path, delay):
-    """While JAX loads, while the program starts and compiles, or while it trains: a Ctrl-C ends
-    it in one line with exit code 130 (before the fix: a traceback, a segmentation fault after the
-    message, or a KeyboardInterrupt swallowed by JAX's callbacks and the run trained to its end)."""
+    """While JAX loads (delay 0 after it begins; the import takes ~1.3 s), while the program starts
+    and compiles, or while it trains: a Ctrl-C ends it in one line with exit code 130 (before the
+    fix: a traceback, a segmentation fault after the message, or a KeyboardInterrupt swallowed by
+    JAX's callbacks and the run trained to its end)."""
     import time
     p = subprocess.Popen(train_cli(byte_data, tmp_path / 'run', 100_000), stdout=subprocess.PIPE,
                          stderr=subprocess.PIPE, text=True, cwd=ROOT)
+    wait_until_jax_loads(p)
     time.sleep(delay)
     p.send_signal(signal.SIGINT)
     out, err = p.communicate(timeout=120)
