@@ -56,7 +56,10 @@ def interrupt(cmd, signals, delay):
     for s in signals:
         if p.poll() is None:
             p.send_signal(s)
-    out, err = p.communicate(timeout=120)
+    try:
+        out, err = p.communicate(timeout=120)
+    finally:
+        p.kill()  # a run that ignored its signals must not train on after a failed test
     return p.returncode, err
 
 
@@ -141,10 +144,13 @@ def test_a_ctrl_c_at_any_moment_stops_in_one_line_with_exit_130(byte_data, tmp_p
     import time
     p = subprocess.Popen(train_cli(byte_data, tmp_path / 'run', 100_000), stdout=subprocess.PIPE,
                          stderr=subprocess.PIPE, text=True, cwd=ROOT)
-    wait_until_jax_loads(p)
-    time.sleep(delay)
-    p.send_signal(signal.SIGINT)
-    out, err = p.communicate(timeout=120)
+    try:
+        wait_until_jax_loads(p)
+        time.sleep(delay)
+        p.send_signal(signal.SIGINT)
+        out, err = p.communicate(timeout=120)
+    finally:
+        p.kill()  # a run that ignored the signal must not train on after a failed test
     lines = [line for line in err.splitlines() if line.strip()]
     assert p.returncode == 130 and len(lines) == 1, (p.returncode, err)
     assert lines[0].startswith(('interrupted', 'stopped by SIGINT after step')), err
