@@ -82,7 +82,7 @@ def test_a_trained_model_finds_the_held_out_continuation_and_an_untrained_one_do
     task.write_text(''.join(json.dumps(e) + '\n' for e in prepare.make_choices(TEXT[100_000:300_000], n=200)))
     out = str(tmp_path / 'run')
     r = run_cli('--preset=cpu', f'--data={byte_data}', f'--out={out}', '--steps=200', '--log_every=100',
-                '--eval_every=200', '--hellaswag_every=100', f'--task_data={task}', '--task_limit=40')
+                '--eval_every=200', '--hellaswag_every=100', f'--task_data={task}', '--task_limit=40', optimized=True)
     assert r.returncode == 0, r.stderr
     logged = [json.loads(line) for line in open(os.path.join(out, 'log.jsonl'))]
     assert [x['step'] for x in logged if 'hellaswag_acc_norm' in x] == [100, 200]
