@@ -33,8 +33,8 @@ else:
 # models are tiny, so compiling is most of their time, and unoptimized machine code compiles in a
 # quarter less CPU time (the suite runs a fifth faster). The program is the same HLO; its machine
 # code may round a last bit otherwise than a user's run, which no test compares against bit for bit.
-UNOPTIMIZED = '--xla_backend_optimization_level=0'
-os.environ['XLA_FLAGS'] = (os.environ.get('XLA_FLAGS', '') + ' ' + UNOPTIMIZED).strip()
+USER_XLA_FLAGS = os.environ.get('XLA_FLAGS', '')
+os.environ['XLA_FLAGS'] = (USER_XLA_FLAGS + ' --xla_backend_optimization_level=0').strip()
 SHAKESPEARE = os.path.join(ROOT, 'tests', 'data', 'tinyshakespeare.txt')  # public domain, 1.1 MB
 
 
@@ -80,6 +80,10 @@ import tinytpu as tt  # noqa: E402
 tt.use_cpu_devices(1)
 assert len(tt.jax.devices()) == 1
 
+# The model's forward compiled whole, for tests that compare its logits with a reference: op by op,
+# compiling each op takes longer than the test
+forward = tt.jax.jit(tt.forward, static_argnames='c')
+
 
 def tiny_config(**kw):
     """A 2-layer model small enough to train for a few steps in a second or two."""
@@ -114,7 +118,7 @@ def run_cli(*args, cwd=ROOT, timeout=600, optimized=False):
     optimized=True compiles as a user's run does, for one that spends its time training."""
     script = args[0] if args and args[0].endswith('.py') else 'tinytpu.py'
     rest = args[1:] if script == args[0] else args
-    env = dict(os.environ, XLA_FLAGS=os.environ['XLA_FLAGS'].replace(UNOPTIMIZED, '').strip()) if optimized else None
+    env = dict(os.environ, XLA_FLAGS=USER_XLA_FLAGS) if optimized else None
     return subprocess.run([sys.executable, os.path.join(ROOT, script), *rest], cwd=cwd, capture_output=True,
                           text=True, timeout=timeout, env=env)
 

@@ -11,7 +11,7 @@ import pytest
 
 import prepare
 import tinytpu as tt
-from conftest import SHAKESPEARE, needs_gpt2, write_shard
+from conftest import SHAKESPEARE, forward, needs_gpt2, write_shard
 
 torch = pytest.importorskip('torch')
 transformers = pytest.importorskip('transformers')
@@ -29,9 +29,6 @@ def gpt2_data(tmp_path_factory):
     write_shard(d / 'val_000000.bin', tokens[40_000:44_000])
     (d / 'meta.json').write_text(json.dumps({'tokenizer': 'gpt2', 'vocab_size': 50257, 'eot_id': 50256}))
     return str(d)
-
-
-forward = jax.jit(tt.forward, static_argnames='c')  # compiled whole: op by op, compiling each op takes longer
 
 
 def train(data, out, *flags):

@@ -11,7 +11,7 @@ import pytest
 from jax.sharding import PartitionSpec as P
 
 import tinytpu as tt
-from conftest import tiny_config
+from conftest import forward, tiny_config
 
 
 @pytest.mark.parametrize('mlp, tie', [('relu2', True), ('swiglu', False)])
@@ -125,7 +125,6 @@ def test_generated_logits_are_a_full_forward_over_the_kept_window(prompt_len, mo
     new = list(tt.generate(params, prompt, c))
     assert len(new) == len(seen) == 40
     tokens, start = prompt, max(0, prompt_len - c.context)
-    forward = jax.jit(tt.forward, static_argnames='c')
     for i, logits in enumerate(seen):
         window = tokens[start:start + c.context] if i == 0 else tokens[start:]
         assert len(window) <= c.context

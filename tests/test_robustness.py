@@ -11,6 +11,7 @@ import random
 import signal
 import subprocess
 import sys
+import time
 
 import jax
 import numpy as np
@@ -51,7 +52,6 @@ def interrupt(cmd, signals, delay):
     for line in p.stdout:
         if line.startswith('compiled') or 'nothing to do' in line:
             break
-    import time
     time.sleep(delay)
     for s in signals:
         if p.poll() is None:
@@ -122,7 +122,6 @@ def wait_until_jax_loads(p, timeout=60):
     running tinytpu.py, whose Ctrl-C handler comes before `import jax`. Earlier, a Ctrl-C meets
     Python's own start-up, as in any Python program (on a loaded machine that can last past 0.3 s,
     which is how this test once failed). Where /proc is missing, wait a second instead."""
-    import time
     if not os.path.exists(f'/proc/{p.pid}/maps'):
         time.sleep(1.0)
         return
@@ -141,7 +140,6 @@ def test_a_ctrl_c_at_any_moment_stops_in_one_line_with_exit_130(byte_data, tmp_p
     and compiles, or while it trains: a Ctrl-C ends it in one line with exit code 130 (before the
     fix: a traceback, a segmentation fault after the message, or a KeyboardInterrupt swallowed by
     JAX's callbacks and the run trained to its end)."""
-    import time
     p = subprocess.Popen(train_cli(byte_data, tmp_path / 'run', 100_000), stdout=subprocess.PIPE,
                          stderr=subprocess.PIPE, text=True, cwd=ROOT)
     try:
