@@ -1,31 +1,23 @@
 """tinytpu: train a small GPT from scratch with pure JAX, on a TPU, a GPU or a laptop CPU.
 
-The file has two parts. Part I is the GPT: config -> model -> loss -> AdamW/Muon -> train step ->
-data -> checkpoints -> the training loop -> sampling; read it top to bottom to see how
-pretraining works in JAX. It runs alone, on one device. Part II runs it for real, wrapping it
-from outside: settings and flags, processes and hosts, devices (the mesh, FSDP, the step on
-several devices), attention kernels, memory, the run's clock and guard, checkpoints and data that
-survive failures, runs kept in a bucket, hardware and cost; then bench, TPU estimates, plan,
-evaluation tasks, plots, export, and the command line. To follow one step, read train_step, then
+Part I is the GPT, and it is the program: config -> model -> loss -> AdamW/Muon -> train step ->
+data -> checkpoints -> the training loop -> sampling. Read it top to bottom to see how pretraining
+works in JAX; cut at its end, it trains on one device. Part II runs the same functions for real:
+flags, several chips and hosts, memory, runs that survive failures, buckets, costs; then the tools
+(bench, TPU estimates, plan, eval, plot, export). To follow one step, read train_step, then
 batch_grads, loss_fn, hidden, block, attention, cross_entropy, optimizer_step and adamw_update.
 
-    python prepare.py shakespeare --tokenizer=byte       # 1.1 MB of Shakespeare as byte tokens
-    python tinytpu.py --preset=cpu                       # train a 0.8M-parameter model (~75 s)
-    python tinytpu.py sample --preset=cpu --prompt="ROMEO:"
-    python prepare.py choices && python tinytpu.py eval --task=choices  # a held-out multiple-choice test
-    python tinytpu.py plot                               # its loss curves -> out/shakespeare_byte/loss.svg
-    python tinytpu.py export --export_dir=hf/my_model    # a SwiGLU model (--mlp=swiglu) for transformers
-    python tinytpu.py bench                              # time the train step: tokens/s, MFU, $
-    python tinytpu.py bench --preset=tpu --topology=v6e:1x1  # compile for a TPU that is not here:
-                                                         # fits? estimated speed (needs jax[tpu])
-    python tinytpu.py plan --budget=5 --hardware=v6e     # what $5 of a TPU v6e trains
+    python prepare.py shakespeare --tokenizer=byte    # 1.1 MB of Shakespeare as byte tokens
+    python tinytpu.py --preset=cpu                    # train a 0.8M-parameter model (~75 s)
+    python tinytpu.py sample --prompt="ROMEO:"        # continue a prompt with it
+    python tinytpu.py bench --preset=tpu --topology=v6e:1x1  # a TPU's memory and speed, compiled here
 
-Dimension names used in einsum strings and comments (as in picodo):
-    B batch, T time (query positions), S key positions, D d_model, N query heads,
-    K key/value heads, J = N + 2K (query, key and value heads together), H head dim,
-    F MLP hidden, V padded vocabulary, L layers.
+Dimensions in einsum strings and comments (as in picodo): B batch, T time (query positions), S key
+positions, D d_model, N query heads, K key/value heads, J = N + 2K, H head dim, F MLP hidden, V padded
+vocabulary, L layers.
 """
 
+import ast
 import contextlib
 import dataclasses
 import errno
@@ -49,64 +41,28 @@ from dataclasses import dataclass, field
 from functools import partial
 from typing import NamedTuple
 
-
-def usage(source):
-    """The text of --help, read from this file's source (so it prints before JAX loads): the
-    COMMANDS, then each setting (a GPTConfig or Config field) with its default and help."""
-    import ast
-    import textwrap
-    commands, presets, fields = {}, [], []
-    for node in ast.parse(source).body:
-        name = getattr(node, 'name', None) or getattr(getattr(node, 'targets', [None])[0], 'id', None)
-        if name == 'COMMANDS':
-            commands = ast.literal_eval(node.value)
-        elif name == 'PRESETS':
-            presets = [key.value for key in node.value.keys]
-        elif name in ('GPTConfig', 'Config'):
-            fields += [(f.target.id, *map(ast.literal_eval, f.value.args)) for f in node.body
-                       if isinstance(f.value, ast.Call) and getattr(f.value.func, 'id', None) == 'setting']
-    column, lines = 34, ['usage: python tinytpu.py [COMMAND] [--name=value ...]', '', 'commands:']
-    lines += [f'  {name:<8}{what}' for name, what in commands.items()]
-    lines += ['', f'settings, with their defaults (--preset={"|".join(presets)} sets groups of them; '
-                  'flags given win):']
-    for name, default, what in fields:
-        shown = str(default).lower() if type(default) is bool else \
-            default if type(default) is not str or (default.isprintable() and default.strip()) else repr(default)
-        flag = f'  --{name}={shown}'
-        wrapped = textwrap.wrap(what, 100 - column)
-        lines += [flag] if len(flag) >= column else []
-        lines += [(f'{flag:<{column}}' if i == 0 and len(flag) < column else ' ' * column) + w
-                  for i, w in enumerate(wrapped)]
-    return '\n'.join(lines)
-
-
-if __name__ == '__main__':
-    # The command line begins before JAX loads (half a second or more): from here a Ctrl-C ends it
-    # in one line with exit code 130, and --help answers at once.
+if __name__ == '__main__':  # before JAX loads (a second): Ctrl-C ends in one line, --help answers at once
     signal.signal(signal.SIGINT, lambda *_: (print('\ninterrupted', file=sys.stderr), os._exit(130)))
-    if {'-h', '--help', 'help'} & set(sys.argv[1:]):
-        try:
-            print(usage(open(__file__, encoding='utf-8').read()), flush=True)
-        except BrokenPipeError:  # python tinytpu.py --help | head: the reader has what it wanted
-            os.dup2(os.open(os.devnull, os.O_WRONLY), sys.stdout.fileno())
-        sys.exit(0)
+    if {'-h', '--help', 'help'} & set(sys.argv[1:]):  # usage(), near the end of this file, compiled alone
+        tree = ast.parse(source := open(__file__, encoding='utf-8').read())
+        code = compile(ast.Module([f for f in tree.body if getattr(f, 'name', '') == 'usage'], []), __file__, 'exec')
+        exec(code, names := dict(globals()))
+        sys.exit(names['usage'](source))
 
-import jax  # noqa: E402 (after the command line's first moments, above)
+import jax  # noqa: E402
 import jax.numpy as jnp  # noqa: E402
 import numpy as np  # noqa: E402
 from jax.sharding import Mesh, NamedSharding, PartitionSpec as P  # noqa: E402
-
-from prepare import (DATA_META, HEADER_BYTES, TOKENIZER_FILE, Bucket, BucketDown, PrepareError,  # the companion
-                     copy_file, fetch_prepared, file_error, file_sha256, flag_value, in_bucket, integer,  # script
-                     load_encoding, local_copy, number, optional, read_json, read_task, retried, shard_header, text)
-
+from prepare import (DATA_META, HEADER_BYTES, TOKENIZER_FILE, Bucket, BucketDown, PrepareError, copy_file,  # noqa
+                     fetch_prepared, file_error, file_sha256, flag_value, in_bucket, integer, load_encoding, local_copy,
+                     number, optional, read_json, read_task, retried, shard_header, text)
 
 # ==============================================================================================
 # Part I: the GPT. The model, its loss, AdamW and Muon, the train step, the data, checkpoints,
-# the training loop and sampling, in the order a step needs them. It runs alone: with GPTConfig
-# and these names, init_params, forward, loss_fn and train_step work on one device. Running it
-# for real (several chips and hosts, fitting memory, surviving failures, costs, the tools around
-# training) is Part II's, which wraps Part I from outside; the training loop calls it by name.
+# the training loop and sampling, in the order a step needs them. It is the program: alone, on one
+# device, train(GPTConfig(data=..., out=...)) trains a model. Part II runs these same functions for
+# real (on several chips and hosts, fitting memory, surviving failures, with costs, and the tools
+# around training), placing them on devices from outside; the training loop meets it only as a Run.
 # ==============================================================================================
 
 # ----------------------------------------------------------------------------------------------
@@ -227,7 +183,7 @@ class Weight(NamedTuple):
     it, beside the shape): the axis Part II splits it along when params are sharded (FSDP)."""
     shape: tuple    # block weights are stacked on a leading L axis
     std: float      # initialized from Normal(0, std)
-    fsdp_axis: int  # the large axis along which the weight is split over devices (FSDP, Part II)
+    fsdp_axis: int  # the large axis along which the weight is split over devices (FSDP)
 
 
 def param_specs(c):
@@ -285,39 +241,13 @@ def rope(x, sin, cos):
     return x * cos.astype(x.dtype) + (x @ rotate_half) * sin.astype(x.dtype)
 
 
-@partial(jax.custom_vjp, nondiff_argnums=(0,))
-def wide_einsum(spec, a, b):
-    """einsum(spec, a, b) multiplied in a's dtype, accumulated and returned in fp32, for what a
-    softmax follows (the logits, attention scores: it needs the range). A custom gradient keeps
-    the two backward matmuls in a's dtype too: JAX's own would multiply the fp32 gradient by fp32
-    copies of a and b (docs/performance.md, "Part I's code")."""
-    return jnp.einsum(spec, a, b, preferred_element_type=wide_dtype(a.dtype))
-
-
-def wide_einsum_fwd(spec, a, b):
-    return wide_einsum(spec, a, b), (a, b)
-
-
-def wide_einsum_bwd(spec, saved, g):
-    a, b = saved
-    inputs, z = spec.split('->')                                          # 'x,y->z'
-    x, y = inputs.split(',')
-    g = g.astype(a.dtype)
-    da = jnp.einsum(f'{z},{y}->{x}', g, b, preferred_element_type=wide_dtype(a.dtype))
-    db = jnp.einsum(f'{x},{z}->{y}', a, g, preferred_element_type=wide_dtype(a.dtype))
-    return da.astype(a.dtype), db.astype(b.dtype)
-
-
-wide_einsum.defvjp(wide_einsum_fwd, wide_einsum_bwd)
-
-
 def attention(q, k, v, q_pos, k_pos):
     """Causal grouped-query attention, heads first. q (B,N,T,H), k and v (B,K,S,H) -> (B,N,T,H).
     Position arrays say which keys each query may see: k_pos <= q_pos. Each K head serves
     N/K query heads; repeating it to N heads keeps every matmul a plain batched one."""
     N, K, H = q.shape[1], k.shape[1], q.shape[3]
     k, v = jnp.repeat(k, N // K, axis=1), jnp.repeat(v, N // K, axis=1)
-    scores = wide_einsum('BNTH,BNSH->BNTS', q, k)
+    scores = jnp.einsum('BNTH,BNSH->BNTS', q, k, preferred_element_type=wide_dtype(q.dtype))  # fp32 for the softmax
     causal = jnp.where(q_pos[:, None] >= k_pos[None, :], 0.0, -jnp.inf)  # (T,S)
     weights = jax.nn.softmax(scores / math.sqrt(H) + causal, axis=-1)    # softmax in fp32
     return jnp.einsum('BNTS,BNSH->BNTH', weights.astype(v.dtype), v)
@@ -385,11 +315,19 @@ def output_logits(x, out, c):
     return jnp.where(jnp.arange(logits.shape[-1]) < c.vocab_size, logits, -jnp.inf)
 
 
-def embed_tokens(table, tokens, dtype):
-    """The table's rows for tokens (B,T) -> (B,T,D), cast to dtype. Looked up in fp32 (fp64 in
-    fp64) whatever the table's dtype, so that their gradient sums the rows of repeated tokens in
-    fp32 too: a bf16 scatter-add would round at every add."""
-    return table.astype(wide_dtype(table.dtype))[tokens].astype(dtype)
+def shard(x, *spec):
+    """A sharding annotation: when Part II runs the model on a mesh of several devices, x is split
+    over them along the axes spec names (P('data'): the first; P(): copied whole). XLA places every
+    other array of the step from such annotations and from the params' and batch's own. On one
+    device it changes nothing."""
+    mesh = jax.sharding.get_abstract_mesh()
+    return x if mesh.empty or mesh.size == 1 else jax.lax.with_sharding_constraint(x, P(*spec))
+
+
+def embed_tokens(table, tokens):
+    """The table's rows for tokens (B,T) -> (B,T,D) in its dtype, looked up in fp32 so that their
+    gradient sums the rows of a repeated token in fp32 (a bf16 scatter-add rounds at every add)."""
+    return table.astype(wide_dtype(table.dtype))[tokens].astype(table.dtype)
 
 
 def hidden(params, tokens, c, cache=None, pos0=0):
@@ -400,11 +338,14 @@ def hidden(params, tokens, c, cache=None, pos0=0):
     pos = pos0 + jnp.arange(T)
     rot = rope_table(pos, head_dim(c), c.rope_theta)
     layers = jax.tree.map(lambda w: w.astype(dt), params['layers'])
-    block_fn = lambda x, w, pos, rot, cache: block(x, w, c, pos, rot, cache)  # noqa: E731
+
+    def block_fn(x, w, pos, rot, cache):  # each device: the layer's whole weights, its rows of x
+        x, cache = block(x, jax.tree.map(shard, w), c, pos, rot, cache)
+        return shard(x, 'data'), cache
     if c.remat != 'none':
         block_fn = jax.checkpoint(block_fn, policy=REMAT[c.remat])
-    embed = params['embed'].astype(dt)
-    x = embed_tokens(params['embed'], tokens, dt)                         # (B,T,D)
+    embed = shard(params['embed'].astype(dt))
+    x = shard(embed_tokens(embed, tokens), 'data')                       # (B,T,D)
     if c.scan_layers:  # one compiled block, looped L times: compile time independent of depth
         def body(x, layer):
             w, layer_cache = layer
@@ -588,23 +529,14 @@ def orthogonalize(g, steps=5):
     return jnp.swapaxes(x, -1, -2) if tall else x
 
 
-def share_layers(x):
-    """A sharding annotation: when Part II runs the step on a mesh of several devices, the stack of
-    L matrices (L, m, n) is split over them along L, so that each device orthogonalizes its share of
-    the layers rather than all of them (modded-nanogpt does the same by hand); XLA moves the
-    matrices there and the results back. On one device it changes nothing."""
-    mesh = jax.sharding.get_abstract_mesh()
-    return x if mesh.empty or mesh.size == 1 else jax.lax.with_sharding_constraint(x, P('data'))
-
-
 def muon_direction(name, u, c):
     """The orthogonalized update of one stacked weight (L, ...), as L matrices (in, out): qkv as
     three, q, k and v (each its own projection), o as (N*H, D). Each is scaled by
     sqrt(max(1, out / in)), Muon's rule: an orthogonal matrix's entries shrink as it widens, and
     this keeps the update's size per output the same for the MLP's 4x wider up projection."""
-    def orth(m):  # (L, in, out); on several devices each orthogonalizes its share of the L (Part II)
+    def orth(m):  # (L, in, out); on several devices each orthogonalizes its share of the L
         scale = max(1.0, m.shape[-1] / m.shape[-2]) ** 0.5
-        return orthogonalize(share_layers(m.astype(compute_dtype(c)))).astype(m.dtype) * scale
+        return orthogonalize(shard(m.astype(compute_dtype(c)), 'data')).astype(m.dtype) * scale
 
     if name == 'qkv':  # (L, D, J, H): the q, k and v heads
         L, D, _, H = u.shape
@@ -643,7 +575,7 @@ def muon_update(params, grads, opt, lr, c):
 # ----------------------------------------------------------------------------------------------
 # Train step: one jit-compiled function, with the params and optimizer state donated (updated in
 # place, no second copy): the gradient of a batch (batch_grads), then an AdamW or Muon update
-# (optimizer_step). Part II compiles the same two halves for several devices (mesh_train_step).
+# (optimizer_step). Part II compiles this same function for every device of the run.
 
 
 @partial(jax.jit, static_argnames='c', donate_argnums=(0, 1))
@@ -653,11 +585,10 @@ def train_step(params, opt, batch, c):
     return optimizer_step(params, opt, loss, grads, c)
 
 
-def batch_grads(params, batch, c, loss_fn=loss_fn):
+def batch_grads(params, batch, c):
     """The mean loss and gradient of a batch given as microbatches (grad_accum, B, T+1): the
     gradients of the microbatches are summed under lax.scan, so grad_accum=4 gives the update of
-    one 4x larger batch at a quarter of the memory. (Part II's several-device step passes a
-    loss_fn of its own: loss_fn of the weights it assembles from the devices' shards.)"""
+    one 4x larger batch at a quarter of the memory."""
     def micro(grad_sum, mb):
         loss, grads = jax.value_and_grad(loss_fn)(params, mb, c)
         return jax.tree.map(jnp.add, grad_sum, grads), loss
@@ -689,7 +620,7 @@ def fresh_state(c):
 # Data: token shards in the llm.c / modded-nanogpt format (prepare.py owns it: a header of 256
 # int32, then the tokens), so their FineWeb shards load as is. Batch k is a pure function of
 # (seed, k): a resumed run sees exactly the batches of an uninterrupted one, with nothing to save
-# but the step. (Part II's load_data finds and checks a data directory's shards.)
+# but the step.
 
 
 def open_shard(path):
@@ -715,10 +646,12 @@ class TokenWindows:
                             '(seq_len + 1); use a smaller --seq_len or more data')
 
     def get(self, idx):
-        """Windows number idx (any int array) -> (len(idx), window) int32."""
-        shard = np.searchsorted(self.ends, idx, side='right')
-        start = idx - np.concatenate([[0], self.ends])[shard]
-        return np.stack([self.shards[s][o:o + self.window] for s, o in zip(shard, start)]).astype(np.int32)
+        """Windows number idx (an int array of any shape) -> idx.shape + (window,) int32."""
+        flat = np.ravel(idx)
+        shard = np.searchsorted(self.ends, flat, side='right')
+        start = flat - np.concatenate([[0], self.ends])[shard]
+        rows = [self.shards[s][o:o + self.window] for s, o in zip(shard, start)]
+        return np.stack(rows).astype(np.int32).reshape(np.shape(idx) + (self.window,))
 
 
 def train_indices(windows, c, k):
@@ -832,60 +765,119 @@ def read_checkpoint(npz, template):
 
 
 # ----------------------------------------------------------------------------------------------
-# Training loop: start (Part II's start_run: data, devices, state, compiled steps), then step by
-# step: a batch, a step, a log line, an evaluation, a checkpoint. The clock (Meter) and the
-# guard against signals and divergence (Guard) are Part II's.
+# Training loop: a batch, a step, a progress line, an evaluation, a checkpoint; until c.steps.
+# What it runs with, and where, is a Run: here one device, the data in c.data, the files in c.out.
+# The loop touches nothing else of it, so Part II's TrainingRun runs this same loop for real (every
+# device of every host, the clock and costs, a guard against signals and divergence, a lock on
+# --out, checkpoints that are verified and kept in a bucket) by giving the same methods its own.
 
 
-def train(c):
-    """Pretrain: take a batch, take a step, log, evaluate, checkpoint; until step c.steps."""
-    with contextlib.ExitStack() as held:  # what the run holds until it ends: the --out lock, signals, the log
-        run = start_run(c, held)  # data, devices, state (fresh or resumed), compiled steps
+class Run:
+    """A training run on one device: the data's shards and meta.json in c.data; the state resumed
+    from the newest checkpoint in c.out, else fresh; progress lines, log.jsonl and checkpoints in
+    c.out. Calling train(c) again resumes where it stopped. (TrainingRun checks what it reads
+    first, and cuts the log back to the checkpoint it resumes.)"""
+
+    def __init__(self, c):
+        meta = {}
+        if os.path.exists(os.path.join(c.data, 'meta.json')):  # what prepare.py says of the data
+            with open(os.path.join(c.data, 'meta.json')) as f:
+                meta = json.load(f)
+        self.meta = meta
+        self.c = c = dataclasses.replace(c, vocab_size=self.meta.get('vocab_size', c.vocab_size),
+                                         grad_accum=c.grad_accum or 1)
+        train, val = (TokenWindows(sorted(glob.glob(os.path.join(c.data, f'{split}_*.bin'))), c.seq_len + 1)
+                      for split in ('train', 'val'))
+        state = fresh_state(c)
+        if list_checkpoints(c.out):  # resume: the newest checkpoint's arrays, in the fresh state's structure
+            with np.load(os.path.join(list_checkpoints(c.out)[-1][1], 'state.npz'), allow_pickle=False) as f:
+                state = jax.tree.map(jnp.asarray, read_checkpoint(f, state))
+        self.params, self.opt, self.start = state['params'], state['opt'], int(state['opt']['step'])
+        self.vals = val.get(val_indices(val, c))
+        self.batches = prefetch(lambda k: train.get(train_indices(train, c, k)), self.start)
+        self.t0, self.last = time.time(), (time.time(), self.start)
+
+    def __enter__(self):
+        os.makedirs(self.c.out, exist_ok=True)
+        self.log_file = open(os.path.join(self.c.out, 'log.jsonl'), 'a')
+        return self
+
+    def __exit__(self, *exc):
+        self.log_file.close()
+
+    def step(self, params, opt, step):
+        """Update number `step` (0-based), on its batch: train_step."""
+        return train_step(params, opt, next(self.batches), self.c)
+
+    def progress(self, done, stats):
+        """Print a progress line after step `done`, with the time per step since the last one. -> its log fields"""
+        record = {k: float(v) for k, v in stats.items()}  # waits for the step
+        (then, before), self.last = self.last, (time.time(), done)
+        record['ms_per_step'] = 1000 * (self.last[0] - then) / (done - before)
+        self.say(f"step {done:6d} | loss {record['loss']:.4f} | lr {record['lr']:.2e} | {record['ms_per_step']:.1f} ms/step")
+        return record
+
+    def val_loss(self, params):
+        return float(eval_loss(params, self.vals, self.c))
+
+    def evaluate(self, params, done):
+        """The evaluations due after step `done`: validation loss every eval_every steps and at the
+        end, and bits per byte where meta.json says how many bytes a token is. -> log fields"""
+        if done % self.c.eval_every and done != self.c.steps:
+            return {}
+        record = {'val_loss': self.val_loss(params)}
+        line = f"step {done:6d} | val loss {record['val_loss']:.4f}"
+        if self.meta.get('bytes_per_token'):
+            record['val_bpb'] = record['val_loss'] / math.log(2) / self.meta['bytes_per_token']
+            line += f" | val bits/byte {record['val_bpb']:.4f}"
+        self.say(line)
+        return record
+
+    def log(self, record):
+        self.log_file.write(json.dumps(record) + '\n')
+        self.log_file.flush()
+
+    def stop_requested(self):
+        """Whether to stop after this step, with a checkpoint (on a signal, say)."""
+        return False
+
+    def save(self, params, opt, done):
+        """A checkpoint after step `done`; the newest keep_ckpts are kept, older ones deleted."""
+        path = write_checkpoint(self.c.out, {'params': params, 'opt': opt}, self.c,
+                                {'tokenizer': self.meta.get('tokenizer'), 'eot_id': self.meta.get('eot_id')})
+        for _, old in list_checkpoints(self.c.out)[:-self.c.keep_ckpts]:
+            shutil.rmtree(old)
+        self.say(f'saved {path}')
+
+    def say(self, *args):
+        print(*args, flush=True)
+
+    def finish(self, val):
+        self.say(f"done: {self.c.steps} steps in {time.time() - self.t0:.1f}s | val loss {val['val_loss']:.4f}")
+
+
+def train(c, run=None):
+    """Pretrain: take a batch, take a step, log, evaluate, checkpoint; until step c.steps. The run
+    (by default Run(c): this device, c.data and c.out) holds the state, the batches and the files."""
+    with run or Run(c) as run:
         c, params, opt = run.c, run.params, run.opt
         if run.start >= c.steps:
-            say(f'already trained {run.start} steps (--steps={c.steps}); nothing to do')
+            run.say(f'already trained {run.start} steps (--steps={c.steps}); nothing to do')
             return params
-        meter = Meter(c, run)                 # time, tokens/s, MFU and dollars; the profiler
-        guard = held.enter_context(Guard(c))  # signals stop training with a checkpoint; so does divergence
-        log = held.enter_context(open_log(os.path.join(c.out, 'log.jsonl')) if is_process0() else open(os.devnull, 'wb'))
-        held.enter_context(jax.set_mesh(run.mesh))
-        say(run.compiled_note)
         val = {}
         for step in range(run.start, c.steps):
-            with meter.profile(step):
-                params, opt, stats = run.step(params, opt, next(run.batches))  # train_step, on the run's devices
-            guard.check(stats, step)  # the step before this one, once done
+            params, opt, stats = run.step(params, opt, step)
             done = step + 1
-            record = meter.progress_line(done, stats) if done % c.log_every == 0 or done == c.steps else {}
-            with meter.aside():  # evaluation and checkpoints are not step time
-                if done % c.eval_every == 0 or done == c.steps:
-                    val = evaluate(run.eval, params, run.vals, run.meta, done)
-                    record |= val
-                record |= task_scores(params, run, done)  # --hellaswag_every
-                if record:
-                    append(log, {'step': done, 'tokens': meter.tokens(done)} | record)
-                stopping = guard.stop_requested()
-                if done % c.ckpt_every == 0 or done == c.steps or stopping or done == warmdown_start(c):
-                    guard.check_params(params, stats, done)
-                    save(c, {'params': params, 'opt': opt}, run.meta, meter.clock()['elapsed'], meter.tokens(done))
-                    guard.stop_if(stopping, done)
-        summary = meter.summary(val.get('val_loss'))
-        append(log, {'step': c.steps, 'summary': summary})
-        say(summary_line(c.steps, summary, run.price_note))
+            record = run.progress(done, stats) if done % c.log_every == 0 or done == c.steps else {}
+            evals = run.evaluate(params, done)
+            val = evals if 'val_loss' in evals else val
+            if record or evals:
+                run.log({'step': done, **record, **evals})
+            stopping = run.stop_requested()
+            if done % c.ckpt_every == 0 or done == c.steps or stopping or done == warmdown_start(c):
+                run.save(params, opt, done)
+        run.finish(val)
         return params
-
-
-def evaluate(eval_fn, params, vals, meta, step):
-    """Validation loss over the fixed val batches (and bits per byte when meta.json says how
-    many bytes a token is): printed, and returned as log fields."""
-    val_loss = as_floats(eval_fn(params, vals))
-    record = {'step': step, 'val_loss': val_loss}
-    line = f'step {step:6d} | val loss {val_loss:.4f}'
-    if meta.get('bytes_per_token'):
-        record['val_bpb'] = val_loss / math.log(2) / meta['bytes_per_token']
-        line += f" | val bits/byte {record['val_bpb']:.4f}"
-    say(line)
-    return record
 
 
 # ----------------------------------------------------------------------------------------------
@@ -1012,7 +1004,7 @@ class Config(GPTConfig):
 # vocabulary) is shaped for a TPU's 128/256-wide matrix units: head_dim 256, one KV head, dims
 # multiples of 256, and no logit soft-cap (its tanh over every logit cost 8% of a v6e step:
 # docs/performance.md), and trains with Muon (it reached AdamW's loss in 0.7x the steps on two
-# texts, for an estimated 1.7% more per step on a TPU: README, "AdamW or Muon"). Each step is
+# texts, for an estimated 1.7% more per step on a TPU: docs/optimizers.md). Each step is
 # split into the fewest microbatches that fit the chip (--grad_accum=0, found by compiling).
 PRESETS = {
     'cpu': {},
@@ -1277,13 +1269,14 @@ def drop_output(stream):
 # ----------------------------------------------------------------------------------------------
 # Devices: one Mesh over every device (of every host) with a 'data' axis. Each batch is split
 # along it, so every device computes the gradient of its slice. Params and AdamW moments are
-# either replicated (one all-reduce of the gradients per step) or, with FSDP (ZeRO-3), split
-# along one large axis per weight (param_specs' fsdp_axis): the weights are all-gathered for the
-# forward pass and their gradients reduce-scattered (gathered_weights), so a model too big for one
-# chip trains on several. choose_fsdp picks by memory. mesh_train_step is Part I's train step made
-# of the same halves, batch_grads on every device and one optimizer_step. On CPU the mesh pays
-# off too: XLA threads small matmuls poorly, and splitting the batch over one virtual device per
-# core (--cpu_devices) ran the quickstart 1.4x faster on 2 cores.
+# either replicated (the gradients all-reduced) or, with FSDP (ZeRO-3), split along one large
+# axis per weight (param_specs' fsdp_axis): the weights are all-gathered for the forward pass and
+# their gradients summed back to the shards, so a model too big for one chip trains on several.
+# choose_fsdp picks by memory. Either way the step is Part I's train_step, compiled by XLA for the
+# mesh (GSPMD) from these shardings and Part I's `shard` annotations (each device computes its rows
+# of the batch with whole weights): no device code here repeats it (docs/multi-chip.md). On CPU
+# the mesh pays off too: XLA threads small matmuls poorly, and splitting the batch over one
+# virtual device per core (--cpu_devices) ran the quickstart 1.4x faster on 2 cores.
 
 
 @functools.cache
@@ -1462,7 +1455,7 @@ def local_blocks(windows, idx, mesh, c, what):
     blocks = []
     for device, index in batch_sharding(mesh, len(shape)).addressable_devices_indices_map(shape).items():
         rows = idx[index[:-1]]
-        blocks.append((device, windows.get(rows.ravel()).reshape(rows.shape + (-1,))))
+        blocks.append((device, windows.get(rows)))
         check_vocab(blocks[-1][1], c, what)
     return blocks
 
@@ -1484,83 +1477,6 @@ def host_state(state):
         from jax.experimental import multihost_utils
         return multihost_utils.process_allgather(state, tiled=True)
     return jax.device_get(state)
-
-
-def on_devices(fn, params, batches, c, grads=False):
-    """Run fn(params, batches, c, whole, axis) on every device of the mesh (jax.set_mesh) with
-    shard_map, each device on its rows of the batches (split along their second axis) and its
-    params: replicated (data parallel, whole=None) or its FSDP shards, which whole(params)
-    assembles. Its output is replicated; with grads, a second output is sharded like the params.
-    Without a mesh of several devices, fn runs as it is."""
-    mesh = jax.sharding.get_abstract_mesh()
-    if mesh.empty or mesh.size == 1:
-        return fn(params, batches, c, None, None)
-    specs = jax.tree.map(lambda s: s.spec, state_shardings(c, mesh)['params'])
-    whole = gathered_weights(c) if use_fsdp(c, mesh) else None
-    # check_vma=False: Pallas kernels (splash) do not declare how their outputs vary over the mesh;
-    # and so a device's gradient of replicated params stays its own until device_grads' psum
-    return jax.shard_map(partial(fn, c=c, whole=whole, axis='data'), mesh=mesh, in_specs=(specs, P(None, 'data')),
-                         out_specs=(P(), specs) if grads else P(), check_vma=False)(params, batches)
-
-
-@partial(jax.jit, static_argnames='c', donate_argnums=(0, 1))
-def mesh_train_step(params, opt, batch, c):
-    """Part I's train_step on every device of the mesh: batch_grads of each device's rows, combined
-    over the devices (device_grads), then the same optimizer_step, on replicated or sharded state."""
-    loss, grads = on_devices(device_grads, params, batch, c, grads=True)
-    return optimizer_step(params, opt, loss, grads, c)
-
-
-@partial(jax.jit, static_argnames='c')
-def mesh_eval_loss(params, batches, c):
-    """Part I's eval_loss on every device of the mesh, each on its rows of the batches."""
-    return on_devices(device_loss, params, batches, c)
-
-
-def device_grads(params, batch, c, whole, axis):
-    """One device's part of a step (under on_devices): batch_grads of the rows it holds, then
-    combined over the devices once: data parallel sums the gradients in one all-reduce per step,
-    in the compute dtype (bf16 on TPU/GPU: half the bytes). With FSDP the loss is differentiated
-    through whole(shards), so the gradient of each gathered weight comes back already summed and
-    scattered to this device's shard (the transpose of the all-gather is a reduce-scatter, in the
-    compute dtype too), once per microbatch."""
-    if whole:
-        loss, grads = batch_grads(params, batch, c, lambda shards, mb, c: loss_fn(whole(shards), mb, c))
-    else:
-        loss, grads = batch_grads(params, batch, c)
-    if not axis:
-        return loss, grads
-    if not whole:
-        summed = jax.lax.psum(jax.tree.map(lambda g: g.astype(compute_dtype(c)), grads), axis)
-        grads = jax.tree.map(lambda g: g.astype(jnp.float32), summed)
-    n = jax.lax.axis_size(axis)
-    return jax.lax.pmean(loss, axis), jax.tree.map(lambda g: g / n, grads)
-
-
-def device_loss(params, batches, c, whole, axis):
-    """One device's part of evaluating: the mean loss of its rows of a stack of batches."""
-    loss = jnp.mean(jax.lax.map(lambda b: loss_fn(whole(params) if whole else params, b, c), batches))
-    return jax.lax.pmean(loss, axis) if axis else loss
-
-
-def gathered_weights(c):
-    """FSDP's whole(shards): every weight assembled from the devices' shards along the axis
-    param_specs names, sent and handed to Part I in the compute dtype (bf16 on TPU/GPU: half the
-    bytes; the model's own casts to it then do nothing, and its embedding lookup still sums the
-    rows of repeated tokens in fp32). Block weights are gathered one layer at a time, as the
-    unrolled model uses them. The gradient goes back by the transpose of each all-gather: a
-    reduce-scatter, in the compute dtype too."""
-    specs, dt = param_specs(c), compute_dtype(c)
-    gather = partial(jax.lax.all_gather, axis_name='data', tiled=True)
-
-    def layers(w, axis):  # a stack (L, ...) gathered layer by layer
-        sent = w.astype(dt)
-        return jnp.stack([gather(sent[l], axis=axis - 1) for l in range(c.n_layer)])
-
-    def whole(shards):
-        return {'layers': {k: layers(w, specs['layers'][k].fsdp_axis) for k, w in shards['layers'].items()},
-                **{k: gather(w.astype(dt), axis=specs[k].fsdp_axis) for k, w in shards.items() if k != 'layers'}}
-    return whole
 
 
 # ----------------------------------------------------------------------------------------------
@@ -1610,12 +1526,23 @@ def cudnn_attention(q, k, v, implementation='cudnn'):
     return t(jax.nn.dot_product_attention(t(q), t(k), t(v), is_causal=True, implementation=implementation))
 
 
+def per_device(kernel):
+    """kernel(q, k, v) run on each device's rows of the batch (shard_map) when a mesh of several
+    devices is set: XLA splits the rest of the step over the devices by itself, but not a Pallas
+    or cuDNN call, which it would otherwise run on the whole batch gathered onto every device."""
+    def run(q, k, v, c):
+        mesh = jax.sharding.get_abstract_mesh()
+        if mesh.empty or mesh.size == 1:
+            return kernel(q, k, v, c)
+        return jax.shard_map(lambda q, k, v: kernel(q, k, v, c), mesh=mesh, in_specs=P('data'), out_specs=P('data'),
+                             check_vma=False)(q, k, v)  # Pallas kernels do not say how they vary over the mesh
+    return run
+
+
 # Part I's causal_attention calls them by --attention's name (auto = xla until pick_attention
-# resolves it). On several devices they run inside shard_map (device_grads): a kernel sees only
-# this device's rows of the batch. Splash is built for the platform c compiles for: interpreted
-# off a TPU.
-FUSED_ATTENTION['splash'] = lambda q, k, v, c: splash_attention(q, k, v, interpret=backend(c) != 'tpu')
-FUSED_ATTENTION['cudnn'] = lambda q, k, v, c: cudnn_attention(q, k, v)
+# resolves it). Splash is built for the platform c compiles for: interpreted off a TPU.
+FUSED_ATTENTION['splash'] = per_device(lambda q, k, v, c: splash_attention(q, k, v, interpret=backend(c) != 'tpu'))
+FUSED_ATTENTION['cudnn'] = per_device(lambda q, k, v, c: cudnn_attention(q, k, v))
 
 
 def pick_attention(c, device=None):
@@ -1717,14 +1644,14 @@ def check_fits(compiled, also_resident, what, c, devices=1):
 
 
 def compile_step(params, opt, mesh, c):
-    """mesh_train_step compiled ahead of time for these arrays (or their shapes) and this config, called
-    as step(params, opt, batch), and checked against the device's memory: a clear error now
-    rather than an out-of-memory crash mid-run."""
+    """Part I's train_step compiled ahead of time for these arrays (or their shapes) as they are
+    sharded over the mesh, and for this config, called as step(params, opt, batch); checked
+    against the device's memory: a clear error now rather than an out-of-memory crash mid-run."""
     batch = jax.ShapeDtypeStruct((c.grad_accum, c.batch_size // c.grad_accum, c.seq_len + 1), jnp.int32,
                                  sharding=batch_sharding(mesh, 3))
-    # the new state comes out sharded as the old went in (Muon's share_layers would spread it)
+    # the new state comes out sharded as the old went in (Muon's shard annotation would spread it)
     state = state_shardings(c, mesh)
-    pinned = jax.jit(mesh_train_step, static_argnames='c', donate_argnums=(0, 1),
+    pinned = jax.jit(train_step, static_argnames='c', donate_argnums=(0, 1),
                      out_shardings=(state['params'], state['opt'], NamedSharding(mesh, P())))
     with jax.set_mesh(mesh):
         step = pinned.lower(params, opt, batch, c).compile()
@@ -1733,12 +1660,13 @@ def compile_step(params, opt, mesh, c):
 
 
 def compile_eval(params, opt, mesh, c):
-    """mesh_eval_loss compiled for the validation set in training's microbatches, called as
-    step(params, batches); checked against the memory it shares with the optimizer state."""
+    """Part I's eval_loss compiled for the validation set in training's microbatches, split over
+    the mesh, called as step(params, batches); checked against the memory it shares with the
+    optimizer state."""
     vals = jax.ShapeDtypeStruct((c.eval_batches * c.grad_accum, c.batch_size // c.grad_accum, c.seq_len + 1),
                                 jnp.int32, sharding=batch_sharding(mesh, 3))
     with jax.set_mesh(mesh):
-        step = mesh_eval_loss.lower(params, vals, c).compile()
+        step = eval_loss.lower(params, vals, c).compile()
     check_fits(step, resident_bytes(opt) * len(mesh.local_devices), 'eval', c, len(mesh.local_devices))
     return step
 
@@ -1795,107 +1723,151 @@ def buffer_note(m):
 
 
 # ----------------------------------------------------------------------------------------------
-# The run: what a training run starts from (Run, start_run: one run per --out, the log cut back
-# to the checkpoint it resumes), its clock (Meter: time, tokens/s, MFU, dollars) and its guard
-# (signals stop it with a checkpoint; so does divergence, before anything garbage is written).
+# The run: Part I's training loop runs with a TrainingRun, its Run made real: what it starts from
+# (one run per --out, the data and state checked, the log cut back to the checkpoint it resumes,
+# the step compiled for the devices), its clock (Meter: time, tokens/s, MFU, dollars) and its
+# guard (signals stop it with a checkpoint; so does divergence, before anything garbage is
+# written).
 
 
-@dataclass
-class Run:
-    """What a training run starts from, made by start_run."""
-    c: Config                 # with the vocabulary, the devices' choices and the microbatches resolved
-    mesh: Mesh
-    params: dict
-    opt: dict
-    start: int                # the first step to take (0, or the resumed checkpoint's)
-    meta: dict                # the data's meta.json
-    elapsed: float            # wall time of the earlier runs this one resumes
-    tokens: int               # tokens they trained on
-    t0: float                 # when this run began: start-up and compiling are paid for too
-    step: callable = None     # the compiled train step, step(params, opt, batch)
-    eval: callable = None     # the compiled eval step, eval(params, vals)
-    vals: object = None       # the validation set, on the devices
-    batches: object = None    # next(batches): the next training batch, on the devices
-    task: tuple = None        # --hellaswag_every: (examples, tokenizer)
-    price: float = None       # dollars per hour of all the chips, or None
-    price_note: str = ''
-    compiled_note: str = ''
+class TrainingRun(Run):
+    """Part I's Run on every device of every host, with the clock, the guard, a lock on --out, a
+    bucket and verified checkpoints. Entered (`with`), it starts: -> itself, holding what train()
+    reads (c with the vocabulary, the devices' choices and the microbatches resolved; params, opt,
+    start), and for its own methods the mesh, the compiled steps, the batches and the costs."""
 
+    def __init__(self, c):
+        self.c, self.held = c, contextlib.ExitStack()  # what the run holds until it ends: the lock, signals, the log
 
-def start_run(c, held):
-    """Everything training needs, in place: the data, the output directory (locked for as long as
-    `held`, an ExitStack, lasts; its log cut back to the checkpoint), the mesh, the state (fresh
-    or resumed), and unless there is nothing left to train, the compiled steps, the validation set,
-    the batches and the cost. -> Run"""
-    t0 = time.time()
-    if in_bucket(c.data):  # prepared data in a bucket: copied once into a local copy, read there
-        c = dataclasses.replace(c, data=fetch_prepared(c.data))  # every host: each reads its own copy
-    train_windows, val_windows, meta = load_data(c)
-    if meta.get('tokenizer_sha256'):  # a trained tokenizer: there and whole now, not after training, when it is needed
-        load_encoding(meta, c.data, os.path.join(c.data, 'meta.json'))
-    if 'vocab_size' in meta:
-        c = dataclasses.replace(c, vocab_size=int(meta['vocab_size']))
-    validate(c)
-    seen, there = c.steps * c.batch_size * c.seq_len, sum(len(s) for s in train_windows.shards)
-    if seen > there:
-        say(f'note: {c.steps:,} steps of {c.batch_size} x {c.seq_len} tokens read {seen:,} tokens, {seen / there:.1f} '
-            f'times the {there:,} training tokens in {c.data}: the model sees its data more than once')
-    c, mesh, device_note = setup_devices(c)
-    if in_bucket(c.out):  # a run kept in a bucket works in a local copy of it, uploaded as it goes
-        c = dataclasses.replace(c, out=held.enter_context(BucketRun(c.out, is_process0())).local)
-    try:
-        os.makedirs(c.out, exist_ok=True)
-    except OSError as e:
-        raise UserError(f'--out={c.out}: cannot create the directory ({e.strerror}); choose another --out')
-    if not os.access(c.out, os.W_OK):
-        raise UserError(f'--out={c.out}: directory is not writable; choose another --out')
-    if jax.process_index() == 0:
-        held.enter_context(only_run(c.out))  # before touching anything in it
-        for stale in glob.glob(os.path.join(c.out, '.tmp_ckpt_*')) + glob.glob(os.path.join(c.out, 'log.jsonl.tmp*')):
-            remove(stale)  # left by a crash while saving a checkpoint or rewriting the log
-        for path in not_checkpoints(c.out):
-            say(f'warning: {path} is not a checkpoint (a directory holding meta.json); ignored, and replaced '
-                'if a checkpoint of its step is written', file=sys.stderr)
-    shardings = state_shardings(c, mesh)
-    shapes = jax.eval_shape(lambda: fresh_state(c))
-    say(f'tinytpu | preset {c.preset} | {jax.default_backend()} x{mesh.size} '
-        f'({jax.devices()[0].device_kind}{f", {jax.process_count()} hosts" if jax.process_count() > 1 else ""}) '
-        f'| {count_params(shapes["params"]) / 1e6:.2f}M params | dtype {jnp.dtype(compute_dtype(c)).name} '
-        f'| {device_note} | data {c.data} -> {c.out}')
-    state, path, saved = restore(c, shapes, meta)
-    if meta.get('tokenizer_sha256') and is_process0():
-        keep_tokenizer(c, meta)
-    if path:
-        state, path, saved = same_schedule(c, shapes, state, path, saved)
-        say(f'resuming from {path}')
-        state = place(state, shardings)
-    else:
-        state = jax.jit(lambda: fresh_state(c), out_shardings=shardings)()
-    start, before = int(as_floats(state['opt']['step'])), saved.get('config', {})
-    tokens = saved.get('tokens', start * before.get('batch_size', 0) * before.get('seq_len', 0))  # older checkpoints
-    run = Run(c, mesh, state['params'], state['opt'], start, meta, saved.get('elapsed', 0.0), tokens, t0)
-    if jax.process_index() == 0:
-        trim_log(os.path.join(c.out, 'log.jsonl'), run.start)
-    if run.start >= c.steps:
-        return run
-    if c.hellaswag_every:  # read and checked before anything is compiled
-        if not meta.get('tokenizer'):
-            raise UserError(f'--hellaswag_every needs the tokenizer: {c.data} has no meta.json naming it')
-        run.task = read_task(task_file(c), c.task_limit), load_encoding(meta, c.data)
-    run.price, run.price_note = hourly_price(c, mesh)
-    say(f'cost: {run.price_note}')
-    t = time.time()
-    run.c, run.step, run.eval = compile_fitting_step(run.params, run.opt, mesh, c)
-    run.compiled_note = (f'compiled the train step in {time.time() - t:.1f}s | '
-                         f'{buffer_note(run.step.memory_analysis())}')
-    val_idx = val_indices(val_windows, run.c)
-    run.vals = put_batch(local_blocks(val_windows, val_idx, mesh, run.c, 'val split'),
-                         val_idx.shape + (run.c.seq_len + 1,), mesh)
-    shape = (run.c.grad_accum, run.c.batch_size // run.c.grad_accum, run.c.seq_len + 1)
-    blocks = prefetch(lambda k: local_blocks(train_windows, train_indices(train_windows, run.c, k), mesh, run.c,
-                                             f'train batch {k}'), run.start)
-    run.batches = (put_batch(b, shape, mesh) for b in blocks)
-    return run
+    def __enter__(self):
+        with self.held:  # released here if starting fails, else when the run ends (__exit__)
+            self.start_run(self.c)
+            self.held = self.held.pop_all()
+        return self
+
+    def __exit__(self, *exc):
+        self.held.close()
+
+    def start_run(self, c):
+        """Everything training needs, in place: the data, the output directory (locked; its log cut
+        back to the checkpoint), the mesh, the state (fresh or resumed), and unless there is nothing
+        left to train, the compiled steps, the validation set, the batches, the cost, the clock and
+        the guard."""
+        held, self.t0 = self.held, time.time()
+        if in_bucket(c.data):  # prepared data in a bucket: copied once into a local copy, read there
+            c = dataclasses.replace(c, data=fetch_prepared(c.data))  # every host: each reads its own copy
+        train_windows, val_windows, meta = load_data(c)
+        if meta.get('tokenizer_sha256'):  # a trained tokenizer: there and whole now, not after training, when it is needed
+            load_encoding(meta, c.data, os.path.join(c.data, 'meta.json'))
+        if 'vocab_size' in meta:
+            c = dataclasses.replace(c, vocab_size=int(meta['vocab_size']))
+        validate(c)
+        seen, there = c.steps * c.batch_size * c.seq_len, sum(len(s) for s in train_windows.shards)
+        if seen > there:
+            say(f'note: {c.steps:,} steps of {c.batch_size} x {c.seq_len} tokens read {seen:,} tokens, {seen / there:.1f} '
+                f'times the {there:,} training tokens in {c.data}: the model sees its data more than once')
+        c, mesh, device_note = setup_devices(c)
+        if in_bucket(c.out):  # a run kept in a bucket works in a local copy of it, uploaded as it goes
+            c = dataclasses.replace(c, out=held.enter_context(BucketRun(c.out, is_process0())).local)
+        try:
+            os.makedirs(c.out, exist_ok=True)
+        except OSError as e:
+            raise UserError(f'--out={c.out}: cannot create the directory ({e.strerror}); choose another --out')
+        if not os.access(c.out, os.W_OK):
+            raise UserError(f'--out={c.out}: directory is not writable; choose another --out')
+        if jax.process_index() == 0:
+            held.enter_context(only_run(c.out))  # before touching anything in it
+            for stale in glob.glob(os.path.join(c.out, '.tmp_ckpt_*')) + glob.glob(os.path.join(c.out, 'log.jsonl.tmp*')):
+                remove(stale)  # left by a crash while saving a checkpoint or rewriting the log
+            for path in not_checkpoints(c.out):
+                say(f'warning: {path} is not a checkpoint (a directory holding meta.json); ignored, and replaced '
+                    'if a checkpoint of its step is written', file=sys.stderr)
+        shardings = state_shardings(c, mesh)
+        shapes = jax.eval_shape(lambda: fresh_state(c))
+        say(f'tinytpu | preset {c.preset} | {jax.default_backend()} x{mesh.size} '
+            f'({jax.devices()[0].device_kind}{f", {jax.process_count()} hosts" if jax.process_count() > 1 else ""}) '
+            f'| {count_params(shapes["params"]) / 1e6:.2f}M params | dtype {jnp.dtype(compute_dtype(c)).name} '
+            f'| {device_note} | data {c.data} -> {c.out}')
+        state, path, saved = restore(c, shapes, meta)
+        if meta.get('tokenizer_sha256') and is_process0():
+            keep_tokenizer(c, meta)
+        if path:
+            state, path, saved = same_schedule(c, shapes, state, path, saved)
+            say(f'resuming from {path}')
+            state = place(state, shardings)
+        else:
+            state = jax.jit(lambda: fresh_state(c), out_shardings=shardings)()
+        self.c, self.mesh, self.meta, self.params, self.opt = c, mesh, meta, state['params'], state['opt']
+        self.start, before = int(as_floats(state['opt']['step'])), saved.get('config', {})
+        self.elapsed = saved.get('elapsed', 0.0)  # wall time of the earlier runs this one resumes
+        self.tokens = saved.get('tokens', self.start * before.get('batch_size', 0) * before.get('seq_len', 0))
+        if jax.process_index() == 0:
+            trim_log(os.path.join(c.out, 'log.jsonl'), self.start)
+        if self.start >= c.steps:
+            return
+        self.task = None
+        if c.hellaswag_every:  # read and checked before anything is compiled
+            if not meta.get('tokenizer'):
+                raise UserError(f'--hellaswag_every needs the tokenizer: {c.data} has no meta.json naming it')
+            self.task = read_task(task_file(c), c.task_limit), load_encoding(meta, c.data)
+        self.price, self.price_note = hourly_price(c, mesh)
+        say(f'cost: {self.price_note}')
+        t = time.time()
+        c, self.compiled, self.eval = compile_fitting_step(self.params, self.opt, mesh, c)
+        self.c = c
+        compiled_note = f'compiled the train step in {time.time() - t:.1f}s | {buffer_note(self.compiled.memory_analysis())}'
+        val_idx = val_indices(val_windows, c)
+        self.vals = put_batch(local_blocks(val_windows, val_idx, mesh, c, 'val split'), val_idx.shape + (c.seq_len + 1,), mesh)
+        shape = (c.grad_accum, c.batch_size // c.grad_accum, c.seq_len + 1)
+        blocks = prefetch(lambda k: local_blocks(train_windows, train_indices(train_windows, c, k), mesh, c,
+                                                 f'train batch {k}'), self.start)
+        self.batches = (put_batch(b, shape, mesh) for b in blocks)
+        self.meter = Meter(c, self)                 # time, tokens/s, MFU and dollars; the profiler
+        self.guard = held.enter_context(Guard(c))   # signals stop training with a checkpoint; so does divergence
+        self.log_file = held.enter_context(open_log(os.path.join(c.out, 'log.jsonl')) if is_process0()
+                                           else open(os.devnull, 'wb'))
+        held.enter_context(jax.set_mesh(mesh))
+        say(compiled_note)
+
+    def say(self, *args):
+        say(*args, flush=True)
+
+    def step(self, params, opt, step):
+        """Part I's train_step, compiled for the devices, on this host's share of the batch; the
+        step before it is checked for divergence meanwhile."""
+        with self.meter.profile(step):
+            params, opt, self.stats = self.compiled(params, opt, next(self.batches))
+        self.guard.check(self.stats, step)  # the step before this one, once done
+        return params, opt, self.stats
+
+    def progress(self, done, stats):
+        return self.meter.progress_line(done, stats)
+
+    def val_loss(self, params):
+        return as_floats(self.eval(params, self.vals))
+
+    def evaluate(self, params, done):
+        with self.meter.aside():  # evaluation is not step time
+            return super().evaluate(params, done) | task_scores(params, self, done)  # --hellaswag_every
+
+    def log(self, record):
+        append(self.log_file, {'step': record['step'], 'tokens': self.meter.tokens(record['step'])} | record)
+
+    def stop_requested(self):
+        with self.meter.aside():  # on several hosts, a collective
+            self.stopping = self.guard.stop_requested()
+        return self.stopping
+
+    def save(self, params, opt, done):
+        with self.meter.aside():  # nor are checkpoints
+            self.guard.check_params(params, self.stats, done)
+            save(self.c, {'params': params, 'opt': opt}, self.meta, self.meter.clock()['elapsed'], self.meter.tokens(done))
+        self.guard.stop_if(self.stopping, done)
+
+    def finish(self, val):
+        summary = self.meter.summary(val.get('val_loss'))
+        append(self.log_file, {'step': self.c.steps, 'summary': summary})
+        say(summary_line(self.c.steps, summary, self.price_note))
 
 
 @contextlib.contextmanager
@@ -3413,19 +3385,15 @@ def ending_logprob_sums(params, rows, c, mesh, tokens_per_device, what):
     return logp
 
 
-def device_ending_logprobs(params, batch, c, whole, axis):
-    """One device's rows (tokens (1, R, T+1), mask (1, R, T)): the summed log-probability of each
-    row's masked next tokens, gathered from every device. -> (R_all,) fp32"""
-    tokens, mask = batch['tokens'][0], batch['mask'][0]
-    logits = forward(whole(params) if whole else params, tokens[:, :-1], c)  # (R,T,V) fp32
-    target = jnp.take_along_axis(logits, tokens[:, 1:, None], -1)[..., 0]
-    logp = jnp.sum(jnp.where(mask, target - jax.nn.logsumexp(logits, -1), 0.0), -1)
-    return jax.lax.all_gather(logp, axis, tiled=True) if axis else logp
-
-
 @partial(jax.jit, static_argnames='c')
 def score_rows(params, batch, c):
-    return on_devices(device_ending_logprobs, params, batch, c)
+    """Rows (tokens (1, R, T+1), mask (1, R, T)), split over the devices: the summed
+    log-probability of each row's masked next tokens, on every device. -> (R,) fp32"""
+    tokens, mask = batch['tokens'][0], batch['mask'][0]
+    logits = forward(params, tokens[:, :-1], c)  # (R,T,V) fp32
+    target = jnp.take_along_axis(logits, tokens[:, 1:, None], -1)[..., 0]
+    logp = jnp.sum(jnp.where(mask, target - jax.nn.logsumexp(logits, -1), 0.0), -1)
+    return jax.lax.with_sharding_constraint(logp, P())
 
 
 def choice_accuracy(logp, counts, examples):
@@ -3785,7 +3753,7 @@ def sample(c, explicit):
     print()
 
 
-COMMANDS = {  # what --help says of each (usage, at the top of the file, reads this)
+COMMANDS = {  # what --help says of each (usage, below, reads this)
     'train': 'train a GPT, or continue the run in --out (the default command)',
     'sample': 'continue --prompt with the newest checkpoint in --out',
     'eval': 'score the newest checkpoint in --out on a multiple-choice task (--task)',
@@ -3796,10 +3764,42 @@ COMMANDS = {  # what --help says of each (usage, at the top of the file, reads t
 }
 
 
+def usage(source):
+    """Print --help, read from this file's source (so it answers before JAX loads): the COMMANDS,
+    then each setting (a GPTConfig or Config field) with its default and help. -> exit code 0"""
+    import textwrap
+    commands, presets, fields = {}, [], []
+    for node in ast.parse(source).body:
+        name = getattr(node, 'name', None) or getattr(getattr(node, 'targets', [None])[0], 'id', None)
+        if name == 'COMMANDS':
+            commands = ast.literal_eval(node.value)
+        elif name == 'PRESETS':
+            presets = [key.value for key in node.value.keys]
+        elif name in ('GPTConfig', 'Config'):
+            fields += [(f.target.id, *map(ast.literal_eval, f.value.args)) for f in node.body
+                       if isinstance(f.value, ast.Call) and getattr(f.value.func, 'id', None) == 'setting']
+    column, lines = 34, ['usage: python tinytpu.py [COMMAND] [--name=value ...]', '', 'commands:']
+    lines += [f'  {name:<8}{what}' for name, what in commands.items()]
+    lines += ['', f'settings, with their defaults (--preset={"|".join(presets)} sets groups of them; '
+                  'flags given win):']
+    for name, default, what in fields:
+        shown = str(default).lower() if type(default) is bool else \
+            default if type(default) is not str or (default.isprintable() and default.strip()) else repr(default)
+        flag = f'  --{name}={shown}'
+        wrapped = textwrap.wrap(what, 100 - column)
+        lines += [flag] if len(flag) >= column else []
+        lines += [(f'{flag:<{column}}' if i == 0 and len(flag) < column else ' ' * column) + w
+                  for i, w in enumerate(wrapped)]
+    try:
+        print('\n'.join(lines), flush=True)
+    except BrokenPipeError:  # python tinytpu.py --help | head: the reader has what it wanted
+        os.dup2(os.open(os.devnull, os.O_WRONLY), sys.stdout.fileno())
+    return 0
+
+
 def main(argv):
     if any(a in ('-h', '--help', 'help') for a in argv):
-        print(usage(open(__file__, encoding='utf-8').read()))
-        return 0
+        return usage(open(__file__, encoding='utf-8').read())
     command = argv[0] if argv and not argv[0].startswith('-') else 'train'
     args = argv[1:] if argv and argv[0] == command else argv
     c = None
@@ -3818,7 +3818,7 @@ def main(argv):
         init_distributed(flags)
         c = validate(make_config(flags, plan_backend(flags) if command == 'plan' else None))
         if command == 'train':
-            train(c)
+            train(c, TrainingRun(c))
         elif command == 'bench':
             bench(c)
         elif command == 'plan':

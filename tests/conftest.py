@@ -123,6 +123,11 @@ def run_cli(*args, cwd=ROOT, timeout=600, optimized=False):
                           text=True, timeout=timeout, env=env)
 
 
+def train(c):
+    """What `python tinytpu.py` runs (main): Part I's train loop with Part II's TrainingRun."""
+    return tt.train(c, tt.TrainingRun(c))
+
+
 def run_main(capsys, *args):
     """tt.main(args) in this process, as run_cli runs the command line in a new one, for what needs
     no process of its own (one-line errors, plan): -> .returncode, .stdout, .stderr"""

@@ -15,7 +15,7 @@ import numpy as np
 import pytest
 
 import tinytpu as tt
-from conftest import ROOT, run_cli, tiny_config
+from conftest import ROOT, run_cli, tiny_config, train
 
 storage = pytest.importorskip('google.cloud.storage', reason='google-cloud-storage is an optional extra')
 emulator = pytest.importorskip('gcp_storage_emulator.server', reason='the tests need gcp-storage-emulator')
@@ -91,12 +91,12 @@ def test_a_run_killed_with_its_disk_lost_resumes_from_the_bucket_bitwise(byte_da
 @pytest.mark.slow
 def test_a_half_uploaded_checkpoint_is_never_loaded_and_is_cleaned(byte_data, tmp_path, bucket, capsys):
     out = 'gs://runs/half'
-    tt.train(tiny_config(data=byte_data, out=out, steps=4, ckpt_every=4, warmdown_frac=0.0))
+    train(tiny_config(data=byte_data, out=out, steps=4, ckpt_every=4, warmdown_frac=0.0))
     local = tt.local_copy(out)
     shutil.rmtree(local)
     bucket.blob('half/ckpt_00000008/state.npz').upload_from_string(b'the first part of an upload')  # no meta.json
     capsys.readouterr()
-    tt.train(tiny_config(data=byte_data, out=out, steps=6, ckpt_every=4, warmdown_frac=0.0))
+    train(tiny_config(data=byte_data, out=out, steps=6, ckpt_every=4, warmdown_frac=0.0))
     assert f'resuming from {os.path.join(local, "ckpt_00000004")}' in capsys.readouterr().out
     assert 'half/ckpt_00000008/state.npz' not in names(bucket, 'half/')
 
@@ -133,7 +133,7 @@ def test_a_bucket_that_stops_answering_is_retried_and_said(byte_data, bucket, mo
     monkeypatch.setattr(tt.time, 'sleep', lambda s: None)  # no real waiting between tries
     # one checkpoint (no warmdown, so none before it): which one the background upload meets first
     # must not depend on how fast the steps run (the warmdown's, at step 2, was met first under load)
-    tt.train(tiny_config(data=byte_data, out='gs://runs/flaky', steps=4, ckpt_every=4, warmdown_frac=0.0))
+    train(tiny_config(data=byte_data, out='gs://runs/flaky', steps=4, ckpt_every=4, warmdown_frac=0.0))
     err, out = capsys.readouterr()[::-1]
     assert err.count('could not upload ckpt_00000004/state.npz (upload ckpt_00000004/state.npz: ConnectionError') == 2
     assert 'trying again in 1s' in err and 'trying again in 2s' in err
@@ -148,7 +148,7 @@ def test_bench_history_and_plots_in_a_bucket(byte_data, tmp_path, bucket):
     tt.record_bench(tiny_config(out=out), {'chip': 'v5e', 'mfu': 0.3})
     assert tt.bench_mfu(tiny_config(out=out), tt.chip_named('v5e'))[0] == 0.3
     pytest.importorskip('matplotlib')
-    tt.train(tiny_config(data=byte_data, out=out, steps=4))
+    train(tiny_config(data=byte_data, out=out, steps=4))
     shutil.rmtree(tt.local_copy(out))
     assert tt.main(['plot', f'--out={out}', f'--plot_file={tmp_path / "loss.png"}']) == 0
     assert (tmp_path / 'loss.png').exists()
@@ -180,15 +180,15 @@ def test_data_prepared_into_a_bucket_is_copied_once_and_checked(tmp_path, bucket
     assert sorted(meta['sha256']) == ['train_000000.bin', 'val_000000.bin']
     shutil.rmtree(tmp_path / 'cache')  # a new VM
     capsys.readouterr()
-    tt.train(tiny_config(data=data, out=str(tmp_path / 'run'), steps=2))
+    train(tiny_config(data=data, out=str(tmp_path / 'run'), steps=2))
     out = capsys.readouterr().out
     assert 'copied gs://runs/data/shakespeare_byte/train_000000.bin (2.0 MB' in out
-    tt.train(tiny_config(data=data, out=str(tmp_path / 'run'), steps=4))  # copied once: not again
+    train(tiny_config(data=data, out=str(tmp_path / 'run'), steps=4))  # copied once: not again
     assert 'copied' not in capsys.readouterr().out
     shutil.rmtree(tmp_path / 'cache')
     bucket.blob('data/shakespeare_byte/val_000000.bin').upload_from_string(b'\0' * 1024)  # damaged in the bucket
     with pytest.raises(tt.PrepareError, match='val_000000.bin: its SHA-256 is not the one meta.json records'):
-        tt.train(tiny_config(data=data, out=str(tmp_path / 'run'), steps=6))
+        train(tiny_config(data=data, out=str(tmp_path / 'run'), steps=6))
 
 
 @pytest.mark.slow
@@ -201,7 +201,7 @@ def test_a_trained_tokenizer_goes_into_the_bucket_with_the_run(tmp_path, bucket,
     data = tmp_path / 'data'
     assert prepare.main(['text', f'--input={SHAKESPEARE}', '--tokenizer=bpe:512', f'--out={data}']) == 0
     out = 'gs://runs/bpe'
-    tt.train(tiny_config(data=str(data), out=out, steps=2))
+    train(tiny_config(data=str(data), out=out, steps=2))
     assert 'bpe/tokenizer.tiktoken' in names(bucket, 'bpe/')
     assert bucket.blob('bpe/tokenizer.tiktoken').download_as_bytes() == (data / 'tokenizer.tiktoken').read_bytes()
     shutil.rmtree(tmp_path / 'cache')  # a new VM: no local copy of the run ...

@@ -4,7 +4,7 @@ import json
 import pytest
 
 import tinytpu as tt
-from conftest import run_main, tiny_config
+from conftest import run_main, tiny_config, train
 
 
 def test_device_kinds_find_their_chip():
@@ -46,7 +46,7 @@ def test_cost_in_the_log_and_the_summary(byte_data, tmp_path):
     dollars) of the earlier run on."""
     c = tiny_config(data=byte_data, out=str(tmp_path), steps=4, ckpt_every=4, price_per_hour=3.6,
                     warmdown_frac=0.0)  # a constant LR: 6 steps continue the 4-step run from its end
-    tt.train(c)
+    train(c)
     records = [json.loads(line) for line in open(tmp_path / 'log.jsonl')]
     for r in records[:-1] + [records[-1]['summary']]:
         assert r['cost'] == pytest.approx(r['elapsed'] / 1000, rel=1e-12)
@@ -56,7 +56,7 @@ def test_cost_in_the_log_and_the_summary(byte_data, tmp_path):
     assert 0 < summary['mfu'] < 1
     saved = json.load(open(tmp_path / 'ckpt_00000004' / 'meta.json'))['elapsed']
     assert 0 < saved <= summary['elapsed']
-    tt.train(tt.dataclasses.replace(c, steps=6))
+    train(tt.dataclasses.replace(c, steps=6))
     records = [json.loads(line) for line in open(tmp_path / 'log.jsonl')]
     assert [r['step'] for r in records if 'summary' in r] == [4, 6]
     resumed = records[-1]['summary']

@@ -18,7 +18,7 @@ import numpy as np
 import pytest
 
 import tinytpu as tt
-from conftest import ROOT, run_cli, run_main, tiny_config, write_shard
+from conftest import ROOT, run_cli, run_main, tiny_config, train, write_shard
 
 TINY = ['--n_layer=2', '--d_model=32', '--n_head=2', '--n_kv_head=1', '--seq_len=16', '--context=16',
         '--batch_size=4', '--eval_batches=2', '--log_every=1', '--eval_every=100000', '--ckpt_every=100000']
@@ -109,7 +109,7 @@ def test_second_signal_stops_at_once(monkeypatch, capsys):
             signal.raise_signal(signal.SIGINT)
     assert {s: signal.getsignal(s) for s in inherited} == inherited  # handlers restored
 
-    def interrupted(c):
+    def interrupted(c, run=None):
         raise KeyboardInterrupt
 
     monkeypatch.setattr(tt, 'train', interrupted)
@@ -190,15 +190,15 @@ def test_damaged_newest_checkpoint_is_replaced_and_never_counted_as_kept(byte_da
     """ckpt 8 damaged: the run resumes from 4, trains back to 8 and replaces it (before the fix
     it kept the damaged one, printed "saved", and deleted the good 4 as the older of two)."""
     c = tiny_config(data=byte_data, out=str(tmp_path), keep_ckpts=2, steps=8, **tiny_shape())
-    tt.train(c)
+    train(c)
     assert [s for s, _ in tt.list_checkpoints(c.out)] == [4, 8]
     npz = tmp_path / 'ckpt_00000008' / 'state.npz'
     npz.write_bytes(npz.read_bytes()[:1000])
-    tt.train(c)
+    train(c)
     assert [s for s, _ in tt.list_checkpoints(c.out)] == [4, 8]
     assert all(tt.checkpoint_is_whole(p) for _, p in tt.list_checkpoints(c.out))
     (tmp_path / 'ckpt_00000008' / 'meta.json').unlink()  # no meta.json: not listed, still replaced
-    tt.train(c)
+    train(c)
     assert [s for s, _ in tt.list_checkpoints(c.out)] == [4, 8]
     assert tt.checkpoint_is_whole(str(tmp_path / 'ckpt_00000008'))
 
@@ -275,7 +275,7 @@ def test_crash_mid_save_leaves_previous_checkpoint(byte_data, tmp_path, monkeypa
     monkeypatch.undo()
     (tmp_path / '.tmp_ckpt_00000003_999').mkdir()  # as left by SIGKILL mid-save
     (tmp_path / '.tmp_ckpt_00000003_999' / 'state.npz').write_bytes(b'half')
-    tt.train(tiny_config(data=byte_data, out=str(tmp_path), steps=3, **tiny_shape()))
+    train(tiny_config(data=byte_data, out=str(tmp_path), steps=3, **tiny_shape()))
     assert not (tmp_path / '.tmp_ckpt_00000003_999').exists()
     assert [s for s, _ in tt.list_checkpoints(str(tmp_path))] == [1, 3]
 
@@ -456,14 +456,14 @@ def test_a_step_too_big_for_the_device_gets_smaller_microbatches(how, byte_data,
                 raise jax.errors.JaxRuntimeError('RESOURCE_EXHAUSTED: Ran out of memory in memory space hbm.')
             return compile_step(params, opt, mesh, c)
         monkeypatch.setattr(tt, 'compile_step', refusing)
-    fitted = tt.train(tiny_config(**flags, out=str(tmp_path / 'fitted'), grad_accum=1))
+    fitted = train(tiny_config(**flags, out=str(tmp_path / 'fitted'), grad_accum=1))
     out = capsys.readouterr().out
     assert 'microbatches of 8 sequences: using --grad_accum=2' in out
     assert 'microbatches of 4 sequences: using --grad_accum=4' in out
     meta = json.load(open(tmp_path / 'fitted' / 'ckpt_00000004' / 'meta.json'))
     assert meta['config']['grad_accum'] == 4
     monkeypatch.undo()
-    direct = tt.train(tiny_config(**flags, out=str(tmp_path / 'direct'), grad_accum=4))
+    direct = train(tiny_config(**flags, out=str(tmp_path / 'direct'), grad_accum=4))
     for a, b in zip(jax.tree.leaves(fitted), jax.tree.leaves(direct)):
         assert np.array_equal(a, b)
 
@@ -481,7 +481,7 @@ def test_the_memory_floor_is_checked_against_the_device(byte_data, tmp_path, mon
     c = tiny_config(data=byte_data, out=str(tmp_path / 'out'))
     fake_device_memory(monkeypatch, tt.least_memory(c, tt.make_mesh(c)) - 1)
     with pytest.raises(tt.UserError, match=r'0.0M params .* need at least 0.5 MiB per device but cpu has 0.5 MiB'):
-        tt.train(c)
+        train(c)
     assert not os.path.exists(c.out)
 
 
@@ -493,7 +493,7 @@ def test_a_step_that_cannot_fit_stops_before_training(byte_data, tmp_path, monke
     fake_device_memory(monkeypatch, tt.least_memory(c, tt.make_mesh(c)) + 1000)  # enough to get to compiling
     with pytest.raises(tt.UserError, match=rf'needs .* MiB per device with microbatches of {smallest} sequences, '
                                            r'but .* has 0.5 MiB; use more chips'):
-        tt.train(c)
+        train(c)
     assert tt.list_checkpoints(c.out) == [] and not os.path.exists(os.path.join(c.out, 'log.jsonl'))
 
 
@@ -503,11 +503,11 @@ def test_auto_microbatches_are_the_fewest_that_fit(byte_data, tmp_path, monkeypa
     settles on 2 microbatches of 4, and the run is exactly the run with --grad_accum=2."""
     flags = dict(data=byte_data, batch_size=8, steps=4)
     fake_device_memory(monkeypatch, compiled_need(tiny_config(**flags, grad_accum=2)))
-    fitted = tt.train(tiny_config(**flags, out=str(tmp_path / 'fitted'), grad_accum=0))
+    fitted = train(tiny_config(**flags, out=str(tmp_path / 'fitted'), grad_accum=0))
     assert 'microbatches of 4 sequences (--grad_accum=2): the fewest that fit' in capsys.readouterr().out
     assert json.load(open(tmp_path / 'fitted' / 'ckpt_00000004' / 'meta.json'))['config']['grad_accum'] == 2
     monkeypatch.undo()
-    direct = tt.train(tiny_config(**flags, out=str(tmp_path / 'direct'), grad_accum=2))
+    direct = train(tiny_config(**flags, out=str(tmp_path / 'direct'), grad_accum=2))
     for a, b in zip(jax.tree.leaves(fitted), jax.tree.leaves(direct)):
         assert np.array_equal(a, b)
 
@@ -526,7 +526,7 @@ def test_eval_step_counts_against_memory_with_the_optimizer_state(byte_data, tmp
     real = tt.resident_bytes  # "moments" as large as the memory:
     monkeypatch.setattr(tt, 'resident_bytes', lambda tree: limit if 'mu' in tree else real(tree))
     with pytest.raises(tt.UserError, match='the eval step needs .* per device with microbatches of 1 sequences, but'):
-        tt.train(c)
+        train(c)
     assert tt.list_checkpoints(c.out) == []
 
 
@@ -589,7 +589,7 @@ def test_log_through_a_symlink_is_refused(byte_data, tmp_path):
     out.mkdir()
     (out / 'log.jsonl').symlink_to(target)
     with pytest.raises(tt.UserError, match='log.jsonl is a symbolic link; refusing to write the log through links'):
-        tt.train(tiny_config(data=byte_data, out=str(out)))
+        train(tiny_config(data=byte_data, out=str(out)))
     assert target.read_text() == 'precious\n'
 
 
@@ -598,20 +598,20 @@ def test_log_through_a_symlink_is_refused(byte_data, tmp_path):
                                          ('optimizer', 'muon')])  # its state is the optimizer's own
 def test_resume_refuses_settings_that_change_what_the_weights_compute(field, value, byte_data, tmp_path):
     c = tiny_config(data=byte_data, out=str(tmp_path), steps=4)
-    tt.train(c)
+    train(c)
     with pytest.raises(tt.UserError, match=f'was trained with --{field}=.*, but this run has --{field}={value}'):
-        tt.train(tt.dataclasses.replace(c, steps=8, **{field: value}))
+        train(tt.dataclasses.replace(c, steps=8, **{field: value}))
 
 
 @pytest.mark.slow
 def test_resume_refuses_data_of_another_tokenizer(byte_data, tmp_path):
     c = tiny_config(data=byte_data, out=str(tmp_path / 'out'), steps=4)
-    tt.train(c)
+    train(c)
     meta = json.load(open(os.path.join(byte_data, 'meta.json')))
     with open(os.path.join(byte_data, 'meta.json'), 'w') as f:
         json.dump({**meta, 'tokenizer': 'cl100k_base'}, f)
     with pytest.raises(tt.UserError, match='trained on byte tokens, but --data=.* holds cl100k_base tokens'):
-        tt.train(tt.dataclasses.replace(c, steps=8))
+        train(tt.dataclasses.replace(c, steps=8))
 
 
 @pytest.mark.slow
@@ -661,7 +661,7 @@ def test_a_lock_or_log_that_is_a_link_is_refused_and_its_target_kept(byte_data, 
         out.mkdir()
         (out / name).symlink_to(notes)
         with pytest.raises(tt.UserError, match=f'{name} is a symbolic link; refusing to write'):
-            tt.train(tiny_config(data=byte_data, out=str(out), steps=2))
+            train(tiny_config(data=byte_data, out=str(out), steps=2))
         assert notes.read_text() == 'notes'
 
 
@@ -733,13 +733,13 @@ def test_things_named_like_checkpoints_are_not_taken_for_them(byte_data, tmp_pat
     """ckpt_² (int('²') was a traceback) and a plain file ckpt_00000004 (resumed past it silently,
     then left .tmp_ckpt_old_... behind for ever)."""
     c = tiny_config(data=byte_data, out=str(tmp_path), steps=2, ckpt_every=2, **tiny_shape())
-    tt.train(c)
+    train(c)
     (tmp_path / 'ckpt_²').mkdir()
     (tmp_path / 'ckpt_²' / 'meta.json').write_text((tmp_path / 'ckpt_00000002' / 'meta.json').read_text())
     (tmp_path / 'ckpt_00000004').write_text('not a checkpoint')
     assert [s for s, _ in tt.list_checkpoints(str(tmp_path))] == [1, 2]  # 1: before the warmdown
     capsys.readouterr()
-    tt.train(dataclasses.replace(c, steps=4))
+    train(dataclasses.replace(c, steps=4))
     err = capsys.readouterr().err
     assert 'ckpt_00000004 is not a checkpoint' in err and 'ckpt_² is not a checkpoint' in err
     assert [s for s, _ in tt.list_checkpoints(str(tmp_path))] == [2, 4]
@@ -756,7 +756,7 @@ def test_a_full_disk_while_logging_is_one_line_and_exit_2(byte_data, tmp_path):
     """A real write error (the file size limit: EFBIG, as a full disk gives ENOSPC) in the log:
     before the fix the one line was followed by three chained tracebacks and exit code 1."""
     import resource
-    tt.train(tiny_config(data=byte_data, out=str(tmp_path), steps=4, **tiny_shape()))
+    train(tiny_config(data=byte_data, out=str(tmp_path), steps=4, **tiny_shape()))
     limit = (tmp_path / 'log.jsonl').stat().st_size + 10
 
     def small_files():
@@ -788,8 +788,8 @@ def test_a_coordinator_whose_peers_never_come_says_so_in_one_line():
 @pytest.mark.slow
 def test_tokens_are_counted_across_a_resume_with_another_seq_len(byte_data, tmp_path):
     c = tiny_config(data=byte_data, out=str(tmp_path), steps=4, warmdown_frac=0.0, **tiny_shape())  # 4 x 16 a step
-    tt.train(c)
-    tt.train(dataclasses.replace(c, steps=8, seq_len=8))                          # 4 x 8
+    train(c)
+    train(dataclasses.replace(c, steps=8, seq_len=8))                          # 4 x 8
     logs = [json.loads(line) for line in open(tmp_path / 'log.jsonl')]
     assert [(r['step'], r['tokens']) for r in logs if 'loss' in r] == [(2, 128), (4, 256), (6, 320), (8, 384)]
     assert logs[-1]['summary']['tokens'] == 384

@@ -19,7 +19,7 @@ import pytest
 
 import prepare
 import tinytpu as tt
-from conftest import ROOT, SHAKESPEARE, HubHandler, tiny_config
+from conftest import HubHandler, ROOT, SHAKESPEARE, tiny_config, train
 
 pytest.importorskip('rustbpe', reason='rustbpe trains the tokenizers (pip install rustbpe)')
 TEXT = open(SHAKESPEARE, 'rb').read()
@@ -88,7 +88,7 @@ def test_the_tokenizer_goes_with_the_run_sample_eval_export_and_resume(bpe_data,
     out = str(tmp_path / 'run')
     meta = json.load(open(os.path.join(bpe_data, 'meta.json')))
     c = tiny_config(data=bpe_data, out=out, mlp='swiglu', logit_softcap=0.0, steps=4)
-    tt.train(c)
+    train(c)
     copy = os.path.join(out, 'tokenizer.tiktoken')  # the run keeps its tokenizer beside its checkpoints
     assert open(copy, 'rb').read() == open(os.path.join(bpe_data, 'tokenizer.tiktoken'), 'rb').read()
     ckpt = json.load(open(os.path.join(tt.list_checkpoints(out)[-1][1], 'meta.json')))
@@ -126,22 +126,22 @@ def test_the_tokenizer_goes_with_the_run_sample_eval_export_and_resume(bpe_data,
 @pytest.mark.slow
 def test_data_of_another_trained_tokenizer_is_refused_and_dir_reuses_one(bpe_data, tmp_path):
     out = str(tmp_path / 'run')
-    tt.train(tiny_config(data=bpe_data, out=out, steps=2))
+    train(tiny_config(data=bpe_data, out=out, steps=2))
     other = prepare_bpe(tmp_path / 'other', '--tokenizer_bytes=300000')  # bpe:1024 too, learned from less text
     with pytest.raises(tt.UserError, match=r'trained on bpe:1024 \(tokenizer.tiktoken SHA-256 [0-9a-f]{12}\) tokens, '
                                            r'but --data=.* holds bpe:1024 \(tokenizer.tiktoken SHA-256'):
-        tt.train(tiny_config(data=other, out=out, steps=4))
+        train(tiny_config(data=other, out=out, steps=4))
     # --tokenizer=DIR: the tokenizer of bpe_data, for other text: the run may go on with it
     moby = os.path.join(ROOT, 'tests', 'data', 'mobydick.txt')
     same = tmp_path / 'same'
     assert prepare.main(['text', f'--input={moby}', f'--tokenizer={bpe_data}', f'--out={same}']) == 0
     assert (same / 'tokenizer.tiktoken').read_bytes() == open(os.path.join(bpe_data, 'tokenizer.tiktoken'), 'rb').read()
     assert 'tokenizer_trained_on' in json.load(open(same / 'meta.json'))
-    tt.train(tiny_config(data=str(same), out=out, steps=4))
+    train(tiny_config(data=str(same), out=out, steps=4))
     assert tt.list_checkpoints(out)[-1][0] == 4
     os.remove(same / 'tokenizer.tiktoken')  # data whose tokenizer is gone is refused before training, not after
     with pytest.raises(tt.PrepareError, match='tokenizer.tiktoken: missing'):
-        tt.train(tiny_config(data=str(same), out=str(tmp_path / 'run2'), steps=2))
+        train(tiny_config(data=str(same), out=str(tmp_path / 'run2'), steps=2))
 
 
 @pytest.mark.parametrize('flag, says', [('--tokenizer=bpe:12', 'say bpe:N with N, the vocabulary size, from 258'),
@@ -228,7 +228,7 @@ def test_fineweb_edu_with_a_trained_tokenizer_learns_from_the_first_training_tex
     val = tokens(out / 'val_000000.bin')
     assert val[0] == 399 and enc.decode_bytes([t for t in val.tolist() if t != 399]) == \
         ''.join(docs['shard_01822.parquet']).encode()
-    tt.train(tiny_config(data=str(out), out=str(tmp_path / 'run'), steps=2))  # and trains
+    train(tiny_config(data=str(out), out=str(tmp_path / 'run'), steps=2))  # and trains
 
 
 def test_a_damaged_parquet_shard_is_removed_and_named(fineweb, tmp_path, capsys):

@@ -13,7 +13,7 @@ import numpy as np
 import pytest
 
 import tinytpu as tt
-from conftest import ROOT, run_cli, run_main, tiny_config, write_shard
+from conftest import ROOT, run_cli, run_main, tiny_config, train, write_shard
 
 
 @pytest.mark.slow
@@ -144,7 +144,7 @@ def test_training_lowers_loss_and_resume_is_bitwise_exact(byte_data, tmp_path, m
     """Train 8 steps in one go; then train the same run, crash it in step 6 (after the step-4
     checkpoint) and re-run it: the logged losses and the final params are bitwise equal."""
     flags = dict(data=byte_data, steps=8, ckpt_every=4, log_every=1, eval_every=4, lr=1e-2, optimizer=optimizer)
-    full = tt.train(tiny_config(**flags, out=str(tmp_path / 'full')))
+    full = train(tiny_config(**flags, out=str(tmp_path / 'full')))
     compile_step, calls = tt.compile_step, []
 
     def crashing_compile(*args):
@@ -160,10 +160,10 @@ def test_training_lowers_loss_and_resume_is_bitwise_exact(byte_data, tmp_path, m
 
     monkeypatch.setattr(tt, 'compile_step', crashing_compile)
     with pytest.raises(KeyboardInterrupt):
-        tt.train(tiny_config(**flags, out=str(tmp_path / 'split')))
+        train(tiny_config(**flags, out=str(tmp_path / 'split')))
     monkeypatch.undo()
     assert [s for s, _ in tt.list_checkpoints(str(tmp_path / 'split'))] == [4]
-    resumed = tt.train(tiny_config(**flags, out=str(tmp_path / 'split')))
+    resumed = train(tiny_config(**flags, out=str(tmp_path / 'split')))
     for a, b in zip(jax.tree.leaves(full), jax.tree.leaves(resumed)):
         assert np.array_equal(a, b)
     logs = [[json.loads(l) for l in open(tmp_path / run / 'log.jsonl')] for run in ('full', 'split')]
@@ -182,16 +182,16 @@ def test_training_further_continues_from_before_the_warmdown_bitwise(byte_data, 
     on from the checkpoint kept before the warmdown, says so, and ends bitwise equal to a run
     planned that long from the start."""
     flags = dict(data=byte_data, ckpt_every=100, log_every=1, eval_every=100, lr=1e-2, keep_ckpts=1)
-    planned = tt.train(tiny_config(**flags, steps=12, out=str(tmp_path / 'planned')))
-    tt.train(tiny_config(**flags, steps=8, out=str(tmp_path / 'further')))
+    planned = train(tiny_config(**flags, steps=12, out=str(tmp_path / 'planned')))
+    train(tiny_config(**flags, steps=8, out=str(tmp_path / 'further')))
     assert [s for s, _ in tt.list_checkpoints(str(tmp_path / 'further'))] == [4, 8]  # 4: before the warmdown, kept
     capsys.readouterr()
-    further = tt.train(tiny_config(**flags, steps=12, out=str(tmp_path / 'further')))
+    further = train(tiny_config(**flags, steps=12, out=str(tmp_path / 'further')))
     out = capsys.readouterr().out
     assert f'the LR schedule changed (--steps 8 -> 12): training further from {tmp_path / "further" / "ckpt_00000004"}' in out
     for a, b in zip(jax.tree.leaves(planned), jax.tree.leaves(further)):
         assert np.array_equal(a, b)
-    tt.train(tiny_config(**{**flags, 'lr': 5e-3}, steps=16, out=str(tmp_path / 'further')))  # none follows this one
+    train(tiny_config(**{**flags, 'lr': 5e-3}, steps=16, out=str(tmp_path / 'further')))  # none follows this one
     assert 'note: the LR schedule changed (--steps 12 -> 16, --lr 0.01 -> 0.005) and no checkpoint' in \
         capsys.readouterr().out
 
@@ -265,7 +265,7 @@ def test_readme_line_maps_cover_the_file_section_by_section():
     part_one = [name for name, start, _ in rows if start < part_two]
     assert part_one == ['Config', 'Model', 'Loss', 'Optimizers', 'Train step', 'Data', 'Checkpoints',
                         'Training loop', 'Sampling']
-    assert part_two - rows[0][1] < 870  # Part I stays short (714 lines with AdamW alone; Muon took ~80, the loss ~45)
+    assert part_two - rows[0][1] < 900  # Part I stays short (714 lines with AdamW alone; Muon took ~80, the loss ~45, the Run ~90)
 
 
 @pytest.mark.slow
@@ -289,7 +289,7 @@ def test_bench_reports_timing_flops_and_memory(tmp_path):
 
 @pytest.mark.slow
 def test_profile_steps_writes_a_trace(byte_data, tmp_path):
-    tt.train(tiny_config(data=byte_data, out=str(tmp_path), steps=5, profile_steps='2:4'))
+    train(tiny_config(data=byte_data, out=str(tmp_path), steps=5, profile_steps='2:4'))
     traces = glob.glob(str(tmp_path / 'profile' / '**' / '*.trace.json.gz'), recursive=True)
     assert len(traces) == 1
     for bad in ('5', '4:2', 'a:b'):
@@ -338,8 +338,8 @@ def test_no_libtpu_noise_on_a_machine_without_a_tpu(tmp_path):
 
 @pytest.mark.slow
 def test_training_says_when_it_will_see_its_data_more_than_once(byte_data, tmp_path, capsys):
-    tt.train(tiny_config(data=byte_data, out=str(tmp_path / 'a'), steps=2))     # 2 x 4 x 16 tokens of 60,000
+    train(tiny_config(data=byte_data, out=str(tmp_path / 'a'), steps=2))     # 2 x 4 x 16 tokens of 60,000
     assert 'sees its data more than once' not in capsys.readouterr().out
-    tt.train(tiny_config(data=byte_data, out=str(tmp_path / 'b'), steps=2, batch_size=2048, eval_batches=1))
+    train(tiny_config(data=byte_data, out=str(tmp_path / 'b'), steps=2, batch_size=2048, eval_batches=1))
     assert ('note: 2 steps of 2048 x 16 tokens read 65,536 tokens, 1.1 times the 60,000 training tokens in '
             f'{byte_data}: the model sees its data more than once') in capsys.readouterr().out
