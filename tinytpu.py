@@ -310,8 +310,12 @@ def forward_cached(params, tokens, cache, pos0, c):
 
 
 def output_logits(x, out, c):
-    """The final residual stream (B,T,D) @ out (D,V) as fp32 logits, padded vocab entries at -inf."""
-    logits = head_logits(x, out, c, wide_dtype(x.dtype))
+    """The final residual stream (B,T,D) @ out (D,V) as logits in the compute dtype (bf16 on a
+    TPU or GPU, as under PyTorch's autocast), then in fp32 for the softmax; soft-capped if c says
+    so, padded vocab entries at -inf."""
+    logits = jnp.einsum('BTD,DV->BTV', x, out).astype(wide_dtype(x.dtype))
+    if c.logit_softcap:
+        logits = c.logit_softcap * jnp.tanh(logits / c.logit_softcap)
     return jnp.where(jnp.arange(logits.shape[-1]) < c.vocab_size, logits, -jnp.inf)
 
 
@@ -324,10 +328,10 @@ def shard(x, *spec):
     return x if mesh.empty or mesh.size == 1 else jax.lax.with_sharding_constraint(x, P(*spec))
 
 
-def embed_tokens(table, tokens):
-    """The table's rows for tokens (B,T) -> (B,T,D) in its dtype, looked up in fp32 so that their
+def embed_tokens(table, tokens, dtype):
+    """The table's rows for tokens (B,T) -> (B,T,D) in dtype, looked up in fp32 so that their
     gradient sums the rows of a repeated token in fp32 (a bf16 scatter-add rounds at every add)."""
-    return table.astype(wide_dtype(table.dtype))[tokens].astype(table.dtype)
+    return table.astype(wide_dtype(table.dtype))[tokens].astype(dtype)
 
 
 def hidden(params, tokens, c, cache=None, pos0=0):
@@ -344,8 +348,8 @@ def hidden(params, tokens, c, cache=None, pos0=0):
         return shard(x, 'data'), cache
     if c.remat != 'none':
         block_fn = jax.checkpoint(block_fn, policy=REMAT[c.remat])
-    embed = shard(params['embed'].astype(dt))
-    x = shard(embed_tokens(embed, tokens), 'data')                       # (B,T,D)
+    embed = shard(params['embed'].astype(dt))                            # whole on every device
+    x = shard(embed_tokens(embed, tokens, dt), 'data')                   # (B,T,D), each device its rows
     if c.scan_layers:  # one compiled block, looped L times: compile time independent of depth
         def body(x, layer):
             w, layer_cache = layer
@@ -378,61 +382,20 @@ def param_count(c):
 
 
 # ----------------------------------------------------------------------------------------------
-# Loss: mean next-token cross-entropy, in nats per token: log-sum-exp of the logits minus the
-# target's logit. Its gradient is softmax(logits) - onehot(target), so the loss is written with its
-# own backward pass: the logits are made in the compute dtype (bf16 with --dtype=bfloat16, halving
-# the bytes of the largest array of the step) and only their fp32 log-sum-exp is kept, not the
-# fp32 logits and their gradient that JAX's own backward would store (docs/tpu-estimates.md says
-# what that saves). Rounding the logits to bf16, as nanoGPT and nanochat do under PyTorch's bf16
-# autocast, moved the loss by at most 0.0015 nats and its gradient by 1.3% on logits spread like a
-# trained model's (tests/test_model.py).
+# Loss: mean next-token cross-entropy, in nats per token: the log-sum-exp of the logits minus the
+# target's logit, which is -log softmax(logits)[target]. JAX differentiates it.
 
 
 def loss_fn(params, batch, c):
     """batch (B, T+1) int32: inputs are batch[:, :-1], targets batch[:, 1:]."""
     x, out, _ = hidden(params, batch[:, :-1], c)
-    return cross_entropy(x, out, batch[:, 1:], c)
+    return cross_entropy(output_logits(x, out, c), batch[:, 1:])
 
 
-def head_logits(x, w, c, dtype=None):
-    """x (B,T,D) @ w (D,V) as logits in dtype (default x's; accumulated in fp32 either way),
-    soft-capped if c says so."""
-    dtype = dtype or x.dtype
-    z = jnp.einsum('BTD,DV->BTV', x, w, preferred_element_type=dtype)
-    return (c.logit_softcap * jnp.tanh(z.astype(wide_dtype(dtype)) / c.logit_softcap)).astype(dtype) \
-        if c.logit_softcap else z
-
-
-@partial(jax.custom_vjp, nondiff_argnums=(3,))
-def cross_entropy(x, w, targets, c):
-    """Mean cross-entropy of the logits x @ w (vocab entries past c.vocab_size left out) against
-    targets (B,T)."""
-    return cross_entropy_fwd(x, w, targets, c)[0]
-
-
-def cross_entropy_fwd(x, w, targets, c):
-    z = head_logits(x, w, c)
-    z = jnp.where(jnp.arange(z.shape[-1]) < c.vocab_size, z.astype(wide_dtype(x.dtype)), -jnp.inf)  # fp32, in the fusion
-    lse = jax.nn.logsumexp(z, -1)
-    target = jnp.take_along_axis(z, targets[..., None], -1)[..., 0]
-    return jnp.mean(lse - target), (x, w, targets, lse)
-
-
-def cross_entropy_bwd(c, saved, g):
-    """d loss / d logits = (softmax - onehot(target)) / tokens, times the soft-cap's derivative;
-    made from logits recomputed from x and w (XLA reuses the forward's) and the saved lse."""
-    x, w, targets, lse = saved
-    z = head_logits(x, w, c).astype(lse.dtype)
-    dz = (jnp.exp(z - lse[..., None]) - jax.nn.one_hot(targets, z.shape[-1], dtype=z.dtype)) * (g / targets.size)
-    if c.logit_softcap:
-        dz = dz * (1 - jnp.square(z / c.logit_softcap))  # z is capped: tanh' = 1 - tanh^2
-    dz = jnp.where(jnp.arange(z.shape[-1]) < c.vocab_size, dz, 0.0).astype(x.dtype)
-    dx = jnp.einsum('BTV,DV->BTD', dz, w, preferred_element_type=wide_dtype(x.dtype)).astype(x.dtype)
-    dw = jnp.einsum('BTD,BTV->DV', x, dz, preferred_element_type=wide_dtype(x.dtype)).astype(w.dtype)
-    return dx, dw, None
-
-
-cross_entropy.defvjp(cross_entropy_fwd, cross_entropy_bwd)
+def cross_entropy(logits, targets):
+    """Mean cross-entropy of logits (B,T,V) fp32 against targets (B,T)."""
+    target = jnp.take_along_axis(logits, targets[..., None], -1)[..., 0]
+    return jnp.mean(jax.nn.logsumexp(logits, -1) - target)
 
 
 # ----------------------------------------------------------------------------------------------
