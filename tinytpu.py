@@ -632,12 +632,6 @@ def val_indices(windows, c):
     return idx.reshape(c.eval_batches * c.grad_accum, c.batch_size // c.grad_accum)
 
 
-def check_vocab(batch, c, what):
-    if batch.max() >= c.vocab_size:
-        raise UserError(f'--data={c.data}: {what} holds token id {batch.max()} but the vocabulary '
-                        f'has {c.vocab_size} tokens; the data was prepared with another tokenizer')
-
-
 def prefetch(make, start, depth=2):
     """Yield make(k) for k = start, start+1, ... computed in a background thread, so the
     accelerator never waits for the host to gather tokens. Errors re-raise in the consumer."""
@@ -1409,6 +1403,12 @@ def state_bytes_per_device(c, mesh):
 def batch_sharding(mesh, ndim):
     """A stack (..., micro_batch, seq_len + 1) of batches, split along micro_batch."""
     return NamedSharding(mesh, P(*[None] * (ndim - 2), 'data', None))
+
+
+def check_vocab(batch, c, what):
+    if batch.max() >= c.vocab_size:
+        raise UserError(f'--data={c.data}: {what} holds token id {batch.max()} but the vocabulary '
+                        f'has {c.vocab_size} tokens; the data was prepared with another tokenizer')
 
 
 def local_blocks(windows, idx, mesh, c, what):
