@@ -745,9 +745,9 @@ class Run:
                                          grad_accum=c.grad_accum or 1)
         train, val = (TokenWindows(sorted(glob.glob(os.path.join(c.data, f'{split}_*.bin'))), c.seq_len + 1)
                       for split in ('train', 'val'))
-        state = fresh_state(c)
-        if list_checkpoints(c.out):  # resume: the newest checkpoint's arrays, in the fresh state's structure
-            with np.load(os.path.join(list_checkpoints(c.out)[-1][1], 'state.npz'), allow_pickle=False) as f:
+        state, saved = fresh_state(c), list_checkpoints(c.out)
+        if saved:  # resume: the newest checkpoint's arrays, in the fresh state's structure
+            with np.load(os.path.join(saved[-1][1], 'state.npz'), allow_pickle=False) as f:
                 state = jax.tree.map(jnp.asarray, read_checkpoint(f, state))
         self.params, self.opt, self.start = state['params'], state['opt'], int(state['opt']['step'])
         self.vals = val.get(val_indices(val, c))
@@ -3356,7 +3356,7 @@ def score_rows(params, batch, c):
     logits = forward(params, tokens[:, :-1], c)  # (R,T,V) fp32
     target = jnp.take_along_axis(logits, tokens[:, 1:, None], -1)[..., 0]
     logp = jnp.sum(jnp.where(mask, target - jax.nn.logsumexp(logits, -1), 0.0), -1)
-    return jax.lax.with_sharding_constraint(logp, P())
+    return shard(logp)  # whole on every device
 
 
 def choice_accuracy(logp, counts, examples):

@@ -125,7 +125,7 @@ def test_what_moves_between_devices_is_weights_and_gradients_never_activations()
     layer's or the embedding's, whole) and sums their gradients back. No collective moves an
     activation: none has the sequence length (24, which no weight has) among its dimensions."""
     script = '''
-import re, jax, tinytpu as tt
+import math, re, jax, tinytpu as tt
 tt.use_cpu_devices(8)
 for fsdp in ('false', 'true'):
     for opt in ('adamw', 'muon'):
@@ -148,7 +148,7 @@ for fsdp in ('false', 'true'):
         assert sum(map(math.prod, summed)) >= tt.count_params(state['params']) // 8, (fsdp, opt, summed)
 print('ok')
 '''
-    r = subprocess.run([sys.executable, '-c', 'import math\n' + script], cwd=ROOT, capture_output=True, text=True, timeout=300)
+    r = subprocess.run([sys.executable, '-c', script], cwd=ROOT, capture_output=True, text=True, timeout=300)
     assert r.returncode == 0 and r.stdout.strip() == 'ok', r.stderr[-3000:]
 
 
