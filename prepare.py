@@ -29,10 +29,8 @@ files' raw bytes. Runtime needs: requests, tiktoken, numpy.
 
 import base64
 import codecs
-import contextlib
 import glob
 import hashlib
-import itertools
 import json
 import math
 import multiprocessing
@@ -156,176 +154,6 @@ def read_json(path, schema):
         return None, 'not valid JSON'
     problem = field_problem(record, schema)
     return (None, problem) if problem else (record, None)
-
-
-# ----------------------------------------------------------------------------------------------
-# Cloud Storage (gs://BUCKET/PATH), for machines whose disks do not last (spot TPUs, Colab):
-# prepare.py --out=gs://... uploads what it prepared, tinytpu.py --data=gs://... copies it once to
-# a local copy and reads it there, --out=gs://... keeps a run (tinytpu's BucketRun). The client
-# is google-cloud-storage, an optional extra imported only here.
-
-def in_bucket(path):
-    return path.startswith('gs://')
-
-
-def local_copy(url):
-    """The local directory that stands for gs://BUCKET/PATH: ~/.cache/tinytpu/BUCKET/PATH (or
-    under $XDG_CACHE_HOME)."""
-    cache = os.environ.get('XDG_CACHE_HOME') or os.path.expanduser('~/.cache')
-    return os.path.join(cache, 'tinytpu', *url[len('gs://'):].strip('/').split('/'))
-
-
-class BucketDown(Exception):
-    """The bucket did not answer (network, server errors): worth retrying."""
-
-
-class Bucket:
-    """The objects under gs://BUCKET/PATH, named relative to it. Credentials are the machine's
-    (Application Default Credentials: TPU VMs and Colab have them); with STORAGE_EMULATOR_HOST set
-    the client talks to that emulator. A refusal (permission, no such bucket) is one line naming
-    the bucket; a bucket that does not answer raises BucketDown."""
-
-    def __init__(self, url):
-        try:
-            from google.api_core import exceptions
-            from google.cloud import storage
-        except ImportError:
-            raise PrepareError(f'{url}: a Cloud Storage path needs an optional extra: pip install google-cloud-storage')
-        name, _, path = url[len('gs://'):].partition('/')
-        if not re.fullmatch(r'[a-z0-9][a-z0-9._-]{1,220}[a-z0-9]', name):
-            raise PrepareError(f'{url}: not a bucket path; write gs://BUCKET/PATH')
-        self.url, self.prefix, self.errors = url.rstrip('/'), path.strip('/') + '/' if path.strip('/') else '', exceptions
-        try:
-            self.bucket = storage.Client().bucket(name)
-        except Exception as e:  # google.auth's DefaultCredentialsError, a bad project, ...
-            raise PrepareError(f'{url}: no Google Cloud credentials ({str(e).splitlines()[0][:120]}); on your own machine '
-                            'run `gcloud auth application-default login`')
-
-    def call(self, what, fn, *args, **kw):
-        """fn(*args, **kw), with the client's errors said as tinytpu's."""
-        try:
-            return fn(*args, **kw)
-        except self.errors.Forbidden as e:
-            raise PrepareError(f'{self.url}: permission denied to {what} ({e.message[:120]}); grant this machine\'s '
-                            'account Storage Object Admin on the bucket')
-        except self.errors.NotFound as e:
-            if 'bucket' in str(e).lower() and 'object' not in str(e).lower():
-                raise PrepareError(f'{self.url}: no such bucket; create it: gcloud storage buckets create gs://'
-                                f'{self.bucket.name} --location=REGION (the TPU\'s region)')
-            raise
-        except (self.errors.GoogleAPIError, requests.RequestException, OSError) as e:
-            if isinstance(e, (self.errors.PreconditionFailed, FileNotFoundError)):
-                raise
-            raise BucketDown(f'{what}: {type(e).__name__}: {str(e).splitlines()[0][:160] if str(e) else ""}')
-
-    def sizes(self, under=''):
-        """{name: bytes} of the objects under this path (and `under` in it)."""
-        blobs = self.call('list', lambda: list(self.bucket.client.list_blobs(self.bucket, prefix=self.prefix + under)))
-        return {b.name[len(self.prefix):]: b.size for b in blobs}
-
-    def blob(self, name):
-        return self.bucket.blob(self.prefix + name)
-
-    def upload(self, path, name):
-        self.call(f'upload {name}', self.blob(name).upload_from_filename, path)
-
-    def download(self, name, path):
-        """The object `name` into the file `path`, through a temporary file beside it."""
-        tmp = f'{path}.tmp{os.getpid()}'
-        try:
-            self.call(f'download {name}', self.blob(name).download_to_filename, tmp)
-            os.replace(tmp, path)
-        finally:
-            if os.path.exists(tmp):
-                os.remove(tmp)
-
-    def read(self, name):
-        """(bytes, generation) of an object, or (None, 0) where there is none."""
-        blob = self.call(f'read {name}', self.bucket.get_blob, self.prefix + name)
-        try:
-            return (None, 0) if blob is None else (self.call(f'read {name}', blob.download_as_bytes), blob.generation)
-        except self.errors.NotFound:  # deleted between the two
-            return None, 0
-
-    def write(self, name, data, generation=None):
-        """Replace an object by `data` whole; with `generation`, only if it is still that one
-        (0: only if there is none). -> the new generation, or None if the precondition failed."""
-        blob = self.blob(name)
-        try:
-            self.call(f'write {name}', blob.upload_from_string, data, if_generation_match=generation)
-        except self.errors.PreconditionFailed:
-            return None
-        return blob.generation
-
-    def delete(self, name):
-        with contextlib.suppress(self.errors.NotFound):
-            self.call(f'delete {name}', self.blob(name).delete)
-
-
-def retried(what, fn, *args, url='', say=print):
-    """fn(*args), tried again while the bucket does not answer (said, with a growing wait)."""
-    for attempt in itertools.count():
-        try:
-            return fn(*args)
-        except BucketDown as e:
-            wait = min(2 ** attempt, 60)
-            say(f'{url}: could not {what} ({e}); trying again in {wait}s', file=sys.stderr, flush=True)
-            time.sleep(wait)
-
-
-def upload_prepared(local, url):
-    """A prepared directory into gs://BUCKET/PATH: each file its meta.json lists (unless the bucket
-    already holds it, same size and SHA-256), then meta.json with every file's SHA-256 added, last:
-    as on disk, its presence means complete. A VM that trains on it checks each file it copies."""
-    bucket = Bucket(url)
-    meta = json.load(open(os.path.join(local, 'meta.json'), encoding='utf-8'))
-    names = prepared_files(meta)
-    there = retried('list the bucket', bucket.sizes, url=url)
-    before, _ = retried('read meta.json', bucket.read, 'meta.json', url=url)
-    before = json.loads(before).get('sha256', {}) if before else {}
-    hashes, sent, t = {}, [], time.time()
-    for name in names:
-        path = os.path.join(local, name)
-        hashes[name] = file_sha256(path)
-        if there.get(name) != os.path.getsize(path) or before.get(name) != hashes[name]:
-            retried(f'upload {name}', bucket.upload, path, name, url=url)
-            sent.append(os.path.getsize(path))
-    retried('write meta.json', bucket.write, 'meta.json', json.dumps({**meta, 'sha256': hashes}, indent=1).encode(), url=url)
-    print(f'uploaded {local} to {url}: {len(sent)} file(s), {sum(sent) / 1e6:,.1f} MB in {time.time() - t:.1f}s'
-          f'{f" ({len(names) - len(sent)} already there)" if len(sent) < len(names) else ""}')
-
-
-def fetch_prepared(url):
-    """gs://BUCKET/PATH of prepared data, copied once into its local copy: each file meta.json
-    lists, checked against the SHA-256 recorded there when it is downloaded; meta.json last.
-    -> the local directory"""
-    bucket, local = Bucket(url), local_copy(url)
-    data, _ = retried('read meta.json', bucket.read, 'meta.json', url=url)
-    if data is None:
-        raise PrepareError(f'--data={url}: no meta.json there; prepare it with python prepare.py DATASET --out={url}')
-    os.makedirs(local, exist_ok=True)
-    try:
-        hashes = json.loads(data)['sha256']
-        assert type(hashes) is dict and all(type(v) is str for v in hashes.values())
-    except (ValueError, KeyError, AssertionError):
-        raise PrepareError(f'{url}/meta.json: no SHA-256 of its files; upload it with python prepare.py DATASET --out={url}')
-    sizes = retried('list the bucket', bucket.sizes, url=url)
-    for name, sha in hashes.items():
-        path = os.path.join(local, os.path.basename(name))
-        if os.path.isfile(path) and os.path.getsize(path) == sizes.get(name):
-            continue  # checked when it was copied; written by a rename
-        t, part = time.time(), f'{path}.{os.getpid()}.part'
-        retried(f'download {name}', bucket.download, name, part, url=url)
-        if file_sha256(part) != sha:
-            os.remove(part)
-            raise PrepareError(f'{url}/{name}: its SHA-256 is not the one meta.json records; prepare it again')
-        os.replace(part, path)
-        print(f'copied {url}/{name} ({os.path.getsize(path) / 1e6:,.1f} MB in {time.time() - t:.1f}s)')
-    meta_path = os.path.join(local, 'meta.json')
-    with open(f'{meta_path}.{os.getpid()}.part', 'wb') as f:
-        f.write(data)
-    os.replace(f'{meta_path}.{os.getpid()}.part', meta_path)
-    return local
 
 
 # ----------------------------------------------------------------------------------------------
@@ -1443,13 +1271,10 @@ def main(argv):
     dataset = argv[0] if argv and not argv[0].startswith('-') else 'shakespeare'
     try:
         args = parse_flags(argv[1:] if argv and argv[0] == dataset else argv)
-        url = args.get('out') if in_bucket(args.get('out', '')) else None
-        if url:  # prepared in the bucket path's local copy, then uploaded
-            Bucket(url)  # a missing extra or credentials: said before the work, not after
-            args['out'] = local_copy(url)
-        out = prepare(dataset, args)
-        if url:
-            upload_prepared(out, url)
+        if args.get('out', '').startswith('gs://'):
+            raise PrepareError(f'--out={args["out"]}: prepare.py writes to a local directory; prepare it there '
+                               f'(--out=DIR), then upload it: gcloud storage rsync -r DIR {args["out"]} -x "^raw/"')
+        prepare(dataset, args)
     except (PrepareError, ValueError) as e:  # a mistake the user can fix: one line, exit 2 (as tinytpu's)
         print(f'error: {e}', file=sys.stderr)
         return 2

@@ -18,6 +18,7 @@ vocabulary, L layers.
 """
 
 import ast
+import base64
 import contextlib
 import dataclasses
 import errno
@@ -53,9 +54,9 @@ import jax  # noqa: E402
 import jax.numpy as jnp  # noqa: E402
 import numpy as np  # noqa: E402
 from jax.sharding import Mesh, NamedSharding, PartitionSpec as P  # noqa: E402
-from prepare import (DATA_META, HEADER_BYTES, TOKENIZER_FILE, Bucket, BucketDown, PrepareError, copy_file,  # noqa
-                     fetch_prepared, file_error, file_sha256, flag_value, in_bucket, integer, load_encoding, local_copy,
-                     number, optional, read_json, read_task, retried, shard_header, text)
+from prepare import (DATA_META, HEADER_BYTES, TOKENIZER_FILE, PrepareError, copy_file, field_problem,  # noqa
+                     file_error, file_sha256, flag_value, integer, load_encoding, number, optional, prepared_files,
+                     read_json, read_task, shard_header, text)
 
 # ==============================================================================================
 # Part I: the GPT. The model, its loss, AdamW and Muon, the train step, the data, checkpoints,
@@ -1718,7 +1719,7 @@ class TrainingRun(Run):
         the guard."""
         held, self.t0 = self.held, time.time()
         if in_bucket(c.data):  # prepared data in a bucket: copied once into a local copy, read there
-            c = dataclasses.replace(c, data=fetch_prepared(c.data))  # every host: each reads its own copy
+            c = dataclasses.replace(c, data=fetch_data(c.data))  # every host: each reads its own copy
         train_windows, val_windows, meta = load_data(c)
         if meta.get('tokenizer_sha256'):  # a trained tokenizer: there and whole now, not after training, when it is needed
             load_encoding(meta, c.data, os.path.join(c.data, 'meta.json'))
@@ -2506,21 +2507,183 @@ def vocab_from_shards(c, windows):
 
 
 # ----------------------------------------------------------------------------------------------
-# Runs kept in a Cloud Storage bucket (--out=gs://BUCKET/PATH), for spot TPUs and Colab, whose
-# disks go with the machine. The run works in a local copy of the bucket path (local_copy) as in
+# Cloud Storage (gs://BUCKET/PATH), for machines whose disks do not last (spot TPUs, Colab): the
+# one storage client: --data=gs://... copies prepared data (uploaded as it is, with
+# `gcloud storage rsync`) once into a local copy and reads it there; --out=gs://... keeps a run
+# (BucketRun, below). The client is google-cloud-storage, an optional extra imported only here.
+
+def in_bucket(path):
+    return path.startswith('gs://')
+
+
+def local_copy(url):
+    """The local directory that stands for gs://BUCKET/PATH: ~/.cache/tinytpu/BUCKET/PATH (or
+    under $XDG_CACHE_HOME)."""
+    cache = os.environ.get('XDG_CACHE_HOME') or os.path.expanduser('~/.cache')
+    return os.path.join(cache, 'tinytpu', *url[len('gs://'):].strip('/').split('/'))
+
+
+class BucketDown(Exception):
+    """The bucket did not answer (network, server errors): worth retrying."""
+
+
+class Bucket:
+    """The objects under gs://BUCKET/PATH, named relative to it. Credentials are the machine's
+    (Application Default Credentials: TPU VMs and Colab have them); with STORAGE_EMULATOR_HOST set
+    the client talks to that emulator. A refusal (permission, no such bucket) is one line naming
+    the bucket; a bucket that does not answer raises BucketDown."""
+
+    def __init__(self, url):
+        try:
+            import requests
+            from google.api_core import exceptions
+            from google.cloud import storage
+        except ImportError:
+            raise UserError(f'{url}: a Cloud Storage path needs an optional extra: pip install google-cloud-storage')
+        name, _, path = url[len('gs://'):].partition('/')
+        if not re.fullmatch(r'[a-z0-9][a-z0-9._-]{1,220}[a-z0-9]', name):
+            raise UserError(f'{url}: not a bucket path; write gs://BUCKET/PATH')
+        self.url, self.prefix, self.errors = url.rstrip('/'), path.strip('/') + '/' if path.strip('/') else '', exceptions
+        self.unanswered = (exceptions.GoogleAPIError, requests.RequestException, OSError)
+        try:
+            self.bucket = storage.Client().bucket(name)
+        except Exception as e:  # google.auth's DefaultCredentialsError, a bad project, ...
+            raise UserError(f'{url}: no Google Cloud credentials ({str(e).splitlines()[0][:120]}); on your own machine '
+                            'run `gcloud auth application-default login`')
+
+    def call(self, what, fn, *args, **kw):
+        """fn(*args, **kw), with the client's errors said as tinytpu's."""
+        try:
+            return fn(*args, **kw)
+        except self.errors.Forbidden as e:
+            raise UserError(f'{self.url}: permission denied to {what} ({e.message[:120]}); grant this machine\'s '
+                            'account Storage Object Admin on the bucket')
+        except self.errors.NotFound as e:
+            if 'bucket' in str(e).lower() and 'object' not in str(e).lower():
+                raise UserError(f'{self.url}: no such bucket; create it: gcloud storage buckets create gs://'
+                                f'{self.bucket.name} --location=REGION (the TPU\'s region)')
+            raise
+        except self.unanswered as e:
+            if isinstance(e, (self.errors.PreconditionFailed, FileNotFoundError)):
+                raise
+            raise BucketDown(f'{what}: {type(e).__name__}: {str(e).splitlines()[0][:160] if str(e) else ""}')
+
+    def objects(self):
+        """{name: (bytes, CRC32C)} of the objects under this path; the CRC32C (base64, as the bucket
+        records it for every object, composite ones too) checks a copy of it."""
+        blobs = self.call('list', lambda: list(self.bucket.client.list_blobs(self.bucket, prefix=self.prefix)))
+        return {b.name[len(self.prefix):]: (b.size, b.crc32c) for b in blobs}
+
+    def blob(self, name):
+        return self.bucket.blob(self.prefix + name)
+
+    def upload(self, path, name):
+        self.call(f'upload {name}', self.blob(name).upload_from_filename, path)
+
+    def download(self, name, path):
+        """The object `name` into the file `path`, through a temporary file beside it."""
+        tmp = f'{path}.tmp{os.getpid()}'
+        try:
+            self.call(f'download {name}', self.blob(name).download_to_filename, tmp)
+            os.replace(tmp, path)
+        finally:
+            if os.path.exists(tmp):
+                os.remove(tmp)
+
+    def read(self, name):
+        """(bytes, generation) of an object, or (None, 0) where there is none."""
+        blob = self.call(f'read {name}', self.bucket.get_blob, self.prefix + name)
+        try:
+            return (None, 0) if blob is None else (self.call(f'read {name}', blob.download_as_bytes), blob.generation)
+        except self.errors.NotFound:  # deleted between the two
+            return None, 0
+
+    def write(self, name, data, generation=None):
+        """Replace an object by `data` whole; with `generation`, only if it is still that one
+        (0: only if there is none). -> the new generation, or None if the precondition failed."""
+        blob = self.blob(name)
+        try:
+            self.call(f'write {name}', blob.upload_from_string, data, if_generation_match=generation)
+        except self.errors.PreconditionFailed:
+            return None
+        return blob.generation
+
+    def delete(self, name):
+        with contextlib.suppress(self.errors.NotFound):
+            self.call(f'delete {name}', self.blob(name).delete)
+
+    def retry(self, what, fn, *args):
+        """fn(*args), tried again while the bucket does not answer (said, with a growing wait)."""
+        for attempt in itertools.count():
+            try:
+                return fn(*args)
+            except BucketDown as e:
+                wait = min(2 ** attempt, 60)
+                say(f'{self.url}: could not {what} ({e}); trying again in {wait}s', file=sys.stderr, flush=True)
+                time.sleep(wait)
+
+
+def file_crc32c(path):
+    """A file's CRC32C as Cloud Storage writes it (base64 of 4 big-endian bytes)."""
+    import google_crc32c  # installed with google-cloud-storage
+    h = google_crc32c.Checksum()
+    with open(path, 'rb') as f:
+        for block in iter(lambda: f.read(1 << 22), b''):
+            h.update(block)
+    return base64.b64encode(h.digest()).decode()
+
+
+def fetch_data(url):
+    """--data=gs://BUCKET/PATH: a directory prepare.py made, copied into its local copy: each file
+    its meta.json lists, unless the local copy holds it with the bucket's CRC32C (downloaded
+    whole, then checked against it), and meta.json last, as on disk. -> the local directory"""
+    bucket, local = Bucket(url), local_copy(url)
+    data, _ = bucket.retry('read meta.json', bucket.read, 'meta.json')
+    upload = f'prepare the data here, then: gcloud storage rsync -r data/NAME {url} -x "^raw/"'
+    if data is None:
+        raise UserError(f'--data={url}: no meta.json there; {upload}')
+    try:
+        meta = json.loads(data)
+    except ValueError:
+        meta = None
+    problem = field_problem(meta, DATA_META)
+    if problem:
+        raise UserError(f'{url}/meta.json: {problem}; {upload}')
+    names = prepared_files(meta)
+    there = bucket.retry('list the bucket', bucket.objects)
+    os.makedirs(local, exist_ok=True)
+    for name in names:
+        if name not in there:
+            raise UserError(f'{url}/{name}: missing, and meta.json lists it (an upload cut short?); {upload}')
+        path = os.path.join(local, name)
+        if os.path.isfile(path) and file_crc32c(path) == there[name][1]:
+            continue  # the bucket's own bytes
+        t, part = time.time(), f'{path}.{os.getpid()}.part'
+        bucket.retry(f'download {name}', bucket.download, name, part)
+        if file_crc32c(part) != there[name][1]:
+            os.remove(part)
+            raise UserError(f'{url}/{name}: changed while it was copied, or damaged on the way; run again')
+        os.replace(part, path)
+        say(f'copied {url}/{name} ({size(there[name][0])} in {time.time() - t:.1f}s)')
+    with open(f'{local}/meta.json.{os.getpid()}.part', 'wb') as f:
+        f.write(data)
+    os.replace(f'{local}/meta.json.{os.getpid()}.part', os.path.join(local, 'meta.json'))
+    return local
+
+
+# A run kept in a bucket (--out=gs://BUCKET/PATH) works in a local copy of the bucket path as in
 # any --out, and each checkpoint it writes is uploaded in the background, state.npz first and its
 # meta.json last: in the bucket as on disk, a checkpoint with a meta.json is whole (meta.json
 # records state.npz's size and SHA-256, checked on loading). On a new VM with an empty disk the
 # same command downloads the whole checkpoints the run keeps, its log and its trained tokenizer
 # (if any), and goes on. One run per bucket path: a lock object, created only where none is,
-# refreshed while the run lives, taken over only when it has gone stale. The bucket is reached
-# through prepare.py's Bucket (google-cloud-storage, imported only for gs:// paths).
+# refreshed while the run lives, taken over only when it has gone stale.
 
-def bucket_checkpoints(sizes):
+def bucket_checkpoints(objects):
     """{step: [object names]} of the checkpoints in a bucket listing, and which are whole (their
     meta.json uploaded, which comes last) -> (whole steps, {step: names})"""
     found = {}
-    for name in sizes:
+    for name in objects:
         m = re.fullmatch(r'(ckpt_([0-9]+))/[^/]+', name)
         if m:
             found.setdefault(int(m[2]), []).append(name)
@@ -2604,7 +2767,7 @@ class BucketRun:
         """What a new VM lacks: the bucket's whole checkpoints (the few retention keeps) that the
         local copy does not hold whole, and the log. Process 0 also removes what a killed upload left (objects of a
         checkpoint with no meta.json), under the lock."""
-        sizes = self.retry('list the bucket', self.bucket.sizes)
+        sizes = self.bucket.retry('list the bucket', self.bucket.objects)
         whole, found = bucket_checkpoints(sizes)
         self.uploaded = set(whole)
         if self.lead:
@@ -2622,19 +2785,15 @@ class BucketRun:
                 os.makedirs(tmp)
                 for file in ('state.npz', 'meta.json'):
                     where = os.path.join(tmp, file)
-                    self.retry(f'download {name}/{file}', self.bucket.download, f'{name}/{file}', where)
+                    self.bucket.retry(f'download {name}/{file}', self.bucket.download, f'{name}/{file}', where)
                 if os.path.lexists(path):
                     discard(path)
                 os.rename(tmp, path)
-                say(f'downloaded {name} from {self.bucket.url} ({size(sizes[name + "/state.npz"])} in '
+                say(f'downloaded {name} from {self.bucket.url} ({size(sizes[name + "/state.npz"][0])} in '
                     f'{time.time() - t:.1f}s)')
         for name in ('log.jsonl', TOKENIZER_FILE):  # the log; a trained tokenizer (sample, eval, export read it)
             if name in sizes:
-                self.retry(f'download {name}', self.bucket.download, name, os.path.join(self.local, name))
-
-    def retry(self, what, fn, *args):
-        """fn(*args), tried again while the bucket does not answer (said, with a growing wait)."""
-        return retried(what, fn, *args, url=self.bucket.url, say=say)
+                self.bucket.retry(f'download {name}', self.bucket.download, name, os.path.join(self.local, name))
 
     def watch(self):
         """Upload each checkpoint that appears in the local copy (training writes them whole, by a
@@ -2659,7 +2818,7 @@ class BucketRun:
         self.upload_newest()
         log = os.path.join(self.local, 'log.jsonl')
         if os.path.exists(log) and not self.lost:
-            self.retry('upload log.jsonl', self.bucket.upload, log, 'log.jsonl')
+            self.bucket.retry('upload log.jsonl', self.bucket.upload, log, 'log.jsonl')
 
     def upload(self, path):
         """A checkpoint into the bucket: state.npz, then meta.json (from then on it is whole), then
@@ -2668,22 +2827,22 @@ class BucketRun:
         name, t = os.path.basename(path), time.time()
         try:
             for file in ('state.npz', 'meta.json'):
-                self.retry(f'upload {name}/{file}', self.bucket.upload, os.path.join(path, file), f'{name}/{file}')
+                self.bucket.retry(f'upload {name}/{file}', self.bucket.upload, os.path.join(path, file), f'{name}/{file}')
         except FileNotFoundError:
             return False  # deleted by retention meanwhile: a newer one is there to upload
         self.uploaded.add(int(name[5:]))
         log, tokenizer = os.path.join(self.local, 'log.jsonl'), os.path.join(self.local, TOKENIZER_FILE)
         if os.path.exists(log):
-            self.retry('upload log.jsonl', self.bucket.upload, log, 'log.jsonl')
+            self.bucket.retry('upload log.jsonl', self.bucket.upload, log, 'log.jsonl')
         if os.path.isfile(tokenizer) and not self.tokenizer_sent:  # once: a run's tokenizer never changes
-            self.retry(f'upload {TOKENIZER_FILE}', self.bucket.upload, tokenizer, TOKENIZER_FILE)
+            self.bucket.retry(f'upload {TOKENIZER_FILE}', self.bucket.upload, tokenizer, TOKENIZER_FILE)
             self.tokenizer_sent = True
         kept = {step for step, _ in list_checkpoints(self.local)}
-        whole, found = bucket_checkpoints(self.retry('list the bucket', self.bucket.sizes))
+        whole, found = bucket_checkpoints(self.bucket.retry('list the bucket', self.bucket.objects))
         for step, names in found.items():
             if step not in kept and step < whole[-1]:
                 for file in sorted(names, key=lambda n: not n.endswith('meta.json')):
-                    self.retry(f'delete {file}', self.bucket.delete, file)
+                    self.bucket.retry(f'delete {file}', self.bucket.delete, file)
                 self.uploaded.discard(step)
         say(f'uploaded {name} to {self.bucket.url} in {time.time() - t:.1f}s', flush=True)
         return True

@@ -167,28 +167,47 @@ def test_a_missing_bucket_is_one_line_naming_it(byte_data, bucket):
     assert 'gs://no-such-bucket/run: no such bucket; create it' in r.stderr
 
 
+def upload(directory, bucket, prefix):
+    """What `gcloud storage rsync -r DIR gs://runs/PREFIX -x "^raw/"` does (the README's upload)."""
+    for name in sorted(os.listdir(directory)):
+        if os.path.isfile(os.path.join(directory, name)):
+            bucket.blob(f'{prefix}/{name}').upload_from_filename(os.path.join(directory, name))
+
+
 @pytest.mark.slow
-def test_data_prepared_into_a_bucket_is_copied_once_and_checked(tmp_path, bucket, capsys):
-    """prepare.py --out=gs://... uploads the shards and a meta.json with their SHA-256, last; a VM
-    training on --data=gs://... copies them once, checks each, and trains as on local data."""
-    from conftest import SHAKESPEARE
+def test_data_in_a_bucket_is_copied_once_and_a_changed_file_again(tmp_path, bucket, capsys):
+    """Data prepared here and uploaded as it is: a VM training on --data=gs://... copies each file
+    meta.json lists once (checked against the bucket's CRC32C) and trains as on local data; a
+    local copy that no longer matches the bucket (the data prepared again, same sizes) is copied
+    again, never trusted for its size."""
     import prepare
-    data = 'gs://runs/data/shakespeare_byte'
+    from conftest import SHAKESPEARE
+    data = tmp_path / 'prepared'
     assert prepare.main(['shakespeare', '--tokenizer=byte', f'--input={SHAKESPEARE}', f'--out={data}']) == 0
-    assert names(bucket, 'data/') == [f'data/shakespeare_byte/{n}' for n in ('meta.json', 'train_000000.bin', 'val_000000.bin')]
-    meta = json.loads(bucket.blob('data/shakespeare_byte/meta.json').download_as_bytes())
-    assert sorted(meta['sha256']) == ['train_000000.bin', 'val_000000.bin']
-    shutil.rmtree(tmp_path / 'cache')  # a new VM
+    upload(data, bucket, 'data/shakespeare_byte')
+    url = 'gs://runs/data/shakespeare_byte'
     capsys.readouterr()
-    train(tiny_config(data=data, out=str(tmp_path / 'run'), steps=2))
+    train(tiny_config(data=url, out=str(tmp_path / 'run'), steps=2))
     out = capsys.readouterr().out
-    assert 'copied gs://runs/data/shakespeare_byte/train_000000.bin (2.0 MB' in out
-    train(tiny_config(data=data, out=str(tmp_path / 'run'), steps=4))  # copied once: not again
+    assert 'copied gs://runs/data/shakespeare_byte/train_000000.bin (1.9 MiB' in out
+    train(tiny_config(data=url, out=str(tmp_path / 'run'), steps=4))  # copied once: not again
     assert 'copied' not in capsys.readouterr().out
-    shutil.rmtree(tmp_path / 'cache')
-    bucket.blob('data/shakespeare_byte/val_000000.bin').upload_from_string(b'\0' * 1024)  # damaged in the bucket
-    with pytest.raises(tt.PrepareError, match='val_000000.bin: its SHA-256 is not the one meta.json records'):
-        train(tiny_config(data=data, out=str(tmp_path / 'run'), steps=6))
+    val = bytearray((data / 'val_000000.bin').read_bytes())
+    val[-100:] = val[-200:-100]  # prepared again: the same size, other tokens
+    bucket.blob('data/shakespeare_byte/val_000000.bin').upload_from_string(bytes(val))
+    train(tiny_config(data=url, out=str(tmp_path / 'run2'), steps=2))
+    out = capsys.readouterr().out
+    assert 'copied gs://runs/data/shakespeare_byte/val_000000.bin' in out and 'train_000000' not in out
+    assert (tmp_path / 'cache/tinytpu/runs/data/shakespeare_byte/val_000000.bin').read_bytes() == bytes(val)
+    bucket.blob('data/shakespeare_byte/train_000000.bin').delete()  # an upload cut short
+    with pytest.raises(tt.UserError, match='train_000000.bin: missing, and meta.json lists it'):
+        train(tiny_config(data=url, out=str(tmp_path / 'run3'), steps=2))
+
+
+def test_prepare_writes_locally_and_says_how_to_upload(tmp_path, capsys):
+    import prepare
+    assert prepare.main(['shakespeare', '--out=gs://runs/data/x']) == 2
+    assert 'gcloud storage rsync -r DIR gs://runs/data/x -x "^raw/"' in capsys.readouterr().err
 
 
 @pytest.mark.slow
