@@ -658,7 +658,7 @@ def prefetch(make, start, depth=2):
 # meta.json (step, config, tokenizer, the npz's size and SHA-256). A checkpoint is written into a
 # temporary directory and renamed into place, so a crash mid-write leaves the last one intact.
 # No pickle: arrays load with allow_pickle=False and metadata is JSON. Which checkpoints are kept,
-# and how a damaged or foreign one is found out, is Part II's (save_checkpoint, load_checkpoint).
+# and how a damaged or foreign one is found out, is Part II's (TrainingRun.save, check_checkpoint).
 
 
 def flatten(tree, prefix=''):
@@ -716,10 +716,11 @@ def write_checkpoint(out, state, c, meta_extra):
     return final
 
 
-def read_checkpoint(npz, template):
-    """The arrays of a checkpoint's state.npz, opened with np.load(path, allow_pickle=False) (no
-    pickle: loading runs no code), in the structure of `template` (arrays or shapes)."""
-    return unflatten_like(template, {k: npz[k] for k in flatten(template)})
+def read_checkpoint(path, template):
+    """The arrays of a checkpoint directory's state.npz in the structure of `template` (arrays or
+    shapes), as host arrays. No pickle: loading runs no code."""
+    with np.load(os.path.join(path, 'state.npz'), allow_pickle=False) as f:
+        return unflatten_like(template, {k: f[k] for k in flatten(template)})
 
 
 # ----------------------------------------------------------------------------------------------
@@ -748,8 +749,7 @@ class Run:
                       for split in ('train', 'val'))
         state, saved = fresh_state(c), list_checkpoints(c.out)
         if saved:  # resume: the newest checkpoint's arrays, in the fresh state's structure
-            with np.load(os.path.join(saved[-1][1], 'state.npz'), allow_pickle=False) as f:
-                state = jax.tree.map(jnp.asarray, read_checkpoint(f, state))
+            state = jax.tree.map(jnp.asarray, read_checkpoint(saved[-1][1], state))
         self.params, self.opt, self.start = state['params'], state['opt'], int(state['opt']['step'])
         self.vals = val.get(val_indices(val, c))
         self.batches = prefetch(lambda k: train.get(train_indices(train, c, k)), self.start)
@@ -1823,9 +1823,23 @@ class TrainingRun(Run):
         return self.stopping
 
     def save(self, params, opt, done):
+        """Part I's write_checkpoint, of the state gathered from every process, by process 0, with
+        the wall time and the tokens trained on so far (across resumes, whatever their --seq_len);
+        then only the newest --keep_ckpts are kept. A checkpoint already at this step is one this
+        run could not load (damaged: a whole one would have been resumed from): it is replaced."""
         with self.meter.aside():  # nor are checkpoints
             self.guard.check_params(params, self.stats, done)
-            save(self.c, {'params': params, 'opt': opt}, self.meta, self.meter.clock()['elapsed'], self.meter.tokens(done))
+            c, meta, state = self.c, self.meta, host_state({'params': params, 'opt': opt})  # every process takes part
+            extra = {'tokenizer': meta.get('tokenizer'), 'eot_id': meta.get('eot_id'),
+                     'elapsed': self.meter.clock()['elapsed'], 'tokens': self.meter.tokens(done),
+                     'before_warmdown': done == warmdown_start(c),  # kept, to be trained further
+                     **{k: meta[k] for k in ('tokenizer_sha256', 'tokenizer_pattern') if k in meta}}  # a trained tokenizer's
+            if is_process0():
+                if os.path.lexists(os.path.join(c.out, checkpoint_name(done))):
+                    discard(os.path.join(c.out, checkpoint_name(done)))
+                path = write_checkpoint(c.out, state, c, extra)
+                keep_newest(c.out, path, c.keep_ckpts)
+                say(f'saved {path}', flush=True)
         self.guard.stop_if(self.stopping, done)
 
     def finish(self, val):
@@ -2126,7 +2140,7 @@ def check_finite(stats, step, c):
 # ----------------------------------------------------------------------------------------------
 # Checkpoints and data that survive failures: around Part I's write_checkpoint and read_checkpoint,
 # each checkpoint is checked (its meta.json field by field, its state.npz's size and SHA-256)
-# before it is used or counted as kept (save_checkpoint, load_checkpoint); a damaged one is skipped
+# before it is used or counted as kept (check_checkpoint, keep_newest); a damaged one is skipped
 # for the one before it; one deleted while a reader lists them is looked for again. The data
 # directory is checked the same way (load_data); other trainers' directories are read as they are.
 
@@ -2135,48 +2149,23 @@ class CorruptCheckpoint(UserError):
     """A checkpoint whose files are damaged (truncated, wrong checksum, unreadable)."""
 
 
-def save_checkpoint(out, state, c, meta_extra):
-    """Part I's write_checkpoint, then keep the newest keep_ckpts. A checkpoint already at this
-    step is one this run could not load (damaged: a whole one would have been resumed from): the
-    new one replaces it."""
-    final = os.path.join(out, checkpoint_name(int(state['opt']['step'])))
-    if os.path.lexists(final):
-        discard(final)
-    keep_newest(out, write_checkpoint(out, state, c, meta_extra), c.keep_ckpts)
-    return final
-
-
-def load_checkpoint(path, template):
-    """Part I's read_checkpoint, after checking state.npz's size and hash, then every array's
-    name, shape and dtype against the template (a header can claim any size); and after it the
-    optimizer's step against meta.json's."""
-    meta = read_checkpoint_meta(path)
+def check_checkpoint(path, meta, template):
+    """Before Part I's read_checkpoint: state.npz has the size and SHA-256 its meta.json records,
+    every array the name, shape and dtype the template says (read from the headers: a header can
+    claim any size), and its optimizer step is meta.json's."""
     _, npz = checkpoint_files(path)
     want = {k: (tuple(x.shape), np.dtype(x.dtype)) for k, x in flatten(template).items()}
     try:
         if os.path.getsize(npz) != meta['state_bytes'] or file_sha256(npz) != meta['state_sha256']:
             raise CorruptCheckpoint(f'{npz}: truncated or not matching its checksum')
-        with np.load(npz, allow_pickle=False) as f:  # no pickle: loading runs no code
+        with np.load(npz, allow_pickle=False) as f:
             problem = npz_problem(f, want)
-            if problem:
-                raise CorruptCheckpoint(f'{npz}: {problem}')
-            state = read_checkpoint(f, template)
+            if not problem and 'opt/step' in want and int(f['opt/step']) != meta['step']:
+                problem = f'its optimizer step {int(f["opt/step"])} is not the step of its meta.json ({meta["step"]})'
     except (OSError, ValueError, KeyError, zipfile.BadZipFile) as e:
         raise CorruptCheckpoint(f'{npz}: unreadable ({getattr(e, "strerror", None) or e})')
-    if 'opt' in state and int(state['opt']['step']) != meta['step']:
-        raise CorruptCheckpoint(f'{npz}: its optimizer step {int(state["opt"]["step"])} is not the step of its '
-                                f'meta.json ({meta["step"]})')
-    return state  # host arrays
-
-
-def save(c, state, meta, elapsed, tokens):
-    """A checkpoint of the state, gathered from every process, written by process 0, with the wall
-    time and the tokens trained on so far (across resumes, whatever their --seq_len)."""
-    host = host_state(state)  # every process takes part
-    extra = {'tokenizer': meta.get('tokenizer'), 'eot_id': meta.get('eot_id'), 'elapsed': elapsed, 'tokens': tokens,
-             'before_warmdown': int(state['opt']['step']) == warmdown_start(c),  # kept, to be trained further
-             **{k: meta[k] for k in ('tokenizer_sha256', 'tokenizer_pattern') if k in meta}}  # a trained tokenizer's
-    say(f'saved {save_checkpoint(c.out, host, c, extra) if is_process0() else None}', flush=True)
+    if problem:
+        raise CorruptCheckpoint(f'{npz}: {problem}')
 
 
 def keep_newest(out, written, keep):
@@ -2370,7 +2359,8 @@ def restore(c, template, data=None):
             try:
                 meta = read_checkpoint_meta(path)
                 check_compatible(meta, c, path, data)
-                state = load_checkpoint(path, template)
+                check_checkpoint(path, meta, template)
+                state = read_checkpoint(path, template)
             except CorruptCheckpoint as e:
                 if not os.path.isdir(path):
                     break  # deleted under us: list again
@@ -2414,7 +2404,8 @@ def same_schedule(c, template, state, path, saved):
         try:
             meta = read_checkpoint_meta(candidate)
             if lr_history_agrees(meta['config'], c, earlier):
-                state = load_checkpoint(candidate, template)
+                check_checkpoint(candidate, meta, template)
+                state = read_checkpoint(candidate, template)
                 say(f'the LR schedule changed ({changed}): training further from {candidate}, the newest checkpoint '
                     'whose updates follow the new schedule; those after it are replaced as training passes their steps')
                 return state, candidate, meta

@@ -128,6 +128,19 @@ def train(c):
     return tt.train(c, tt.TrainingRun(c))
 
 
+def save_checkpoint(out, state, c, extra):
+    """A checkpoint as TrainingRun.save keeps it: Part I's write_checkpoint, then retention."""
+    path = tt.write_checkpoint(out, state, c, extra)
+    tt.keep_newest(out, path, c.keep_ckpts)
+    return path
+
+
+def load_checkpoint(path, template):
+    """A checkpoint as restore reads it: checked, then Part I's read_checkpoint."""
+    tt.check_checkpoint(path, tt.read_checkpoint_meta(path), template)
+    return tt.read_checkpoint(path, template)
+
+
 def run_main(capsys, *args):
     """tt.main(args) in this process, as run_cli runs the command line in a new one, for what needs
     no process of its own (one-line errors, plan): -> .returncode, .stdout, .stderr"""

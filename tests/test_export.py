@@ -11,7 +11,7 @@ import pytest
 
 import prepare
 import tinytpu as tt
-from conftest import SHAKESPEARE, forward, needs_gpt2, write_shard
+from conftest import SHAKESPEARE, forward, needs_gpt2, save_checkpoint, write_shard
 
 torch = pytest.importorskip('torch')
 transformers = pytest.importorskip('transformers')
@@ -116,7 +116,7 @@ def untrained(out, **settings):
     """A checkpoint of a freshly initialized model (step 0) in out, written as training writes one."""
     os.makedirs(out)
     c = tt.validate(tt.Config(**{'out': out, 'mlp': 'swiglu', 'n_layer': 1, 'd_model': 32, **settings}))
-    tt.save_checkpoint(out, tt.fresh_state(c), c, {'tokenizer': 'byte', 'eot_id': 256})
+    save_checkpoint(out, tt.fresh_state(c), c, {'tokenizer': 'byte', 'eot_id': 256})
     return out
 
 

@@ -18,7 +18,7 @@ import numpy as np
 import pytest
 
 import tinytpu as tt
-from conftest import ROOT, run_cli, run_main, tiny_config, train, write_shard
+from conftest import ROOT, run_cli, run_main, save_checkpoint, tiny_config, train, write_shard
 
 TINY = ['--n_layer=2', '--d_model=32', '--n_head=2', '--n_kv_head=1', '--seq_len=16', '--context=16',
         '--batch_size=4', '--eval_batches=2', '--log_every=1', '--eval_every=100000', '--ckpt_every=100000']
@@ -169,7 +169,7 @@ def make_checkpoints(out, steps=(1, 2)):
     state = template()
     for step in steps:
         state['opt']['step'] = np.int32(step)
-        tt.save_checkpoint(str(out), state, c, {'tokenizer': 'byte'})
+        save_checkpoint(str(out), state, c, {'tokenizer': 'byte'})
     return c
 
 
@@ -209,10 +209,10 @@ def test_retention_keeps_whole_checkpoints_only(tmp_path):
     npz.write_bytes(npz.read_bytes()[:1000])
     state = template()
     state['opt']['step'] = np.int32(4)
-    tt.save_checkpoint(str(tmp_path), state, c, {})
+    save_checkpoint(str(tmp_path), state, c, {})
     assert [s for s, _ in tt.list_checkpoints(str(tmp_path))] == [2, 3, 4]  # 2 and 4 kept; 3 newer than 2
     state['opt']['step'] = np.int32(5)
-    tt.save_checkpoint(str(tmp_path), state, c, {})
+    save_checkpoint(str(tmp_path), state, c, {})
     assert [s for s, _ in tt.list_checkpoints(str(tmp_path))] == [4, 5]
 
 
@@ -228,7 +228,7 @@ def test_sample_retries_when_the_checkpoint_it_reads_is_rotated_away(tmp_path, m
         if len(calls) == 1:
             state = template()
             state['opt']['step'] = np.int32(3)
-            tt.save_checkpoint(str(tmp_path), state, c, {'tokenizer': 'byte'})
+            save_checkpoint(str(tmp_path), state, c, {'tokenizer': 'byte'})
         return real(path)
 
     monkeypatch.setattr(tt, 'file_sha256', hash_while_training_saves)
@@ -270,7 +270,7 @@ def test_crash_mid_save_leaves_previous_checkpoint(byte_data, tmp_path, monkeypa
     state = template()
     state['opt']['step'] = np.int32(2)
     with pytest.raises(tt.UserError, match='could not write the step-2 checkpoint .No space left on device.'):
-        tt.save_checkpoint(str(tmp_path), state, c, {})
+        save_checkpoint(str(tmp_path), state, c, {})
     assert snapshot(tmp_path) == before
     monkeypatch.undo()
     (tmp_path / '.tmp_ckpt_00000003_999').mkdir()  # as left by SIGKILL mid-save

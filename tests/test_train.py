@@ -13,7 +13,7 @@ import numpy as np
 import pytest
 
 import tinytpu as tt
-from conftest import ROOT, run_cli, run_main, tiny_config, train, write_shard
+from conftest import ROOT, load_checkpoint, run_cli, run_main, save_checkpoint, tiny_config, train, write_shard
 
 
 @pytest.mark.slow
@@ -118,11 +118,11 @@ def test_checkpoint_round_trip_and_retention(tmp_path):
     opt = tt.adamw_init(params)
     for step in (1, 2, 3):
         opt = {**opt, 'step': jnp.array(step, jnp.int32)}
-        tt.save_checkpoint(str(tmp_path), {'params': params, 'opt': opt}, c, {'tokenizer': 'byte'})
+        save_checkpoint(str(tmp_path), {'params': params, 'opt': opt}, c, {'tokenizer': 'byte'})
     assert [s for s, _ in tt.list_checkpoints(str(tmp_path))] == [2, 3]
     path = tt.list_checkpoints(str(tmp_path))[-1][1]
     assert not [f for f in os.listdir(tmp_path) if f.startswith('.tmp')]
-    state = tt.load_checkpoint(path, {'params': params, 'opt': opt})
+    state = load_checkpoint(path, {'params': params, 'opt': opt})
     for a, b in zip(jax.tree.leaves(state), jax.tree.leaves({'params': params, 'opt': opt})):
         assert a.dtype == b.dtype and np.array_equal(a, b)
     meta = tt.read_checkpoint_meta(path)
@@ -135,7 +135,7 @@ def test_checkpoint_round_trip_and_retention(tmp_path):
         f.seek(100)
         f.write(bytes([byte[0] ^ 1]))
     with pytest.raises(tt.UserError, match='checksum'):
-        tt.load_checkpoint(path, {'params': params, 'opt': opt})
+        load_checkpoint(path, {'params': params, 'opt': opt})
 
 
 @pytest.mark.slow
