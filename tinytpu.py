@@ -61,14 +61,12 @@ from prepare import (DATA_META, HEADER_BYTES, TOKENIZER_FILE, PrepareError, copy
 # ==============================================================================================
 # Part I: the GPT. The model, its loss, AdamW and Muon, the train step, the data, checkpoints,
 # the training loop and sampling, in the order a step needs them. It is the program: alone, on one
-# device, train(GPTConfig(data=..., out=...)) trains a model. Part II runs these same functions for
-# real (on several chips and hosts, fitting memory, surviving failures, with costs, and the tools
-# around training), placing them on devices from outside; the training loop meets it only as a Run.
+# device, train(GPTConfig(data=..., out=...)) trains a model. Part II runs these same functions on
+# many chips and hosts, placing them from outside; the training loop meets it only as a Run.
 # ==============================================================================================
 
 # ----------------------------------------------------------------------------------------------
-# Config: the settings of the model and its training, one frozen dataclass (a static argument of
-# the jit-compiled functions). Part II's Config adds those of running it.
+# Config: one frozen dataclass (a static argument of the jit-compiled functions).
 
 
 def setting(default, doc):
@@ -78,8 +76,8 @@ def setting(default, doc):
 
 @dataclass(frozen=True)
 class GPTConfig:
-    """The settings of the model and of its training. Each is a flag, `--name=value`; Part II adds
-    those of running it (devices, costs, tools) in Config, which is what the functions receive."""
+    """The settings of the model and its training, each a flag `--name=value`; Part II's Config
+    adds those of running it (devices, costs, tools)."""
     data: str = setting('data/shakespeare_byte', 'directory with train_*.bin, val_*.bin, meta.json')
     out: str = setting('out/shakespeare_byte', 'directory for checkpoints and log.jsonl')
     # model shape
@@ -169,8 +167,7 @@ def compute_dtype(c):
 # ----------------------------------------------------------------------------------------------
 # Model: a decoder-only transformer, params as a nested dict of fp32 arrays. Block weights are
 # stacked on a leading L axis, so one layer's weights are `layers[name][l]`.
-#   - RMSNorm without a learned gain (modded-nanogpt): cheaper than LayerNorm, as good in
-#     practice; the matmul after it can learn any per-channel scale.
+#   - RMSNorm without a learned gain (modded-nanogpt): the matmul after it learns any scale.
 #   - RoPE: relative positions by rotating q and k; no learned position table, any length.
 #   - QK-norm: RMSNorm on q and k keeps attention logits bounded, so higher lrs stay stable.
 #   - Grouped-query attention: K <= N key/value heads shrink the KV cache N/K times.
@@ -180,8 +177,8 @@ def compute_dtype(c):
 
 
 class Weight(NamedTuple):
-    """One weight: its shape, its initialization, and its sharding annotation (as picodo writes
-    it, beside the shape): the axis Part II splits it along when params are sharded (FSDP)."""
+    """One weight: its shape, its initialization, and (as picodo writes it, beside the shape) the
+    axis Part II splits it along when params are sharded (FSDP)."""
     shape: tuple    # block weights are stacked on a leading L axis
     std: float      # initialized from Normal(0, std)
     fsdp_axis: int  # the large axis along which the weight is split over devices (FSDP)
@@ -254,9 +251,8 @@ def attention(q, k, v, q_pos, k_pos):
     return jnp.einsum('BNTS,BNSH->BNTH', weights.astype(v.dtype), v)
 
 
-# Fused attention kernels by name (--attention): kernel(q, k, v, c) computes attention(q, k, v, pos,
-# pos) over positions 0..T-1 without writing the T x T scores to memory. Part II adds splash (TPU)
-# and cuDNN (GPU); any other name, xla included, is the `attention` above.
+# Fused attention kernels by --attention's name: kernel(q, k, v, c) is attention over positions
+# 0..T-1 without the T x T scores in memory. Part II adds splash (TPU) and cuDNN (GPU).
 FUSED_ATTENTION = {}
 
 
@@ -295,25 +291,17 @@ REMAT = {'none': None, 'full': jax.checkpoint_policies.nothing_saveable,
          'dots': jax.checkpoint_policies.dots_with_no_batch_dims_saveable}
 
 
-def forward(params, tokens, c):
-    """tokens (B,T) int32 -> logits (B,T,V) fp32, padded vocab entries at -inf."""
-    x, out, _ = hidden(params, tokens, c)
-    return output_logits(x, out, c)
-
-
-def forward_cached(params, tokens, cache, pos0, c):
-    """Decoding: forward for tokens (B,T) at positions pos0.., which also attend over the keys
-    and values of the positions before them, kept in `cache` (per layer k, v, stacked:
-    (L,B,K,context,H)); this chunk's are written into it. -> (logits, the updated cache). That is
-    how sampling avoids recomputing the prefix."""
-    x, out, cache = hidden(params, tokens, c, cache, pos0)
-    return output_logits(x, out, c), cache
+def forward(params, tokens, c, cache=None, pos0=0):
+    """tokens (B,T) int32 -> logits (B,T,V) fp32, padded vocab entries at -inf. In decoding, tokens
+    at positions pos0.. also attend over the keys and values of those before, kept in `cache` (per
+    layer k, v: (L,B,K,context,H)); this chunk's are written in. -> (logits, the updated cache)"""
+    x, out, new_cache = hidden(params, tokens, c, cache, pos0)
+    return output_logits(x, out, c) if cache is None else (output_logits(x, out, c), new_cache)
 
 
 def output_logits(x, out, c):
-    """The final residual stream (B,T,D) @ out (D,V) as logits in the compute dtype (bf16 on a
-    TPU or GPU, as under PyTorch's autocast), then in fp32 for the softmax; soft-capped if c says
-    so, padded vocab entries at -inf."""
+    """x (B,T,D) @ out (D,V): logits in the compute dtype (as under PyTorch's autocast), then in fp32
+    for the softmax; soft-capped if c says so, padded vocab entries at -inf."""
     logits = jnp.einsum('BTD,DV->BTV', x, out).astype(wide_dtype(x.dtype))
     if c.logit_softcap:
         logits = c.logit_softcap * jnp.tanh(logits / c.logit_softcap)
@@ -321,10 +309,9 @@ def output_logits(x, out, c):
 
 
 def shard(x, *spec):
-    """A sharding annotation: when Part II runs the model on a mesh of several devices, x is split
-    over them along the axes spec names (P('data'): the first; P(): copied whole). XLA places every
-    other array of the step from such annotations and from the params' and batch's own. On one
-    device it changes nothing."""
+    """A sharding annotation: on a mesh of several devices (Part II's), x is split along the axes
+    spec names (P('data'): the first; P(): whole on each), and XLA places every other array of the
+    step from such annotations and the inputs'. On one device it changes nothing."""
     mesh = jax.sharding.get_abstract_mesh()
     return x if mesh.empty or mesh.size == 1 else jax.lax.with_sharding_constraint(x, P(*spec))
 
@@ -339,8 +326,7 @@ def hidden(params, tokens, c, cache=None, pos0=0):
     """The model up to its output layer: tokens (B,T) -> (the final normed residual stream
     (B,T,D), the output matrix (D,V), both in the compute dtype; the cache, if one is given)."""
     dt = compute_dtype(c)
-    T = tokens.shape[1]
-    pos = pos0 + jnp.arange(T)
+    pos = pos0 + jnp.arange(tokens.shape[1])
     rot = rope_table(pos, head_dim(c), c.rope_theta)
     layers = jax.tree.map(lambda w: w.astype(dt), params['layers'])
 
@@ -373,15 +359,6 @@ def init_cache(c, batch):
     return jnp.zeros(shape, compute_dtype(c)), jnp.zeros(shape, compute_dtype(c))
 
 
-def count_params(params):
-    return sum(x.size for x in jax.tree.leaves(params))
-
-
-def param_count(c):
-    """Parameters the config builds, from the weights' shapes alone (nothing is allocated)."""
-    return count_params(jax.eval_shape(lambda: init_params(c, jax.random.key(0))))
-
-
 # ----------------------------------------------------------------------------------------------
 # Loss: mean next-token cross-entropy, in nats per token: the log-sum-exp of the logits minus the
 # target's logit, which is -log softmax(logits)[target]. JAX differentiates it.
@@ -400,12 +377,9 @@ def cross_entropy(logits, targets):
 
 
 # ----------------------------------------------------------------------------------------------
-# Optimizers: AdamW written out with jax.tree.map over the parameter tree, and Muon (--optimizer=
-# muon) for the blocks' matrices. Under jit, the update of every weight is traced into one program
-# either way (a Python loop over the leaves gives the same jaxpr); what would be slow is calling a
-# jitted function once per leaf. AdamW's semantics match optax.chain(clip_by_global_norm, adamw):
-# bias-corrected moments and decoupled weight decay lr * wd * p, on every weight: all of this
-# model's are matrices (its RMSNorms have no gain).
+# Optimizers: AdamW written out with jax.tree.map over the parameter tree (under jit, every
+# weight's update is traced into one program), as optax.chain(clip_by_global_norm, adamw): bias-
+# corrected moments, decoupled weight decay on every weight; and Muon for the blocks' matrices.
 
 
 def lr_schedule(step, c):
@@ -421,25 +395,19 @@ def lr_schedule(step, c):
 
 
 def warmdown_start(c):
-    """Updates taken before the warmdown. Up to there a longer run's schedule is the same, so a
-    checkpoint of this step can be trained further (`--steps` raised) as if planned so from the
-    start: training writes and keeps one."""
+    """Updates before the warmdown. A longer run's schedule is the same up to there, so training
+    keeps a checkpoint of this step, to be trained further (`--steps` raised)."""
     return c.steps - round(c.warmdown_frac * c.steps)
 
 
 def adamw_init(params):
     zeros = lambda p: jnp.zeros_like(p, jnp.float32)
-    return {'step': jnp.zeros((), jnp.int32), 'mu': jax.tree.map(zeros, params),
-            'nu': jax.tree.map(zeros, params)}
-
-
-def global_norm(tree):
-    return jnp.sqrt(sum(jnp.sum(jnp.square(x)) for x in jax.tree.leaves(tree)))
+    return {'step': jnp.zeros((), jnp.int32), 'mu': jax.tree.map(zeros, params), 'nu': jax.tree.map(zeros, params)}
 
 
 def clipped(grads, c):
     """The gradient scaled to a global norm of at most grad_clip, and its norm before."""
-    grad_norm = global_norm(grads)
+    grad_norm = jnp.sqrt(sum(jnp.sum(jnp.square(g)) for g in jax.tree.leaves(grads)))
     clip = jnp.minimum(1.0, c.grad_clip / (grad_norm + 1e-12)) if c.grad_clip else 1.0
     return jax.tree.map(lambda g: g * clip, grads), grad_norm
 
@@ -453,35 +421,28 @@ def adamw_leaf(p, g, mu, nu, step, lr, c):
     return p - lr * (mu_hat / (jnp.sqrt(nu_hat) + c.eps) + c.weight_decay * p), mu, nu
 
 
-def unzip(out):
-    """A tree whose leaves are tuples -> a tuple of trees."""
-    return tuple(jax.tree.map(lambda t: t[i], out, is_leaf=lambda t: isinstance(t, tuple)) for i in range(3))
-
-
 def adamw_update(params, grads, opt, lr, c):
     """One AdamW step at learning rate lr, with global-norm clipping. -> new params, new opt state,
     the gradient's norm before clipping."""
     grads, grad_norm = clipped(grads, c)
     step = opt['step'] + 1
-    params, mu, nu = unzip(jax.tree.map(lambda p, g, m, v: adamw_leaf(p, g, m, v, step, lr, c),
-                                        params, grads, opt['mu'], opt['nu']))
+    new = jax.tree.map(lambda p, g, m, v: adamw_leaf(p, g, m, v, step, lr, c), params, grads, opt['mu'], opt['nu'])
+    params, mu, nu = (jax.tree.map(lambda t: t[i], new, is_leaf=lambda t: type(t) is tuple) for i in range(3))
     return params, {'step': step, 'mu': mu, 'nu': nu}, grad_norm
 
 
-# Muon (Keller Jordan, 2024; modded-nanogpt's speedrun and nanochat train with it): for the blocks'
-# matrices, momentum, then the update matrix replaced by the nearest one whose singular values
-# are all 1 (U V^T of its SVD U S V^T), so that every direction of the update moves at the same
-# rate; a few Newton-Schulz steps compute it without an SVD. The embedding (a lookup) and the
-# output layer stay on AdamW at lr; the matrices get --matrix_lr, on the same schedule.
+# Muon (Keller Jordan, 2024; modded-nanogpt and nanochat train with it): for the blocks' matrices,
+# momentum, then the update replaced by the nearest matrix whose singular values are all 1 (U V^T
+# of its SVD U S V^T): every direction moves at the same rate. Newton-Schulz steps compute it
+# without an SVD. The embedding and output layer stay on AdamW at lr; the matrices get --matrix_lr.
 
 NEWTON_SCHULZ = (3.4445, -4.7750, 2.0315)  # the quintic's coefficients, from Keller Jordan's Muon
 
 
 def orthogonalize(g, steps=5):
-    """g (..., m, n) -> about U V^T where g = U S V^T: on g / |g|, five steps of
-    x <- a x + (b A + c A^2) x with A = x x^T, in g's dtype, the short side first (A is the small
-    Gram matrix). The iteration pushes every singular value into about [0.7, 1.2], not exactly to
-    1: in practice as good, and cheap in bfloat16."""
+    """g (..., m, n) -> about U V^T where g = U S V^T: on g / |g|, five steps of x <- a x + (b A +
+    c A^2) x with A = x x^T (the short side first: A is the small Gram matrix), in g's dtype. They
+    move the singular values toward 1, not onto it (docs/optimizers.md): as good, and cheap in bf16."""
     a, b, c = NEWTON_SCHULZ
     tall = g.shape[-2] > g.shape[-1]
     x = jnp.swapaxes(g, -1, -2) if tall else g
@@ -495,9 +456,8 @@ def orthogonalize(g, steps=5):
 
 def muon_direction(name, u, c):
     """The orthogonalized update of one stacked weight (L, ...), as L matrices (in, out): qkv as
-    three, q, k and v (each its own projection), o as (N*H, D). Each is scaled by
-    sqrt(max(1, out / in)), Muon's rule: an orthogonal matrix's entries shrink as it widens, and
-    this keeps the update's size per output the same for the MLP's 4x wider up projection."""
+    three (q, k, v), o as (N*H, D); each scaled by sqrt(max(1, out / in)), Muon's rule, which keeps
+    the update's size per output the same for the MLP's wider up projection."""
     def orth(m):  # (L, in, out); on several devices each orthogonalizes its share of the L
         scale = max(1.0, m.shape[-1] / m.shape[-2]) ** 0.5
         return orthogonalize(shard(m.astype(compute_dtype(c)), 'data')).astype(m.dtype) * scale
@@ -512,11 +472,9 @@ def muon_direction(name, u, c):
 
 
 def muon_update(params, grads, opt, lr, c):
-    """One step: Muon for the blocks' matrices at lr * matrix_lr / c.lr (the schedule's shape),
-    AdamW at lr for the embedding and output layer; global-norm clipping first, decoupled weight
-    decay on both. opt['mu'] holds Muon's momentum for the matrices (opt['nu'] is AdamW's for the
-    rest; kept for the matrices too, unused, so both optimizers share one state layout). -> as
-    adamw_update"""
+    """One step: Muon for the blocks' matrices at lr * matrix_lr / c.lr (the schedule's shape), AdamW
+    at lr for the rest; clipping first, decoupled weight decay on both. opt['mu'] holds Muon's
+    momentum (opt['nu'] is AdamW's, kept unused for the matrices: one state layout). -> as adamw_update"""
     grads, grad_norm = clipped(grads, c)
     step = opt['step'] + 1
     matrix_lr = lr * c.matrix_lr / c.lr
@@ -526,8 +484,7 @@ def muon_update(params, grads, opt, lr, c):
         u = (1 - c.momentum) * g + c.momentum * m     # Nesterov: a look one step ahead
         return p - matrix_lr * (muon_direction(name, u, c) + c.weight_decay * p), m
 
-    new = {'layers': {}}
-    mu, nu = {'layers': {}}, {'layers': opt['nu']['layers']}
+    new, mu, nu = {'layers': {}}, {'layers': {}}, {'layers': opt['nu']['layers']}
     for name, p in params['layers'].items():
         new['layers'][name], mu['layers'][name] = muon(name, p, grads['layers'][name], opt['mu']['layers'][name])
     for name in sorted(params.keys() - {'layers'}):  # embed, unembed
@@ -537,9 +494,8 @@ def muon_update(params, grads, opt, lr, c):
 
 
 # ----------------------------------------------------------------------------------------------
-# Train step: one jit-compiled function, with the params and optimizer state donated (updated in
-# place, no second copy): the gradient of a batch (batch_grads), then an AdamW or Muon update
-# (optimizer_step). Part II compiles this same function for every device of the run.
+# Train step: one jit-compiled function, params and optimizer state donated (updated in place):
+# the gradient of a batch, then an AdamW or Muon update. Part II compiles it for every device.
 
 
 @partial(jax.jit, static_argnames='c', donate_argnums=(0, 1))
@@ -550,9 +506,8 @@ def train_step(params, opt, batch, c):
 
 
 def batch_grads(params, batch, c):
-    """The mean loss and gradient of a batch given as microbatches (grad_accum, B, T+1): the
-    gradients of the microbatches are summed under lax.scan, so grad_accum=4 gives the update of
-    one 4x larger batch at a quarter of the memory."""
+    """The mean loss and gradient of a batch of microbatches (grad_accum, B, T+1), summed under
+    lax.scan: grad_accum=4 gives the update of a 4x larger batch at a quarter of the memory."""
     def micro(grad_sum, mb):
         loss, grads = jax.value_and_grad(loss_fn)(params, mb, c)
         return jax.tree.map(jnp.add, grad_sum, grads), loss
@@ -581,10 +536,9 @@ def fresh_state(c):
 
 
 # ----------------------------------------------------------------------------------------------
-# Data: token shards in the llm.c / modded-nanogpt format (prepare.py owns it: a header of 256
-# int32, then the tokens), so their FineWeb shards load as is. Batch k is a pure function of
-# (seed, k): a resumed run sees exactly the batches of an uninterrupted one, with nothing to save
-# but the step.
+# Data: token shards in the llm.c / modded-nanogpt format (a header of 256 int32, then the
+# tokens), so their FineWeb shards load as is. Batch k is a pure function of (seed, k): a resumed
+# run sees exactly the batches of an uninterrupted one, with nothing to save but the step.
 
 
 def open_shard(path):
@@ -605,9 +559,8 @@ class TokenWindows:
         self.ends = np.cumsum([max(len(s) - window + 1, 0) for s in self.shards])
         self.count = int(self.ends[-1])
         if self.count == 0:
-            raise UserError(f'{os.path.dirname(paths[0])}: {", ".join(map(os.path.basename, paths[:3]))}'
-                            f'{" ..." if len(paths) > 3 else ""} hold fewer tokens than one window of {window} '
-                            '(seq_len + 1); use a smaller --seq_len or more data')
+            raise UserError(f'{os.path.dirname(paths[0])}: its shards hold fewer tokens than one window of '
+                            f'{window} (seq_len + 1); use a smaller --seq_len or more data')
 
     def get(self, idx):
         """Windows number idx (an int array of any shape) -> idx.shape + (window,) int32."""
@@ -619,46 +572,23 @@ class TokenWindows:
 
 
 def train_indices(windows, c, k):
-    """Which windows form batch k: batch_size draws from a generator seeded by (seed, k), as
-    (grad_accum, batch_size // grad_accum) microbatches. Cheap; the tokens are read later, by
-    each host for its own devices only."""
+    """Which windows form batch k: batch_size draws seeded by (seed, k), as (grad_accum,
+    batch_size // grad_accum) microbatches (each host reads the tokens of its own devices only)."""
     idx = np.random.default_rng([c.seed, k]).integers(0, windows.count, size=c.batch_size)
     return idx.reshape(c.grad_accum, c.batch_size // c.grad_accum)
 
 
 def val_indices(windows, c):
     """A fixed validation set: eval_batches * batch_size windows spread evenly over the split, in
-    training's microbatches (so evaluating needs no more memory than a training step)."""
+    training's microbatches (no more memory than a training step)."""
     idx = np.linspace(0, windows.count - 1, c.eval_batches * c.batch_size).astype(np.int64)
     return idx.reshape(c.eval_batches * c.grad_accum, c.batch_size // c.grad_accum)
 
 
-def prefetch(make, start, depth=2):
-    """Yield make(k) for k = start, start+1, ... computed in a background thread, so the
-    accelerator never waits for the host to gather tokens. Errors re-raise in the consumer."""
-    q = queue.Queue(depth)
-
-    def worker():
-        try:
-            for k in range(start, sys.maxsize):
-                q.put(make(k))
-        except BaseException as e:  # hand the error to the consumer
-            q.put(e)
-
-    threading.Thread(target=worker, daemon=True).start()
-    while True:
-        item = q.get()
-        if isinstance(item, BaseException):
-            raise item
-        yield item
-
-
 # ----------------------------------------------------------------------------------------------
-# Checkpoints: OUT/ckpt_<step>/ holds state.npz (every array: params, AdamW moments, step) and
-# meta.json (step, config, tokenizer, the npz's size and SHA-256). A checkpoint is written into a
-# temporary directory and renamed into place, so a crash mid-write leaves the last one intact.
-# No pickle: arrays load with allow_pickle=False and metadata is JSON. Which checkpoints are kept,
-# and how a damaged or foreign one is found out, is Part II's (TrainingRun.save, check_checkpoint).
+# Checkpoints: OUT/ckpt_<step>/ holds state.npz (every array: params, optimizer state, step) and
+# meta.json (step, config, tokenizer, the npz's size and SHA-256), written into a temporary
+# directory renamed into place: a crash mid-write leaves the last one intact. No pickle anywhere.
 
 
 def flatten(tree, prefix=''):
@@ -675,8 +605,7 @@ def unflatten_like(template, flat, prefix=''):
 
 
 def list_checkpoints(out):
-    """Finished checkpoints in `out`, oldest first, as (step, path): directories ckpt_<digits>
-    holding a meta.json. Anything else of that name is not a checkpoint (not_checkpoints says so)."""
+    """Finished checkpoints in `out`, oldest first, as (step, path): ckpt_<digits>/ with a meta.json."""
     found = []
     for path in glob.glob(os.path.join(out, 'ckpt_*')):
         name = os.path.basename(path)
@@ -695,24 +624,19 @@ def write_checkpoint(out, state, c, meta_extra):
     step = int(state['opt']['step'])
     final = os.path.join(out, checkpoint_name(step))
     tmp = os.path.join(out, f'.tmp_{checkpoint_name(step)}_{os.getpid()}')
-    try:
-        os.makedirs(tmp)
-        npz = os.path.join(tmp, 'state.npz')
-        with open(npz, 'wb') as f:
-            np.savez(f, **flatten(jax.device_get(state)))
-            f.flush()
-            os.fsync(f.fileno())
-        meta = {'format': 1, 'step': step, 'config': dataclasses.asdict(c), **meta_extra,
-                'state_bytes': os.path.getsize(npz), 'state_sha256': file_sha256(npz)}
-        with open(os.path.join(tmp, 'meta.json'), 'w') as f:
-            json.dump(meta, f, indent=1)
-            f.flush()
-            os.fsync(f.fileno())
-        os.rename(tmp, final)  # atomic: readers see the whole checkpoint or none of it
-    except OSError as e:
-        shutil.rmtree(tmp, ignore_errors=True)
-        raise UserError(f'{out}: could not write the step-{step} checkpoint ({e.strerror or e}); '
-                        'the previous checkpoint is intact; free some space and resume')
+    os.makedirs(tmp)
+    npz = os.path.join(tmp, 'state.npz')
+    with open(npz, 'wb') as f:
+        np.savez(f, **flatten(jax.device_get(state)))
+        f.flush()
+        os.fsync(f.fileno())  # on disk before the rename says it is there
+    meta = {'format': 1, 'step': step, 'config': dataclasses.asdict(c), **meta_extra,
+            'state_bytes': os.path.getsize(npz), 'state_sha256': file_sha256(npz)}
+    with open(os.path.join(tmp, 'meta.json'), 'w') as f:
+        f.write(json.dumps(meta, indent=1))
+        f.flush()
+        os.fsync(f.fileno())
+    os.rename(tmp, final)  # atomic: readers see the whole checkpoint or none of it
     return final
 
 
@@ -726,23 +650,16 @@ def read_checkpoint(path, template):
 # ----------------------------------------------------------------------------------------------
 # Training loop: a batch, a step, a progress line, an evaluation, a checkpoint; until c.steps.
 # What it runs with, and where, is a Run: here one device, the data in c.data, the files in c.out.
-# The loop touches nothing else of it, so Part II's TrainingRun runs this same loop for real (every
-# device of every host, the clock and costs, a guard against signals and divergence, a lock on
-# --out, checkpoints that are verified and kept in a bucket) by giving the same methods its own.
+# TrainingRun, in Part II, runs this same loop for real by giving the same methods its own.
 
 
 class Run:
-    """A training run on one device: the data's shards and meta.json in c.data; the state resumed
-    from the newest checkpoint in c.out, else fresh; progress lines, log.jsonl and checkpoints in
-    c.out. Calling train(c) again resumes where it stopped. (TrainingRun checks what it reads
-    first, and cuts the log back to the checkpoint it resumes.)"""
+    """A run on one device: the shards in c.data; the state fresh, or resumed from the newest
+    checkpoint in c.out (so train(c) again goes on where it stopped); log.jsonl and checkpoints in c.out."""
 
     def __init__(self, c):
-        meta = {}
-        if os.path.exists(os.path.join(c.data, 'meta.json')):  # what prepare.py says of the data
-            with open(os.path.join(c.data, 'meta.json')) as f:
-                meta = json.load(f)
-        self.meta = meta
+        path = os.path.join(c.data, 'meta.json')  # what prepare.py says of the data
+        self.meta = json.load(open(path)) if os.path.exists(path) else {}
         self.c = c = dataclasses.replace(c, vocab_size=self.meta.get('vocab_size', c.vocab_size),
                                          grad_accum=c.grad_accum or 1)
         train, val = (TokenWindows(sorted(glob.glob(os.path.join(c.data, f'{split}_*.bin'))), c.seq_len + 1)
@@ -752,7 +669,7 @@ class Run:
             state = jax.tree.map(jnp.asarray, read_checkpoint(saved[-1][1], state))
         self.params, self.opt, self.start = state['params'], state['opt'], int(state['opt']['step'])
         self.vals = val.get(val_indices(val, c))
-        self.batches = prefetch(lambda k: train.get(train_indices(train, c, k)), self.start)
+        self.batches = (train.get(train_indices(train, c, k)) for k in itertools.count(self.start))
         self.t0, self.last = time.time(), (time.time(), self.start)
 
     def __enter__(self):
@@ -768,7 +685,7 @@ class Run:
         return train_step(params, opt, next(self.batches), self.c)
 
     def progress(self, done, stats):
-        """Print a progress line after step `done`, with the time per step since the last one. -> its log fields"""
+        """A progress line after step `done`, with the time per step since the last one. -> log fields"""
         record = {k: float(v) for k, v in stats.items()}  # waits for the step
         (then, before), self.last = self.last, (time.time(), done)
         record['ms_per_step'] = 1000 * (self.last[0] - then) / (done - before)
@@ -779,8 +696,8 @@ class Run:
         return float(eval_loss(params, self.vals, self.c))
 
     def evaluate(self, params, done):
-        """The evaluations due after step `done`: validation loss every eval_every steps and at the
-        end, and bits per byte where meta.json says how many bytes a token is. -> log fields"""
+        """Validation loss every eval_every steps and at the end (and bits per byte, if meta.json
+        says the bytes per token). -> log fields"""
         if done % self.c.eval_every and done != self.c.steps:
             return {}
         record = {'val_loss': self.val_loss(params)}
@@ -795,8 +712,7 @@ class Run:
         self.log_file.write(json.dumps(record) + '\n')
         self.log_file.flush()
 
-    def stop_requested(self):
-        """Whether to stop after this step, with a checkpoint (on a signal, say)."""
+    def stop_requested(self):  # whether to stop after this step, with a checkpoint (on a signal, say)
         return False
 
     def save(self, params, opt, done):
@@ -843,15 +759,10 @@ def train(c, run=None):
 # each step attending over the cache instead of recomputing the prefix.
 
 
-@partial(jax.jit, static_argnames='c')
-def prefill(params, tokens, cache, c):
-    logits, cache = forward_cached(params, tokens, cache, 0, c)
-    return logits[:, -1], cache
-
-
 @partial(jax.jit, static_argnames='c', donate_argnums=2)
-def decode_step(params, token, cache, pos, c):
-    logits, cache = forward_cached(params, token[:, None], cache, pos, c)
+def decode(params, tokens, cache, pos, c):
+    """tokens (B,T) at positions pos.. -> the next token's logits (B,V), the cache with theirs in."""
+    logits, cache = forward(params, tokens, c, cache, pos)
     return logits[:, -1], cache
 
 
@@ -866,23 +777,20 @@ def sample_token(logits, key, c):
     if c.top_p < 1:
         sorted_logits = jnp.sort(logits, -1)[:, ::-1]
         cum = jnp.cumsum(jax.nn.softmax(sorted_logits, -1), -1)
-        # keep the smallest prefix whose probability reaches top_p: the cutoff is the first
-        # sorted logit at which the cumulative probability crosses it
+        # the smallest prefix whose probability reaches top_p: cut at the logit where it does
         cutoff = jnp.take_along_axis(sorted_logits, jnp.sum(cum < c.top_p, -1, keepdims=True), -1)
         logits = jnp.where(logits < cutoff, -jnp.inf, logits)
     return jax.random.categorical(key, logits)
 
 
 def generate(params, prompt_ids, c, eot_id=None):
-    """Yield new token ids one at a time (batch of one), stopping at eot_id. The model sees a
-    window of at most `context` tokens: the prompt's last ones at first, then each new token is
-    added to the cache. When the cache is full and one more token comes, the window slides: its
-    last context/2 tokens are prefilled again (like nanoGPT's cropping, but recomputing only once
-    every context/2 tokens)."""
+    """Yield new token ids one at a time (batch of one), stopping at eot_id. The model sees at most
+    `context` tokens: each new one is added to the cache; when it is full, the window slides to its
+    last context/2 tokens, prefilled again (nanoGPT crops every token; this, every context/2)."""
     tokens = list(prompt_ids)
     key = jax.random.key(c.seed)
     window = tokens[-c.context:]
-    logits, cache = prefill(params, jnp.asarray([window], jnp.int32), init_cache(c, 1), c)
+    logits, cache = decode(params, jnp.asarray([window], jnp.int32), init_cache(c, 1), 0, c)  # prefill
     pos = len(window)  # tokens in the cache
     for _ in range(c.max_new_tokens):
         key, sub = jax.random.split(key)
@@ -892,11 +800,11 @@ def generate(params, prompt_ids, c, eot_id=None):
         tokens.append(int(token[0]))
         yield tokens[-1]
         if pos < c.context:
-            logits, cache = decode_step(params, token, cache, pos, c)
+            logits, cache = decode(params, token[:, None], cache, pos, c)
             pos += 1
         else:  # full: slide the window to the last context/2 tokens, this new one included
             window = tokens[-(c.context // 2):]
-            logits, cache = prefill(params, jnp.asarray([window], jnp.int32), init_cache(c, 1), c)
+            logits, cache = decode(params, jnp.asarray([window], jnp.int32), init_cache(c, 1), 0, c)
             pos = len(window)
 
 
@@ -1694,6 +1602,26 @@ def buffer_note(m):
 # written).
 
 
+def prefetch(make, start, depth=2):
+    """Yield make(k) for k = start, start+1, ... computed in a background thread, so the
+    accelerator never waits for the host to gather tokens. Errors re-raise in the consumer."""
+    q = queue.Queue(depth)
+
+    def worker():
+        try:
+            for k in range(start, sys.maxsize):
+                q.put(make(k))
+        except BaseException as e:  # hand the error to the consumer
+            q.put(e)
+
+    threading.Thread(target=worker, daemon=True).start()
+    while True:
+        item = q.get()
+        if isinstance(item, BaseException):
+            raise item
+        yield item
+
+
 class TrainingRun(Run):
     """Part I's Run on every device of every host, with the clock, the guard, a lock on --out, a
     bucket and verified checkpoints. Entered (`with`), it starts: -> itself, holding what train()
@@ -1837,7 +1765,12 @@ class TrainingRun(Run):
             if is_process0():
                 if os.path.lexists(os.path.join(c.out, checkpoint_name(done))):
                     discard(os.path.join(c.out, checkpoint_name(done)))
-                path = write_checkpoint(c.out, state, c, extra)
+                try:
+                    path = write_checkpoint(c.out, state, c, extra)
+                except OSError as e:
+                    remove(os.path.join(c.out, f'.tmp_{checkpoint_name(done)}_{os.getpid()}'))
+                    raise UserError(f'{c.out}: could not write the step-{done} checkpoint ({e.strerror or e}); '
+                                    'the previous checkpoint is intact; free some space and resume')
                 keep_newest(c.out, path, c.keep_ckpts)
                 say(f'saved {path}', flush=True)
         self.guard.stop_if(self.stopping, done)
@@ -2923,6 +2856,15 @@ def matmul_params(c):
     L, D, N, K, H, F = c.n_layer, c.d_model, c.n_head, c.n_kv_head, head_dim(c), ff_dim(c)
     per_layer = D * N * H * 2 + D * K * H * 2 + D * F * (3 if c.mlp == 'swiglu' else 2)
     return L * per_layer + D * padded_vocab(c)
+
+
+def count_params(params):
+    return sum(x.size for x in jax.tree.leaves(params))
+
+
+def param_count(c):
+    """Parameters the config builds, from the weights' shapes alone (nothing is allocated)."""
+    return count_params(jax.eval_shape(lambda: init_params(c, jax.random.key(0))))
 
 
 def flops_per_token(c):

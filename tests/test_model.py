@@ -95,10 +95,10 @@ def test_kv_cache_decoding_matches_full_forward():
     params = tt.init_params(c, jax.random.key(0))
     tokens = jax.random.randint(jax.random.key(1), (1, 20), 0, c.vocab_size)
     full = tt.forward(params, tokens, c)
-    logits, cache = tt.prefill(params, tokens[:, :8], tt.init_cache(c, 1), c)
+    logits, cache = tt.decode(params, tokens[:, :8], tt.init_cache(c, 1), 0, c)
     np.testing.assert_allclose(logits, full[:, 7], rtol=1e-5, atol=1e-5)
     for pos in range(8, 20):
-        logits, cache = tt.decode_step(params, tokens[:, pos], cache, pos, c)
+        logits, cache = tt.decode(params, tokens[:, pos, None], cache, pos, c)
         np.testing.assert_allclose(logits, full[:, pos], rtol=1e-5, atol=1e-5)
 
 
@@ -163,7 +163,7 @@ def test_large_presets_trace(preset):
     batch = jax.ShapeDtypeStruct((1, 8, c.seq_len + 1), jnp.int32)
     params, opt, stats = jax.eval_shape(lambda s, b: tt.train_step.__wrapped__(s['params'], s['opt'], b, c), state, batch)
     assert jax.tree.map(lambda x: x.shape, params) == jax.tree.map(lambda x: x.shape, state['params'])
-    logits, cache = jax.eval_shape(lambda p: tt.forward_cached(p, jnp.zeros((1, 1), jnp.int32), tt.init_cache(c, 1), 5, c),
+    logits, cache = jax.eval_shape(lambda p: tt.forward(p, jnp.zeros((1, 1), jnp.int32), c, tt.init_cache(c, 1), 5),
                                    params)
     assert logits.shape == (1, 1, 50304) and cache[0].shape == (c.n_layer, 1, c.n_kv_head, c.context, tt.head_dim(c))
 

@@ -34,10 +34,10 @@ def steps(m, **settings):
     logits = m.forward(state['params'], batch[0, :, :-1], c)
     loss = m.loss_fn(state['params'], batch[0], c)
     params2, opt, stats = m.train_step(state['params'], state['opt'], batch, c)  # donates the state
-    token, cache = m.prefill(params2, batch[0, :1, :8], m.init_cache(c, 1), c)
+    token, cache = m.decode(params2, batch[0, :1, :8], m.init_cache(c, 1), 0, c)
     decoded = []
     for pos in range(8, 12):
-        token, cache = m.decode_step(params2, jnp.argmax(token, -1), cache, pos, c)
+        token, cache = m.decode(params2, jnp.argmax(token, -1)[:, None], cache, pos, c)
         decoded.append(token)
     return {'logits': logits, 'loss': loss, 'params': params2, 'opt': opt, 'stats': stats, 'decoded': decoded,
             'val': m.eval_loss(params2, batch, c)}
@@ -55,7 +55,7 @@ def test_part_one_runs_alone_and_matches_the_whole_module(optimizer):
 def test_part_one_names_no_device_or_fsdp_hook():
     """What a reader of Part I meets: no gather argument, no mesh in the model's signatures."""
     m = part_one()
-    for fn in (m.forward, m.forward_cached, m.hidden, m.block, m.loss_fn, m.batch_grads, m.train_step):
+    for fn in (m.forward, m.hidden, m.block, m.loss_fn, m.batch_grads, m.train_step):
         code = getattr(fn, '__wrapped__', fn).__code__
         assert not {'gather', 'mesh', 'axis', 'whole'} & set(code.co_varnames[:code.co_argcount]), fn
     assert set(m.FUSED_ATTENTION) == set(), 'Part II registers the fused kernels'

@@ -4,6 +4,7 @@ output directory exactly as it was."""
 import contextlib
 import dataclasses
 import fcntl
+import glob
 import hashlib
 import json
 import os
@@ -260,18 +261,17 @@ def test_one_run_per_output_directory(byte_data, tmp_path):
 def test_crash_mid_save_leaves_previous_checkpoint(byte_data, tmp_path, monkeypatch):
     """A full disk during a save: a one-line error, no partial checkpoint, the previous one
     intact. A temp directory left by a killed process is cleaned up by the next run."""
-    c = make_checkpoints(tmp_path, steps=(1,))
-    before = snapshot(tmp_path)
+    make_checkpoints(tmp_path, steps=(1,))
+    before = snapshot(tmp_path / 'ckpt_00000001')
 
     def disk_full(*a, **k):
         raise OSError(28, 'No space left on device')
 
     monkeypatch.setattr(tt.np, 'savez', disk_full)
-    state = template()
-    state['opt']['step'] = np.int32(2)
     with pytest.raises(tt.UserError, match='could not write the step-2 checkpoint .No space left on device.'):
-        save_checkpoint(str(tmp_path), state, c, {})
-    assert snapshot(tmp_path) == before
+        train(tiny_config(data=byte_data, out=str(tmp_path), steps=2, **tiny_shape()))
+    assert snapshot(tmp_path / 'ckpt_00000001') == before
+    assert [s for s, _ in tt.list_checkpoints(str(tmp_path))] == [1] and not glob.glob(str(tmp_path / '.tmp*'))
     monkeypatch.undo()
     (tmp_path / '.tmp_ckpt_00000003_999').mkdir()  # as left by SIGKILL mid-save
     (tmp_path / '.tmp_ckpt_00000003_999' / 'state.npz').write_bytes(b'half')
