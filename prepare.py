@@ -29,6 +29,8 @@ files' raw bytes. Runtime needs: requests, tiktoken, numpy.
 
 import base64
 import codecs
+import contextlib
+import fcntl
 import glob
 import hashlib
 import json
@@ -38,6 +40,7 @@ import os
 import random
 import re
 import resource
+import tempfile
 import shutil
 import sys
 import threading
@@ -242,10 +245,9 @@ def read_ranks(path):
 
 def write_ranks(path, ranks):
     """Ranks in tiktoken's file format, in rank order: the same ranks give the same bytes."""
-    with open(path + '.tmp', 'wb') as f:
+    with written(path) as f:
         for token, rank in sorted(ranks.items(), key=lambda t: t[1]):
             f.write(base64.b64encode(token) + b' %d\n' % rank)
-    os.replace(path + '.tmp', path)
 
 
 def train_bpe(texts, vocab_size):
@@ -279,7 +281,8 @@ def download(url, path, sha256=None, retries=5, timeout=30, allow_http=False):
     if os.path.exists(path):
         return file_sha256(path)
     part = path + '.part'
-    started = read_json(part + '.json', PART)[0]
+    linked = os.path.islink(part) or os.path.islink(part + '.json')  # never written through: removed
+    started = None if linked else read_json(part + '.json', PART)[0]
     if not started or started['url'] != url:  # a .part of another URL (or of unknown origin)
         for leftover in (part, part + '.json'):
             if os.path.lexists(leftover):
@@ -354,7 +357,8 @@ def fetch(url, part, timeout, t0):
         deadline = t0 + DEADLINE[0] + (total or 0) / DEADLINE[1]
         progress = Progress(os.path.basename(part)[:-5], total, have)
         window = (time.time(), have)  # SLOW: bytes by then
-        with open(part, 'ab' if have else 'wb') as f:
+        flags = os.O_WRONLY | os.O_CREAT | os.O_NOFOLLOW | (os.O_APPEND if have else os.O_TRUNC)
+        with os.fdopen(os.open(part, flags, 0o644), 'ab' if have else 'wb') as f:
             while block := read_some(r):
                 f.write(block)
                 progress.update(len(block))
@@ -397,17 +401,35 @@ def full_size(r):
     return int(length) if length.isdigit() else None
 
 
+def fresh_file(path):
+    """A new file beside `path`, under a name no one else has (created exclusively: never a link
+    or a file left there), to be renamed over `path` when whole. -> (open binary file, its name)"""
+    fd, tmp = tempfile.mkstemp(dir=os.path.dirname(path) or '.', prefix=f'.{os.path.basename(path)}.', suffix='.tmp')
+    return os.fdopen(fd, 'w+b'), tmp  # readable too: a download can be checked before it is kept
+
+
+@contextlib.contextmanager
+def written(path):
+    """`with written(path) as f:` writes a file whole or not at all (both scripts write every file
+    this way): into a fresh_file, renamed over `path` at the end; on an error, path is unchanged."""
+    f, tmp = fresh_file(path)
+    try:
+        with f:
+            yield f
+        os.replace(tmp, path)
+    finally:
+        if os.path.lexists(tmp):
+            os.remove(tmp)
+
+
 def copy_file(src, dst):
-    """Copy src to dst whole: written beside it, then renamed over it."""
-    shutil.copyfile(src, dst + '.tmp')
-    os.replace(dst + '.tmp', dst)
+    with open(src, 'rb') as f, written(dst) as out:
+        shutil.copyfileobj(f, out)
 
 
 def write_json(path, record):
-    """Replace a JSON file whole: written beside it, then renamed over it."""
-    with open(path + '.tmp', 'w') as f:
-        json.dump(record, f, indent=1)
-    os.replace(path + '.tmp', path)
+    with written(path) as f:
+        f.write(json.dumps(record, indent=1).encode())
 
 
 class Progress:
@@ -448,7 +470,7 @@ def file_sha256(path):
 
 # ----------------------------------------------------------------------------------------------
 # Shards: tokens are appended to a writer that cuts a new file every SHARD_TOKENS tokens. Each file
-# is written as NAME.tmp with its header last, then renamed: a .bin that exists is complete.
+# is written as a fresh file with its header last, then renamed: a .bin that exists is complete.
 
 HEADER_BYTES = 256 * 4  # 256 int32: magic, version, token count, zeros; then the tokens, little-endian
 SHARD_FORMATS = {20240520: (1, np.uint16), 20240801: (7, np.uint32)}  # magic: (version, token dtype)
@@ -480,7 +502,7 @@ def token_dtype(vocab_size):
 
 
 class ShardWriter:
-    """Appends tokens to SPLIT_000000.bin.tmp, SPLIT_000001.bin.tmp, ... as they arrive (never
+    """Appends tokens to fresh files for SPLIT_000000.bin, SPLIT_000001.bin, ... as they arrive (never
     more than one batch in memory), cutting a new file every shard_tokens tokens. A finished
     file gets its header, then its final name."""
 
@@ -507,8 +529,8 @@ class ShardWriter:
             self.file.write(data)
         except OSError as e:
             self.file.close()
-            os.remove(self.path + '.tmp')
-            raise PrepareError(f'{self.path}.tmp: could not write ({e.strerror or e}); free some space and run '
+            os.remove(self.tmp)
+            raise PrepareError(f'{self.path}: could not write ({e.strerror or e}); free some space and run '
                                'the same command again')
 
     def finish(self):
@@ -521,16 +543,16 @@ class ShardWriter:
         try:
             self.file.close()  # flushes: a full disk can show here
         except OSError as e:
-            os.remove(self.path + '.tmp')
-            raise PrepareError(f'{self.path}.tmp: could not write ({e.strerror or e}); free some space and run '
+            os.remove(self.tmp)
+            raise PrepareError(f'{self.path}: could not write ({e.strerror or e}); free some space and run '
                                'the same command again')
-        os.replace(self.path + '.tmp', self.path)
+        os.replace(self.tmp, self.path)
         self.paths.append(self.path)
         self.file = None
 
     def start(self):
         self.path = os.path.join(self.out, f'{self.split}_{len(self.paths):06d}.bin')
-        self.file, self.in_file = open(self.path + '.tmp', 'wb'), 0
+        (self.file, self.tmp), self.in_file = fresh_file(self.path), 0
         self.write(b'\0' * HEADER_BYTES)  # header placeholder, filled in by finish()
 
     def close(self):
@@ -716,7 +738,7 @@ def transcode(path, encoding, raw):
     encoding is a one-line error with its offset."""
     decoder = codecs.getincrementaldecoder(encoding)('strict')  # a known one: parse_flags checked
     out = os.path.join(raw, os.path.basename(path) + '.utf8')
-    with open(path, 'rb') as src, open(out + '.tmp', 'wb') as dst:
+    with open(path, 'rb') as src, written(out) as dst:
         offset = 0
         for block in iter(lambda: src.read(CHUNK_BYTES), b''):
             pending = len(decoder.getstate()[0])
@@ -729,7 +751,6 @@ def transcode(path, encoding, raw):
             dst.write(decoder.decode(b'', final=True).encode('utf-8'))
         except UnicodeDecodeError:
             raise PrepareError(f'{path}: not valid {encoding}: it ends inside a character')
-    os.replace(out + '.tmp', out)
     return out
 
 
@@ -806,7 +827,7 @@ def dl_args(args):
     return {'allow_http': bool(args.get('allow_http'))}
 
 
-def prepare_text(dataset, args, out):
+def prepare_text(dataset, args, out, source):
     raw = os.path.join(out, 'raw')
     os.makedirs(raw, exist_ok=True)
     paths, sources = text_sources(dataset, args, raw)
@@ -821,7 +842,7 @@ def prepare_text(dataset, args, out):
         return read_documents(paths[split], split_at_eot=(dataset == 'tinystories'), cut_anywhere=byte_tokens, size=size)
 
     train_bytes = sum(end - start for _, start, end in paths['train'])  # a sample of it, in pieces of ~64 KB
-    enc, fields = make_tokenizer(args, out, lambda budget: spread(documents('train', 1 << 16), train_bytes, budget))
+    enc, fields = make_tokenizer(args, out, source, lambda budget: spread(documents('train', 1 << 16), train_bytes, budget))
     return {'dataset': dataset, **tokenize_splits(documents, enc, fields, args, out), 'sources': sources}
 
 
@@ -846,18 +867,18 @@ def tokenize_splits(documents, enc, fields, args, out):
 TOKENIZER_BYTES = 10 ** 9  # text a bpe:N tokenizer learns from, by default (--tokenizer_bytes)
 
 
-def make_tokenizer(args, out, sample):
+def make_tokenizer(args, out, source, sample):
     """The tokenizer --tokenizer names, as (tiktoken encoding, meta.json's fields for it). bpe:N
     is trained here on sample(budget) (strings of about budget bytes of the training split) and
-    written into out; --tokenizer=DIR's is copied from DIR. Built-in ones need no fields."""
+    written into out; --tokenizer=DIR's (source: read before anything changed) is written there
+    too. Built-in ones need no fields."""
     name = args.get('tokenizer', 'gpt2')
-    source = tokenizer_source(name)
-    if source:  # a tokenizer trained for another directory
-        meta, directory = source
-        enc = load_encoding(meta, directory, os.path.join(directory, 'meta.json'))
-        copy_file(os.path.join(directory, meta.get('tokenizer_file', TOKENIZER_FILE)),
-                  os.path.join(out, TOKENIZER_FILE))
-        return enc, {k: meta[k] for k in TOKENIZER_FIELDS if k in meta}
+    if source:  # a tokenizer trained for another directory (or for this one, before)
+        meta, data = source
+        with written(os.path.join(out, TOKENIZER_FILE)) as f:
+            f.write(data)
+        fields = {**{k: meta[k] for k in TOKENIZER_FIELDS if k in meta}, 'tokenizer_file': TOKENIZER_FILE}
+        return load_encoding({'tokenizer': meta['tokenizer'], **fields}, out), fields
     n = bpe_size(name)
     if not n:
         return get_encoding(name), {}
@@ -888,8 +909,9 @@ TOKENIZER_FIELDS = ('tokenizer_file', 'tokenizer_sha256', 'tokenizer_pattern', '
 
 
 def tokenizer_source(name):
-    """--tokenizer=DIR: (DIR's meta.json, DIR) when DIR was prepared with a trained tokenizer;
-    None for a tokenizer's name (checked). A one-line error otherwise."""
+    """--tokenizer=DIR: (DIR's meta.json, its trained tokenizer's file) read whole and checked now,
+    before anything is written (DIR may be --out itself); None for a tokenizer's name (checked).
+    A one-line error otherwise."""
     if name in BUILT_IN or name == 'byte' or bpe_size(name):
         return None
     meta_path = os.path.join(name, 'meta.json')
@@ -899,7 +921,12 @@ def tokenizer_source(name):
     if problem or not meta.get('tokenizer_sha256'):
         raise PrepareError(f'--tokenizer={name}: {meta_path} ' + (problem or 'names no trained tokenizer') +
                            '; pass a directory prepared with --tokenizer=bpe:N')
-    return meta, name
+    load_encoding(meta, name, meta_path)  # there, not a link, the SHA-256 meta.json records, well-formed
+    with open(os.path.join(name, meta.get('tokenizer_file', TOKENIZER_FILE)), 'rb') as f:
+        data = f.read()
+    if hashlib.sha256(data).hexdigest() != meta['tokenizer_sha256']:
+        raise PrepareError(f'--tokenizer={name}: its tokenizer file changed while it was read; run again')
+    return meta, data
 
 
 def spread(pieces, total, budget):
@@ -923,7 +950,7 @@ def spread(pieces, total, budget):
         kept += len(data)
 
 
-def prepare_parquet(dataset, args, out):
+def prepare_parquet(dataset, args, out, source):
     """Text in parquet files (fineweb-edu): --shards=N training files and the validation file,
     each downloaded when tokenization reaches it (the next one while the current one is being
     tokenized), read a row group at a time (a row is a document), tokenized as `text` is."""
@@ -953,7 +980,7 @@ def prepare_parquet(dataset, args, out):
                 ahead = Ahead(fetch, urls[split][i + 1])
             yield from parquet_documents(path, pq)
 
-    enc, fields = make_tokenizer(args, out, lambda budget: spread(documents('train'), None, budget))
+    enc, fields = make_tokenizer(args, out, source, lambda budget: spread(documents('train'), None, budget))
     meta = tokenize_splits(documents, enc, fields, args, out)
     return {'dataset': dataset, **meta, 'sources': list(sources.values())}
 
@@ -1008,7 +1035,7 @@ def check_shard(path):
     return n_tokens
 
 
-def prepare_tokens(dataset, args, out):
+def prepare_tokens(dataset, args, out, source=None):
     """Pre-tokenized GPT-2 shards: download, check headers, no re-tokenization."""
     if args.get('tokenizer', 'gpt2') != 'gpt2':
         raise PrepareError(f'{dataset} is pre-tokenized with gpt2; drop --tokenizer')
@@ -1119,13 +1146,16 @@ def prepare_task(dataset, args, out):
     path, sources = os.path.join(out, f'{dataset}_val.jsonl'), []
     source = args.get('input') or DATASETS[dataset]['task']
     if dataset == 'hellaswag' and source.startswith(('http://', 'https://')):
-        digest = download(source, path + '.download', **dl_args(args))
+        raw = os.path.join(out, 'raw')
+        os.makedirs(raw, exist_ok=True)
+        got = os.path.join(raw, os.path.basename(path))
+        digest = download(source, got, **dl_args(args))
         try:
-            read_task(path + '.download')
+            read_task(got)  # checked, then kept
         except PrepareError:
-            os.remove(path + '.download')
+            os.remove(got)
             raise
-        os.replace(path + '.download', path)
+        copy_file(got, path)
         sources.append({'url': source, 'sha256': digest})
     elif dataset == 'hellaswag':
         if not os.path.isfile(source):
@@ -1149,9 +1179,8 @@ def prepare_task(dataset, args, out):
             raise PrepareError(f'{source}: not UTF-8 text; pass --encoding=NAME (latin-1, cp1252, utf-16, ...)')
         if not examples:
             raise PrepareError(f'{source}: too little held-out text to make examples of (lines of 5 or more words)')
-        with open(path + '.tmp', 'w', encoding='utf-8') as f:
-            f.writelines(json.dumps(e) + '\n' for e in examples)
-        os.replace(path + '.tmp', path)
+        with written(path) as f:
+            f.write(''.join(json.dumps(e) + '\n' for e in examples).encode())
     return {'dataset': dataset, 'task': os.path.basename(path), 'examples': len(read_task(path)), 'sources': sources}
 
 
@@ -1163,30 +1192,56 @@ def prepare(dataset, args):
     name = source[0]['tokenizer'] if source else tokenizer
     suffix = '' if name == 'gpt2' or 'task' in DATASETS[dataset] else '_' + name.replace(':', '')
     out = args.get('out') or os.path.join('data', dataset + suffix)
-    meta_path = os.path.join(out, 'meta.json')
     request = {'dataset': dataset, **{k: v for k, v in args.items() if k in OUTPUT_FLAGS},
                **({'tokenizer_sha256': source[0]['tokenizer_sha256']} if source else {})}
-    if os.path.exists(meta_path):
+    os.makedirs(out, exist_ok=True)
+    if not os.access(out, os.W_OK):
+        raise PrepareError(f'--out={out}: directory is not writable')
+    with one_writer(out):
+        return prepare_into(out, dataset, args, request, source)
+
+
+@contextlib.contextmanager
+def one_writer(out):
+    """Hold OUT/.prepare.lock (a lock the system releases when this process ends, however it ends):
+    a second prepare.py on the same directory stops at once, before it changes anything."""
+    fd = os.open(os.path.join(out, '.prepare.lock'), os.O_RDWR | os.O_CREAT | os.O_NOFOLLOW, 0o644)
+    try:
+        fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
+    except BlockingIOError:
+        os.close(fd)
+        raise PrepareError(f'--out={out} is being prepared by another prepare.py right now; wait for it to '
+                           'end, or choose another --out')
+    try:
+        yield
+    finally:
+        os.close(fd)
+
+
+def prepare_into(out, dataset, args, request, source):
+    """prepare(), holding the directory: meta.json goes first (until the new one is complete, the
+    directory is not), and comes back last."""
+    meta_path = os.path.join(out, 'meta.json')
+    if os.path.lexists(meta_path):
         meta, problem = read_json(meta_path, DATA_META)
         files = [os.path.join(out, f) for f in prepared_files(meta or {})]
         if meta and meta.get('request') == request and all(os.path.isfile(p) for p in files):
             print(f'{out} is already prepared ({meta_path}); delete it to prepare again')
             return out
         print(f'preparing {out} again: {problem or "made by another command or version"}')
-        os.remove(meta_path)  # until the new one is complete, the directory is not
-    os.makedirs(out, exist_ok=True)
-    if not os.access(out, os.W_OK):
-        raise PrepareError(f'--out={out}: directory is not writable')
+        os.remove(meta_path)
+    for stale in glob.glob(os.path.join(out, '.*.tmp')) + glob.glob(os.path.join(out, 'raw', '.*.tmp')):
+        os.remove(stale)  # a file half written by a prepare.py that was killed
     if 'task' in DATASETS[dataset]:
         meta = prepare_task(dataset, args, out)
         write_json(meta_path, {**meta, 'request': request})
         print(f'wrote {os.path.join(out, meta["task"])}: {meta["examples"]:,} examples')
         return out
     kind = next((k for k in ('tokens', 'parquet') if k in DATASETS[dataset]), 'text')
-    meta = {'tokens': prepare_tokens, 'parquet': prepare_parquet, 'text': prepare_text}[kind](dataset, args, out)
-    written = {name for split in meta['splits'].values() for name in split['shards']}
-    for stale in glob.glob(os.path.join(out, '*_*.bin')) + glob.glob(os.path.join(out, '*_*.bin.tmp')):
-        if os.path.basename(stale).startswith(('train_', 'val_')) and os.path.basename(stale) not in written:
+    meta = {'tokens': prepare_tokens, 'parquet': prepare_parquet, 'text': prepare_text}[kind](dataset, args, out, source)
+    kept = {name for split in meta['splits'].values() for name in split['shards']}
+    for stale in glob.glob(os.path.join(out, '*_*.bin')):
+        if os.path.basename(stale).startswith(('train_', 'val_')) and os.path.basename(stale) not in kept:
             os.remove(stale)  # left by an earlier preparation: only what meta.json lists stays
     if 'tokenizer_file' not in meta and os.path.lexists(os.path.join(out, TOKENIZER_FILE)):
         os.remove(os.path.join(out, TOKENIZER_FILE))

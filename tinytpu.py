@@ -56,7 +56,7 @@ import numpy as np  # noqa: E402
 from jax.sharding import Mesh, NamedSharding, PartitionSpec as P  # noqa: E402
 from prepare import (DATA_META, HEADER_BYTES, TOKENIZER_FILE, PrepareError, copy_file, field_problem,  # noqa
                      file_error, file_sha256, flag_value, integer, load_encoding, number, optional, prepared_files,
-                     read_json, read_task, shard_header, text)
+                     read_json, read_task, shard_header, text, written)
 
 # ==============================================================================================
 # Part I: the GPT. The model, its loss, AdamW and Muon, the train step, the data, checkpoints,
@@ -1845,16 +1845,12 @@ def trim_log(path, step):
     kept = [line.rstrip('\n') + '\n' for line in lines if keep(line)]  # whole lines, for the appends to come
     if kept == lines:
         return
-    tmp = f'{path}.tmp{os.getpid()}'
     try:
-        with open(tmp, 'w') as f:
-            f.writelines(kept)
+        with written(path) as f:
+            f.write(''.join(kept).encode())
             f.flush()
             os.fsync(f.fileno())
-        os.replace(tmp, path)
     except OSError as e:
-        if os.path.exists(tmp):
-            os.remove(tmp)
         raise UserError(f'{path}: could not rewrite the log ({e.strerror or e}); it is unchanged; free some space')
 
 
@@ -2504,15 +2500,14 @@ class Bucket:
     def upload(self, path, name):
         self.call(f'upload {name}', self.blob(name).upload_from_filename, path)
 
-    def download(self, name, path):
-        """The object `name` into the file `path`, through a temporary file beside it."""
-        tmp = f'{path}.tmp{os.getpid()}'
-        try:
-            self.call(f'download {name}', self.blob(name).download_to_filename, tmp)
-            os.replace(tmp, path)
-        finally:
-            if os.path.exists(tmp):
-                os.remove(tmp)
+    def download(self, name, path, crc32c=None):
+        """The object `name` into the file `path`, whole (prepare.written); with `crc32c`, only if
+        the copy has that CRC32C (else UserError)."""
+        with written(path) as f:
+            self.call(f'download {name}', self.blob(name).download_to_file, f)
+            f.flush()
+            if crc32c and file_crc32c(f) != crc32c:
+                raise UserError(f'{self.url}/{name}: changed while it was copied, or damaged on the way; run again')
 
     def read(self, name):
         """(bytes, generation) of an object, or (None, 0) where there is none."""
@@ -2548,10 +2543,12 @@ class Bucket:
 
 
 def file_crc32c(path):
-    """A file's CRC32C as Cloud Storage writes it (base64 of 4 big-endian bytes)."""
+    """A file's CRC32C as Cloud Storage writes it (base64 of 4 big-endian bytes); `path` may be a
+    file open for reading too."""
     import google_crc32c  # installed with google-cloud-storage
     h = google_crc32c.Checksum()
-    with open(path, 'rb') as f:
+    with open(path, 'rb') if isinstance(path, str) else contextlib.nullcontext(path) as f:
+        f.seek(0)
         for block in iter(lambda: f.read(1 << 22), b''):
             h.update(block)
     return base64.b64encode(h.digest()).decode()
@@ -2582,16 +2579,11 @@ def fetch_data(url):
         path = os.path.join(local, name)
         if os.path.isfile(path) and file_crc32c(path) == there[name][1]:
             continue  # the bucket's own bytes
-        t, part = time.time(), f'{path}.{os.getpid()}.part'
-        bucket.retry(f'download {name}', bucket.download, name, part)
-        if file_crc32c(part) != there[name][1]:
-            os.remove(part)
-            raise UserError(f'{url}/{name}: changed while it was copied, or damaged on the way; run again')
-        os.replace(part, path)
+        t = time.time()
+        bucket.retry(f'download {name}', bucket.download, name, path, there[name][1])
         say(f'copied {url}/{name} ({size(there[name][0])} in {time.time() - t:.1f}s)')
-    with open(f'{local}/meta.json.{os.getpid()}.part', 'wb') as f:
+    with written(os.path.join(local, 'meta.json')) as f:
         f.write(data)
-    os.replace(f'{local}/meta.json.{os.getpid()}.part', os.path.join(local, 'meta.json'))
     return local
 
 
@@ -3571,14 +3563,11 @@ def plot(c):
         ax.grid(True, which='both', alpha=0.3)
         ax.legend(fontsize=8)
     fig.tight_layout()
-    tmp = f'{path}.tmp{os.getpid()}'
     try:
-        fig.savefig(tmp, format=kind)
-        os.replace(tmp, path)
+        with written(path) as f:
+            fig.savefig(f, format=kind)
     finally:
         plt.close(fig)
-        if os.path.exists(tmp):
-            os.remove(tmp)
     say(f'wrote {path}')
 
 

@@ -140,7 +140,7 @@ def test_prepare_hellaswag_downloads_checks_and_records_it(hub, tmp_path, monkey
     # a page that is not the file: one line, nothing kept
     assert prepare.main(['hellaswag', f'--out={tmp_path}/x', '--allow_http', f'--input={url}/cdn/moved']) == 2
     assert 'line 1: not valid JSON' in capsys.readouterr().err
-    assert os.listdir(tmp_path / 'x') == []
+    assert not list((tmp_path / 'x').rglob('*.jsonl')) and not (tmp_path / 'x' / 'meta.json').exists()
     # a local copy; flags that do not apply
     assert prepare.main(['hellaswag', f'--out={tmp_path}/y', f'--input={out}/hellaswag_val.jsonl']) == 0
     assert (tmp_path / 'y' / 'hellaswag_val.jsonl').read_bytes() == body

@@ -219,7 +219,7 @@ def test_fineweb_shards_download_and_header_check(hub, tmp_path):
     out = tmp_path / 'fw'
     r = run_cli('prepare.py', 'fineweb10B', '--shards=2', f'--mirror={url}', '--allow_http', f'--out={out}')
     assert r.returncode == 0, r.stderr
-    assert sorted(os.listdir(out)) == ['meta.json', 'train_000001.bin', 'train_000002.bin', 'val_000000.bin']
+    assert sorted(os.listdir(out)) == ['.prepare.lock', 'meta.json', 'train_000001.bin', 'train_000002.bin', 'val_000000.bin']
     meta = json.load(open(out / 'meta.json'))
     assert meta['splits']['train']['tokens'] == 1700 and meta['splits']['val']['tokens'] == 500
     assert meta['sources'][0]['url'] == f'{url}/datasets/kjj0/fineweb10B-gpt2/resolve/main/fineweb_val_000000.bin'
@@ -416,7 +416,7 @@ def test_workers_end_when_prepare_is_killed(tmp_path):
 
 
 def test_a_full_disk_while_writing_shards_is_one_line_and_leaves_no_shard(tmp_path, monkeypatch, capsys):
-    real = open
+    real = prepare.fresh_file
 
     class FullDisk:
         def __init__(self, f):
@@ -431,14 +431,17 @@ def test_a_full_disk_while_writing_shards_is_one_line_and_leaves_no_shard(tmp_pa
         def __getattr__(self, name):
             return getattr(self.f, name)
 
-    monkeypatch.setattr(prepare, 'open', lambda p, mode='r', *a, **k: FullDisk(real(p, mode, *a, **k))
-                        if str(p).endswith('.bin.tmp') else real(p, mode, *a, **k), raising=False)
+    def fresh_file(path):
+        f, tmp = real(path)
+        return (FullDisk(f) if path.endswith('.bin') else f), tmp
+
+    monkeypatch.setattr(prepare, 'fresh_file', fresh_file)
     out = tmp_path / 'out'
     assert prepare.main(['text', f'--input={SHAKESPEARE}', '--tokenizer=byte', f'--out={out}']) == 2
     err = capsys.readouterr().err
-    assert err.strip() == f'error: {out}/train_000000.bin.tmp: could not write (No space left on device); free some space ' \
+    assert err.strip() == f'error: {out}/train_000000.bin: could not write (No space left on device); free some space ' \
                           'and run the same command again', err
-    assert not list(out.glob('*.bin*')) and not (out / 'meta.json').exists()
+    assert not list(out.glob('*.bin*')) and not list(out.glob('.*.tmp')) and not (out / 'meta.json').exists()
 
 
 def test_out_that_is_a_file_is_one_line(tmp_path):
@@ -446,3 +449,76 @@ def test_out_that_is_a_file_is_one_line(tmp_path):
     r = run_cli('prepare.py', 'text', f'--input={SHAKESPEARE}', '--tokenizer=byte', f'--out={tmp_path / "notes"}')
     assert r.returncode == 2 and r.stderr.count('\n') == 1 and 'notes' in r.stderr, r.stderr
     assert (tmp_path / 'notes').read_text() == 'mine'
+
+
+# ----------------------------------------------------------------------------------------------
+# One writer, whole files: a data directory is published whole or not at all.
+
+MOBY = os.path.join(ROOT, 'tests', 'data', 'mobydick.txt')
+
+
+def shards_agree_with_meta(out):
+    """Every shard meta.json lists has the token count it records, and nothing else is a shard."""
+    meta = json.loads((out / 'meta.json').read_text())
+    for split, s in meta['splits'].items():
+        assert sum(prepare.shard_header(str(out / n))[0] for n in s['shards']) == s['tokens'], split
+    assert sorted(p.name for p in out.glob('*.bin')) == sorted(n for s in meta['splits'].values() for n in s['shards'])
+    return meta
+
+
+def test_two_prepares_on_one_directory_never_mix_their_data(tmp_path):
+    """While one prepare.py holds a directory, a second stops at once (one line, exit 2) and
+    changes nothing; started together, the data left is one run's whole, never a mix."""
+    out = tmp_path / 'R'
+    out.mkdir()
+    with prepare.one_writer(str(out)):
+        r = run_cli('prepare.py', 'text', f'--input={SHAKESPEARE}', '--tokenizer=byte', f'--out={out}')
+    assert r.returncode == 2 and 'being prepared by another prepare.py right now' in r.stderr, r.stderr
+    assert r.stderr.count('\n') == 1 and sorted(os.listdir(out)) == ['.prepare.lock']
+    args = [sys.executable, os.path.join(ROOT, 'prepare.py'), 'text', '--tokenizer=byte', f'--out={out}']
+    first = subprocess.Popen(args + [f'--input={MOBY}'], stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+    time.sleep(0.05)
+    second = subprocess.Popen(args + [f'--input={SHAKESPEARE}'], stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+    codes = [first.wait(120), second.wait(120)]
+    assert 0 in codes and all(c in (0, 2) for c in codes), (codes, first.stderr.read(), second.stderr.read())
+    meta = shards_agree_with_meta(out)
+    assert meta['request']['input'] == (SHAKESPEARE if codes[1] == 0 else MOBY)  # the last to succeed
+
+
+def test_a_trained_tokenizer_reused_into_its_own_directory(tmp_path):
+    """--tokenizer=D --out=D: D's tokenizer is read and checked before anything in D changes, and
+    the new shards are tokenized with it."""
+    pytest.importorskip('rustbpe', reason='rustbpe trains the tokenizer (pip install rustbpe)')
+    d = tmp_path / 'D'
+    assert prepare.main(['text', f'--input={MOBY}', '--tokenizer=bpe:300', f'--out={d}']) == 0
+    before = json.loads((d / 'meta.json').read_text())
+    assert prepare.main(['text', f'--input={SHAKESPEARE}', f'--tokenizer={d}', f'--out={d}']) == 0
+    meta = shards_agree_with_meta(d)
+    assert meta['tokenizer_sha256'] == before['tokenizer_sha256'] and meta['vocab_size'] == 300
+    assert meta['request']['input'] == SHAKESPEARE and (d / 'tokenizer.tiktoken').is_file()
+    enc = prepare.load_encoding(meta, str(d))
+    tokens = tt.open_shard(str(d / meta['splits']['val']['shards'][0]))
+    assert enc.decode(list(tokens[1:200])) in open(SHAKESPEARE).read()
+
+
+def test_no_file_is_written_through_a_link_left_where_a_temporary_name_used_to_be(hub, tmp_path):
+    """Every file is written under a fresh name created exclusively, then renamed: links planted
+    at the old fixed temporary names (and at a download's .part) are never written through."""
+    pytest.importorskip('rustbpe', reason='rustbpe trains the tokenizer (pip install rustbpe)')
+    victim = tmp_path / 'victim'
+    victim.write_bytes(b'precious')
+    out = tmp_path / 'D'
+    (out / 'raw').mkdir(parents=True)
+    for name in ('meta.json.tmp', 'tokenizer.tiktoken.tmp', 'train_000000.bin.tmp', 'val_000000.bin.tmp'):
+        (out / name).symlink_to(victim)
+    assert prepare.main(['text', f'--input={SHAKESPEARE}', '--tokenizer=bpe:300', f'--out={out}']) == 0
+    assert victim.read_bytes() == b'precious'
+    assert not (out / 'meta.json').is_symlink() and not (out / 'tokenizer.tiktoken').is_symlink()
+    shards_agree_with_meta(out)
+    url, files = hub
+    files['f.txt'] = b'hello world\n'
+    part = tmp_path / 'dl' / 'f.txt.part'
+    part.parent.mkdir()
+    part.symlink_to(victim)
+    prepare.download(f'{url}/cdn/f.txt', str(tmp_path / 'dl' / 'f.txt'), allow_http=True)
+    assert victim.read_bytes() == b'precious' and (tmp_path / 'dl' / 'f.txt').read_bytes() == b'hello world\n'
