@@ -2447,6 +2447,9 @@ class BucketDown(Exception):
     """The bucket did not answer (network, server errors): worth retrying."""
 
 
+BUCKET_PATIENCE = 300  # seconds a bucket may not answer before a run that waits on it stops, in one line
+
+
 class Bucket:
     """The objects under gs://BUCKET/PATH, named relative to it. Credentials are the machine's
     (Application Default Credentials: TPU VMs and Colab have them); with STORAGE_EMULATOR_HOST set
@@ -2464,6 +2467,7 @@ class Bucket:
         if not re.fullmatch(r'[a-z0-9][a-z0-9._-]{1,220}[a-z0-9]', name):
             raise UserError(f'{url}: not a bucket path; write gs://BUCKET/PATH')
         self.url, self.prefix, self.errors = url.rstrip('/'), path.strip('/') + '/' if path.strip('/') else '', exceptions
+        self.patience = BUCKET_PATIENCE
         self.unanswered = (exceptions.GoogleAPIError, requests.RequestException, OSError)
         try:
             self.bucket = storage.Client().bucket(name)
@@ -2472,26 +2476,36 @@ class Bucket:
                             'run `gcloud auth application-default login`')
 
     def call(self, what, fn, *args, **kw):
-        """fn(*args, **kw), with the client's errors said as tinytpu's."""
+        """fn(*args, **kw), once (retry() tries again, saying so; the client's own retries would
+        wait minutes in silence), with the client's errors said as tinytpu's."""
         try:
-            return fn(*args, **kw)
+            return fn(*args, retry=None, timeout=(10, 120), **kw)
         except self.errors.Forbidden as e:
             raise UserError(f'{self.url}: permission denied to {what} ({e.message[:120]}); grant this machine\'s '
                             'account Storage Object Admin on the bucket')
-        except self.errors.NotFound as e:
-            if 'bucket' in str(e).lower() and 'object' not in str(e).lower():
-                raise UserError(f'{self.url}: no such bucket; create it: gcloud storage buckets create gs://'
-                                f'{self.bucket.name} --location=REGION (the TPU\'s region)')
+        except self.errors.NotFound:
+            self.check_exists()
             raise
         except self.unanswered as e:
             if isinstance(e, (self.errors.PreconditionFailed, FileNotFoundError)):
                 raise
             raise BucketDown(f'{what}: {type(e).__name__}: {str(e).splitlines()[0][:160] if str(e) else ""}')
 
+    def check_exists(self):
+        """A one-line UserError if the bucket itself does not exist (when the bucket cannot say, as
+        without permission to read its metadata, nothing)."""
+        try:
+            there = self.bucket.exists(retry=None, timeout=(10, 60))
+        except Exception:
+            return
+        if not there:
+            raise UserError(f'{self.url}: no such bucket; create it: gcloud storage buckets create gs://'
+                            f'{self.bucket.name} --location=REGION (the TPU\'s region)')
+
     def objects(self):
         """{name: (bytes, CRC32C)} of the objects under this path; the CRC32C (base64, as the bucket
         records it for every object, composite ones too) checks a copy of it."""
-        blobs = self.call('list', lambda: list(self.bucket.client.list_blobs(self.bucket, prefix=self.prefix)))
+        blobs = self.call('list', lambda **kw: list(self.bucket.client.list_blobs(self.bucket, prefix=self.prefix, **kw)))
         return {b.name[len(self.prefix):]: (b.size, b.crc32c) for b in blobs}
 
     def blob(self, name):
@@ -2532,11 +2546,16 @@ class Bucket:
             self.call(f'delete {name}', self.blob(name).delete)
 
     def retry(self, what, fn, *args):
-        """fn(*args), tried again while the bucket does not answer (said, with a growing wait)."""
+        """fn(*args), tried again while the bucket does not answer, each time said, with a growing
+        wait; for at most self.patience seconds (None: for as long as it takes), then one line."""
+        t0 = time.time()
         for attempt in itertools.count():
             try:
                 return fn(*args)
             except BucketDown as e:
+                if self.patience is not None and time.time() - t0 > self.patience:
+                    raise UserError(f'{self.url}: could not {what} for {time.time() - t0:.0f}s ({e}); check the '
+                                    'network (or STORAGE_EMULATOR_HOST) and run the same command again')
                 wait = min(2 ** attempt, 60)
                 say(f'{self.url}: could not {what} ({e}); trying again in {wait}s', file=sys.stderr, flush=True)
                 time.sleep(wait)
@@ -2562,6 +2581,7 @@ def fetch_data(url):
     data, _ = bucket.retry('read meta.json', bucket.read, 'meta.json')
     upload = f'prepare the data here, then: gcloud storage rsync -r data/NAME {url} -x "^raw/"'
     if data is None:
+        bucket.check_exists()
         raise UserError(f'--data={url}: no meta.json there; {upload}')
     try:
         meta = json.loads(data)
@@ -2622,6 +2642,7 @@ class BucketRun:
         if self.lead:
             self.lock()
         self.download_newest()
+        self.bucket.patience = None  # while training, uploads wait for the bucket as long as it takes
         if self.lead:
             threading.Thread(target=self.keep_lock, daemon=True).start()
             threading.Thread(target=self.watch, daemon=True).start()
@@ -2638,7 +2659,7 @@ class BucketRun:
         less than STALE seconds ago is a live run's: refuse. A stale one is taken over, and so is
         one of a process of this machine that is gone (killed, then the same command again)."""
         me = self.holder()
-        data, generation = self.bucket.read('.lock')
+        data, generation = self.bucket.retry('read the lock', self.bucket.read, '.lock')
         if data is not None:
             try:
                 owner = json.loads(data)
@@ -2654,7 +2675,7 @@ class BucketRun:
                                 'taken over)')
             say(f'{self.bucket.url}: taking over the lock of a run that stopped' +
                 (' (its process is gone)' if dead_here else f' {age:.0f}s ago'))
-        self.generation = self.bucket.write('.lock', me, generation)
+        self.generation = self.bucket.retry('write the lock', self.bucket.write, '.lock', me, generation)
         if self.generation is None:
             raise UserError(f'--out={self.bucket.url} was locked by another training run just now; choose '
                             'another --out')
@@ -2715,7 +2736,10 @@ class BucketRun:
         """Upload each checkpoint that appears in the local copy (training writes them whole, by a
         rename), one at a time, in this background thread: training never waits for the network."""
         while not self.closing.is_set():
-            self.upload_newest()
+            try:
+                self.upload_newest()
+            except UserError:  # given up after the run ended: finish() says so
+                return
             self.closing.wait(1.0)
 
     def upload_newest(self):
@@ -2731,25 +2755,27 @@ class BucketRun:
         """At the run's end (done, a signal, an error): the newest checkpoint and the log into the
         bucket before the process exits, then the lock released."""
         self.closing.set()
+        self.bucket.patience = BUCKET_PATIENCE  # the run is over: wait a while, not forever
+        say(f'uploading what {self.bucket.url} lacks before exiting ...', flush=True)
         self.upload_newest()
         log = os.path.join(self.local, 'log.jsonl')
         if os.path.exists(log) and not self.lost:
             self.bucket.retry('upload log.jsonl', self.bucket.upload, log, 'log.jsonl')
 
     def upload(self, path):
-        """A checkpoint into the bucket: state.npz, then meta.json (from then on it is whole), then
-        the log (a whole-object rewrite), then the bucket's checkpoints that the local copy no
-        longer keeps are deleted, meta.json first."""
+        """A checkpoint into the bucket: state.npz, the log (a whole-object rewrite), then meta.json
+        (from then on it is whole); then the bucket's checkpoints that the local copy no longer
+        keeps are deleted, meta.json first."""
         name, t = os.path.basename(path), time.time()
-        try:
-            for file in ('state.npz', 'meta.json'):
-                self.bucket.retry(f'upload {name}/{file}', self.bucket.upload, os.path.join(path, file), f'{name}/{file}')
+        log, tokenizer = os.path.join(self.local, 'log.jsonl'), os.path.join(self.local, TOKENIZER_FILE)
+        try:  # the log before meta.json: the bucket's log reaches at least its newest whole checkpoint
+            self.bucket.retry(f'upload {name}/state.npz', self.bucket.upload, f'{path}/state.npz', f'{name}/state.npz')
+            if os.path.exists(log):
+                self.bucket.retry('upload log.jsonl', self.bucket.upload, log, 'log.jsonl')
+            self.bucket.retry(f'upload {name}/meta.json', self.bucket.upload, f'{path}/meta.json', f'{name}/meta.json')
         except FileNotFoundError:
             return False  # deleted by retention meanwhile: a newer one is there to upload
         self.uploaded.add(int(name[5:]))
-        log, tokenizer = os.path.join(self.local, 'log.jsonl'), os.path.join(self.local, TOKENIZER_FILE)
-        if os.path.exists(log):
-            self.bucket.retry('upload log.jsonl', self.bucket.upload, log, 'log.jsonl')
         if os.path.isfile(tokenizer) and not self.tokenizer_sent:  # once: a run's tokenizer never changes
             self.bucket.retry(f'upload {TOKENIZER_FILE}', self.bucket.upload, tokenizer, TOKENIZER_FILE)
             self.tokenizer_sent = True

@@ -161,10 +161,41 @@ def test_without_google_cloud_storage_one_line_says_what_to_install(byte_data, m
     assert err == ['error: gs://runs/x: a Cloud Storage path needs an optional extra: pip install google-cloud-storage']
 
 
-def test_a_missing_bucket_is_one_line_naming_it(byte_data, bucket):
-    r = run_cli(f'--data={byte_data}', '--out=gs://no-such-bucket/run', '--steps=2', *TINY)
+def test_a_missing_bucket_is_one_line_naming_it(byte_data, bucket, capsys):
+    """As a new user meets it, following the README before creating the bucket: for --out (whose
+    first write is the lock) and for --data (whose meta.json is not there either)."""
+    r = run_cli(f'--data={byte_data}', '--out=gs://try/run', '--steps=2', *TINY)
     assert r.returncode == 2 and r.stderr.count('\n') == 1, r.stderr
-    assert 'gs://no-such-bucket/run: no such bucket; create it' in r.stderr
+    assert 'gs://try/run: no such bucket; create it: gcloud storage buckets create gs://try' in r.stderr
+    assert tt.main(['--data=gs://nosuchbucket/d', '--out=out', '--steps=2', *TINY]) == 2
+    assert capsys.readouterr().err.strip() == ('error: gs://nosuchbucket/d: no such bucket; create it: gcloud storage '
+                                               "buckets create gs://nosuchbucket --location=REGION (the TPU's region)")
+
+
+def test_a_bucket_that_does_not_answer_at_start_says_so_at_once_and_ends_in_one_line(byte_data, monkeypatch, capsys):
+    """Nothing listens at the bucket's address: each try is said as it fails, and after
+    BUCKET_PATIENCE seconds the run stops in one line (exit 2), for --out and for --data."""
+    monkeypatch.setenv('STORAGE_EMULATOR_HOST', 'http://127.0.0.1:9')
+    monkeypatch.setattr(tt, 'BUCKET_PATIENCE', 2)
+    for flags in ([f'--data={byte_data}', '--out=gs://runs/x'], ['--data=gs://runs/d', '--out=out']):
+        t = time.time()
+        assert tt.main([*flags, '--steps=2', *TINY]) == 2
+        assert time.time() - t < 30
+        err = capsys.readouterr().err.strip().splitlines()
+        assert 'trying again in 1s' in err[0], err
+        assert err[-1].startswith('error: gs://runs/') and 'check the network (or STORAGE_EMULATOR_HOST)' in err[-1]
+
+
+@pytest.mark.slow
+def test_the_log_in_the_bucket_reaches_its_newest_checkpoint(byte_data, bucket, monkeypatch):
+    """A checkpoint counts in the bucket once its meta.json is there; the log goes up before it, so
+    a run killed between the two leaves a log that reaches the newest whole checkpoint."""
+    real, order = tt.Bucket.upload, []
+    monkeypatch.setattr(tt.Bucket, 'upload', lambda self, path, name: (order.append(name), real(self, path, name)))
+    train(tiny_config(data=byte_data, out='gs://runs/order', steps=4, ckpt_every=2, warmdown_frac=0.0))
+    for step in (2, 4):
+        meta = order.index(f'ckpt_{step:08d}/meta.json')
+        assert 'log.jsonl' in order[order.index(f'ckpt_{step:08d}/state.npz'):meta], order
 
 
 def upload(directory, bucket, prefix):
