@@ -17,6 +17,13 @@ positions, D d_model, N query heads, K key/value heads, J = N + 2K, H head dim, 
 vocabulary, L layers.
 """
 
+import os
+import signal
+import sys
+
+if __name__ == '__main__':  # first of all: a Ctrl-C while the rest loads (JAX: a second) ends in one line
+    signal.signal(signal.SIGINT, lambda *_: (print('\ninterrupted', file=sys.stderr), os._exit(130)))
+
 import ast
 import base64
 import contextlib
@@ -28,13 +35,10 @@ import glob
 import itertools
 import json
 import math
-import os
 import queue
 import re
 import shutil
-import signal
 import socket
-import sys
 import threading
 import time
 import zipfile
@@ -42,13 +46,11 @@ from dataclasses import dataclass, field
 from functools import partial
 from typing import NamedTuple
 
-if __name__ == '__main__':  # before JAX loads (a second): Ctrl-C ends in one line, --help answers at once
-    signal.signal(signal.SIGINT, lambda *_: (print('\ninterrupted', file=sys.stderr), os._exit(130)))
-    if {'-h', '--help', 'help'} & set(sys.argv[1:]):  # usage(), near the end of this file, compiled alone
-        tree = ast.parse(source := open(__file__, encoding='utf-8').read())
-        code = compile(ast.Module([f for f in tree.body if getattr(f, 'name', '') == 'usage'], []), __file__, 'exec')
-        exec(code, names := dict(globals()))
-        sys.exit(names['usage'](source))
+if __name__ == '__main__' and {'-h', '--help', 'help'} & set(sys.argv[1:]):  # at once, before JAX loads:
+    tree = ast.parse(source := open(__file__, encoding='utf-8').read())  # usage(), near the end, compiled alone
+    code = compile(ast.Module([f for f in tree.body if getattr(f, 'name', '') == 'usage'], []), __file__, 'exec')
+    exec(code, names := dict(globals()))
+    sys.exit(names['usage'](source))
 
 import jax  # noqa: E402
 import jax.numpy as jnp  # noqa: E402
@@ -1640,6 +1642,22 @@ class TrainingRun(Run):
     def __exit__(self, *exc):
         self.held.close()
 
+    def compile(self, c, mesh, state, meta):
+        """The eval task read and checked, the price said, then the train and eval steps compiled for
+        the state (arrays, or their shapes) in the fewest microbatches that fit. -> the config"""
+        self.task = None
+        if c.hellaswag_every:  # read and checked before anything is compiled
+            if not meta.get('tokenizer'):
+                raise UserError(f'--hellaswag_every needs the tokenizer: {c.data} has no meta.json naming it')
+            self.task = read_task(task_file(c), c.task_limit), load_encoding(meta, c.data)
+        self.price, self.price_note = hourly_price(c, mesh)
+        say(f'cost: {self.price_note}')
+        t = time.time()
+        c, self.compiled, self.eval = compile_fitting_step(state['params'], state['opt'], mesh, c)
+        self.compiled_note = (f'compiled the train step in {time.time() - t:.1f}s | '
+                              f'{buffer_note(self.compiled.memory_analysis())}')
+        return c
+
     def start_run(self, c):
         """Everything training needs, in place: the data, the output directory (locked; its log cut
         back to the checkpoint), the mesh, the state (fresh or resumed), and unless there is nothing
@@ -1680,6 +1698,11 @@ class TrainingRun(Run):
             f'({jax.devices()[0].device_kind}{f", {jax.process_count()} hosts" if jax.process_count() > 1 else ""}) '
             f'| {count_params(shapes["params"]) / 1e6:.2f}M params | dtype {jnp.dtype(compute_dtype(c)).name} '
             f'| {device_note} | data {c.data} -> {c.out}')
+        saved_steps = [step for step, _ in list_checkpoints(c.out)]
+        self.compiled = None
+        if not saved_steps or saved_steps[-1] < c.steps:  # compiled (or refused) before the state is allocated
+            c = self.compile(c, mesh, jax.tree.map(lambda x, s: jax.ShapeDtypeStruct(x.shape, x.dtype, sharding=s),
+                                                   shapes, shardings), meta)
         state, path, saved = restore(c, shapes, meta)
         if meta.get('tokenizer_sha256') and is_process0():
             keep_tokenizer(c, meta)
@@ -1697,23 +1720,15 @@ class TrainingRun(Run):
             trim_log(os.path.join(c.out, 'log.jsonl'), self.start)
         if self.start >= c.steps:
             return
-        self.task = None
-        if c.hellaswag_every:  # read and checked before anything is compiled
-            if not meta.get('tokenizer'):
-                raise UserError(f'--hellaswag_every needs the tokenizer: {c.data} has no meta.json naming it')
-            self.task = read_task(task_file(c), c.task_limit), load_encoding(meta, c.data)
-        self.price, self.price_note = hourly_price(c, mesh)
-        say(f'cost: {self.price_note}')
-        t = time.time()
-        c, self.compiled, self.eval = compile_fitting_step(self.params, self.opt, mesh, c)
-        self.c = c
-        compiled_note = f'compiled the train step in {time.time() - t:.1f}s | {buffer_note(self.compiled.memory_analysis())}'
+        if self.compiled is None:  # the newest checkpoint was damaged: an earlier one resumed
+            c = self.c = self.compile(c, mesh, state, meta)
         val_idx = val_indices(val_windows, c)
         self.vals = put_batch(local_blocks(val_windows, val_idx, mesh, c, 'val split'), val_idx.shape + (c.seq_len + 1,), mesh)
         shape = (c.grad_accum, c.batch_size // c.grad_accum, c.seq_len + 1)
         blocks = prefetch(lambda k: local_blocks(train_windows, train_indices(train_windows, c, k), mesh, c,
                                                  f'train batch {k}'), self.start)
         self.batches = (put_batch(b, shape, mesh) for b in blocks)
+        compiled_note = self.compiled_note
         self.meter = Meter(c, self)                 # time, tokens/s, MFU and dollars; the profiler
         self.guard = held.enter_context(Guard(c))   # signals stop training with a checkpoint; so does divergence
         self.log_file = held.enter_context(open_log(os.path.join(c.out, 'log.jsonl')) if is_process0()
@@ -2466,6 +2481,8 @@ class Bucket:
         name, _, path = url[len('gs://'):].partition('/')
         if not re.fullmatch(r'[a-z0-9][a-z0-9._-]{1,220}[a-z0-9]', name):
             raise UserError(f'{url}: not a bucket path; write gs://BUCKET/PATH')
+        if {'.', '..'} & set(path.split('/')):  # its local copy would be another path's, or outside the cache
+            raise UserError(f'{url}: a bucket path has no "." or ".." parts; write gs://BUCKET/PATH')
         self.url, self.prefix, self.errors = url.rstrip('/'), path.strip('/') + '/' if path.strip('/') else '', exceptions
         self.patience = BUCKET_PATIENCE
         self.unanswered = (exceptions.GoogleAPIError, requests.RequestException, OSError)
@@ -2649,7 +2666,7 @@ class BucketRun:
         return self
 
     def __exit__(self, *exc):
-        if self.lead and self.generation:
+        if self.lead and self.generation and not self.lost:  # a lost lock is another run's now
             self.finish()
             with contextlib.suppress(Exception):  # a lock left behind goes stale anyway
                 self.bucket.blob('.lock').delete(if_generation_match=self.generation)
@@ -2666,15 +2683,18 @@ class BucketRun:
                 age = time.time() - float(owner['time'])
             except (ValueError, KeyError, TypeError):
                 owner, age = {}, math.inf
+            if not -self.STALE < age < math.inf:  # no time, or far in the future (a clock set ahead): no proof of life
+                age = math.inf
             dead_here = owner.get('host') == socket.gethostname() and type(owner.get('pid')) is int and \
                 not process_alive(owner['pid'])
             if age < self.STALE and not dead_here:
                 raise UserError(f'--out={self.bucket.url} is in use by another training run (host '
-                                f'{owner.get("host")}, pid {owner.get("pid")}, alive {age:.0f}s ago); wait for it to '
+                                f'{owner.get("host")}, pid {owner.get("pid")}, alive {max(age, 0):.0f}s ago); wait for it to '
                                 f'finish, stop it, or choose another --out (a lock not refreshed for {self.STALE}s is '
                                 'taken over)')
             say(f'{self.bucket.url}: taking over the lock of a run that stopped' +
-                (' (its process is gone)' if dead_here else f' {age:.0f}s ago'))
+                (' (its process is gone)' if dead_here else f' {age:.0f}s ago' if age < math.inf else
+                 ' (its lock has no believable time)'))
         self.generation = self.bucket.retry('write the lock', self.bucket.write, '.lock', me, generation)
         if self.generation is None:
             raise UserError(f'--out={self.bucket.url} was locked by another training run just now; choose '

@@ -9,6 +9,7 @@ import signal
 import socket
 import subprocess
 import sys
+import threading
 import time
 
 import numpy as np
@@ -259,3 +260,62 @@ def test_a_trained_tokenizer_goes_into_the_bucket_with_the_run(tmp_path, bucket,
     capsys.readouterr()
     assert tt.main(['sample', f'--out={out}', '--prompt=ROMEO:', '--max_new_tokens=4']) == 0
     assert capsys.readouterr().out.strip().splitlines()[-1].startswith('ROMEO:')
+
+
+@pytest.fixture
+def strict(monkeypatch):
+    """Bucket.write as Cloud Storage does it (the emulator ignores ifGenerationMatch): with a
+    generation, only if the object is still that one (0: only if there is none)."""
+    real, guard = tt.Bucket.write, threading.Lock()
+
+    def write(self, name, data, generation=None):
+        with guard:
+            if generation is not None:
+                blob = self.bucket.get_blob(self.prefix + name)
+                if (blob.generation if blob else 0) != generation:
+                    return None
+            return real(self, name, data)
+    monkeypatch.setattr(tt.Bucket, 'write', write)
+
+
+def test_the_lock_holds_against_a_race_and_a_run_that_lost_it_uploads_nothing(bucket, strict, monkeypatch, capsys):
+    """Two runs that both saw no lock: the second write fails its precondition and that run stops.
+    A run whose lock was taken over (it stalled past STALE, say) learns it at its next refresh,
+    uploads nothing more, and leaves the new holder's lock alone."""
+    monkeypatch.setattr(tt.BucketRun, 'REFRESH', 0.1)
+    a, b = tt.BucketRun('gs://runs/race', lead=True), tt.BucketRun('gs://runs/race', lead=True)
+    monkeypatch.setattr(b.bucket, 'read', lambda name: (None, 0))  # b read before a wrote
+    a.__enter__()
+    with pytest.raises(tt.UserError, match='was locked by another training run just now'):
+        b.lock()
+    bucket.blob('race/.lock').upload_from_string(json.dumps({'host': 'vm-2', 'pid': 1, 'time': time.time()}))
+    taken = bucket.get_blob('race/.lock').generation
+    for _ in range(100):
+        if a.lost:
+            break
+        time.sleep(0.05)
+    assert a.lost and 'another run took the lock over; this run uploads nothing more' in capsys.readouterr().err
+    ckpt = os.path.join(a.local, 'ckpt_00000009')
+    os.makedirs(ckpt)
+    for name in ('state.npz', 'meta.json'):
+        open(os.path.join(ckpt, name), 'w').write('{}')
+    a.__exit__(None, None, None)
+    assert names(bucket, 'race/') == ['race/.lock'] and bucket.get_blob('race/.lock').generation == taken
+
+
+def test_a_lock_whose_time_is_far_in_the_future_is_taken_over(byte_data, bucket):
+    """A host whose clock runs ahead (or a forged lock) proves no life: past STALE seconds in the
+    future, the time is not believed."""
+    bucket.blob('future/.lock').upload_from_string(json.dumps({'host': 'vm-1', 'pid': 42, 'time': 1e18}))
+    with tt.BucketRun('gs://runs/future', lead=True) as run:
+        assert run.generation
+    bucket.blob('future/.lock').upload_from_string(json.dumps({'host': 'vm-1', 'pid': 42, 'time': time.time() + 30}))
+    with pytest.raises(tt.UserError, match=r'in use by another training run \(host vm-1, pid 42, alive 0s ago\)'):
+        tt.BucketRun('gs://runs/future', lead=True).__enter__()
+
+
+@pytest.mark.parametrize('url', ['gs://runs/../../../../tmp/escaped', 'gs://bkt1/../bkt2/run', 'gs://runs/a/./b'])
+def test_a_bucket_path_with_dot_parts_is_refused(url, bucket, tmp_path):
+    """Its local copy would be outside the cache, or another path's."""
+    with pytest.raises(tt.UserError, match='a bucket path has no "." or ".." parts'):
+        tt.BucketRun(url, lead=True)

@@ -155,6 +155,18 @@ def test_a_ctrl_c_at_any_moment_stops_in_one_line_with_exit_130(byte_data, tmp_p
     assert lines[0].startswith(('interrupted', 'stopped by SIGINT after step')), err
 
 
+def test_the_ctrl_c_handler_comes_before_every_import_but_its_own():
+    """A Ctrl-C 0.05-0.2 s after start landed in `import dataclasses` (8 tries of 15: a
+    KeyboardInterrupt traceback): the handler is now set by the file's first statements, after
+    importing only os, signal and sys (built into the interpreter). What is left is Python's own
+    startup (its site imports), which runs before any line of a script."""
+    import ast
+    body = ast.parse(open(os.path.join(ROOT, 'tinytpu.py')).read()).body[1:]  # after the docstring
+    first = next(i for i, node in enumerate(body) if not isinstance(node, ast.Import))
+    assert {a.name for node in body[:first] for a in node.names} == {'os', 'signal', 'sys'}
+    assert isinstance(body[first], ast.If) and 'signal.SIGINT' in ast.unparse(body[first].body[0])
+
+
 def tiny_shape():
     return dict(n_layer=2, d_model=32, n_head=2, n_kv_head=1, seq_len=16, context=16, batch_size=4)
 
@@ -495,6 +507,16 @@ def test_a_step_that_cannot_fit_stops_before_training(byte_data, tmp_path, monke
                                            r'but .* has 0.5 MiB; use more chips'):
         train(c)
     assert tt.list_checkpoints(c.out) == [] and not os.path.exists(os.path.join(c.out, 'log.jsonl'))
+
+
+def test_a_step_that_cannot_fit_is_refused_before_the_state_is_allocated(byte_data, tmp_path, monkeypatch):
+    """The steps are compiled for the state's shapes first: a model too big to train (there, a
+    10,000-layer one took 58 s and 18.7 GB before the refusal) is refused before its params and
+    optimizer state take any memory, and before a checkpoint is read."""
+    monkeypatch.setattr(tt, 'step_bytes', lambda compiled: 10 ** 15)
+    monkeypatch.setattr(tt, 'restore', lambda *a: pytest.fail('the state was read or made before the step was checked'))
+    with pytest.raises(tt.UserError, match='but this machine has .*; use more chips'):
+        train(tiny_config(data=byte_data, out=str(tmp_path / 'out')))
 
 
 @pytest.mark.slow
