@@ -56,9 +56,9 @@ import jax  # noqa: E402
 import jax.numpy as jnp  # noqa: E402
 import numpy as np  # noqa: E402
 from jax.sharding import Mesh, NamedSharding, PartitionSpec as P  # noqa: E402
-from prepare import (DATA_META, HEADER_BYTES, TOKENIZER_FILE, PrepareError, copy_file, field_problem,  # noqa
-                     file_error, file_sha256, flag_value, integer, load_encoding, number, optional, prepared_files,
-                     read_json, read_task, shard_header, text, written)
+from prepare import (BUILT_IN, DATA_META, HEADER_BYTES, TOKENIZER_FILE, PrepareError, copy_file,  # noqa: E402
+                     field_problem, file_error, file_sha256, flag_value, integer, load_encoding, number, optional,
+                     prepared_files, read_json, read_task, shard_header, text, written)
 
 # ==============================================================================================
 # Part I: the GPT. The model, its loss, AdamW and Muon, the train step, the data, checkpoints,
@@ -2040,8 +2040,7 @@ class Guard(StopSignal):
     def check_params(self, params, stats, step):
         check_finite(as_floats(stats), step, self.c)
         if not as_floats(all_finite(params)):  # never write NaNs into a checkpoint
-            raise Diverged(f'training diverged at step {step}: parameters are not finite. '
-                           f'The last good checkpoint in {self.c.out} is kept; try a lower --lr')
+            raise Diverged(f'training diverged at step {step}: parameters are not finite. {what_now(self.c)}')
 
     def stop_requested(self):
         """The signal that asked to stop, or 0. On several hosts, any host's signal stops them all
@@ -2075,10 +2074,18 @@ def check_finite(stats, step, c):
     """Stop on a NaN or inf loss or gradient: training on garbage only wastes money."""
     loss, grad_norm = stats['loss'], stats['grad_norm']
     if not (math.isfinite(loss) and math.isfinite(grad_norm)):
-        raise Diverged(f'training diverged at step {step}: loss {loss}, grad norm {grad_norm}. The last '
-                       f'good checkpoint in {c.out} is kept; delete it to start over, or resume from it '
-                       f'with a lower --lr (now {c.lr:g}), more --warmup_steps (now {c.warmup_steps}) or '
-                       f'--grad_clip=1 (now {c.grad_clip:g})')
+        raise Diverged(f'training diverged at step {step}: loss {loss}, grad norm {grad_norm}. {what_now(c)}')
+
+
+def what_now(c):
+    """After divergence: what is kept, and the settings to change (the learning rates this
+    optimizer has)."""
+    lrs = f'--matrix_lr (now {c.matrix_lr:g}) or --lr (now {c.lr:g})' if c.optimizer == 'muon' else f'--lr (now {c.lr:g})'
+    fix = f'a lower {lrs}, more --warmup_steps (now {c.warmup_steps}) or --grad_clip=1 (now {c.grad_clip:g})'
+    if not list_checkpoints(c.out):
+        return f'No checkpoint was written; run again with {fix}'
+    return (f'The last good checkpoint in {c.out} is kept; delete it to start over, or resume from it with '
+            f'{fix}')
 
 
 # ----------------------------------------------------------------------------------------------
@@ -2305,6 +2312,9 @@ def restore(c, template, data=None):
                 check_compatible(meta, c, path, data)
                 check_checkpoint(path, meta, template)
                 state = read_checkpoint(path, template)
+                nan = next((k for k, x in flatten(state).items() if not np.isfinite(x).all()), None)
+                if nan:  # training never writes one: a damaged or forged checkpoint
+                    raise CorruptCheckpoint(f'{path}/state.npz: {nan} holds NaN or infinity')
             except CorruptCheckpoint as e:
                 if not os.path.isdir(path):
                     break  # deleted under us: list again
@@ -2411,6 +2421,10 @@ def data_files(c):
     meta = {}
     if os.path.lexists(meta_path):
         meta, problem = read_json(meta_path, DATA_META)
+        name = (meta or {}).get('tokenizer')
+        if not problem and name and not meta.get('tokenizer_sha256') and name not in BUILT_IN + ('byte',):
+            problem = f'"tokenizer" is {json.dumps(name)[:40]}, not one tinytpu knows ({", ".join(BUILT_IN)}, byte, ' \
+                      'or a trained one with its "tokenizer_sha256")'
         if problem:
             raise UserError(f'{meta_path}: {problem}; re-create it with prepare.py (or fix it by hand)')
     splits = {}

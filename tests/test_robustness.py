@@ -306,6 +306,33 @@ def test_divergence_stops_with_advice_and_no_nan_checkpoint(byte_data, tmp_path)
             assert all(np.isfinite(f[k]).all() for k in f.files)
 
 
+def test_muon_diverging_names_its_learning_rates_and_says_when_nothing_was_kept(byte_data, tmp_path, capsys):
+    c = tiny_config(data=byte_data, out=str(tmp_path / 'out'), optimizer='muon', matrix_lr=1e6, warmup_steps=0,
+                    grad_clip=0.0, steps=20, ckpt_every=1000, warmdown_frac=0.0, **tiny_shape())
+    with pytest.raises(tt.Diverged) as e:
+        train(c)
+    assert tt.list_checkpoints(c.out) == [] and 'No checkpoint was written; run again with a lower --matrix_lr ' \
+        '(now 1e+06) or --lr (now 0.003)' in str(e.value) and 'is kept' not in str(e.value)
+
+
+def test_a_checkpoint_holding_a_nan_is_not_resumed_even_with_its_hashes_recomputed(tmp_path, capsys):
+    """Training never writes a NaN: one in a checkpoint whose size and SHA-256 were made to match
+    is damage or forgery, skipped for the checkpoint before it."""
+    c = make_checkpoints(tmp_path, steps=(1, 2))
+    path = os.path.join(str(tmp_path), 'ckpt_00000002')
+    with np.load(os.path.join(path, 'state.npz')) as f:
+        arrays = {k: f[k] for k in f.files}
+    arrays['params/layers/qkv'].flat[7] = np.nan
+    np.savez(os.path.join(path, 'state.npz'), **arrays)
+    meta = json.loads(open(os.path.join(path, 'meta.json')).read())
+    meta.update(state_bytes=os.path.getsize(os.path.join(path, 'state.npz')),
+                state_sha256=tt.file_sha256(os.path.join(path, 'state.npz')))
+    open(os.path.join(path, 'meta.json'), 'w').write(json.dumps(meta))
+    state, used, _ = tt.restore(c, template())
+    assert used.endswith('ckpt_00000001') and int(state['opt']['step']) == 1
+    assert 'ckpt_00000002/state.npz: params/layers/qkv holds NaN or infinity' in capsys.readouterr().err
+
+
 def bad_data(tmp_path, kind):
     d = tmp_path / kind
     d.mkdir()
@@ -332,6 +359,8 @@ def bad_data(tmp_path, kind):
         (d / 'meta.json').write_text(json.dumps({'splits': {'train': {'shards': ['../x.bin']}}}))
     elif kind == 'listed':
         (d / 'meta.json').write_text(json.dumps({'splits': {'train': {'shards': ['train_000009.bin']}}}))
+    elif kind == 'tokenizer':
+        (d / 'meta.json').write_text(json.dumps({'tokenizer': 'foo', 'vocab_size': 257}))
     elif kind == 'meta_dir':
         (d / 'meta.json').unlink()
         (d / 'meta.json').mkdir()
@@ -345,6 +374,7 @@ def bad_data(tmp_path, kind):
     ('splits', 'meta.json: "splits" is {"train": {"shards": ["../x.bin"]}}, expected per split'),
     ('listed', 'meta.json lists'),
     ('meta_dir', 'meta.json: unreadable: Is a directory'),
+    ('tokenizer', 'meta.json: "tokenizer" is "foo", not one tinytpu knows (gpt2, '),
     ('magic', 'train_000000.bin: not a token shard (magic 123'),
     ('version', 'val_000000.bin: unsupported shard version 9'),
     ('size', 'train_000000.bin: header says 5000 tokens'),
