@@ -14,12 +14,15 @@ Flags: --tokenizer=gpt2|cl100k_base|o200k_base|byte|bpe:N|DIR --out=DIR --input=
 one per core) --allow_http --mirror=URL (fetch Hugging Face files from a mirror instead of
 https://huggingface.co) --encoding=NAME (text that is not UTF-8, for BPE tokenizers: latin-1,
 cp1252, utf-16, ...) --tokenizer_bytes=1e9 (text a bpe:N tokenizer learns from)
+--shard_tokens=100000000 (tokens per shard file; smaller for many small files)
 
 --tokenizer=bpe:N trains a byte-level BPE of N tokens on the training text (needs: pip install
 rustbpe) and keeps it in DIR/tokenizer.tiktoken; --tokenizer=DIR reuses the one of a directory
 prepared so. fineweb-edu reads parquet files (needs: pip install pyarrow).
 
-Output: DIR/train_000000.bin ..., DIR/val_000000.bin ..., DIR/meta.json (listing the shards);
+Output (--out, by default data/NAME, or data/NAME_TOKENIZER for a tokenizer other than gpt2, where
+NAME is the dataset's, or for `text` its input's): DIR/train_000000.bin ..., DIR/val_000000.bin ...,
+DIR/meta.json (listing the shards), written last;
 for hellaswag and choices, DIR/NAME_val.jsonl, the examples `python tinytpu.py eval` scores.
 Shards use the llm.c format: a header of 256 int32 (magic, version, token count), then the tokens
 as uint16, or as uint32 (magic 20240801, version 7) when the vocabulary has more than 65,536
@@ -1191,7 +1194,11 @@ def prepare(dataset, args):
     source = tokenizer_source(tokenizer)  # checked before anything is downloaded or written
     name = source[0]['tokenizer'] if source else tokenizer
     suffix = '' if name == 'gpt2' or 'task' in DATASETS[dataset] else '_' + name.replace(':', '')
-    out = args.get('out') or os.path.join('data', dataset + suffix)
+    name = dataset
+    if dataset == 'text' and args.get('input'):  # named after its input: the next text gets its own directory
+        name = re.sub(r'[^A-Za-z0-9._-]', '_', os.path.splitext(os.path.basename(
+            args['input'].split('?')[0].rstrip('/')))[0]).strip('._') or 'text'
+    out = args.get('out') or os.path.join('data', name + suffix)
     request = {'dataset': dataset, **{k: v for k, v in args.items() if k in OUTPUT_FLAGS},
                **({'tokenizer_sha256': source[0]['tokenizer_sha256']} if source else {})}
     os.makedirs(out, exist_ok=True)

@@ -81,7 +81,7 @@ class GPTConfig:
     """The settings of the model and its training, each a flag `--name=value`; Part II's Config
     adds those of running it (devices, costs, tools)."""
     data: str = setting('data/shakespeare_byte', 'directory with train_*.bin, val_*.bin, meta.json')
-    out: str = setting('out/shakespeare_byte', 'directory for checkpoints and log.jsonl')
+    out: str = setting('out/shakespeare_byte', 'directory for checkpoints and log.jsonl (with --data=D: out/ and D\'s name)')
     # model shape
     n_layer: int = setting(4, 'transformer blocks')
     d_model: int = setting(128, 'residual stream width')
@@ -926,6 +926,8 @@ def make_config(flags, platform=None):
     preset = flags.get('preset') or DEFAULT_PRESET.get(platform or jax.default_backend(), 'cpu')
     if preset not in PRESETS:
         raise UserError(f'--preset={preset}: unknown preset (choose from {", ".join(PRESETS)})')
+    if 'data' in flags and 'out' not in flags:  # a run's default --out follows its data: out/<the data's name>
+        flags = {**flags, 'out': os.path.join('out', os.path.basename(flags['data'].rstrip('/')) or 'run')}
     c = Config(**{**PRESETS[preset], **flags, 'preset': preset})
     if c.n_layer > MAX_UNROLLED_LAYERS and 'scan_layers' not in flags and not c.scan_layers:
         say(f'--n_layer={c.n_layer}: over {MAX_UNROLLED_LAYERS} blocks are compiled once and looped '
@@ -2360,8 +2362,14 @@ def same_schedule(c, template, state, path, saved):
             if lr_history_agrees(meta['config'], c, earlier):
                 check_checkpoint(candidate, meta, template)
                 state = read_checkpoint(candidate, template)
-                say(f'the LR schedule changed ({changed}): training further from {candidate}, the newest checkpoint '
-                    'whose updates follow the new schedule; those after it are replaced as training passes their steps')
+                if all(meta['config'].get(k) == getattr(c, k) for k in SCHEDULE_FIELDS):  # this schedule's own
+                    say(f'{path} is of the run before, with {changed.replace(" -> ", " (now ")}); this run goes on '
+                        f'from its own newest, {os.path.basename(candidate)}, and replaces {os.path.basename(path)} as '
+                        'training passes its step')
+                else:
+                    say(f'the LR schedule changed ({changed}): training further from {candidate}, the newest '
+                        'checkpoint whose updates follow the new schedule; those after it are replaced as training '
+                        'passes their steps')
                 return state, candidate, meta
         except UserError:
             continue

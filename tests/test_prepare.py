@@ -522,3 +522,12 @@ def test_no_file_is_written_through_a_link_left_where_a_temporary_name_used_to_b
     part.symlink_to(victim)
     prepare.download(f'{url}/cdn/f.txt', str(tmp_path / 'dl' / 'f.txt'), allow_http=True)
     assert victim.read_bytes() == b'precious' and (tmp_path / 'dl' / 'f.txt').read_bytes() == b'hello world\n'
+
+
+def test_text_is_prepared_into_a_directory_named_after_its_input(tmp_path, monkeypatch):
+    """`prepare.py text` twice on two texts: two directories, the second does not replace the first."""
+    monkeypatch.chdir(tmp_path)
+    assert prepare.main(['text', f'--input={MOBY}', '--tokenizer=byte']) == 0
+    assert prepare.main(['text', f'--input={SHAKESPEARE}', '--tokenizer=byte']) == 0
+    assert sorted(os.listdir(tmp_path / 'data')) == ['mobydick_byte', 'tinyshakespeare_byte']
+    assert '--shard_tokens=' in prepare.__doc__

@@ -196,6 +196,31 @@ def test_training_further_continues_from_before_the_warmdown_bitwise(byte_data, 
         capsys.readouterr().out
 
 
+def test_resuming_a_run_trained_further_does_not_say_the_schedule_changed_again(byte_data, tmp_path, monkeypatch,
+                                                                                 capsys):
+    """--steps 8 -> 12, stopped at step 6 by a signal (its checkpoint beside the 8-step run's last),
+    then the same command: it resumes from step 6, its own, and does not call that a change."""
+    flags = dict(data=byte_data, ckpt_every=100, log_every=1, eval_every=100, lr=1e-2, keep_ckpts=1, out=str(tmp_path))
+    train(tiny_config(**flags, steps=8))
+    calls = []
+
+    def stop_at_six(self):
+        calls.append(1)
+        self.stopping = 15 if len(calls) == 2 else 0  # after step 6: the run resumes at 4 and stops after 6
+        return self.stopping
+    with monkeypatch.context() as m:
+        m.setattr(tt.TrainingRun, 'stop_requested', stop_at_six)
+        with pytest.raises(tt.Preempted):
+            train(tiny_config(**flags, steps=12))
+    assert [s for s, _ in tt.list_checkpoints(str(tmp_path))] == [6, 8]
+    capsys.readouterr()
+    train(tiny_config(**flags, steps=12))
+    out = capsys.readouterr().out
+    assert f'{tmp_path / "ckpt_00000008"} is of the run before, with --steps 8 (now 12); this run goes on from its ' \
+           'own newest, ckpt_00000006, and replaces ckpt_00000008' in out and 'the LR schedule changed' not in out
+    assert f'resuming from {tmp_path / "ckpt_00000006"}' in out
+
+
 @pytest.mark.slow
 def test_cli_trains_then_samples(byte_data, tmp_path, capsys):
     out = str(tmp_path / 'out')
@@ -344,3 +369,13 @@ def test_training_says_when_it_will_see_its_data_more_than_once(byte_data, tmp_p
     train(tiny_config(data=byte_data, out=str(tmp_path / 'b'), steps=2, batch_size=2048, eval_batches=1))
     assert ('note: 2 steps of 2048 x 16 tokens read 65,536 tokens, 1.1 times the 60,000 training tokens in '
             f'{byte_data}: the model sees its data more than once') in capsys.readouterr().out
+
+
+def test_the_default_out_follows_the_data():
+    """A new user's second dataset gets its own run: --out defaults to out/<the data's name>,
+    unless --out is given or the preset names its own."""
+    assert tt.make_config({}, 'cpu').out == 'out/shakespeare_byte'
+    assert tt.make_config({'data': 'data/tinystories/'}, 'cpu').out == 'out/tinystories'
+    assert tt.make_config({'data': 'gs://b/data/fineweb10B'}, 'cpu').out == 'out/fineweb10B'
+    assert tt.make_config({'data': 'data/x', 'out': 'runs/y'}, 'cpu').out == 'runs/y'
+    assert tt.make_config({'preset': 'gpt2'}, 'cpu').out == 'out/gpt2'
