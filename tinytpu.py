@@ -388,7 +388,7 @@ def lr_schedule(step, c):
     """LR for update number `step` (0-based): 1) linear warmup from 0 to lr over warmup_steps,
     2) constant, 3) warmdown to min_lr_frac*lr over the last warmdown_frac of the run, reaching it
     at the last update (step = steps - 1), as the warmup reaches lr at its last."""
-    step = jnp.asarray(step, jnp.float32)
+    step = jnp.asarray(step, wide_dtype(compute_dtype(c)))  # fp32 (fp64 in the tests' float64 runs)
     warmup = jnp.minimum(1.0, (step + 1) / max(c.warmup_steps, 1))
     warmdown_steps = round(c.warmdown_frac * c.steps)  # 0: no warmdown at all
     progress = jnp.clip((step + 1 - (c.steps - warmdown_steps)) / max(warmdown_steps, 1), 0.0, 1.0)
@@ -1260,13 +1260,14 @@ def choose_fsdp(c, mesh):
     c = dataclasses.replace(c, fsdp='true' if fsdp else 'false')
     of = f' of {size(limit)}' if limit else ''
     if mesh.size == 1:
-        return c, f'one device: params, gradients and AdamW {size(replicated)}{of}'
+        return c, f'one device: params, gradients and {optimizer_state(c)} {size(replicated)}{of}'
     if fsdp:
         why = ('; on TPUs the faster: see docs/multi-chip.md' if tpu else
                ', over half' if limit and replicated > limit / 2 else '')
-        return c, (f'FSDP over {mesh.size} devices: params, gradients and AdamW {size(replicated / mesh.size)} per '
+        return c, (f'FSDP over {mesh.size} devices: params, gradients and {optimizer_state(c)} {size(replicated / mesh.size)} per '
                    f'device{of} ({size(replicated)} replicated{why})')
-    return c, (f'data parallel over {mesh.size} devices: params, gradients and AdamW {size(replicated)} per device{of}'
+    return c, (f'data parallel over {mesh.size} devices: params, gradients and {optimizer_state(c)} {size(replicated)} '
+               f'per device{of}'
                f'{" (FSDP from half)" if limit else ""}')
 
 
@@ -1698,8 +1699,8 @@ class TrainingRun(Run):
         shapes = jax.eval_shape(lambda: fresh_state(c))
         say(f'tinytpu | preset {c.preset} | {jax.default_backend()} x{mesh.size} '
             f'({jax.devices()[0].device_kind}{f", {jax.process_count()} hosts" if jax.process_count() > 1 else ""}) '
-            f'| {count_params(shapes["params"]) / 1e6:.2f}M params | dtype {jnp.dtype(compute_dtype(c)).name} '
-            f'| {device_note} | data {c.data} -> {c.out}')
+            f'| {count_params(shapes["params"]) / 1e6:.2f}M params | {c.optimizer} '
+            f'| dtype {jnp.dtype(compute_dtype(c)).name} | {device_note} | data {c.data} -> {c.out}')
         saved_steps = [step for step, _ in list_checkpoints(c.out)]
         self.compiled = None
         if not saved_steps or saved_steps[-1] < c.steps:  # compiled (or refused) before the state is allocated
@@ -1918,7 +1919,9 @@ class Meter:
         self.timed_steps += done - self.last_step
         self.last, self.last_step = now, done
         record = {'step': done, **values, 'ms_per_step': 1000 * dt, 'tokens_per_sec': self.tokens_per_step / dt,
-                  'mfu': self.mfu(dt), **self.clock()}
+                  'mfu': self.mfu(dt), **self.clock(), 'eta': dt * (self.c.steps - done)}  # at this step's pace
+        if self.c.optimizer == 'muon':
+            record['matrix_lr'] = values['lr'] * self.c.matrix_lr / self.c.lr
         say(progress_text(record))
         return record
 
@@ -1947,10 +1950,11 @@ class Meter:
 
 def progress_text(r):
     """A log record as its printed progress line."""
-    s = f"step {r['step']:6d} | loss {r['loss']:.4f} | lr {r['lr']:.2e} | gnorm {r['grad_norm']:.3f}"
-    s += f" | {r['ms_per_step']:.1f} ms/step | {r['tokens_per_sec']:,.0f} tok/s"
+    s = f"step {r['step']:6d} | loss {r['loss']:.4f} | lr {r['lr']:.2e}"
+    s += f" (matrices {r['matrix_lr']:.2e})" if 'matrix_lr' in r else ''
+    s += f" | gnorm {r['grad_norm']:.3f} | {r['ms_per_step']:.1f} ms/step | {r['tokens_per_sec']:,.0f} tok/s"
     s += f" | MFU {r['mfu']:.1%}" if r.get('mfu') is not None else ' | MFU n/a'
-    s += f" | {duration(r['elapsed'])}"
+    s += f" | {duration(r['elapsed'])}" + (f" (ETA {duration(r['eta'])})" if r.get('eta') else '')
     return s + (f" | {dollars(r['cost'])}" if r.get('cost') is not None else '')
 
 
@@ -3256,7 +3260,7 @@ def bench_topology(c):
     if factor:
         low, high = (r['est_ms_per_step'] / f for f in CALIBRATION_BAND[::-1])
         say(f"PROJECTION (the estimate / {factor}, how much faster a real {chip.name} ran tpuchat's step than estimated; "
-            f"not a measurement): {r['projected_ms_per_step']:.1f} ms/step ({low:.0f}-{high:.0f} over the "
+            f"not a measurement): {r['projected_ms_per_step']:.1f} ms/step ({low:.3g}-{high:.3g} over the "
             f"{CALIBRATION_BAND[0]}-{CALIBRATION_BAND[1]} seen) | {r['projected_tokens_per_sec']:,.0f} tok/s "
             f"| MFU {r['projected_mfu']:.1%}")
     else:
@@ -3283,14 +3287,19 @@ PRETOKENIZED_SHARD_TOKENS = 100_000_000  # tokens in one of the FineWeb shards p
 DEFAULT_MFU = 0.4  # between nanoGPT's ~37% (A100) and the 46.5% of a JAX 130M model on a v6e
 
 
+def optimizer_state(c):
+    """What the optimizer keeps per weight, in words."""
+    return 'Muon (matrices) and AdamW' if c.optimizer == 'muon' else 'AdamW'
+
+
 def plan_shape(c, layers):
     """A rung of the ladder of models: `layers` blocks of width 128 * ceil(layers / 2), so about
     64 channels per layer (GPT-2 small's 768 / 12) with each rung ~1.2x the last in parameters;
-    heads of width 128 and a 4x ReLU^2 MLP. Every matrix dimension is a multiple of 128, the
-    width of a TPU v4/v5 matrix unit (v6e's is 256: rungs of 4, 8, 12, ... layers fit it too)."""
+    heads of width 128 and the preset's MLP at its default width. Every matrix dimension is a multiple
+    of 128, the width of a TPU v4/v5 matrix unit (v6e's is 256: rungs of 4, 8, 12, ... layers fit it too)."""
     d_model = 128 * math.ceil(layers / 2)
     return dataclasses.replace(c, n_layer=layers, d_model=d_model, n_head=d_model // 128,
-                               n_kv_head=d_model // 128, d_head=128, d_ff=0, mlp='relu2')
+                               n_kv_head=d_model // 128, d_head=128, d_ff=0)
 
 
 def plan_backend(flags):
@@ -3391,13 +3400,14 @@ def plan(c):
     state = 12 * param_count(m) / c.chips  # fp32 p, mu, nu
     say(f"plan | {dollars(c.budget)} on {chip.name} at ${p['price']:g}/chip-hour = {p['chip_hours']:,.1f} chip-hours "
         f"| peak {p['peak'] / 1e12:g} TFLOP/s x MFU {p['mfu']:.1%} ({p['mfu_source']}) = {p['budget_flops']:.3g} FLOPs")
-    say(f"model | {m.n_layer} layers, d_model {m.d_model}, {m.n_head} heads of {m.d_head}, ReLU^2 MLP {ff_dim(m)} "
+    mlp = 'SwiGLU' if m.mlp == 'swiglu' else 'ReLU^2'
+    say(f"model | {m.n_layer} layers, d_model {m.d_model}, {m.n_head} heads of {m.d_head}, {mlp} MLP {ff_dim(m)} "
         f"| {p['params'] / 1e6:,.1f}M params (matmul weights; {TOKENS_PER_PARAM} tokens each)")
     say(f"run   | {p['tokens'] / 1e9:,.3g}B tokens = {p['steps']:,} steps of {c.batch_size} x {c.seq_len} "
         f"| {p['flops']:.3g} FLOPs | {p['hours']:,.1f} hours on {c.chips} chip{'s' if c.chips > 1 else ''} "
         f"| {dollars(p['cost'])} of {dollars(c.budget)}")
     fits = state < 0.5 * chip.memory
-    say(f"memory| params + AdamW {state / 2**30:,.1f} GiB per chip of {chip.memory / 2**30:g} GiB"
+    say(f"memory| params + {optimizer_state(c)} {state / 2**30:,.1f} GiB per chip of {chip.memory / 2**30:g} GiB"
         + ('' if fits else ' -- too much for activations too: plan for more --chips (FSDP splits it)'))
     if chip.price and chip.spot and not c.price_per_hour:
         say(f'price | the same {dollars(c.budget)} at each list price of {chip.name} (--spot plans for spot):')
@@ -3626,6 +3636,8 @@ def plot(c):
         if key.endswith('_acc_norm'):
             ax.axhline(0.25, color='gray', linewidth=0.8, linestyle=':', label='chance (4 endings)')
         ax.set_xscale('log')
+        for which in (ax.xaxis.set_major_formatter, ax.xaxis.set_minor_formatter):  # 300k, 1M: labels that fit
+            which(matplotlib.ticker.EngFormatter(sep=''))
         ax.set_xlabel('tokens')
         ax.set_ylabel(label)
         ax.grid(True, which='both', alpha=0.3)
@@ -3641,8 +3653,8 @@ def plot(c):
 
 # ----------------------------------------------------------------------------------------------
 # Export to the Hugging Face format: python tinytpu.py export --export_dir=DIR writes the newest
-# checkpoint so that `transformers` loads it with no custom code (and from there vLLM, llama.cpp's
-# converter, the Hub). A SwiGLU model is, weight for weight, a Qwen3ForCausalLM: Llama's
+# checkpoint so that `transformers` loads it with no custom code (and from there vLLM, the Hub, and
+# for GPT-2 tokens llama.cpp's converter). A SwiGLU model is, weight for weight, a Qwen3ForCausalLM: Llama's
 # pre-norm blocks with RMSNorm, RoPE pairing entry i with i + H/2 ("rotate half"), grouped-query
 # attention and a SwiGLU MLP, no biases, plus Qwen3's per-head RMSNorm of q and k. tinytpu's
 # norms have no gain, so theirs are exported as ones; the vocabulary's padding rows are dropped.
@@ -3659,7 +3671,7 @@ def export_problem(c):
     """Why a model cannot be exported as a standard architecture, naming the setting, or None."""
     if c.mlp != 'swiglu':
         return (f'--mlp={c.mlp}: the ReLU^2 MLP has no standard Hugging Face architecture; export takes SwiGLU '
-                'models (train with --mlp=swiglu)')
+                f'models (train with --mlp=swiglu --d_ff={8 * math.ceil(ff_dim(c) * 2 / 3 / 8)}: the same parameters)')
     if c.logit_softcap:
         return (f'--logit_softcap={c.logit_softcap:g}: the logit soft-cap has no place in Qwen3ForCausalLM; export takes '
                 'models trained with --logit_softcap=0')

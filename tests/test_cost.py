@@ -66,26 +66,26 @@ def test_cost_in_the_log_and_the_summary(byte_data, tmp_path):
 
 def test_plan_matches_a_hand_computation():
     """$3.6/hour at 1e12 FLOP/s x MFU 0.5 buys 5e14 FLOPs per dollar. The tpu preset trains on
-    64 x 2048 = 131,072 tokens per step with a vocabulary padded to 50,304.
-    Rung 1: 1 layer, d_model 128, 1 head of 128, MLP 512.
-      matmul params = 128*128*2 (q, o) + 128*128*2 (k, v) + 128*512*2 (MLP) + 128*50304 = 6,635,520
-      20 tokens each = 132,710,400 -> 1,013 steps -> 132,775,936 tokens
-      FLOPs/token = 6 * 6,635,520 + 12 * 1 * 1 * 128 * 2048 = 42,958,848
-      cost = 132,775,936 * 42,958,848 / 5e14 = $11.4078; hours = that / 5e11 / 3600 = 3.16883
-    Rung 2 (2 layers, d_model 128): 6,832,128 params -> 1,043 steps -> $12.9283, over a $12 budget."""
+    64 x 2048 = 131,072 tokens per step with a vocabulary padded to 50,304, and a SwiGLU MLP.
+    Rung 1: 1 layer, d_model 128, 1 head of 128, MLP 384 (3 matrices).
+      matmul params = 128*128*2 (q, o) + 128*128*2 (k, v) + 128*384*3 (MLP) + 128*50304 = 6,651,904
+      20 tokens each = 133,038,080 = 1,015 steps exactly
+      FLOPs/token = 6 * 6,651,904 + 12 * 1 * 1 * 128 * 2048 = 43,057,152
+      cost = 133,038,080 * 43,057,152 / 5e14 = $11.4565; hours = that / 5e11 / 3600 = 3.18236
+    Rung 2 (2 layers, d_model 128): 6,864,896 params -> 1,048 steps -> $13.0443, over a $12 budget."""
     c = tt.validate(tt.make_config({'preset': 'tpu', 'budget': 12.0, 'price_per_hour': 3.6, 'peak_flops': 1e12,
                                     'mfu': 0.5}))
     p = tt.make_plan(c, tt.CHIPS[0])
     m = p['config']
-    assert (m.n_layer, m.d_model, m.n_head, m.n_kv_head, tt.head_dim(m), tt.ff_dim(m)) == (1, 128, 1, 1, 128, 512)
-    assert p['params'] == 6_635_520 and p['steps'] == 1013 and p['tokens'] == 132_775_936
-    assert p['flops'] == 132_775_936 * 42_958_848
-    assert p['cost'] == pytest.approx(11.407802505363456, rel=1e-12)
-    assert p['hours'] == pytest.approx(3.1688340292676265, rel=1e-12)
+    assert (m.n_layer, m.d_model, m.n_head, m.n_kv_head, tt.head_dim(m), tt.ff_dim(m)) == (1, 128, 1, 1, 128, 384)
+    assert m.mlp == 'swiglu' and p['params'] == 6_651_904 and p['steps'] == 1015 and p['tokens'] == 133_038_080
+    assert p['flops'] == 133_038_080 * 43_057_152
+    assert p['cost'] == pytest.approx(133_038_080 * 43_057_152 / 5e14, rel=1e-12) == pytest.approx(11.4565, abs=1e-4)
+    assert p['hours'] == pytest.approx(3.18236, abs=1e-5)
     assert p['chip_hours'] == pytest.approx(12 / 3.6) and p['budget_flops'] == pytest.approx(12 * 5e14)
-    bigger = tt.make_plan(tt.dataclasses.replace(c, budget=13.0, chips=4), tt.CHIPS[0])
-    assert bigger['config'].n_layer == 2 and bigger['steps'] == 1043
-    assert bigger['cost'] == pytest.approx(1043 * 131072 * 47_284_224 / 5e14, rel=1e-12)
+    bigger = tt.make_plan(tt.dataclasses.replace(c, budget=13.5, chips=4), tt.CHIPS[0])
+    assert bigger['config'].n_layer == 2 and bigger['steps'] == 1048
+    assert bigger['cost'] == pytest.approx(1048 * 131072 * 47_480_832 / 5e14, rel=1e-12)
     assert bigger['hours'] == pytest.approx(bigger['flops'] / (4 * 5e11) / 3600, rel=1e-12)  # 4 chips
 
 
@@ -122,7 +122,8 @@ def test_plan_command_prints_a_runnable_command(tmp_path, capsys):
                             tt.CHIPS[1])
     assert c.preset == 'tpu' and tt.matmul_params(c) == expected['params'] and c.steps == expected['steps']
     # fp32 params and two AdamW moments; with tied embeddings every parameter is a matmul weight
-    assert f"params + AdamW {12 * expected['params'] / 2**30:,.1f} GiB per chip of 16 GiB" in r.stdout
+    assert f"params + Muon (matrices) and AdamW {12 * expected['params'] / 2**30:,.1f} GiB per chip of 16 GiB" in r.stdout
+    assert c.mlp == 'swiglu' and '--mlp=relu2' not in r.stdout  # the preset's MLP, not another
     shards = -(-expected['tokens'] // 100_000_000)  # FineWeb shards of 100M tokens: all the run reads
     assert f'(after python prepare.py fineweb10B --shards={shards}):' in r.stdout and shards > 1
 

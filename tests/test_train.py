@@ -379,3 +379,14 @@ def test_the_default_out_follows_the_data():
     assert tt.make_config({'data': 'gs://b/data/fineweb10B'}, 'cpu').out == 'out/fineweb10B'
     assert tt.make_config({'data': 'data/x', 'out': 'runs/y'}, 'cpu').out == 'runs/y'
     assert tt.make_config({'preset': 'gpt2'}, 'cpu').out == 'out/gpt2'
+
+
+def test_the_lines_name_the_optimizer_and_the_progress_line_its_learning_rates_and_an_eta(byte_data, tmp_path,
+                                                                                        capsys):
+    train(tiny_config(data=byte_data, out=str(tmp_path), optimizer='muon', steps=4, log_every=2))
+    out = capsys.readouterr().out
+    assert '| muon | dtype' in out and 'params, gradients and Muon (matrices) and AdamW' in out
+    line = next(x for x in out.splitlines() if x.startswith('step      2 | loss'))
+    assert ' (matrices ' in line and ' (ETA 0:00:0' in line, line
+    assert tt.progress_text({'step': 1, 'loss': 1.0, 'lr': 1e-3, 'grad_norm': 1.0, 'ms_per_step': 1.0,
+                             'tokens_per_sec': 1.0, 'elapsed': 3725.2, 'eta': 61}).endswith('| 1:02:05 (ETA 0:01:01)')
