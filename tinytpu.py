@@ -3636,8 +3636,9 @@ def plot(c):
         if key.endswith('_acc_norm'):
             ax.axhline(0.25, color='gray', linewidth=0.8, linestyle=':', label='chance (4 endings)')
         ax.set_xscale('log')
-        for which in (ax.xaxis.set_major_formatter, ax.xaxis.set_minor_formatter):  # 300k, 1M: labels that fit
-            which(matplotlib.ticker.EngFormatter(sep=''))
+        ax.xaxis.set_major_locator(matplotlib.ticker.LogLocator(subs=(1, 2, 5)))  # 100k 200k 500k 1M: labels that fit
+        ax.xaxis.set_major_formatter(matplotlib.ticker.EngFormatter(sep=''))
+        ax.xaxis.set_minor_formatter(matplotlib.ticker.NullFormatter())
         ax.set_xlabel('tokens')
         ax.set_ylabel(label)
         ax.grid(True, which='both', alpha=0.3)

@@ -68,7 +68,7 @@ def interrupt(cmd, signals, delay):
 def test_soak_random_preemptions_end_bitwise_equal(byte_data, tmp_path):
     """A run stopped by SIGTERM or Ctrl-C at random moments and resumed each time ends with
     exactly the params and optimizer state of an uninterrupted run."""
-    steps = 800
+    steps = 500
     r = subprocess.run(train_cli(byte_data, tmp_path / 'whole', steps), capture_output=True, text=True, cwd=ROOT)
     assert r.returncode == 0, r.stderr
     rng = random.Random(0)
