@@ -1690,7 +1690,7 @@ class TrainingRun(Run):
             raise UserError(f'--out={c.out}: directory is not writable; choose another --out')
         if jax.process_index() == 0:
             held.enter_context(only_run(c.out))  # before touching anything in it
-            for stale in glob.glob(os.path.join(c.out, '.tmp_ckpt_*')) + glob.glob(os.path.join(c.out, 'log.jsonl.tmp*')):
+            for stale in glob.glob(os.path.join(c.out, '.tmp_ckpt_*')) + glob.glob(os.path.join(c.out, '.log.jsonl.*.tmp')):
                 remove(stale)  # left by a crash while saving a checkpoint or rewriting the log
             for path in not_checkpoints(c.out):
                 say(f'warning: {path} is not a checkpoint (a directory holding meta.json); ignored, and replaced '
