@@ -36,6 +36,7 @@ import itertools
 import json
 import math
 import queue
+import random
 import re
 import shutil
 import socket
@@ -56,9 +57,8 @@ import jax  # noqa: E402
 import jax.numpy as jnp  # noqa: E402
 import numpy as np  # noqa: E402
 from jax.sharding import Mesh, NamedSharding, PartitionSpec as P  # noqa: E402
-from prepare import (BUILT_IN, DATA_META, HEADER_BYTES, TOKENIZER_FILE, PrepareError, copy_file,  # noqa: E402
-                     field_problem, file_error, file_sha256, flag_value, integer, load_encoding, number, optional,
-                     prepared_files, read_json, read_task, shard_header, text, written)
+from prepare import (BUILT_IN, HEADER_BYTES, TOKENIZER_FILE, PrepareError, file_sha256, load_encoding,  # noqa: E402
+                     shard_header, written)
 
 # ==============================================================================================
 # Part I: the GPT. The model, its loss, AdamW and Muon, the train step, the data, checkpoints,
@@ -853,8 +853,9 @@ class Config(GPTConfig):
     chips: int = setting(1, 'plan: chips to train on (divides the hours, not the cost)')
     mfu: float = setting(0.0, 'plan: expected MFU; 0 = the last bench result for the chip, else 0.4')
     # evaluation (python tinytpu.py eval) and loss curves (python tinytpu.py plot)
-    task: str = setting('hellaswag', 'eval: multiple-choice task to score: hellaswag or choices (python prepare.py NAME '
-                                     'makes its file), or any name with --task_data')
+    task: str = setting('hellaswag', 'eval: multiple-choice task to score: hellaswag (python prepare.py hellaswag '
+                                     'makes its file), choices (made from the held-out text of --data), or any name '
+                                     'with --task_data')
     task_data: str = setting('', "eval: the task's jsonl (ctx or ctx_a + ctx_b, endings, label); '' = data/TASK/TASK_val.jsonl")
     task_limit: int = setting(0, 'eval and --hellaswag_every: score the first N examples only; 0 = all')
     hellaswag_every: int = setting(0, 'train: score --task (HellaSwag) every this many steps and at the end, logged as '
@@ -900,19 +901,35 @@ USE_FIELDS = ('task', 'task_data', 'task_limit', 'plot_file', 'export_dir', 'exp
 
 
 def parse_flags(argv):
-    """['--lr=1e-3', ...] -> ({'lr': 0.001, ...}), converting each value to its field's type
-    (prepare.flag_value: the same rules as prepare.py's flags)."""
+    """['--lr=1e-3', ...] -> ({'lr': 0.001, ...}), converting each value to its field's type."""
     types = {f.name: f.type for f in dataclasses.fields(Config)}
     flags = {}
     for arg in argv:
         name, eq, value = arg.removeprefix('--').partition('=')
         if not arg.startswith('--') or name not in types:
             raise UserError(f'unknown flag {arg!r} (python tinytpu.py --help lists them)')
-        try:
-            flags[name] = flag_value(name, types[name], eq, value)
-        except PrepareError as e:
-            raise UserError(str(e))
+        flags[name] = flag_value(name, types[name], eq, value)
     return flags
+
+
+def flag_value(name, kind, eq, value):
+    """The value of `--name` (eq == '') or `--name=value` as kind (bool, int, float or str), or a
+    one-line UserError."""
+    if kind is bool:
+        if not eq or value.lower() in ('1', 'true', 'yes'):
+            return True
+        if value.lower() in ('0', 'false', 'no'):
+            return False
+        raise UserError(f'--{name}={value}: expected true or false')
+    if not eq:
+        raise UserError(f'--{name} needs a value: --{name}=...')
+    try:
+        v = kind(value)
+    except ValueError:
+        raise UserError(f'--{name}={value}: expected {"an integer" if kind is int else "a number"}')
+    if kind is int and not -2**63 <= v < 2**63:
+        raise UserError(f'--{name}={value}: out of range (integers here are below 2^63)')
+    return v
 
 
 # Deeper models than this run their blocks with lax.scan unless --scan_layers says otherwise: XLA
@@ -1652,7 +1669,8 @@ class TrainingRun(Run):
         if c.hellaswag_every:  # read and checked before anything is compiled
             if not meta.get('tokenizer'):
                 raise UserError(f'--hellaswag_every needs the tokenizer: {c.data} has no meta.json naming it')
-            self.task = read_task(task_file(c), c.task_limit), load_encoding(meta, c.data)
+            enc = load_encoding(meta, c.data)
+            self.task = task_examples(c, enc)[0], enc
         self.price, self.price_note = hourly_price(c, mesh)
         say(f'cost: {self.price_note}')
         t = time.time()
@@ -2102,6 +2120,89 @@ def what_now(c):
 # directory is checked the same way (load_data); other trainers' directories are read as they are.
 
 
+# Every field of every JSON file read here (a data directory's and a checkpoint's meta.json, logs,
+# bench.jsonl) is checked against a schema, {field: (test, what it must be, required)}, before it is
+# used: a damaged or hand-edited file is one line naming the file and the field, never a traceback.
+
+def integer(lo=0, hi=None):
+    return lambda v: type(v) is int and v >= lo and (hi is None or v <= hi)
+
+
+def number(lo=0.0, hi=math.inf):
+    return lambda v: type(v) in (int, float) and math.isfinite(v) and lo <= v <= hi
+
+
+def text(v):
+    return type(v) is str
+
+
+def optional(test):
+    return lambda v: v is None or test(v)
+
+
+def file_name(v):
+    """A plain file name: no directory, not '.' or '..' (what meta.json may name in its directory)."""
+    return text(v) and v and os.path.basename(v) == v and v not in ('.', '..')
+
+
+def shard_names(v):
+    """{'train': {'shards': ['train_000000.bin', ...], 'tokens': N}, 'val': {...}}: plain file names."""
+    return type(v) is dict and all(
+        type(s) is dict and type(s.get('shards', [])) is list and integer()(s.get('tokens', 0))
+        and all(file_name(n) for n in s.get('shards', [])) for s in v.values())
+
+
+def sha256_text(v):
+    return text(v) and re.fullmatch('[0-9a-f]{64}', v) is not None
+
+
+DATA_META = {  # what prepare.py writes into a data directory's meta.json
+    'tokenizer': (lambda v: text(v) and (v in BUILT_IN + ('byte',) or re.fullmatch('bpe:[0-9]+', v) is not None),
+                  f'one of {", ".join(BUILT_IN)}, byte or bpe:N', False),
+    'tokenizer_file': (file_name, 'a file name', False),
+    'tokenizer_sha256': (sha256_text, 'a SHA-256', False),
+    'tokenizer_pattern': (text, 'a regular expression', False),
+    'vocab_size': (integer(2, 2**32), 'an integer from 2 to 2^32', False),
+    'eot_id': (integer(0, 2**32 - 1), 'a token id', False),
+    'bytes_per_token': (number(1e-9), 'a positive number', False),
+    'splits': (shard_names, 'per split, a list of shard file names and a token count', False),
+    'task': (file_name, 'a file name', False),
+}
+
+
+def field_problem(record, schema):
+    """What is wrong with a parsed JSON record, in words ('"vocab_size" is 1e9, expected an
+    integer ...'), or None if every field has the type and range the schema says."""
+    if type(record) is not dict:
+        return 'not a JSON object'
+    for name, (test, words, required) in schema.items():
+        if name not in record:
+            if required:
+                return f'no "{name}" field'
+        elif not test(record[name]):
+            return f'"{name}" is {json.dumps(record[name])[:40]}, expected {words}'
+    return None
+
+
+def read_json(path, schema):
+    """A JSON file checked against a schema: -> (record, None), or (None, what is wrong with it)."""
+    try:
+        with open(path, encoding='utf-8') as f:
+            record = json.load(f)
+    except OSError as e:
+        return None, f'unreadable: {e.strerror}'
+    except ValueError:
+        return None, 'not valid JSON'
+    problem = field_problem(record, schema)
+    return (None, problem) if problem else (record, None)
+
+
+def prepared_files(meta):
+    """The files a (checked) data meta.json lists: shards, the tokenizer, the task."""
+    return [name for split in meta.get('splits', {}).values() for name in split.get('shards', [])] + \
+        [meta[k] for k in ('tokenizer_file', 'task') if meta.get(k)]
+
+
 class CorruptCheckpoint(UserError):
     """A checkpoint whose files are damaged (truncated, wrong checksum, unreadable)."""
 
@@ -2220,11 +2321,11 @@ def npz_problem(f, want):
     return None
 
 
-CHECKPOINT_META = {  # field: (test, what it must be, required); prepare.field_problem checks them
+CHECKPOINT_META = {  # what write_checkpoint writes into a checkpoint's meta.json
     'step': (integer(), 'a step number', True),
     'config': (lambda v: type(v) is dict, 'the settings', True),  # and each of its field's type: config_problem
     'state_bytes': (integer(), 'a size in bytes', True),
-    'state_sha256': (lambda v: text(v) and re.fullmatch('[0-9a-f]{64}', v) is not None, 'a SHA-256', True),
+    'state_sha256': (sha256_text, 'a SHA-256', True),
     'elapsed': (number(), 'seconds', False),
     'tokens': (integer(), 'tokens trained on', False),
     'before_warmdown': (lambda v: type(v) is bool, 'true or false', False),
@@ -2290,7 +2391,8 @@ def keep_tokenizer(c, meta):
     dst = os.path.join(c.out, TOKENIZER_FILE)
     if os.path.isfile(dst) and not os.path.islink(dst) and file_sha256(dst) == meta['tokenizer_sha256']:
         return
-    copy_file(os.path.join(c.data, meta.get('tokenizer_file', TOKENIZER_FILE)), dst)
+    with open(os.path.join(c.data, meta.get('tokenizer_file', TOKENIZER_FILE)), 'rb') as f, written(dst) as out:
+        shutil.copyfileobj(f, out)
 
 
 def checkpoint_encoding(meta, c, path):
@@ -2433,10 +2535,8 @@ def data_files(c):
     meta = {}
     if os.path.lexists(meta_path):
         meta, problem = read_json(meta_path, DATA_META)
-        name = (meta or {}).get('tokenizer')
-        if not problem and name and not meta.get('tokenizer_sha256') and name not in BUILT_IN + ('byte',):
-            problem = f'"tokenizer" is {json.dumps(name)[:40]}, not one tinytpu knows ({", ".join(BUILT_IN)}, byte, ' \
-                      'or a trained one with its "tokenizer_sha256")'
+        if not problem and meta.get('tokenizer', '').startswith('bpe:') and not meta.get('tokenizer_sha256'):
+            problem = f'"tokenizer" is {meta["tokenizer"]}, a trained one, but no "tokenizer_sha256" says which'
         if problem:
             raise UserError(f'{meta_path}: {problem}; re-create it with prepare.py (or fix it by hand)')
     splits = {}
@@ -3449,10 +3549,108 @@ TASK_TOKENS = 8192  # tokens per device in one scoring pass (its fp32 logits: 81
 def task_file(c):
     path = c.task_data or os.path.join('data', c.task, f'{c.task}_val.jsonl')
     if not os.path.isfile(path):
-        made = c.task in ('hellaswag', 'choices') and not c.task_data
-        raise UserError(f'{path}: no such file; ' + (f'make it with: python prepare.py {c.task}' if made else
-                        'pass --task_data=PATH.jsonl (HellaSwag\'s format), or --task=hellaswag or choices'))
+        raise UserError(f'{path}: no such file; ' + ('make it with: python prepare.py hellaswag' if c.task == 'hellaswag'
+                        and not c.task_data else 'pass --task_data=PATH.jsonl (HellaSwag\'s format), or --task=hellaswag '
+                        'or choices'))
     return path
+
+
+def task_examples(c, enc):
+    """The first c.task_limit (0: all) examples of the task, as [(context, endings, label)]: made from
+    the run's held-out text for --task=choices, else read from task_file(c). -> (examples, whence)"""
+    if c.task == 'choices' and not c.task_data:
+        examples = held_out_choices(c, enc)
+        return examples[:c.task_limit or len(examples)], f'the held-out text of {c.data}'
+    path = task_file(c)
+    return read_task(path, c.task_limit), path
+
+
+TASK_EXAMPLE = {
+    'ctx': (text, 'text', False), 'ctx_a': (text, 'text', False), 'ctx_b': (text, 'text', False),
+    'endings': (lambda v: type(v) is list and len(v) >= 2 and all(map(text, v)), 'a list of 2 or more strings', True),
+    'label': (integer(), 'the index of the right ending', True),
+}
+
+
+def read_task(path, limit=0):
+    """The first `limit` (0: all) examples of a multiple-choice jsonl as [(context, endings, label)],
+    or a one-line UserError naming the file and the line that is not such an example."""
+    examples = []
+    try:
+        with open(path, encoding='utf-8') as f:
+            for n, line in enumerate(f, 1):
+                if limit and len(examples) == limit:
+                    break
+                if not line.strip():
+                    continue
+                try:
+                    example = json.loads(line)
+                except ValueError:
+                    raise UserError(f'{path}, line {n}: not valid JSON')
+                problem = field_problem(example, TASK_EXAMPLE)
+                if not problem and 'ctx' not in example and 'ctx_a' not in example:
+                    problem = 'no "ctx" (or "ctx_a") field'
+                if not problem and example['label'] >= len(example['endings']):
+                    problem = f'"label" is {example["label"]}, but there are {len(example["endings"])} endings'
+                if not problem and not all(ending.strip() for ending in example['endings']):
+                    problem = 'an ending is empty (nothing to score)'
+                if problem:
+                    raise UserError(f'{path}, line {n}: {problem}; each line needs "ctx" (or "ctx_a" and '
+                                    '"ctx_b"), "endings" and "label", as in HellaSwag')
+                context = example.get('ctx', ' '.join(p for p in (example.get('ctx_a'), example.get('ctx_b')) if p))
+                examples.append((context, example['endings'], example['label']))
+    except UnicodeDecodeError:
+        raise UserError(f'{path}: not UTF-8 text')
+    if not examples:
+        raise UserError(f'{path}: no examples in it')
+    return examples
+
+
+def held_out_choices(c, enc, text_bytes=4 << 20):
+    """--task=choices: make_choices's examples from the first 4 MB of the run's held-out text (its
+    data's val shards, decoded), which training never saw."""
+    if c.data.startswith('gs://'):
+        c = dataclasses.replace(c, data=fetch_data(c.data))
+    splits, meta = data_files(c)
+    enc = load_encoding(meta, c.data) if meta.get('tokenizer') else enc  # the data's own, to read its text
+    tokens = np.concatenate([np.asarray(open_shard(p)[:text_bytes]) for p in splits['val']])[:text_bytes]
+    eot = b'<|endoftext|>'
+    data = enc.decode_bytes(tokens.tolist()).removeprefix(eot).replace(eot, b'\n')
+    data = data[:data.rfind(b'\n', 0, text_bytes) + 1] if len(data) > text_bytes else data  # whole lines
+    examples = make_choices(data.decode('utf-8', errors='replace'))
+    if not examples:
+        raise UserError(f'{c.data}: too little held-out text to make examples of (lines of 5 or more words)')
+    return [(e['ctx'], e['endings'], e['label']) for e in examples]
+
+
+def make_choices(corpus, n=1000, choices=4, seed=0):
+    """Up to n HellaSwag-format examples from a text. The context is a passage of up to 300
+    characters that ends inside a line, after its first words; the right ending is the rest of
+    the line (4 or more words), the wrong ones are those same words in other orders. So nothing
+    but knowing how words go together tells them apart: an untrained model is at chance."""
+    rng = random.Random(seed)
+    lines = corpus.split('\n')
+    examples = []
+    for i in range(1, len(lines)):  # line 0 may start mid-line (where the held-out part begins)
+        words = lines[i].split(' ')
+        if len(words) < 5 or len(set(words)) < 3:
+            continue
+        cut = rng.randrange(1, len(words) - 3)
+        rest, orders = words[cut:], [words[cut:]]  # the right order first
+        for _ in range(20 * choices):
+            order = rng.sample(rest, len(rest))
+            if len(orders) < choices and order not in orders:
+                orders.append(order)
+        if len(orders) < choices:
+            continue
+        first = i
+        while first > 1 and sum(len(line) + 1 for line in lines[first - 1:i]) <= 300:
+            first -= 1
+        endings = [' '.join(order) for order in orders[1:]]
+        label = rng.randrange(choices)
+        endings.insert(label, ' '.join(rest))
+        examples.append({'ctx': '\n'.join(lines[first:i] + [' '.join(words[:cut])]), 'endings': endings, 'label': label})
+    return rng.sample(examples, min(n, len(examples)))
 
 
 def task_rows(examples, enc, context):
@@ -3537,9 +3735,10 @@ def choice_accuracy(logp, counts, examples):
 
 def evaluate_task(c, explicit):
     """python tinytpu.py eval: score the newest checkpoint in c.out on a multiple-choice task."""
-    path = task_file(c)
+    if c.task != 'choices' or c.task_data:
+        task_file(c)  # there, before the model is loaded
     c, params, meta, enc = load_model(c, explicit)
-    examples = read_task(path, c.task_limit)
+    examples, path = task_examples(c, enc)
     mesh = Mesh(np.array(jax.devices()), ('data',))
     c, _ = choose_fsdp(c, mesh)
     params = place(params, state_shardings(c, mesh)['params'])
@@ -3970,7 +4169,10 @@ def main(argv):
         drop_output(sys.stdout)
         return 0
     except OSError as e:  # a file the user named or made: missing, a directory, not allowed, disk full
-        return file_error(e)
+        if not e.filename:
+            raise
+        print(f'error: {e.filename}: {e.strerror}', file=sys.stderr)
+        return 2
     except jax.errors.JaxRuntimeError as e:
         if not out_of_memory(e):
             raise

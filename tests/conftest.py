@@ -113,12 +113,13 @@ def byte_data(tmp_path):
     return str(d)
 
 
-def run_cli(*args, cwd=ROOT, timeout=600, optimized=False):
-    """Run `python tinytpu.py ARGS` (or prepare.py when args[0] ends in .py) as a user would;
-    optimized=True compiles as a user's run does, for one that spends its time training."""
+def run_cli(*args, cwd=ROOT, timeout=600, optimized=False, env=None):
+    """Run `python tinytpu.py ARGS` (or prepare.py when args[0] ends in .py) as a user would, with
+    `env` added to the environment; optimized=True compiles as a user's run does, for one that
+    spends its time training."""
     script = args[0] if args and args[0].endswith('.py') else 'tinytpu.py'
     rest = args[1:] if script == args[0] else args
-    env = dict(os.environ, XLA_FLAGS=USER_XLA_FLAGS) if optimized else None
+    env = dict(os.environ, **(env or {}), **({'XLA_FLAGS': USER_XLA_FLAGS} if optimized else {}))
     return subprocess.run([sys.executable, os.path.join(ROOT, script), *rest], cwd=cwd, capture_output=True,
                           text=True, timeout=timeout, env=env)
 

@@ -76,10 +76,10 @@ print('ok', len(rows))
 
 @pytest.mark.slow(seconds=20)
 def test_a_trained_model_finds_the_held_out_continuation_and_an_untrained_one_does_not(byte_data, tmp_path, capsys):
-    """`prepare.py choices`'s examples from text the model never saw (Shakespeare after the
+    """--task=choices's examples (make_choices) from text the model never saw (Shakespeare after the
     fixture's 70 KB): the rest of a line against its words in other orders."""
     task = tmp_path / 'choices.jsonl'
-    task.write_text(''.join(json.dumps(e) + '\n' for e in prepare.make_choices(TEXT[100_000:300_000], n=120)))
+    task.write_text(''.join(json.dumps(e) + '\n' for e in tt.make_choices(TEXT[100_000:300_000], n=120)))
     out = str(tmp_path / 'run')
     r = run_cli('--preset=cpu', f'--data={byte_data}', f'--out={out}', '--steps=200', '--log_every=100',
                 '--eval_every=200', '--hellaswag_every=100', f'--task_data={task}', '--task_limit=40', optimized=True)
@@ -97,7 +97,7 @@ def test_a_trained_model_finds_the_held_out_continuation_and_an_untrained_one_do
     c = tt.validate(tt.make_config({'preset': 'cpu', 'out': out}))
     untrained = jax.jit(tt.init_params, static_argnums=0)(c, jax.random.key(0))  # compiled whole: faster
     mesh = jax.sharding.Mesh(np.array(jax.devices()[:1]), ('data',))
-    r = tt.score_task(untrained, prepare.read_task(str(task)), prepare.get_encoding('byte'), c, mesh)
+    r = tt.score_task(untrained, tt.read_task(str(task)), prepare.get_encoding('byte'), c, mesh)
     assert 0.15 < r['acc_norm'] < 0.35, r
 
 
@@ -109,14 +109,14 @@ def test_eval_errors_are_one_line(tmp_path, byte_data, capsys, monkeypatch):
     assert r.returncode == 2 and 'python prepare.py hellaswag' in r.stderr
     bad = tmp_path / 'bad.jsonl'
     bad.write_text('{"ctx": "a", "endings": ["b", "c"], "label": 1}\n{"ctx": "a", "endings": ["b"], "label": 3}\n')
-    with pytest.raises(prepare.PrepareError, match=r'bad.jsonl, line 2: "endings"'):
-        prepare.read_task(str(bad))
+    with pytest.raises(tt.UserError, match=r'bad.jsonl, line 2: "endings"'):
+        tt.read_task(str(bad))
     bad.write_text('{"ctx": "a", "endings": ["b", "c"], "label": 2}\n')
-    with pytest.raises(prepare.PrepareError, match='line 1: "label" is 2, but there are 2 endings'):
-        prepare.read_task(str(bad))
+    with pytest.raises(tt.UserError, match='line 1: "label" is 2, but there are 2 endings'):
+        tt.read_task(str(bad))
     bad.write_text('{"ctx": "a", "endings": ["b", " "], "label": 0}\n')
-    with pytest.raises(prepare.PrepareError, match='line 1: an ending is empty'):
-        prepare.read_task(str(bad))
+    with pytest.raises(tt.UserError, match='line 1: an ending is empty'):
+        tt.read_task(str(bad))
 
 
 HELLASWAG = [{'ind': i, 'ctx_a': f'A man is {w}.', 'ctx_b': 'he', 'ctx': f'A man is {w}. he', 'label': i % 4,
@@ -133,13 +133,13 @@ def test_prepare_hellaswag_downloads_checks_and_records_it(hub, tmp_path, monkey
     assert (out / 'hellaswag_val.jsonl').read_bytes() == body
     meta = json.loads((out / 'meta.json').read_text())
     assert meta['examples'] == 3 and meta['sources'][0]['sha256'] == prepare.file_sha256(out / 'hellaswag_val.jsonl')
-    assert prepare.read_task(str(out / 'hellaswag_val.jsonl'))[1] == ('A man is there. he', HELLASWAG[1]['endings'], 1)
+    assert tt.read_task(str(out / 'hellaswag_val.jsonl'))[1] == ('A man is there. he', HELLASWAG[1]['endings'], 1)
     assert prepare.main(['hellaswag', f'--out={out}', '--allow_http']) == 0
     assert 'already prepared' in capsys.readouterr().out
 
     # a page that is not the file: one line, nothing kept
     assert prepare.main(['hellaswag', f'--out={tmp_path}/x', '--allow_http', f'--input={url}/cdn/moved']) == 2
-    assert 'line 1: not valid JSON' in capsys.readouterr().err
+    assert 'line 1: not a JSON object' in capsys.readouterr().err
     assert not list((tmp_path / 'x').rglob('*.jsonl')) and not (tmp_path / 'x' / 'meta.json').exists()
     # a local copy; flags that do not apply
     assert prepare.main(['hellaswag', f'--out={tmp_path}/y', f'--input={out}/hellaswag_val.jsonl']) == 0
@@ -149,13 +149,14 @@ def test_prepare_hellaswag_downloads_checks_and_records_it(hub, tmp_path, monkey
     assert prepare.main(['hellaswag', '--help']) == 0
 
 
-def test_prepare_choices_is_held_out_and_deterministic(tmp_path):
-    for d in ('a', 'b'):
-        assert prepare.main(['choices', f'--input={SHAKESPEARE}', f'--out={tmp_path}/{d}']) == 0
-    made = (tmp_path / 'a' / 'choices_val.jsonl').read_bytes()
-    assert made == (tmp_path / 'b' / 'choices_val.jsonl').read_bytes()
-    examples = prepare.read_task(str(tmp_path / 'a' / 'choices_val.jsonl'))
-    held_out = TEXT[len(TEXT) * 9 // 10 - 100:]
+def test_choices_are_made_from_the_held_out_text_of_the_run_s_data(tmp_path):
+    """--task=choices: examples made from the data's val split, decoded (the last 10% of the text)."""
+    data = str(tmp_path / 'd')
+    assert prepare.main(['text', f'--input={SHAKESPEARE}', '--tokenizer=byte', f'--out={data}']) == 0
+    c = tt.validate(tt.make_config({'preset': 'cpu', 'data': data, 'task': 'choices'}))
+    examples, whence = tt.task_examples(c, prepare.get_encoding('byte'))
+    assert examples == tt.task_examples(c, None)[0] and whence == f'the held-out text of {data}'  # deterministic
+    held_out = TEXT[len(TEXT) * 9 // 10:]
     assert len(examples) == 1000
     for ctx, endings, label in examples:
         assert ctx + ' ' + endings[label] in held_out  # the true continuation, from the last 10%

@@ -1,5 +1,6 @@
-"""prepare.py against a local HTTP server (never the network): downloads with resume, retries and
-clear failures; token counts; the byte tokenizer; outputs that tinytpu's loader reads."""
+"""prepare.py against a local HTTP server (never the network): downloads with retries and clear
+failures; token counts; the byte tokenizer; outputs that tinytpu's loader reads."""
+import fcntl
 import hashlib
 import http.server
 import json
@@ -93,13 +94,17 @@ def test_download_follows_redirects_and_verifies(server, tmp_path):
     assert not os.path.exists(tmp_path / 'b.txt') and not os.path.exists(tmp_path / 'b.txt.part')
 
 
-def test_dropped_connection_resumes_with_range(server, tmp_path, monkeypatch):
+def test_a_dropped_connection_is_retried_and_never_leaves_part_of_a_file(server, tmp_path, monkeypatch):
     url, state = server
     path = str(tmp_path / 'c.txt')
+    monkeypatch.setattr(prepare.time, 'sleep', lambda s: None)
     prepare.download(f'{url}/drop.txt', path, hashlib.sha256(CORPUS).hexdigest(), allow_http=True)
-    assert open(path, 'rb').read() == CORPUS
-    ranges = [r for p, r in state['requests'] if p == '/drop.txt']
-    assert ranges[0] is None and ranges[1].startswith('bytes=') and 0 < int(ranges[1][6:-1]) <= len(CORPUS) // 2
+    assert open(path, 'rb').read() == CORPUS and os.listdir(tmp_path) == ['c.txt']
+    assert [p for p, _ in state['requests']] == ['/drop.txt', '/drop.txt']  # the second from the start
+    state['dropped'] = False
+    with pytest.raises(prepare.PrepareError, match=r'download failed \(the connection ended early'):
+        prepare.download(f'{url}/drop.txt', str(tmp_path / 'd.txt'), retries=0, allow_http=True)
+    assert os.listdir(tmp_path) == ['c.txt']  # nothing of the cut one: no file, no temporary name
 
 
 def test_server_error_is_retried(server, tmp_path, monkeypatch):
@@ -177,29 +182,32 @@ def test_tinystories_style_eot_split_and_sharding(tmp_path, monkeypatch):
 
 
 def test_bad_flags_and_unknown_dataset():
-    for args, message in [(['nope'], 'unknown dataset'), (['--foo=1'], 'unknown flag'),
+    for args, message in [(['nope'], "invalid choice: 'nope'"), (['--foo=1'], 'unrecognized arguments: --foo=1'),
                           (['--val_fraction=2'], 'between 0 and 1'), (['--tokenizer=bert'], 'unknown')]:
         r = run_cli('prepare.py', *args)
         assert r.returncode == 2 and message in r.stderr and r.stderr.count('\n') == 1, r.stderr
 
 
 @pytest.mark.parametrize('flag, says', [
-    ('--shard_tokens=0', '--shard_tokens=0: must be at least 1'),     # wrote empty shards until the disk filled
-    ('--shard_tokens=-1', '--shard_tokens=-1: must be at least 1'),   # spun forever
-    ('--shards=two', '--shards=two: expected an integer'),
-    ('--workers', '--workers needs a value: --workers=...'),
-    ('--workers=-2', '--workers=-2: must be at least 0 (0 = one per core)'),
-    ('--val_fraction=abc', '--val_fraction=abc: expected a number'),
-    ('--allow_http=maybe', '--allow_http=maybe: expected true or false'),
-    ('--out', '--out needs a value: --out=...'),
+    ('--shard_tokens=0', "argument --shard_tokens: '0': expected an integer of at least 1"),  # wrote empty shards
+    ('--shard_tokens=-1', "argument --shard_tokens: '-1': expected an integer of at least 1"),  # spun forever
+    ('--shards=two', "argument --shards: 'two': expected an integer of at least 1"),
+    ('--workers', 'argument --workers: expected one argument'),
+    ('--workers=-2', "argument --workers: '-2': expected an integer of at least 0"),
+    ('--val_fraction=abc', "argument --val_fraction: 'abc': expected a number between 0 and 1"),
+    ('--allow_http=maybe', "argument --allow_http: 'maybe': expected true or false"),
+    ('--out', 'argument --out: expected one argument'),
+    ('--out=', "argument --out: '': expected a directory"),
 ])
 def test_every_flag_is_checked_before_anything_is_written(flag, says, tmp_path):
     r = run_cli('prepare.py', 'shakespeare', flag, cwd=str(tmp_path))
-    assert r.returncode == 2 and r.stderr.strip() == f'error: {says}' and os.listdir(tmp_path) == [], r.stderr
+    assert r.returncode == 2 and r.stderr.strip() == f'error: {says}; python prepare.py --help lists the datasets and ' \
+        'flags' and os.listdir(tmp_path) == [], r.stderr
 
 
 def test_allow_http_false_means_false(tmp_path):
-    assert prepare.parse_flags(['--allow_http=false', '--shards=2']) == {'allow_http': False, 'shards': 2}
+    assert prepare.parse_flags(['--allow_http=false', '--shards=2']) == ('shakespeare', {'allow_http': False, 'shards': 2})
+    assert prepare.parse_flags(['text', '--allow_http']) == ('text', {'allow_http': True})
     r = run_cli('prepare.py', 'text', '--input=http://127.0.0.1:9/corpus.txt', '--allow_http=false',
                 '--tokenizer=byte', f'--out={tmp_path / "o"}')
     assert r.returncode == 2 and 'plain http can be tampered with' in r.stderr
@@ -217,7 +225,7 @@ def test_fineweb_shards_download_and_header_check(hub, tmp_path):
                   'fineweb_train_000001.bin': shard_bytes(np.arange(1000)),
                   'fineweb_train_000002.bin': shard_bytes(np.arange(700))})
     out = tmp_path / 'fw'
-    r = run_cli('prepare.py', 'fineweb10B', '--shards=2', f'--mirror={url}', '--allow_http', f'--out={out}')
+    r = run_cli('prepare.py', 'fineweb10B', '--shards=2', '--allow_http', f'--out={out}', env={'HF_ENDPOINT': url})
     assert r.returncode == 0, r.stderr
     assert sorted(os.listdir(out)) == ['.prepare.lock', 'meta.json', 'train_000001.bin', 'train_000002.bin', 'val_000000.bin']
     meta = json.load(open(out / 'meta.json'))
@@ -226,7 +234,7 @@ def test_fineweb_shards_download_and_header_check(hub, tmp_path):
     train, val, _ = tt.load_data(tt.validate(tt.Config(data=str(out), vocab_size=50257, seq_len=64)))
     assert train.count == (1000 - 64) + (700 - 64)
     files['fineweb_train_000003.bin'] = shard_bytes(np.arange(10))[:-4]  # truncated upstream
-    r = run_cli('prepare.py', 'fineweb10B', '--shards=3', f'--mirror={url}', '--allow_http', f'--out={tmp_path / "bad"}')
+    r = run_cli('prepare.py', 'fineweb10B', '--shards=3', '--allow_http', f'--out={tmp_path / "bad"}', env={'HF_ENDPOINT': url})
     assert r.returncode == 2 and 'train_000003.bin: not a valid GPT-2 token shard' in r.stderr
     assert not os.path.exists(tmp_path / 'bad' / 'train_000003.bin')
 
@@ -237,7 +245,7 @@ def test_finewebedu_shards_download_under_their_hub_names(hub, tmp_path):
     files.update({'finewebedu_val_000000.bin': shard_bytes(np.arange(300)),
                   'finewebedu_train_000001.bin': shard_bytes(np.arange(400))})
     out = tmp_path / 'edu'
-    r = run_cli('prepare.py', 'finewebedu10B', f'--mirror={url}', '--allow_http', f'--out={out}')
+    r = run_cli('prepare.py', 'finewebedu10B', '--allow_http', f'--out={out}', env={'HF_ENDPOINT': url})
     assert r.returncode == 0, r.stderr
     assert json.load(open(out / 'meta.json'))['splits']['train']['tokens'] == 400
 
@@ -263,7 +271,7 @@ def test_tinystories_download_and_tokenize(hub, tmp_path):
     stories = lambda n: ''.join(f'Once upon a time {i}.\n<|endoftext|>\n' for i in range(n)).encode()
     files.update({'TinyStoriesV2-GPT4-train.txt': stories(40), 'TinyStoriesV2-GPT4-valid.txt': stories(5)})
     out = tmp_path / 'ts'
-    r = run_cli('prepare.py', 'tinystories', '--tokenizer=byte', f'--mirror={url}', '--allow_http', f'--out={out}')
+    r = run_cli('prepare.py', 'tinystories', '--tokenizer=byte', '--allow_http', f'--out={out}', env={'HF_ENDPOINT': url})
     assert r.returncode == 0, r.stderr
     meta = json.load(open(out / 'meta.json'))
     val = np.asarray(tt.open_shard(str(out / 'val_000000.bin')))
@@ -272,22 +280,16 @@ def test_tinystories_download_and_tokenize(hub, tmp_path):
     assert val[0] == 256 and bytes(val[1:19].astype(np.uint8)) == b'Once upon a time 0'
 
 
-@pytest.mark.parametrize('left', ['smaller, no record', 'larger, no record', 'another URL', 'another version',
-                                  'larger than the file'])
-def test_a_stale_part_is_never_spliced_into_a_download(left, server, tmp_path):
+def test_a_download_cut_by_a_kill_is_never_used(server, tmp_path):
+    """A prepare.py killed while downloading leaves only its temporary file (.NAME.XXXX.tmp), never
+    NAME: the next run removes it and downloads the whole file."""
     url, _ = server
-    path = str(tmp_path / 'corpus.txt')
-    part = path + '.part'
-    garbage = b'#' * (100 if left in ('smaller, no record', 'another URL', 'another version') else len(CORPUS) + 50)
-    open(part, 'wb').write(garbage)
-    record = {'another URL': {'url': f'{url}/old.txt', 'total': len(CORPUS)},
-              'another version': {'url': f'{url}/ok.txt', 'total': len(CORPUS) + 7},
-              'larger than the file': {'url': f'{url}/ok.txt', 'total': len(CORPUS) + 50}}.get(left)
-    if record:
-        json.dump(record, open(part + '.json', 'w'))
-    prepare.download(f'{url}/ok.txt', path, allow_http=True)
-    assert open(path, 'rb').read() == CORPUS
-    assert not os.path.exists(part) and not os.path.exists(part + '.json')
+    out = tmp_path / 'o'
+    (out / 'raw').mkdir(parents=True)
+    (out / 'raw' / '.ok.txt.abcd1234.tmp').write_bytes(CORPUS[:100])
+    r = run_cli('prepare.py', 'text', f'--input={url}/ok.txt', '--allow_http', '--tokenizer=byte', f'--out={out}')
+    assert r.returncode == 0, r.stderr
+    assert (out / 'raw' / 'ok.txt').read_bytes() == CORPUS and os.listdir(out / 'raw') == ['ok.txt']
 
 
 @pytest.mark.slow
@@ -339,23 +341,22 @@ def test_byte_tokens_are_the_raw_bytes(tmp_path):
 
 
 @needs_gpt2
-def test_bpe_refuses_text_that_is_not_utf8_or_takes_its_encoding(tmp_path):
+def test_bpe_refuses_text_that_is_not_utf8_and_splits_utf8_between_characters(tmp_path):
     text = 'Voilà, ça marche.\n' * 200
     (tmp_path / 'latin.txt').write_bytes(text.encode('latin-1'))
     r = run_cli('prepare.py', 'text', f'--input={tmp_path / "latin.txt"}', f'--out={tmp_path / "o"}')
     assert r.returncode == 2 and r.stderr.strip() == (
-        f'error: {tmp_path / "latin.txt"}: not UTF-8 at byte 4; pass --encoding=NAME (latin-1, cp1252, utf-16, ...) '
-        'or --tokenizer=byte'), r.stderr
-    for encoding in ('latin-1', 'utf-16'):
-        (tmp_path / 'in.txt').write_bytes(text.encode(encoding))
-        out = tmp_path / encoding
-        r = run_cli('prepare.py', 'text', f'--input={tmp_path / "in.txt"}', f'--encoding={encoding}', f'--out={out}')
-        assert r.returncode == 0, r.stderr
-        half = int(len(text) * 0.9)
-        assert shard_tokens(out, 'train') == encoded(text[:half]) and shard_tokens(out, 'val') == encoded(text[half:])
-    (tmp_path / 'bad.txt').write_bytes(b'abc\xff')
-    r = run_cli('prepare.py', 'text', f'--input={tmp_path / "bad.txt"}', '--encoding=ascii', f'--out={tmp_path / "a"}')
-    assert r.returncode == 2 and 'bad.txt: not valid ascii at byte 3' in r.stderr, r.stderr
+        f'error: {tmp_path / "latin.txt"}: not UTF-8 at byte 4; convert it first (iconv -f ENCODING -t UTF-8 '
+        'FILE > FILE.txt) or pass --tokenizer=byte'), r.stderr
+    data = text.encode('utf-8')
+    (tmp_path / 'in.txt').write_bytes(data)
+    fraction = (data.index('ç'.encode()) + 1) / len(data)  # the byte cut falls inside "ç"
+    r = run_cli('prepare.py', 'text', f'--input={tmp_path / "in.txt"}', f'--val_fraction={1 - fraction}',
+                f'--out={tmp_path / "u"}')
+    assert r.returncode == 0, r.stderr
+    cut = data.index('ç'.encode())  # moved back to where the character starts
+    assert shard_tokens(tmp_path / 'u', 'train') == encoded(data[:cut].decode())
+    assert shard_tokens(tmp_path / 'u', 'val') == encoded(data[cut:].decode())
 
 
 def test_a_text_too_short_for_two_splits_is_refused_at_prepare_time(tmp_path):
@@ -471,7 +472,8 @@ def test_two_prepares_on_one_directory_never_mix_their_data(tmp_path):
     changes nothing; started together, the data left is one run's whole, never a mix."""
     out = tmp_path / 'R'
     out.mkdir()
-    with prepare.one_writer(str(out)):
+    with open(out / '.prepare.lock', 'w') as held:
+        fcntl.flock(held, fcntl.LOCK_EX)  # as a prepare.py working on it holds it
         r = run_cli('prepare.py', 'text', f'--input={SHAKESPEARE}', '--tokenizer=byte', f'--out={out}')
     assert r.returncode == 2 and 'being prepared by another prepare.py right now' in r.stderr, r.stderr
     assert r.stderr.count('\n') == 1 and sorted(os.listdir(out)) == ['.prepare.lock']
@@ -517,9 +519,9 @@ def test_no_file_is_written_through_a_link_left_where_a_temporary_name_used_to_b
     shards_agree_with_meta(out)
     url, files = hub
     files['f.txt'] = b'hello world\n'
-    part = tmp_path / 'dl' / 'f.txt.part'
-    part.parent.mkdir()
-    part.symlink_to(victim)
+    (tmp_path / 'dl').mkdir()
+    for name in ('f.txt.part', 'f.txt.part.json'):  # where downloads used to go
+        (tmp_path / 'dl' / name).symlink_to(victim)
     prepare.download(f'{url}/cdn/f.txt', str(tmp_path / 'dl' / 'f.txt'), allow_http=True)
     assert victim.read_bytes() == b'precious' and (tmp_path / 'dl' / 'f.txt').read_bytes() == b'hello world\n'
 
@@ -530,4 +532,4 @@ def test_text_is_prepared_into_a_directory_named_after_its_input(tmp_path, monke
     assert prepare.main(['text', f'--input={MOBY}', '--tokenizer=byte']) == 0
     assert prepare.main(['text', f'--input={SHAKESPEARE}', '--tokenizer=byte']) == 0
     assert sorted(os.listdir(tmp_path / 'data')) == ['mobydick_byte', 'tinyshakespeare_byte']
-    assert '--shard_tokens=' in prepare.__doc__
+    assert '--shard_tokens' in run_cli('prepare.py', '--help').stdout

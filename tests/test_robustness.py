@@ -374,7 +374,7 @@ def bad_data(tmp_path, kind):
     ('splits', 'meta.json: "splits" is {"train": {"shards": ["../x.bin"]}}, expected per split'),
     ('listed', 'meta.json lists'),
     ('meta_dir', 'meta.json: unreadable: Is a directory'),
-    ('tokenizer', 'meta.json: "tokenizer" is "foo", not one tinytpu knows (gpt2, '),
+    ('tokenizer', 'meta.json: "tokenizer" is "foo", expected one of gpt2, '),
     ('magic', 'train_000000.bin: not a token shard (magic 123'),
     ('version', 'val_000000.bin: unsupported shard version 9'),
     ('size', 'train_000000.bin: header says 5000 tokens'),

@@ -105,9 +105,10 @@ def test_the_tokenizer_goes_with_the_run_sample_eval_export_and_resume(bpe_data,
         assert hf(text)['input_ids'] == enc.encode_ordinary(text)
         assert hf.eos_token == '<|endoftext|>' and hf.convert_tokens_to_ids('<|endoftext|>') == 1023
         assert 'tokenizer `bpe:1024`' in open(tmp_path / 'hf' / 'README.md').read()
-        assert prepare.main(['choices', f'--input={SHAKESPEARE}', f'--out={tmp_path / "task"}']) == 0
+        task = tmp_path / 'task.jsonl'
+        task.write_text(''.join(json.dumps(e) + '\n' for e in tt.make_choices(TEXT[-100_000:].decode(), n=50)))
         capsys.readouterr()
-        assert tt.main(['eval', f'--out={out}', '--task=choices', f'--task_data={tmp_path / "task" / "choices_val.jsonl"}',
+        assert tt.main(['eval', f'--out={out}', '--task=choices', f'--task_data={task}',
                         '--task_limit=20']) == 0  # scored with the model's own tokenizer
         assert json.loads(capsys.readouterr().out.strip().splitlines()[-1])['examples'] == 20
         with open(copy, 'ab') as f:  # a tokenizer that is not the one the model learned: refused in one line
@@ -172,14 +173,18 @@ def parquet_bytes(docs, tmp_path, name):
 
 
 @pytest.fixture
-def fineweb(tmp_path, hub):
+def fineweb(tmp_path, hub, monkeypatch):
     """Three small shards of Shakespeare's lines as documents, under nanochat's names: two for
-    training, and the dataset's last one (validation). -> (hub URL, {shard: docs})"""
+    training, and the dataset's last one (validation), on a stand-in Hub (HF_ENDPOINT for a new
+    process). -> (hub URL, {shard: docs})"""
     lines = [l for l in TEXT.decode().split('\n\n') if l.strip()]
     docs = {'shard_00000.parquet': lines[:300], 'shard_00001.parquet': lines[300:600],
             'shard_01822.parquet': lines[600:700] + ['naïve 日本語 🙂']}
     url, files = hub
     files.update({name: parquet_bytes(d, tmp_path, name) for name, d in docs.items()})
+    spec = prepare.DATASETS['fineweb-edu']
+    monkeypatch.setitem(prepare.DATASETS, 'fineweb-edu', {**spec, 'parquet': spec['parquet'].replace(
+        'https://huggingface.co', url)})
     return url, docs
 
 
@@ -187,27 +192,30 @@ def as_byte_tokens(docs):
     return np.concatenate([np.array([256] + list(d.encode()), np.uint16) for d in docs])
 
 
-def test_fineweb_edu_downloads_resume_after_a_kill_and_give_the_documents(fineweb, tmp_path):
+def test_fineweb_edu_downloads_go_on_after_a_kill_and_give_the_documents(fineweb, tmp_path):
     url, docs = fineweb
     out = tmp_path / 'edu'
     cmd = [sys.executable, os.path.join(ROOT, 'prepare.py'), 'fineweb-edu', '--shards=2', '--tokenizer=byte',
-           f'--mirror={url}', '--allow_http', f'--out={out}']
+           '--allow_http', f'--out={out}']
+    env = dict(os.environ, HF_ENDPOINT=url)
     release = threading.Event()
     HubHandler.hold = ('shard_00001.parquet', release)
-    p = subprocess.Popen(cmd, stdout=subprocess.PIPE, stderr=subprocess.PIPE, start_new_session=True)
-    part, half = out / 'raw' / 'shard_00001.parquet.part', len(HubHandler.files['shard_00001.parquet']) // 2
+    p = subprocess.Popen(cmd, stdout=subprocess.PIPE, stderr=subprocess.PIPE, start_new_session=True, env=env)
+    half = len(HubHandler.files['shard_00001.parquet']) // 2
     deadline = time.time() + 60
-    while not (part.exists() and part.stat().st_size == half) and time.time() < deadline:
+    while not [f for f in (out / 'raw').glob('.shard_00001.parquet.*.tmp') if f.stat().st_size == half] \
+            and time.time() < deadline:
         time.sleep(0.05)
     os.killpg(p.pid, signal.SIGKILL)  # the machine goes: no clean-up at all
     p.communicate(timeout=60)
     release.set()
     HubHandler.hold = None
-    assert part.stat().st_size == half and not (out / 'meta.json').exists()
-    r = subprocess.run(cmd, capture_output=True, text=True, timeout=300)
+    assert not (out / 'raw' / 'shard_00001.parquet').exists() and not (out / 'meta.json').exists()
+    r = subprocess.run(cmd, capture_output=True, text=True, timeout=300, env=env)
     assert r.returncode == 0, r.stderr
-    assert ('shard_00001.parquet', f'bytes={half}-') in HubHandler.seen  # continued, not started over
     assert [n for n, _ in HubHandler.seen].count('shard_00000.parquet') == 1  # a whole file is not fetched again
+    assert [n for n, _ in HubHandler.seen].count('shard_00001.parquet') == 2  # a cut one is fetched again, whole
+    assert sorted(os.listdir(out / 'raw')) == ['shard_00000.parquet', 'shard_00001.parquet', 'shard_01822.parquet']
     meta = json.load(open(out / 'meta.json'))
     assert meta['sources'][0]['url'] == f'{url}/datasets/karpathy/fineweb-edu-100b-shuffle/resolve/main/shard_00000.parquet'
     assert np.array_equal(tokens(out / 'train_000000.bin'), as_byte_tokens(docs['shard_00000.parquet'] + docs['shard_00001.parquet']))
@@ -219,7 +227,7 @@ def test_fineweb_edu_with_a_trained_tokenizer_learns_from_the_first_training_tex
     url, docs = fineweb
     out = tmp_path / 'edu_bpe'
     assert prepare.main(['fineweb-edu', '--shards=2', '--tokenizer=bpe:400', '--tokenizer_bytes=20000',
-                         f'--mirror={url}', '--allow_http', f'--out={out}']) == 0
+                         '--allow_http', f'--out={out}']) == 0
     meta = json.load(open(out / 'meta.json'))
     first = [d.encode() for d in docs['shard_00000.parquet']]
     assert meta['tokenizer_trained_on']['bytes'] == max(sum(map(len, first[:i])) for i in range(len(first))
@@ -235,7 +243,7 @@ def test_a_damaged_parquet_shard_is_removed_and_named(fineweb, tmp_path, capsys)
     url, _ = fineweb
     HubHandler.files['shard_00000.parquet'] = b'PAR1 not really'
     out = tmp_path / 'bad'
-    assert prepare.main(['fineweb-edu', '--tokenizer=byte', f'--mirror={url}', '--allow_http', f'--out={out}']) == 2
+    assert prepare.main(['fineweb-edu', '--tokenizer=byte', '--allow_http', f'--out={out}']) == 2
     err = capsys.readouterr().err
     assert 'shard_00000.parquet: not a readable parquet file' in err and 'removed it, run again' in err
     assert not (out / 'raw' / 'shard_00000.parquet').exists()
