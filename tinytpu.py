@@ -3858,7 +3858,8 @@ def plot(c):
 # pre-norm blocks with RMSNorm, RoPE pairing entry i with i + H/2 ("rotate half"), grouped-query
 # attention and a SwiGLU MLP, no biases, plus Qwen3's per-head RMSNorm of q and k. tinytpu's
 # norms have no gain, so theirs are exported as ones; the vocabulary's padding rows are dropped.
-# The ReLU^2 MLP and the logit soft-cap have no standard architecture: such models are refused.
+# A ReLU^2 MLP is exported as the gated MLP it equals (hf_weights). The logit soft-cap has no
+# standard architecture: such models are refused.
 # model.safetensors is written by its published format (an 8-byte header length, a JSON header
 # naming each tensor's dtype, shape and byte range, then the bytes): 20 lines that keep the
 # runtime needs at four packages. The tokenizer is converted from tiktoken's: a tokenizer.json
@@ -3869,9 +3870,6 @@ EXPORT_DTYPES = {'bfloat16': 'BF16', 'float16': 'F16', 'float32': 'F32'}  # nump
 
 def export_problem(c):
     """Why a model cannot be exported as a standard architecture, naming the setting, or None."""
-    if c.mlp != 'swiglu':
-        return (f'--mlp={c.mlp}: the ReLU^2 MLP has no standard Hugging Face architecture; export takes SwiGLU '
-                f'models (train with --mlp=swiglu --d_ff={8 * math.ceil(ff_dim(c) * 2 / 3 / 8)}: the same parameters)')
     if c.logit_softcap:
         return (f'--logit_softcap={c.logit_softcap:g}: the logit soft-cap has no place in Qwen3ForCausalLM; export takes '
                 'models trained with --logit_softcap=0')
@@ -3884,7 +3882,8 @@ def hf_config(c, meta):
     return {'architectures': ['Qwen3ForCausalLM'], 'model_type': 'qwen3', 'vocab_size': c.vocab_size,
             'hidden_size': c.d_model, 'intermediate_size': ff_dim(c), 'num_hidden_layers': c.n_layer,
             'num_attention_heads': c.n_head, 'num_key_value_heads': c.n_kv_head, 'head_dim': head_dim(c),
-            'hidden_act': 'silu', 'max_position_embeddings': c.context, 'rms_norm_eps': NORM_EPS,
+            'hidden_act': 'silu' if c.mlp == 'swiglu' else 'relu',  # ReLU^2 as a gated MLP: hf_weights
+            'max_position_embeddings': c.context, 'rms_norm_eps': NORM_EPS,
             'rope_theta': c.rope_theta, 'rope_parameters': {'rope_type': 'default', 'rope_theta': c.rope_theta},
             'tie_word_embeddings': c.tie_embed, 'attention_bias': False, 'attention_dropout': 0.0,
             'use_sliding_window': False, 'initializer_range': 0.02, 'use_cache': True,
@@ -3893,7 +3892,9 @@ def hf_config(c, meta):
 
 def hf_weights(params, c):
     """The params as Qwen3ForCausalLM's tensors, fp32: name -> array. torch's Linear weights are
-    (out, in); q/k/v/o heads are laid out head after head, each of head_dim entries."""
+    (out, in); q/k/v/o heads are laid out head after head, each of head_dim entries. Its MLP is
+    gated, down(act(x gate) * (x up)): a ReLU^2 MLP is the gated one with act = ReLU and gate = up,
+    as relu(a) * a = relu(a)^2 for every a."""
     L, D, N, K, H, V = c.n_layer, c.d_model, c.n_head, c.n_kv_head, head_dim(c), c.vocab_size
     p = jax.tree.map(lambda x: np.asarray(x, np.float32), params)
     w, ones = p['layers'], lambda n: np.ones(n, np.float32)
@@ -3909,7 +3910,8 @@ def hf_weights(params, c):
             layer + 'self_attn.q_norm.weight': ones(H), layer + 'self_attn.k_norm.weight': ones(H),
             layer + 'self_attn.o_proj.weight': w['o'][l].reshape(N * H, D).T,
             layer + 'post_attention_layernorm.weight': ones(D),
-            layer + 'mlp.gate_proj.weight': w['gate'][l].T, layer + 'mlp.up_proj.weight': w['up'][l].T,
+            layer + 'mlp.gate_proj.weight': w['gate' if c.mlp == 'swiglu' else 'up'][l].T,
+            layer + 'mlp.up_proj.weight': w['up'][l].T,
             layer + 'mlp.down_proj.weight': w['down'][l].T,
         }
     if not c.tie_embed:
@@ -4044,7 +4046,8 @@ def model_card(c, meta):
     return (f'# {os.path.basename(os.path.normpath(c.export_dir))}\n\nA {param_count(c) / 1e6:.2f}M-parameter GPT '
             f'trained from scratch with tinytpu ({meta.get("step")} steps on `{c.data}`, tokenizer `{meta["tokenizer"]}`), '
             f'exported as Qwen3ForCausalLM: {c.n_layer} layers, d_model {c.d_model}, {c.n_head} query heads and '
-            f'{c.n_kv_head} key/value heads of width {head_dim(c)}, SwiGLU {ff_dim(c)}, context {c.context}.\n'
+            f'{c.n_kv_head} key/value heads of width {head_dim(c)}, '
+            f'{"SwiGLU" if c.mlp == "swiglu" else "ReLU² (as a gated MLP: gate = up, ReLU)"} {ff_dim(c)}, context {c.context}.\n'
             f'{byte_note}\n```python\nfrom transformers import AutoModelForCausalLM, AutoTokenizer\n'
             f'tok = AutoTokenizer.from_pretrained("DIR")\nmodel = AutoModelForCausalLM.from_pretrained("DIR")\n'
             f'out = model.generate(**tok("Hello", return_tensors="pt"), max_new_tokens=50)\n'

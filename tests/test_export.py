@@ -46,8 +46,9 @@ def export(out, export_dir, *flags):
 
 @pytest.mark.slow
 @pytest.mark.parametrize('flags', [('--n_kv_head=2', '--tie_embed=true', '--rope_theta=500'),
-                                   ('--n_kv_head=1', '--tie_embed=false', '--d_head=32', '--d_ff=96')],
-                         ids=['gqa-tied', 'mqa-untied'])
+                                   ('--n_kv_head=1', '--tie_embed=false', '--d_head=32', '--d_ff=96'),
+                                   ('--mlp=relu2',)],
+                         ids=['gqa-tied', 'mqa-untied', 'relu2'])
 def test_transformers_gives_tinytpus_logits_and_greedy_tokens(byte_data, tmp_path, flags):
     out = train(byte_data, str(tmp_path / 'run'), *flags)
     (tmp_path / '.tmp_export_999999999').mkdir()  # what an export killed mid-write left (no such process)
@@ -128,25 +129,24 @@ def test_what_does_not_map_is_refused_in_one_line(tmp_path, capsys):
         assert len(err.splitlines()) == 1
         return err
 
-    relu = untrained(str(tmp_path / 'relu'), mlp='relu2')
-    assert '--mlp=relu2' in refused(f'--out={relu}', f'--export_dir={tmp_path}/a')
     capped = untrained(str(tmp_path / 'capped'), logit_softcap=30.0)
     assert '--logit_softcap=30' in refused(f'--out={capped}', f'--export_dir={tmp_path}/b')
     (tmp_path / 'taken').mkdir()
     assert 'already exists' in refused(f'--out={untrained(str(tmp_path / "fine"))}', f'--export_dir={tmp_path}/taken')
     assert '--export_dir' in refused(f'--out={capped}')
     assert '--export_dtype=int8' in refused(f'--out={capped}', f'--export_dir={tmp_path}/c', '--export_dtype=int8')
-    assert sorted(os.listdir(tmp_path)) == ['capped', 'fine', 'relu', 'taken']  # nothing half-written left
+    assert sorted(os.listdir(tmp_path)) == ['capped', 'fine', 'taken']  # nothing half-written left
     assert tt.main(['export', f'--out={tmp_path}/fine', f'--export_dir={tmp_path}/d']) == 0
     assert sorted(os.listdir(tmp_path / 'd')) == ['README.md', 'config.json', 'generation_config.json',
                                                  'model.safetensors', 'tokenizer.json', 'tokenizer_config.json']
 
 
-def test_the_accelerator_presets_export():
-    """gpt2 and tpu train what Qwen3ForCausalLM computes (SwiGLU, no soft-cap); gpt2 keeps the
-    parameter count it had with GPT-2's MLP. The cpu preset keeps ReLU^2, and says so when asked."""
-    for preset in ('gpt2', 'tpu'):
+def test_every_preset_exports():
+    """Every preset trains what Qwen3ForCausalLM computes (no soft-cap; the cpu preset's ReLU^2 as
+    the gated MLP it equals); gpt2 keeps the parameter count it had with GPT-2's MLP. A soft-cap is
+    refused in one line."""
+    for preset in tt.PRESETS:
         assert tt.export_problem(tt.make_config({'preset': preset}, 'cpu')) is None, preset
     gpt2 = tt.make_config({'preset': 'gpt2'}, 'cpu')
     assert tt.param_count(gpt2) == 123_568_128 and tt.ff_dim(gpt2) * 3 == 768 * 4 * 2
-    assert tt.export_problem(tt.make_config({'preset': 'cpu'}, 'cpu')).startswith('--mlp=relu2')
+    assert tt.export_problem(tt.make_config({'logit_softcap': 30.0}, 'cpu')).startswith('--logit_softcap=30')

@@ -798,8 +798,8 @@ def test_things_named_like_checkpoints_are_not_taken_for_them(byte_data, tmp_pat
     assert not [n for n in os.listdir(tmp_path) if n.startswith('.tmp')]
     r = run_main(capsys, 'sample', f'--out={tmp_path}', '--max_new_tokens=3')
     assert r.returncode == 0, r.stderr
-    r = run_main(capsys, 'export', f'--out={tmp_path}', f'--export_dir={tmp_path / "hf"}')  # read ckpt_00000004,
-    assert r.returncode == 2 and r.stderr.count('\n') == 1 and 'ReLU^2' in r.stderr, r.stderr  # then refused the MLP
+    r = run_main(capsys, 'export', f'--out={tmp_path}', f'--export_dir={tmp_path / "hf"}')  # ckpt_00000004's
+    assert r.returncode == 0 and (tmp_path / 'hf' / 'model.safetensors').is_file(), r.stderr
 
 
 @pytest.mark.slow
