@@ -3849,6 +3849,189 @@ def plot(c):
     finally:
         plt.close(fig)
     say(f'wrote {path}')
+    if len(runs) > 1:  # and what they ended at
+        names = [out for out in c.out.split(',') if out]
+        print_runs([{'run': name, **d} for name, d in zip(names, differing_settings(runs))],
+                   [run_result(out) for out in runs])
+
+
+# ----------------------------------------------------------------------------------------------
+# Sweeps and tables of runs. `sweep` trains an ordinary run for each point of a grid: every
+# setting given a comma-separated list (--lr=3e-4,1e-3,3e-3 --matrix_lr=0.005,0.02) is swept, the
+# grid being their product, each point in OUT/NAME=VALUE+... (so it resumes, runs on any backend
+# and in a bucket). The same command again skips the finished points and continues an interrupted
+# one. At the end: the table of the runs, the best point, the command for the hero run, and the
+# validation loss against the first swept setting (OUT/sweep.svg), one curve per value of the
+# others: where the good basin is, and whether it moved. `plot --out=A,B` prints the same table.
+
+
+def sweep_grid(argv):
+    """sweep's flags -> (the flags every point shares, [(setting, [values as typed])] in order)."""
+    fixed, swept = [], []
+    for arg in argv:
+        name, _, value = arg.removeprefix('--').partition('=')
+        if ',' not in value or name == 'out':
+            fixed.append(arg)
+            continue
+        values = value.split(',')
+        if not all(values) or len(set(values)) < len(values) or name in dict(swept):
+            raise UserError(f'--{name}={value}: give a setting one list of distinct values, as --{name}=A,B,C')
+        swept.append((name, values))
+    if not swept:
+        raise UserError('sweep: give at least one setting a comma-separated list of values (--lr=3e-4,1e-3,3e-3)')
+    return fixed, swept
+
+
+def sweep_points(flags, swept):
+    """Every point of the grid as (its name, its config), each checked before any of them trains."""
+    root = make_config(flags).out
+    points = []
+    for values in itertools.product(*(values for _, values in swept)):
+        name = '+'.join(f'{setting}={value}' for (setting, _), value in zip(swept, values))  # no comma: plot --out=A,B
+        point = parse_flags([f'--{setting}={value}' for (setting, _), value in zip(swept, values)])
+        out = f'{root.rstrip("/")}/{name}' if in_bucket(root) else os.path.join(root, name)
+        points.append((name, validate(make_config({**flags, **point, 'out': out}))))
+    return root, points
+
+
+def sweep(fixed, swept):
+    """python tinytpu.py sweep: train each point not finished yet, then report."""
+    flags = parse_flags(fixed)
+    root, points = sweep_points(flags, swept)
+    grid = list(itertools.product(*(values for _, values in swept)))
+    say(f'sweep: {len(points)} points ({" x ".join(str(len(v)) for _, v in swept)}) in {root}')
+    seconds = []
+    for i, (name, c) in enumerate(points):
+        todo = [p for _, p in points[i:] if in_bucket(p.out) or not finished(p)]
+        if c not in todo:
+            say(f'sweep: point {i + 1} of {len(points)}, {name}: finished before')
+            continue
+        eta = f' (ETA {duration(len(todo) * sum(seconds) / len(seconds))})' if seconds else ''
+        say(f'sweep: point {i + 1} of {len(points)}, {name}{eta}', flush=True)
+        t = time.time()
+        train(c, TrainingRun(c))
+        seconds.append(time.time() - t)
+    outs = [fetch_run(c).out for _, c in points]  # a bucket's: their local copies
+    results = [run_result(out) for out in outs]
+    print_runs([dict(zip([s for s, _ in swept], values)) for values in grid], results)
+    scored = [(r['val_loss'], i) for i, r in enumerate(results) if 'val_loss' in r]
+    if not scored:
+        raise UserError(f'sweep: no point in {root} logged a validation loss; train for --eval_every steps at least')
+    best = min(scored)[1]
+    hero = 'python tinytpu.py ' + ' '.join([a for a in fixed if not a.startswith('--out=')] +
+                                           [f'--{s}={v}' for (s, _), v in zip(swept, grid[best])])
+    say(f'best: {points[best][0]} (val loss {results[best]["val_loss"]:.4f}); the hero run, the best values with '
+        f'the other flags (raise --steps for a longer run; --out=DIR gives it its own directory):\n  {hero}')
+    plot_sweep(root, swept, grid, results, flags.get('plot_file') or os.path.join(os.path.dirname(outs[0]), 'sweep.svg'))
+    say(json.dumps({'sweep': root, 'best': points[best][0], 'hero': hero, 'points': [
+        {'name': name, **dict(zip([s for s, _ in swept], values)), **r}
+        for (name, _), values, r in zip(points, grid, results)]}))
+
+
+def finished(c):
+    """Whether the run in c.out ended at step c.steps (its log's summary says so)."""
+    r = run_result(c.out, quiet=True)
+    return r.get('finished') and r.get('steps') == c.steps
+
+
+def run_result(out, quiet=False):
+    """A run's totals from its log.jsonl: its last summary (steps, tokens, seconds, dollars, the last
+    validation loss), else what its last records say. {} (or a one-line error) if there is none."""
+    path = os.path.join(out, 'log.jsonl')
+    if not os.path.isfile(path):
+        if quiet:
+            return {}
+        raise UserError(f'{path}: no such file; --out names a training run\'s directory (train first)')
+    r = {}
+    with open(path, encoding='utf-8', errors='replace') as f:
+        for line in f:
+            try:
+                record = json.loads(line)
+            except ValueError:
+                continue  # a line cut by a crash
+            if type(record) is not dict or type(record.get('step')) is not int:
+                continue
+            summary = record.get('summary') if type(record.get('summary')) is dict else {}
+            fields = {'steps': record['step'], 'tokens': record.get('tokens'), 'seconds': record.get('elapsed'),
+                      'dollars': record.get('cost'), 'val_loss': record.get('val_loss')}
+            fields.update({'seconds': summary.get('elapsed'), 'dollars': summary.get('cost'),
+                           'tokens': summary.get('tokens'), 'val_loss': summary.get('val_loss')} if summary else {})
+            r.update({k: v for k, v in fields.items() if type(v) in (int, float) and math.isfinite(v)})
+            r['finished'] = bool(summary)
+    return r
+
+
+def run_settings(out):
+    """The settings of a run's newest checkpoint (its config), {} if it has none."""
+    for _, path in reversed(list_checkpoints(out)):
+        with contextlib.suppress(CorruptCheckpoint):
+            return read_checkpoint_meta(path)['config']
+    return {}
+
+
+def differing_settings(outs):
+    """Per run, the settings (of its newest checkpoint) in which the runs differ, in name order."""
+    settings = [run_settings(out) for out in outs]
+    keys = sorted({k for s in settings for k in s} - {'out'} - set(USE_FIELDS))
+    differ = [k for k in keys if len({json.dumps(s.get(k)) for s in settings}) > 1]
+    return [{k: s.get(k, '') for k in differ} for s in settings]
+
+
+def print_runs(leading, results):
+    """A table: each run's leading cells (a dict: the settings that tell the runs apart), its
+    final val loss, tokens, hours and dollars."""
+    header = list(leading[0]) + ['val loss', 'tokens', 'hours', 'dollars']
+    rows = [[str(v) for v in cells.values()] +
+            [f"{r['val_loss']:.4f}" if 'val_loss' in r else '-', f"{r['tokens']:,}" if 'tokens' in r else '-',
+             f"{r['seconds'] / 3600:.3f}" if 'seconds' in r else '-', dollars(r['dollars']) if 'dollars' in r else '-']
+            for cells, r in zip(leading, results)]
+    widths = [max(len(row[i]) for row in rows + [header]) for i in range(len(header))]
+    for row in [header] + rows:
+        say('  '.join(cell.ljust(w) if i < len(leading[0]) else cell.rjust(w)
+                      for i, (cell, w) in enumerate(zip(row, widths))))
+
+
+def plot_sweep(root, swept, grid, results, path):
+    """Validation loss against the first swept setting (a log axis when its values are positive
+    numbers), one curve per value of the other swept settings, into path."""
+    try:
+        import matplotlib
+        matplotlib.use('Agg')
+        import matplotlib.pyplot as plt
+        plt.rcParams['svg.fonttype'] = 'none'
+    except ImportError:
+        say('(no sweep plot: it needs matplotlib, an optional extra: pip install matplotlib)')
+        return
+    (setting, values), others = swept[0], swept[1:]
+    try:
+        xs = [float(v) for v in values]
+    except ValueError:
+        xs = list(range(len(values)))
+    curves = {}
+    for point, r in zip(grid, results):
+        if 'val_loss' in r:
+            label = ','.join(f'{s}={v}' for (s, _), v in zip(others, point[1:])) or None
+            curves.setdefault(label, []).append((xs[values.index(point[0])], r['val_loss']))
+    fig, ax = plt.subplots(figsize=(6, 4.2))
+    for label, points in curves.items():
+        ax.plot(*zip(*sorted(points)), '-o', markersize=4, label=label)
+    if all(x > 0 for x in xs) and len(xs) > 1 and xs != list(range(len(values))):
+        ax.set_xscale('log')
+    ax.set_xticks(xs, values)
+    ax.xaxis.set_minor_formatter(matplotlib.ticker.NullFormatter())
+    ax.set_xlabel(f'--{setting}')
+    ax.set_ylabel('final validation loss')
+    ax.set_title(root, fontsize=9)
+    ax.grid(True, which='both', alpha=0.3)
+    if any(curves):
+        ax.legend(fontsize=8)
+    fig.tight_layout()
+    try:
+        with written(path) as f:
+            fig.savefig(f, format=os.path.splitext(path)[1].lstrip('.').lower() or 'svg')
+    finally:
+        plt.close(fig)
+    say(f'wrote {path}')
 
 
 # ----------------------------------------------------------------------------------------------
@@ -4084,7 +4267,8 @@ COMMANDS = {  # what --help says of each (usage, below, reads this)
     'train': 'train a GPT, or continue the run in --out (the default command)',
     'sample': 'continue --prompt with the newest checkpoint in --out',
     'eval': 'score the newest checkpoint in --out on a multiple-choice task (--task)',
-    'plot': "draw the loss curves of the runs in --out=A[,B,...] into a picture",
+    'plot': "draw the loss curves of the runs in --out=A[,B,...] into a picture, and tabulate them",
+    'sweep': 'train a run for each point of a grid (--lr=3e-4,1e-3,3e-3 ...), then compare them',
     'export': 'write the newest checkpoint in --out as a Hugging Face model (--export_dir)',
     'bench': 'time the train step here, or estimate it for a TPU slice (--topology)',
     'plan': 'turn a --budget in dollars into a compute-optimal run and its command',
@@ -4133,7 +4317,8 @@ def main(argv):
     try:
         if command not in COMMANDS:
             raise UserError(f'unknown command {command!r}: use {", ".join(COMMANDS)} (or --help)')
-        flags = parse_flags(args)
+        fixed, swept = sweep_grid(args) if command == 'sweep' else (args, None)
+        flags = parse_flags(fixed)
         if flags.get('topology'):
             if command != 'bench':
                 raise UserError(f'--topology is for bench (python tinytpu.py bench --topology={flags["topology"]})')
@@ -4152,6 +4337,8 @@ def main(argv):
             plan(c)
         elif command == 'plot':
             plot(c)
+        elif command == 'sweep':
+            sweep(fixed, swept)
         elif command == 'eval':
             evaluate_task(fetch_run(c), set(flags) - set(MODEL_FIELDS))
         elif command == 'export':
