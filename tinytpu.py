@@ -4,7 +4,7 @@ Part I is the GPT, and it is the program: config -> model -> loss -> AdamW/Muon 
 data -> checkpoints -> the training loop -> sampling. Read it top to bottom to see how pretraining
 works in JAX; cut at its end, it trains on one device. Part II runs the same functions for real:
 flags, several chips and hosts, memory, runs that survive failures, buckets, costs; then the tools
-(bench, TPU estimates, plan, eval, plot, export). To follow one step, read train_step, then
+(bench, TPU estimates, plan, sweep, eval, plot, export). To follow one step, read train_step, then
 batch_grads, loss_fn, hidden, block, attention, cross_entropy, optimizer_step and adamw_update.
 
     python prepare.py shakespeare --tokenizer=byte    # 1.1 MB of Shakespeare as byte tokens
