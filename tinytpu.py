@@ -828,6 +828,8 @@ class Config(GPTConfig):
     """Every setting: GPTConfig's (Part I) and those of running it; the functions of Part II receive
     this one. Frozen, so it can be a static jit argument."""
     preset: str = setting('', "named group of settings (cpu, gpt2, tpu); '' picks one for the backend")
+    init_from: str = setting('', "train: start from the weights of this run's newest checkpoint (a directory or gs://...), "
+                                 'with a fresh optimizer at step 0 and this run\'s schedule; the model is its shape')
     # devices and hosts
     cpu_devices: int = setting(2, 'CPU only: virtual devices to split each batch over (data parallel)')
     fsdp: str = setting('auto', 'shard params and optimizer state over devices: auto (on several TPUs; on GPUs when '
@@ -950,7 +952,28 @@ def make_config(flags, platform=None):
         say(f'--n_layer={c.n_layer}: over {MAX_UNROLLED_LAYERS} blocks are compiled once and looped '
             '(--scan_layers=true), as compiling each one apart takes time and memory that grow with depth')
         c = dataclasses.replace(c, scan_layers=True)
+    if c.init_from:  # the model is the source's: its shape, whatever the preset says
+        if not in_bucket(c.init_from) and os.path.abspath(c.init_from) == os.path.abspath(c.out):
+            raise UserError(f'--init_from={c.init_from} is --out; give the new run its own --out (run again with the '
+                            'same --out to resume a run)')
+        source = source_settings(c.init_from)
+        for name in MODEL_FIELDS:
+            if name in flags and flags[name] != source.get(name):
+                raise UserError(f'--{name}={flags[name]}: --init_from={c.init_from} holds a model with '
+                                f'--{name}={source.get(name)}; drop the flag (the model is the one started from)')
+        c = dataclasses.replace(c, **{name: source[name] for name in MODEL_FIELDS if name in source})
     return c
+
+
+def source_settings(source):
+    """--init_from: the settings of the newest checkpoint of the run in `source` (its local copy for
+    gs://), or a one-line error."""
+    if not in_bucket(source) and not os.path.isdir(source):
+        raise UserError(f'--init_from={source}: no such directory; name a training run\'s --out')
+    settings = run_settings(fetch_run(Config(out=source)).out)
+    if not settings:
+        raise UserError(f'--init_from={source}: no checkpoint there to start from; name a training run\'s --out')
+    return settings
 
 
 def validate(c):
@@ -1727,18 +1750,28 @@ class TrainingRun(Run):
         state, path, saved = restore(c, shapes, meta)
         if meta.get('tokenizer_sha256') and is_process0():
             keep_tokenizer(c, meta)
+        self.init = saved.get('init_from')  # where a run started from --init_from began
         if path:
             state, path, saved = same_schedule(c, shapes, state, path, saved)
             say(f'resuming from {path}')
             state = place(state, shardings)
+        elif c.init_from:  # the source's weights, a fresh optimizer at step 0
+            source = fetch_run(dataclasses.replace(c, out=c.init_from)).out
+            loaded, used, used_meta = restore(dataclasses.replace(c, out=source), {'params': shapes['params']}, meta,
+                                              resuming=False)
+            self.init = {'path': c.init_from, 'checkpoint': os.path.basename(used), 'step': used_meta['step']}
+            say(f'starting from the weights of {c.init_from} ({os.path.basename(used)}, step {used_meta["step"]}) with '
+                f'a fresh {c.optimizer} state at step 0')
+            params = place(loaded['params'], shardings['params'])
+            state = {'params': params, 'opt': jax.jit(adamw_init, out_shardings=shardings['opt'])(params)}
         else:
             state = jax.jit(lambda: fresh_state(c), out_shardings=shardings)()
         self.c, self.mesh, self.meta, self.params, self.opt = c, mesh, meta, state['params'], state['opt']
         self.start, before = int(as_floats(state['opt']['step'])), saved.get('config', {})
         self.elapsed = saved.get('elapsed', 0.0)  # wall time of the earlier runs this one resumes
         self.tokens = saved.get('tokens', self.start * before.get('batch_size', 0) * before.get('seq_len', 0))
-        if jax.process_index() == 0:
-            trim_log(os.path.join(c.out, 'log.jsonl'), self.start)
+        if jax.process_index() == 0:  # (a run started from --init_from: its first record is written again below)
+            trim_log(os.path.join(c.out, 'log.jsonl'), self.start if self.start or not c.init_from else -1)
         if self.start >= c.steps:
             return
         if self.compiled is None:  # the newest checkpoint was damaged: an earlier one resumed
@@ -1755,6 +1788,8 @@ class TrainingRun(Run):
         self.log_file = held.enter_context(open_log(os.path.join(c.out, 'log.jsonl')) if is_process0()
                                            else open(os.devnull, 'wb'))
         held.enter_context(jax.set_mesh(mesh))
+        if self.start == 0 and self.init:  # the log says where the run started
+            append(self.log_file, {'step': 0, 'tokens': 0, 'init_from': self.init})
         say(compiled_note)
 
     def say(self, *args):
@@ -1797,6 +1832,7 @@ class TrainingRun(Run):
             extra = {'tokenizer': meta.get('tokenizer'), 'eot_id': meta.get('eot_id'),
                      'elapsed': self.meter.clock()['elapsed'], 'tokens': self.meter.tokens(done),
                      'before_warmdown': done == warmdown_start(c),  # kept, to be trained further
+                     **({'init_from': self.init} if self.init else {}),  # where the run started
                      **{k: meta[k] for k in ('tokenizer_sha256', 'tokenizer_pattern') if k in meta}}  # a trained tokenizer's
             if is_process0():
                 if os.path.lexists(os.path.join(c.out, checkpoint_name(done))):
@@ -2329,6 +2365,8 @@ CHECKPOINT_META = {  # what write_checkpoint writes into a checkpoint's meta.jso
     'elapsed': (number(), 'seconds', False),
     'tokens': (integer(), 'tokens trained on', False),
     'before_warmdown': (lambda v: type(v) is bool, 'true or false', False),
+    'init_from': (lambda v: type(v) is dict and text(v.get('path')) and integer()(v.get('step')),
+                  'the run it started from and its step', False),
     'tokenizer': (optional(text), 'a tokenizer name', False),
     'eot_id': (optional(integer()), 'a token id', False),
     'tokenizer_sha256': DATA_META['tokenizer_sha256'],  # a trained tokenizer's (prepare.py --tokenizer=bpe:N)
@@ -2358,22 +2396,22 @@ def read_checkpoint_meta(path):
     return meta
 
 
-def check_compatible(meta, c, path, data=None):
+def check_compatible(meta, c, path, data=None, resuming=True):
     """The checkpoint's weights must be the model this config builds, trained on tokens of this
     data's tokenizer (`data`: its meta.json), when both say which: the same name and, for a
-    trained tokenizer, the same file (its SHA-256)."""
+    trained tokenizer, the same file (its SHA-256). Resuming, also the same optimizer."""
     saved = meta['config']
     mine, theirs = (tokenizer_words(m) for m in (meta, data or {}))
     if mine and theirs and mine != theirs:
         redo = (f'--tokenizer={meta["tokenizer"]}' if not meta.get('tokenizer_sha256') else
-                'the same tokenizer (prepare.py --tokenizer=DIR reuses a trained one)')
+                f'the same tokenizer (prepare.py --tokenizer={c.init_from or "DIR"} reuses a trained one)')
         raise UserError(f'{path} was trained on {mine} tokens, but --data={c.data} holds {theirs} '
-                        f'tokens; use data prepared with {redo}, or a new --out')
+                        f'tokens; use data prepared with {redo}' + (', or a new --out' if resuming else ''))
     for name in MODEL_FIELDS:
         if saved.get(name) != getattr(c, name):
             raise UserError(f'{path} was trained with --{name}={saved.get(name)}, but this run has '
                             f'--{name}={getattr(c, name)}; use the same setting or a new --out')
-    if saved.get('optimizer', 'adamw') != c.optimizer:  # its state (momentum, moments) is the optimizer's own
+    if resuming and saved.get('optimizer', 'adamw') != c.optimizer:  # its state (momentum, moments) is the optimizer's own
         raise UserError(f'{path} was trained with --optimizer={saved.get("optimizer", "adamw")}, but this run has '
                         f'--optimizer={c.optimizer}; resume with the same optimizer or use a new --out')
 
@@ -2408,7 +2446,7 @@ def checkpoint_encoding(meta, c, path):
     return load_encoding(meta, where, os.path.join(path, 'meta.json'))
 
 
-def restore(c, template, data=None):
+def restore(c, template, data=None, resuming=True):
     """The newest loadable checkpoint in c.out as (state, path, meta), or (template, None, {}) if
     there is none. A damaged one (bad checksum, truncated) is skipped with a warning. One that
     vanishes while being read (a training run beside us deleting its oldest) means: look again."""
@@ -2417,7 +2455,7 @@ def restore(c, template, data=None):
         for _, path in reversed(checkpoints):
             try:
                 meta = read_checkpoint_meta(path)
-                check_compatible(meta, c, path, data)
+                check_compatible(meta, c, path, data, resuming)
                 check_checkpoint(path, meta, template)
                 state = read_checkpoint(path, template)
                 nan = next((k for k, x in flatten(state).items() if not np.isfinite(x).all()), None)
