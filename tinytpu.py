@@ -966,14 +966,44 @@ def make_config(flags, platform=None):
 
 
 def source_settings(source):
-    """--init_from: the settings of the newest checkpoint of the run in `source` (its local copy for
-    gs://), or a one-line error."""
+    """--init_from: the model settings of the newest checkpoint of the run in `source` (its local
+    copy for gs://), or of the export there; or a one-line error."""
     if not in_bucket(source) and not os.path.isdir(source):
-        raise UserError(f'--init_from={source}: no such directory; name a training run\'s --out')
+        raise UserError(f'--init_from={source}: no such directory; name a training run\'s --out or an export')
+    if is_export(source):
+        return hf_settings(export_config(source))
     settings = run_settings(fetch_run(Config(out=source)).out)
     if not settings:
         raise UserError(f'--init_from={source}: no checkpoint there to start from; name a training run\'s --out')
     return settings
+
+
+def is_export(path):
+    return not in_bucket(path) and all(os.path.isfile(os.path.join(path, f)) for f in ('config.json', 'model.safetensors'))
+
+
+def export_config(directory):
+    """An export's config.json, if tinytpu wrote it (its "tinytpu" entry: the step, the tokenizer)."""
+    path = os.path.join(directory, 'config.json')
+    config, problem = read_json(path, {'architectures': (lambda v: v == ['Qwen3ForCausalLM'], 'Qwen3ForCausalLM', True),
+                                       'tinytpu': (lambda v: type(v) is dict, "tinytpu's record", True)})
+    if problem:
+        raise UserError(f'--init_from={directory}: {path}: {problem}; name a run\'s --out or a model tinytpu exported')
+    return config
+
+
+def source_weights(c, template, data):
+    """--init_from: the params of the source (a run's newest checkpoint that loads, or an export),
+    trained on the data's tokenizer. -> (params on the host, the record of where they came from)"""
+    if is_export(c.init_from):
+        config = export_config(c.init_from)
+        check_compatible({'config': {k: getattr(c, k) for k in MODEL_FIELDS}, **config['tinytpu']}, c,
+                         c.init_from, data, resuming=False)
+        step = config['tinytpu'].get('step') if type(config['tinytpu'].get('step')) is int else 0
+        return hf_params(c.init_from, c, template), {'path': c.init_from, 'checkpoint': 'model.safetensors', 'step': step}
+    source = fetch_run(dataclasses.replace(c, out=c.init_from)).out
+    loaded, used, meta = restore(dataclasses.replace(c, out=source), {'params': template}, data, resuming=False)
+    return loaded['params'], {'path': c.init_from, 'checkpoint': os.path.basename(used), 'step': meta['step']}
 
 
 def validate(c):
@@ -1756,13 +1786,10 @@ class TrainingRun(Run):
             say(f'resuming from {path}')
             state = place(state, shardings)
         elif c.init_from:  # the source's weights, a fresh optimizer at step 0
-            source = fetch_run(dataclasses.replace(c, out=c.init_from)).out
-            loaded, used, used_meta = restore(dataclasses.replace(c, out=source), {'params': shapes['params']}, meta,
-                                              resuming=False)
-            self.init = {'path': c.init_from, 'checkpoint': os.path.basename(used), 'step': used_meta['step']}
-            say(f'starting from the weights of {c.init_from} ({os.path.basename(used)}, step {used_meta["step"]}) with '
+            params, self.init = source_weights(c, shapes['params'], meta)
+            say(f'starting from the weights of {c.init_from} ({self.init["checkpoint"]}, step {self.init["step"]}) with '
                 f'a fresh {c.optimizer} state at step 0')
-            params = place(loaded['params'], shardings['params'])
+            params = place(params, shardings['params'])
             state = {'params': params, 'opt': jax.jit(adamw_init, out_shardings=shardings['opt'])(params)}
         else:
             state = jax.jit(lambda: fresh_state(c), out_shardings=shardings)()
@@ -4108,7 +4135,9 @@ def hf_config(c, meta):
             'rope_theta': c.rope_theta, 'rope_parameters': {'rope_type': 'default', 'rope_theta': c.rope_theta},
             'tie_word_embeddings': c.tie_embed, 'attention_bias': False, 'attention_dropout': 0.0,
             'use_sliding_window': False, 'initializer_range': 0.02, 'use_cache': True,
-            'bos_token_id': eot, 'eos_token_id': eot, 'torch_dtype': c.export_dtype}
+            'bos_token_id': eot, 'eos_token_id': eot, 'torch_dtype': c.export_dtype,
+            'tinytpu': {'step': meta.get('step'), **{k: meta[k] for k in ('tokenizer', 'tokenizer_sha256', 'eot_id')
+                                                     if meta.get(k) is not None}}}  # for --init_from
 
 
 def hf_weights(params, c):
@@ -4153,6 +4182,57 @@ def write_safetensors(path, tensors, dtype):
         f.write(len(blob).to_bytes(8, 'little') + blob)
         for x in tensors.values():  # little-endian, row-major
             f.write(np.ascontiguousarray(x.astype(jnp.dtype(dtype))).tobytes())
+
+
+def read_safetensors(path):
+    """The tensors of a model.safetensors file (as write_safetensors writes them) as fp32 arrays."""
+    dtypes = {name: np.dtype(jnp.dtype(numpy_name)) for numpy_name, name in EXPORT_DTYPES.items()}
+    with open(path, 'rb') as f:
+        n = int.from_bytes(f.read(8), 'little')
+        header, data = json.loads(f.read(n)), f.read()
+    return {name: np.frombuffer(data[a:b], dtypes[t['dtype']]).reshape(t['shape']).astype(np.float32)
+            for name, t in header.items() if name != '__metadata__' for a, b in [t['data_offsets']]}
+
+
+def hf_settings(config):
+    """A Qwen3ForCausalLM config.json that export wrote, as tinytpu's model settings."""
+    return {'n_layer': config['num_hidden_layers'], 'd_model': config['hidden_size'],
+            'n_head': config['num_attention_heads'], 'n_kv_head': config['num_key_value_heads'],
+            'd_head': config['head_dim'], 'd_ff': config['intermediate_size'],
+            'mlp': 'swiglu' if config['hidden_act'] == 'silu' else 'relu2', 'vocab_size': config['vocab_size'],
+            'tie_embed': config['tie_word_embeddings'], 'rope_theta': float(config['rope_theta']), 'logit_softcap': 0.0}
+
+
+def hf_params(directory, c, template):
+    """The params in an export (hf_weights read backwards), in the structure of `template`; the
+    vocabulary's padding rows, which export drops, are zeros. A file that is not such an export
+    (other tensors, norms with gains, a gate unlike up in a ReLU^2 model) is a one-line error."""
+    t = read_safetensors(os.path.join(directory, 'model.safetensors'))
+    L, D, N, K, H, V = c.n_layer, c.d_model, c.n_head, c.n_kv_head, head_dim(c), c.vocab_size
+    pad = lambda x, axis: np.pad(x, [(0, padded_vocab(c) - V) if a == axis else (0, 0) for a in range(x.ndim)])  # noqa: E731
+    try:
+        if not all((x == 1).all() for name, x in t.items() if name.endswith('norm.weight')):
+            raise ValueError('its norms have gains, which tinytpu\'s model has not')
+        layer = lambda l, name: t[f'model.layers.{l}.{name}.weight']  # noqa: E731
+        if c.mlp == 'relu2' and any((layer(l, 'mlp.gate_proj') != layer(l, 'mlp.up_proj')).any() for l in range(L)):
+            raise ValueError('a ReLU model whose gate is not its up projection')
+        layers = {'qkv': np.stack([np.concatenate([layer(l, f'self_attn.{x}_proj').T.reshape(D, n, H) for x, n in
+                                                   (('q', N), ('k', K), ('v', K))], axis=1) for l in range(L)]),
+                  'o': np.stack([layer(l, 'self_attn.o_proj').T.reshape(N, H, D) for l in range(L)]),
+                  'up': np.stack([layer(l, 'mlp.up_proj').T for l in range(L)]),
+                  'down': np.stack([layer(l, 'mlp.down_proj').T for l in range(L)])}
+        if c.mlp == 'swiglu':
+            layers['gate'] = np.stack([layer(l, 'mlp.gate_proj').T for l in range(L)])
+        params = {'layers': layers, 'embed': pad(t['model.embed_tokens.weight'], 0)}
+        if not c.tie_embed:
+            params['unembed'] = pad(t['lm_head.weight'].T, 1)
+        flat = flatten(params)
+        for name, want in flatten(template).items():
+            if name not in flat or flat[name].shape != tuple(want.shape):
+                raise ValueError(f'no {name} of shape {tuple(want.shape)}')
+    except (KeyError, ValueError) as e:
+        raise UserError(f'--init_from={directory}: not a model tinytpu exported ({str(e)[:100]})')
+    return jax.tree.map(lambda x, want: x.astype(want.dtype), unflatten_like(template, flat), template)
 
 
 def byte_chars():

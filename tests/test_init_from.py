@@ -82,3 +82,27 @@ def test_what_cannot_start_from_a_run_is_one_line(byte_data, tmp_path, capsys):
         r = run_main(capsys, *args, *flags)
         assert r.returncode == 2 and r.stderr.count('\n') == 1 and says in r.stderr, (flags, r.stderr)
         assert not tt.list_checkpoints(out)
+
+
+def test_an_export_in_float32_comes_back_bitwise_and_trains_on(byte_data, moby_data, tmp_path, capsys):
+    source, hf = str(tmp_path / 'source'), str(tmp_path / 'hf')
+    assert run_main(capsys, f'--data={byte_data}', f'--out={source}', '--steps=4', '--mlp=relu2', *TINY).returncode == 0
+    assert run_main(capsys, 'export', f'--out={source}', f'--export_dir={hf}', '--export_dtype=float32').returncode == 0
+    flags = tt.parse_flags([f'--data={moby_data}', f'--out={tmp_path / "look"}', f'--init_from={hf}', '--steps=4', *TINY])
+    c = tt.validate(tt.make_config(flags))
+    assert (c.mlp, c.n_layer, c.d_model) == ('relu2', 2, 32)  # the export's model, not the preset's
+    with tt.TrainingRun(c) as run:
+        mine, theirs = tt.flatten(params_of(source)), tt.flatten(run.params)
+        for name, x in mine.items():
+            y = np.asarray(theirs[name])
+            if name in ('embed', 'unembed'):  # the vocabulary's padding rows: dropped by export, zeros here
+                y, x = (y, x) if name == 'embed' else (y.T, x.T)  # (padded V, D)
+                assert np.array_equal(x[:257], y[:257]) and not y[257:].any() and len(y) > 257, name
+            else:
+                assert np.array_equal(x, y), name  # bitwise
+    r = run_main(capsys, f'--data={moby_data}', f'--out={tmp_path / "tuned"}', f'--init_from={hf}', '--steps=2', *TINY)
+    assert r.returncode == 0 and "model.safetensors, step 4" in r.stdout, r.stderr
+    bf16 = str(tmp_path / 'hf16')  # a bfloat16 export is the same model, rounded: it loads too
+    assert run_main(capsys, 'export', f'--out={source}', f'--export_dir={bf16}').returncode == 0
+    r = run_main(capsys, f'--data={moby_data}', f'--out={tmp_path / "t16"}', f'--init_from={bf16}', '--steps=2', *TINY)
+    assert r.returncode == 0, r.stderr
