@@ -320,3 +320,14 @@ def test_a_bucket_path_with_dot_parts_is_refused(url, bucket, tmp_path):
     """Its local copy would be outside the cache, or another path's."""
     with pytest.raises(tt.UserError, match='a bucket path has no "." or ".." parts'):
         tt.BucketRun(url, lead=True)
+
+
+def test_a_run_starts_from_a_run_kept_in_a_bucket(byte_data, tmp_path, bucket, capsys):
+    """--init_from=gs://...: on a machine without the source's local copy, its newest checkpoint is
+    downloaded, and the new run starts from its weights."""
+    assert tt.main([f'--data={byte_data}', '--out=gs://runs/pre', '--steps=4', *TINY]) == 0
+    shutil.rmtree(tt.local_copy('gs://runs/pre'))  # a new machine: only the bucket holds the run
+    out = str(tmp_path / 'tuned')
+    assert tt.main([f'--data={byte_data}', f'--out={out}', '--init_from=gs://runs/pre', '--steps=2', *TINY]) == 0
+    assert 'starting from the weights of gs://runs/pre (ckpt_00000004, step 4)' in capsys.readouterr().out
+    assert json.loads(open(os.path.join(out, 'log.jsonl')).readline())['init_from']['path'] == 'gs://runs/pre'
