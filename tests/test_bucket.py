@@ -322,6 +322,7 @@ def test_a_bucket_path_with_dot_parts_is_refused(url, bucket, tmp_path):
         tt.BucketRun(url, lead=True)
 
 
+@pytest.mark.slow
 def test_a_run_starts_from_a_run_kept_in_a_bucket(byte_data, tmp_path, bucket, capsys):
     """--init_from=gs://...: on a machine without the source's local copy, its newest checkpoint is
     downloaded, and the new run starts from its weights."""

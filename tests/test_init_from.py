@@ -36,6 +36,7 @@ def records(out):
     return [json.loads(line) for line in open(os.path.join(out, 'log.jsonl'))]
 
 
+@pytest.mark.slow
 def test_a_run_starts_from_another_run_s_weights_and_then_resumes_itself(byte_data, moby_data, tmp_path, capsys):
     source, tuned = str(tmp_path / 'source'), str(tmp_path / 'tuned')
     assert run_main(capsys, f'--data={byte_data}', f'--out={source}', '--steps=6', *TINY).returncode == 0
@@ -62,6 +63,7 @@ def test_a_run_starts_from_another_run_s_weights_and_then_resumes_itself(byte_da
     assert sum('init_from' in x for x in log) == 1 and log[-1]['step'] == 6
 
 
+@pytest.mark.slow
 def test_what_cannot_start_from_a_run_is_one_line(byte_data, tmp_path, capsys):
     source = str(tmp_path / 'source')
     assert run_main(capsys, f'--data={byte_data}', f'--out={source}', '--steps=2', *TINY).returncode == 0
@@ -84,6 +86,7 @@ def test_what_cannot_start_from_a_run_is_one_line(byte_data, tmp_path, capsys):
         assert not tt.list_checkpoints(out)
 
 
+@pytest.mark.slow
 def test_an_export_in_float32_comes_back_bitwise_and_trains_on(byte_data, moby_data, tmp_path, capsys):
     source, hf = str(tmp_path / 'source'), str(tmp_path / 'hf')
     assert run_main(capsys, f'--data={byte_data}', f'--out={source}', '--steps=4', '--mlp=relu2', '--tie_embed=false', *TINY).returncode == 0

@@ -20,6 +20,7 @@ def val_loss(out):
     return [r for r in records if 'summary' in r][-1]['summary']['val_loss']
 
 
+@pytest.mark.slow
 def test_a_sweep_names_the_point_separate_runs_find_best_and_trains_nothing_twice(byte_data, tmp_path, capsys):
     root = tmp_path / 'lr'
     args = ['sweep', f'--data={byte_data}', f'--out={root}', '--lr=1e-3,1e-2', *TINY]
@@ -56,6 +57,7 @@ def _has_matplotlib():
     return importlib.util.find_spec('matplotlib') is not None
 
 
+@pytest.mark.slow
 def test_a_sweep_cut_during_its_second_point_finishes_it_without_retraining_the_first(byte_data, tmp_path, capsys,
                                                                                       monkeypatch):
     root = tmp_path / 'cut'
