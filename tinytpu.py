@@ -3674,7 +3674,7 @@ def read_task(path, limit=0):
 def held_out_choices(c, enc, text_bytes=4 << 20):
     """--task=choices: make_choices's examples from the first 4 MB of the run's held-out text (its
     data's val shards, decoded), which training never saw."""
-    if c.data.startswith('gs://'):
+    if in_bucket(c.data):
         c = dataclasses.replace(c, data=fetch_data(c.data))
     splits, meta = data_files(c)
     enc = load_encoding(meta, c.data) if meta.get('tokenizer') else enc  # the data's own, to read its text
@@ -3835,25 +3835,30 @@ def task_scores(params, run, step):
 # loss, and bits per byte and the task score where logged) against tokens seen, on a log scale.
 
 
-def read_log(out):
-    """A run's log.jsonl as its training and evaluation records, each with its tokens seen."""
+def log_records(out):
+    """The records of a run's log.jsonl (objects with a step; a line cut by a crash is skipped)."""
     path = os.path.join(out, 'log.jsonl')
     if not os.path.isfile(path):
         raise UserError(f'{path}: no such file; --out names a training run\'s directory (train first)')
-    records = []
     with open(path, encoding='utf-8', errors='replace') as f:
         for line in f:
             try:
                 r = json.loads(line)
             except ValueError:
                 continue  # a line cut by a crash
-            if type(r) is dict and type(r.get('step')) is int and 'summary' not in r and \
-                    type(r.get('tokens', 0)) in (int, float):  # a damaged record is skipped
-                records.append(r)
+            if type(r) is dict and type(r.get('step')) is int:
+                yield r
+
+
+def read_log(out):
+    """A run's log.jsonl as its training and evaluation records, each with its tokens seen."""
+    records = [r for r in log_records(out) if 'summary' not in r and
+               type(r.get('tokens', 0)) in (int, float)]  # a damaged record is skipped
     if records and any('tokens' not in r for r in records):  # logs older than the tokens field
         checkpoints = list_checkpoints(out)
         if not checkpoints:
-            raise UserError(f'{path} does not record tokens and {out} has no checkpoint saying the batch size')
+            raise UserError(f'{os.path.join(out, "log.jsonl")} does not record tokens and {out} has no checkpoint '
+                            'saying the batch size')
         saved = read_checkpoint_meta(checkpoints[-1][1])['config']
         for r in records:
             r.setdefault('tokens', r['step'] * saved['batch_size'] * saved['seq_len'])
@@ -3948,14 +3953,15 @@ def sweep_grid(argv):
 
 
 def sweep_points(flags, swept):
-    """Every point of the grid as (its name, its config), each checked before any of them trains."""
+    """Every point of the grid as (its name, its config, its values), each checked before any of
+    them trains."""
     root = make_config(flags).out
     points = []
     for values in itertools.product(*(values for _, values in swept)):
         name = '+'.join(f'{setting}={value}' for (setting, _), value in zip(swept, values))  # no comma: plot --out=A,B
         point = parse_flags([f'--{setting}={value}' for (setting, _), value in zip(swept, values)])
         out = f'{root.rstrip("/")}/{name}' if in_bucket(root) else os.path.join(root, name)
-        points.append((name, validate(make_config({**flags, **point, 'out': out}))))
+        points.append((name, validate(make_config({**flags, **point, 'out': out})), values))
     return root, points
 
 
@@ -3963,21 +3969,21 @@ def sweep(fixed, swept):
     """python tinytpu.py sweep: train each point not finished yet, then report."""
     flags = parse_flags(fixed)
     root, points = sweep_points(flags, swept)
-    grid = list(itertools.product(*(values for _, values in swept)))
     say(f'sweep: {len(points)} points ({" x ".join(str(len(v)) for _, v in swept)}) in {root}')
+    left = [in_bucket(c.out) or not finished(c) for _, c, _ in points]  # (a bucket's: train says if it is)
     seconds = []
-    for i, (name, c) in enumerate(points):
-        todo = [p for _, p in points[i:] if in_bucket(p.out) or not finished(p)]
-        if c not in todo:
+    for i, (name, c, _) in enumerate(points):
+        if not left[i]:
             say(f'sweep: point {i + 1} of {len(points)}, {name}: finished before')
             continue
-        eta = f' (ETA {duration(len(todo) * sum(seconds) / len(seconds))})' if seconds else ''
+        eta = f' (ETA {duration(sum(left[i:]) * sum(seconds) / len(seconds))})' if seconds else ''
         say(f'sweep: point {i + 1} of {len(points)}, {name}{eta}', flush=True)
         t = time.time()
         train(c, TrainingRun(c))
         seconds.append(time.time() - t)
-    outs = [fetch_run(c).out for _, c in points]  # a bucket's: their local copies
+    outs = [fetch_run(c).out for _, c, _ in points]  # a bucket's: their local copies
     results = [run_result(out) for out in outs]
+    grid = [values for _, _, values in points]
     print_runs([dict(zip([s for s, _ in swept], values)) for values in grid], results)
     scored = [(r['val_loss'], i) for i, r in enumerate(results) if 'val_loss' in r]
     if not scored:
@@ -3990,7 +3996,7 @@ def sweep(fixed, swept):
     plot_sweep(root, swept, grid, results, flags.get('plot_file') or os.path.join(os.path.dirname(outs[0]), 'sweep.svg'))
     say(json.dumps({'sweep': root, 'best': points[best][0], 'hero': hero, 'points': [
         {'name': name, **dict(zip([s for s, _ in swept], values)), **r}
-        for (name, _), values, r in zip(points, grid, results)]}))
+        for (name, _, values), r in zip(points, results)]}))
 
 
 def finished(c):
@@ -4002,27 +4008,17 @@ def finished(c):
 def run_result(out, quiet=False):
     """A run's totals from its log.jsonl: its last summary (steps, tokens, seconds, dollars, the last
     validation loss), else what its last records say. {} (or a one-line error) if there is none."""
-    path = os.path.join(out, 'log.jsonl')
-    if not os.path.isfile(path):
-        if quiet:
-            return {}
-        raise UserError(f'{path}: no such file; --out names a training run\'s directory (train first)')
+    if quiet and not os.path.isfile(os.path.join(out, 'log.jsonl')):
+        return {}
     r = {}
-    with open(path, encoding='utf-8', errors='replace') as f:
-        for line in f:
-            try:
-                record = json.loads(line)
-            except ValueError:
-                continue  # a line cut by a crash
-            if type(record) is not dict or type(record.get('step')) is not int:
-                continue
-            summary = record.get('summary') if type(record.get('summary')) is dict else {}
-            fields = {'steps': record['step'], 'tokens': record.get('tokens'), 'seconds': record.get('elapsed'),
-                      'dollars': record.get('cost'), 'val_loss': record.get('val_loss')}
-            fields.update({'seconds': summary.get('elapsed'), 'dollars': summary.get('cost'),
-                           'tokens': summary.get('tokens'), 'val_loss': summary.get('val_loss')} if summary else {})
-            r.update({k: v for k, v in fields.items() if type(v) in (int, float) and math.isfinite(v)})
-            r['finished'] = bool(summary)
+    for record in log_records(out):
+        summary = record.get('summary') if type(record.get('summary')) is dict else {}
+        fields = {'steps': record['step'], 'tokens': record.get('tokens'), 'seconds': record.get('elapsed'),
+                  'dollars': record.get('cost'), 'val_loss': record.get('val_loss')}
+        fields.update({'seconds': summary.get('elapsed'), 'dollars': summary.get('cost'),
+                       'tokens': summary.get('tokens'), 'val_loss': summary.get('val_loss')} if summary else {})
+        r.update({k: v for k, v in fields.items() if type(v) in (int, float) and math.isfinite(v)})
+        r['finished'] = bool(summary)
     return r
 
 

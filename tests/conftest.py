@@ -104,8 +104,12 @@ def write_shard(path, tokens, magic=20240520, version=1, dtype=np.uint16, count=
 @pytest.fixture
 def byte_data(tmp_path):
     """Byte-level Shakespeare (first 60 KB train, next 10 KB val) in the shard format."""
-    text = open(SHAKESPEARE, 'rb').read()
-    d = tmp_path / 'data'
+    return byte_shards(tmp_path / 'data', SHAKESPEARE)
+
+
+def byte_shards(d, text_file):
+    """A data directory of a text's first 60 KB (train) and next 10 KB (val) as byte tokens. -> its path"""
+    text = open(text_file, 'rb').read()
     d.mkdir()
     write_shard(d / 'train_000000.bin', np.frombuffer(text[:60000], np.uint8))
     write_shard(d / 'val_000000.bin', np.frombuffer(text[60000:70000], np.uint8))

@@ -9,7 +9,7 @@ import numpy as np
 import pytest
 
 import tinytpu as tt
-from conftest import ROOT, run_main, write_shard
+from conftest import ROOT, byte_shards, run_main, write_shard
 
 TINY = ['--n_layer=2', '--d_model=32', '--n_head=2', '--n_kv_head=1', '--seq_len=16', '--context=16',
         '--batch_size=4', '--eval_batches=2', '--log_every=2', '--eval_every=4', '--warmup_steps=1']
@@ -18,13 +18,7 @@ TINY = ['--n_layer=2', '--d_model=32', '--n_head=2', '--n_kv_head=1', '--seq_len
 @pytest.fixture
 def moby_data(tmp_path):
     """Byte-level Moby-Dick: the text to fine-tune on."""
-    text = open(os.path.join(ROOT, 'tests', 'data', 'mobydick.txt'), 'rb').read()
-    d = tmp_path / 'moby'
-    d.mkdir()
-    write_shard(d / 'train_000000.bin', np.frombuffer(text[:60000], np.uint8))
-    write_shard(d / 'val_000000.bin', np.frombuffer(text[60000:70000], np.uint8))
-    (d / 'meta.json').write_text('{"tokenizer": "byte", "vocab_size": 257, "eot_id": 256}')
-    return str(d)
+    return byte_shards(tmp_path / 'moby', os.path.join(ROOT, 'tests', 'data', 'mobydick.txt'))
 
 
 def params_of(out):
