@@ -106,13 +106,14 @@ class GPTConfig:
                                  "the device's memory, of at most 16K tokens per device (1 where the device reports "
                                  'no memory, as a CPU)')
     seq_len: int = setting(64, 'tokens per training sequence (at most context)')
-    lr: float = setting(2e-3, 'peak learning rate')
+    lr: float = setting(1e-3, "AdamW's peak learning rate at d_model = lr_width; any d_model: lr * lr_width / d_model")
+    lr_width: int = setting(128, 'the width --lr is for: the best AdamW rate halves as the width doubles')
     min_lr_frac: float = setting(0.1, 'learning rate at the end of the warmdown, as a fraction of lr')
     warmup_steps: int = setting(100, 'linear warmup steps from 0 to lr')
     warmdown_frac: float = setting(0.5, 'fraction of steps at the end that decay lr to min_lr')
     warmdown: str = setting('cosine', 'warmdown shape: linear or cosine')
     optimizer: str = setting('adamw', "adamw, or muon: Muon for the blocks' matrices, AdamW for the embedding and output")
-    matrix_lr: float = setting(0.02, "muon: peak learning rate of the blocks' matrices (--lr is AdamW's, for the rest)")
+    matrix_lr: float = setting(0.005, "muon: peak learning rate of the blocks' matrices, at any width (--lr: the rest)")
     momentum: float = setting(0.95, "muon: momentum of the matrices' updates (Nesterov)")
     weight_decay: float = setting(0.1, 'decoupled weight decay (lr * weight_decay * weight each step), every weight')
     beta1: float = setting(0.9, 'AdamW beta1')
@@ -294,9 +295,8 @@ REMAT = {'none': None, 'full': jax.checkpoint_policies.nothing_saveable,
 
 
 def forward(params, tokens, c, cache=None, pos0=0):
-    """tokens (B,T) int32 -> logits (B,T,V) fp32, padded vocab entries at -inf. In decoding, tokens
-    at positions pos0.. also attend over the keys and values of those before, kept in `cache` (per
-    layer k, v: (L,B,K,context,H)); this chunk's are written in. -> (logits, the updated cache)"""
+    """tokens (B,T) int32 -> logits (B,T,V) fp32, padded vocab at -inf. Decoding, tokens at positions
+    pos0.. also attend over those before, whose k, v (L,B,K,context,H) `cache` holds. -> (logits, cache)"""
     x, out, new_cache = hidden(params, tokens, c, cache, pos0)
     return output_logits(x, out, c) if cache is None else (output_logits(x, out, c), new_cache)
 
@@ -384,21 +384,25 @@ def cross_entropy(logits, targets):
 # corrected moments, decoupled weight decay on every weight; and Muon for the blocks' matrices.
 
 
+def adamw_lr(c):
+    """AdamW's peak rate: --lr scaled as 1/width (muP's rule for Adam; measured: docs/optimizers.md)."""
+    return c.lr * c.lr_width / c.d_model
+
+
 def lr_schedule(step, c):
-    """LR for update number `step` (0-based): 1) linear warmup from 0 to lr over warmup_steps,
-    2) constant, 3) warmdown to min_lr_frac*lr over the last warmdown_frac of the run, reaching it
-    at the last update (step = steps - 1), as the warmup reaches lr at its last."""
+    """AdamW's LR for update number `step` (0-based): 1) linear warmup from 0 to the peak, adamw_lr,
+    over warmup_steps, 2) constant, 3) warmdown to min_lr_frac * peak over the last warmdown_frac of
+    the run, reaching it at the last update (step = steps - 1), as the warmup reaches the peak at its last."""
     step = jnp.asarray(step, wide_dtype(compute_dtype(c)))  # fp32 (fp64 in the tests' float64 runs)
     warmup = jnp.minimum(1.0, (step + 1) / max(c.warmup_steps, 1))
     warmdown_steps = round(c.warmdown_frac * c.steps)  # 0: no warmdown at all
     progress = jnp.clip((step + 1 - (c.steps - warmdown_steps)) / max(warmdown_steps, 1), 0.0, 1.0)
     shape = 1 - progress if c.warmdown == 'linear' else 0.5 * (1 + jnp.cos(jnp.pi * progress))
-    return c.lr * warmup * (c.min_lr_frac + (1 - c.min_lr_frac) * shape)
+    return adamw_lr(c) * warmup * (c.min_lr_frac + (1 - c.min_lr_frac) * shape)
 
 
 def warmdown_start(c):
-    """Updates before the warmdown. A longer run's schedule is the same up to there, so training
-    keeps a checkpoint of this step, to be trained further (`--steps` raised)."""
+    """Updates before the warmdown: a longer run's schedule is the same up to there (its checkpoint is kept)."""
     return c.steps - round(c.warmdown_frac * c.steps)
 
 
@@ -424,8 +428,7 @@ def adamw_leaf(p, g, mu, nu, step, lr, c):
 
 
 def adamw_update(params, grads, opt, lr, c):
-    """One AdamW step at learning rate lr, with global-norm clipping. -> new params, new opt state,
-    the gradient's norm before clipping."""
+    """One AdamW step at lr, global-norm clipped. -> new params, new opt state, the norm before clipping"""
     grads, grad_norm = clipped(grads, c)
     step = opt['step'] + 1
     new = jax.tree.map(lambda p, g, m, v: adamw_leaf(p, g, m, v, step, lr, c), params, grads, opt['mu'], opt['nu'])
@@ -474,12 +477,12 @@ def muon_direction(name, u, c):
 
 
 def muon_update(params, grads, opt, lr, c):
-    """One step: Muon for the blocks' matrices at lr * matrix_lr / c.lr (the schedule's shape), AdamW
+    """One step: Muon for the blocks' matrices at matrix_lr on the schedule's shape, AdamW
     at lr for the rest; clipping first, decoupled weight decay on both. opt['mu'] holds Muon's
     momentum (opt['nu'] is AdamW's, kept unused for the matrices: one state layout). -> as adamw_update"""
     grads, grad_norm = clipped(grads, c)
     step = opt['step'] + 1
-    matrix_lr = lr * c.matrix_lr / c.lr
+    matrix_lr = lr * c.matrix_lr / adamw_lr(c)
 
     def muon(name, p, g, m):
         m = c.momentum * m + (1 - c.momentum) * g     # momentum, an average of past gradients
@@ -552,8 +555,7 @@ def open_shard(path):
 
 
 class TokenWindows:
-    """All windows of `window` consecutive tokens inside the shards of one split, numbered
-    0..count-1 shard after shard (a window never crosses a shard boundary)."""
+    """Every window of `window` consecutive tokens inside one shard of a split, numbered shard after shard."""
 
     def __init__(self, paths, window):
         self.shards = [open_shard(p) for p in paths]
@@ -581,8 +583,7 @@ def train_indices(windows, c, k):
 
 
 def val_indices(windows, c):
-    """A fixed validation set: eval_batches * batch_size windows spread evenly over the split, in
-    training's microbatches (no more memory than a training step)."""
+    """A fixed validation set: eval_batches * batch_size windows spread evenly, in training's microbatches."""
     idx = np.linspace(0, windows.count - 1, c.eval_batches * c.batch_size).astype(np.int64)
     return idx.reshape(c.eval_batches * c.grad_accum, c.batch_size // c.grad_accum)
 
@@ -643,8 +644,7 @@ def write_checkpoint(out, state, c, meta_extra):
 
 
 def read_checkpoint(path, template):
-    """The arrays of a checkpoint directory's state.npz in the structure of `template` (arrays or
-    shapes), as host arrays. No pickle: loading runs no code."""
+    """A checkpoint's state.npz as host arrays in the structure of `template`. No pickle: runs no code."""
     with np.load(os.path.join(path, 'state.npz'), allow_pickle=False) as f:
         return unflatten_like(template, {k: f[k] for k in flatten(template)})
 
@@ -881,12 +881,12 @@ PRESETS = {
     'cpu': {},
     'gpt2': dict(data='data/fineweb10B', out='out/gpt2', n_layer=12, d_model=768, n_head=12,
                  n_kv_head=12, mlp='swiglu', d_ff=2048, vocab_size=50257, context=1024, seq_len=1024,
-                 batch_size=64, steps=10000, lr=1e-3, warmup_steps=250, warmdown_frac=0.3,
-                 eval_every=500, eval_batches=20, log_every=10, ckpt_every=1000),
+                 batch_size=64, steps=10000, lr=1e-3, lr_width=768, matrix_lr=0.02, warmup_steps=250,
+                 warmdown_frac=0.3, eval_every=500, eval_batches=20, log_every=10, ckpt_every=1000),
     'tpu': dict(data='data/fineweb10B', out='out/tpu', n_layer=8, d_model=1024, n_head=4,
                 n_kv_head=1, d_head=256, mlp='swiglu', d_ff=3072, vocab_size=50257, optimizer='muon',
-                context=2048, seq_len=2048, batch_size=64, steps=10000, lr=1e-3,
-                warmup_steps=250, warmdown_frac=0.3, eval_every=500, eval_batches=20,
+                context=2048, seq_len=2048, batch_size=64, steps=10000, lr=1e-3, lr_width=1024,
+                matrix_lr=0.02, warmup_steps=250, warmdown_frac=0.3, eval_every=500, eval_batches=20,
                 log_every=10, ckpt_every=1000),
 }
 
@@ -1039,7 +1039,7 @@ def setting_checks(c):
     yield c.batch_size >= 1 and c.grad_accum >= 0, '--batch_size must be >= 1, --grad_accum >= 0 (0 = the fewest that fit)'
     yield (c.batch_size % max(c.grad_accum, 1) == 0,
            f'--batch_size={c.batch_size} must be a multiple of --grad_accum={c.grad_accum}')
-    yield c.lr > 0, f'--lr={c.lr} must be positive'
+    yield c.lr > 0 and c.lr_width >= 1, f'--lr must be positive (now {c.lr}), --lr_width at least 1 (now {c.lr_width})'
     yield 0 <= c.min_lr_frac <= 1, f'--min_lr_frac={c.min_lr_frac} must be in [0, 1]'
     yield c.warmup_steps >= 0, f'--warmup_steps={c.warmup_steps} must be >= 0'
     yield 0 <= c.warmdown_frac <= 1, f'--warmdown_frac={c.warmdown_frac} must be in [0, 1]'
@@ -1770,7 +1770,7 @@ class TrainingRun(Run):
         shapes = jax.eval_shape(lambda: fresh_state(c))
         say(f'tinytpu | preset {c.preset} | {jax.default_backend()} x{mesh.size} '
             f'({jax.devices()[0].device_kind}{f", {jax.process_count()} hosts" if jax.process_count() > 1 else ""}) '
-            f'| {count_params(shapes["params"]) / 1e6:.2f}M params | {c.optimizer} '
+            f'| {count_params(shapes["params"]) / 1e6:.2f}M params | {c.optimizer}: {peak_rates(c)} '
             f'| dtype {jnp.dtype(compute_dtype(c)).name} | {device_note} | data {c.data} -> {c.out}')
         saved_steps = [step for step, _ in list_checkpoints(c.out)]
         self.compiled = None
@@ -2002,7 +2002,7 @@ class Meter:
         record = {'step': done, **values, 'ms_per_step': 1000 * dt, 'tokens_per_sec': self.tokens_per_step / dt,
                   'mfu': self.mfu(dt), **self.clock(), 'eta': dt * (self.c.steps - done)}  # at this step's pace
         if self.c.optimizer == 'muon':
-            record['matrix_lr'] = values['lr'] * self.c.matrix_lr / self.c.lr
+            record['matrix_lr'] = values['lr'] * self.c.matrix_lr / adamw_lr(self.c)
         say(progress_text(record))
         return record
 
@@ -2162,6 +2162,12 @@ def check_finite(stats, step, c):
     loss, grad_norm = stats['loss'], stats['grad_norm']
     if not (math.isfinite(loss) and math.isfinite(grad_norm)):
         raise Diverged(f'training diverged at step {step}: loss {loss}, grad norm {grad_norm}. {what_now(c)}')
+
+
+def peak_rates(c):
+    """The peak learning rates in words: Muon's, and AdamW's with how --lr was scaled to this width."""
+    scaled = f' (--lr={c.lr:g} x {c.lr_width}/{c.d_model})' if c.lr_width != c.d_model else ''
+    return (f'matrices {c.matrix_lr:g}, ' if c.optimizer == 'muon' else '') + f'lr {adamw_lr(c):.3g}{scaled}'
 
 
 def what_now(c):
@@ -2416,6 +2422,7 @@ def read_checkpoint_meta(path):
     meta_path, _ = checkpoint_files(path)
     meta, problem = read_json(meta_path, CHECKPOINT_META)
     problem = problem or config_problem(meta['config'])
+    meta['config'].setdefault('lr_width', meta['config'].get('d_model'))  # before --lr_width, --lr held at any width
     if not problem and meta['step'] != int(os.path.basename(path)[5:]):
         problem = f'its step {meta["step"]} is not the one its directory is named for'
     if problem:
@@ -2504,7 +2511,7 @@ def restore(c, template, data=None, resuming=True):
     return template, None, {}
 
 
-SCHEDULE_FIELDS = ('steps', 'lr', 'min_lr_frac', 'warmup_steps', 'warmdown_frac', 'warmdown')
+SCHEDULE_FIELDS = ('steps', 'lr', 'lr_width', 'min_lr_frac', 'warmup_steps', 'warmdown_frac', 'warmdown')
 
 
 def lr_history_agrees(saved, c, step):

@@ -90,6 +90,7 @@ def tiny_config(**kw):
     base = dict(preset='cpu', n_layer=2, d_model=32, n_head=4, n_kv_head=2, vocab_size=257, context=32,
                 seq_len=16, batch_size=4, grad_accum=1, steps=8, lr=3e-3, warmup_steps=2, eval_every=4, eval_batches=2,
                 log_every=2, ckpt_every=4, keep_ckpts=2, seed=0)
+    base['lr_width'] = kw.get('d_model', base['d_model'])  # --lr as given, whatever the width
     return tt.validate(tt.Config(**{**base, **kw}))
 
 

@@ -1,11 +1,14 @@
 """AdamW by hand against optax (test-only oracle), and the learning-rate schedule."""
+import json
+import shutil
+
 import jax
 import numpy as np
 import optax
 import pytest
 
 import tinytpu as tt
-from conftest import tiny_config
+from conftest import tiny_config, train
 
 
 @pytest.mark.slow
@@ -137,3 +140,40 @@ def test_muon_matches_a_float64_reference_of_the_published_algorithm():
             for (path, a), b in zip(jax.tree_util.tree_leaves_with_path(ours), jax.tree.leaves(ref)):
                 np.testing.assert_allclose(np.asarray(a), b, rtol=1e-9, atol=1e-12, err_msg=str(path))
         assert not np.allclose(ours['layers']['up'], params['layers']['up'])
+
+
+def test_adamw_lr_follows_the_width_and_presets_keep_their_own():
+    """--lr is set for a model lr_width wide and scales as 1/width (docs/optimizers.md's sweeps);
+    Muon's matrix_lr is the same at every width; each preset's rate is its own at its own width."""
+    peak = lambda c: float(tt.lr_schedule(c.warmup_steps, c))
+    for width, lr in [(64, 2e-3), (128, 1e-3), (256, 5e-4)]:
+        c = tt.make_config({'d_model': width}, platform='cpu')
+        assert tt.adamw_lr(c) == lr and peak(c) == pytest.approx(lr, rel=1e-6) and c.matrix_lr == 0.005
+    for preset in ('gpt2', 'tpu'):
+        c = tt.make_config({'preset': preset})
+        assert tt.adamw_lr(c) == 1e-3 and c.matrix_lr == 0.02
+        wider = tt.make_config({'preset': preset, 'd_model': 2 * c.d_model})
+        assert tt.adamw_lr(wider) == 5e-4 and wider.matrix_lr == 0.02
+
+
+def test_a_checkpoint_from_before_lr_width_resumes_at_the_rate_it_trained_with(byte_data, tmp_path, capsys):
+    """Before --lr_width, --lr was the rate at any width: such a checkpoint reads as lr_width = its
+    d_model, so the same rate resumes quietly, and today's default (lr_width 128, 4x the rate for
+    this 32-wide model) is named as a change of schedule."""
+    run = tmp_path / 'run'
+    flags = dict(data=byte_data, out=str(run), lr=1e-2, steps=8, ckpt_every=4, keep_ckpts=3)
+    train(tiny_config(**flags))
+    shutil.rmtree(run / 'ckpt_00000008')
+    meta_path = run / 'ckpt_00000004' / 'meta.json'
+    meta = json.loads(meta_path.read_text())
+    del meta['config']['lr_width']
+    meta_path.write_text(json.dumps(meta))
+    assert tt.read_checkpoint_meta(str(run / 'ckpt_00000004'))['config']['lr_width'] == 32
+    capsys.readouterr()
+    shutil.copytree(run, tmp_path / 'before')
+    train(tiny_config(**flags, lr_width=128))
+    assert 'the LR schedule changed (--lr_width 32 -> 128)' in capsys.readouterr().out
+    flags['out'] = str(tmp_path / 'before')
+    train(tiny_config(**flags))
+    out = capsys.readouterr().out
+    assert 'resuming from' in out and 'schedule changed' not in out
