@@ -1039,7 +1039,8 @@ def setting_checks(c):
     yield c.batch_size >= 1 and c.grad_accum >= 0, '--batch_size must be >= 1, --grad_accum >= 0 (0 = the fewest that fit)'
     yield (c.batch_size % max(c.grad_accum, 1) == 0,
            f'--batch_size={c.batch_size} must be a multiple of --grad_accum={c.grad_accum}')
-    yield c.lr > 0 and c.lr_width >= 1, f'--lr must be positive (now {c.lr}), --lr_width at least 1 (now {c.lr_width})'
+    yield c.lr > 0, f'--lr={c.lr} must be positive'
+    yield c.lr_width >= 1, f'--lr_width={c.lr_width} must be at least 1 (the width --lr is for)'
     yield 0 <= c.min_lr_frac <= 1, f'--min_lr_frac={c.min_lr_frac} must be in [0, 1]'
     yield c.warmup_steps >= 0, f'--warmup_steps={c.warmup_steps} must be >= 0'
     yield 0 <= c.warmdown_frac <= 1, f'--warmdown_frac={c.warmdown_frac} must be in [0, 1]'
@@ -2422,11 +2423,11 @@ def read_checkpoint_meta(path):
     meta_path, _ = checkpoint_files(path)
     meta, problem = read_json(meta_path, CHECKPOINT_META)
     problem = problem or config_problem(meta['config'])
-    meta['config'].setdefault('lr_width', meta['config'].get('d_model'))  # before --lr_width, --lr held at any width
     if not problem and meta['step'] != int(os.path.basename(path)[5:]):
         problem = f'its step {meta["step"]} is not the one its directory is named for'
     if problem:
         raise CorruptCheckpoint(f'{meta_path}: not a tinytpu checkpoint ({problem})')
+    meta['config'].setdefault('lr_width', meta['config'].get('d_model'))  # before --lr_width, --lr held at any width
     return meta
 
 

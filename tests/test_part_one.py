@@ -92,8 +92,15 @@ def test_part_one_trains_alone_resumes_and_is_the_program_on_one_device(byte_dat
     r = run_main(capsys, f'--data={byte_data}', f'--out={program}', '--cpu_devices=1', *flags)
     assert r.returncode == 0, r.stderr
     whole = [json.loads(line) for line in open(program / 'log.jsonl')]
-    assert [(r['step'], r.get('loss'), r.get('val_loss')) for r in whole[:-1]] == \
-        [(r['step'], r.get('loss'), r.get('val_loss')) for r in log]
+    assert [r['step'] for r in whole[:-1]] == [r['step'] for r in log]
+    # The same steps, as XLA compiles them twice (its fusions may round a sum in another order: at
+    # --lr=1e-3 some losses are ulps apart, and Adam's division carries such ulps into the weights).
+    for ours, theirs in zip(whole, log):
+        assert ours.get('loss') == pytest.approx(theirs.get('loss'), rel=1e-6, abs=0)
+        assert ours.get('val_loss') == pytest.approx(theirs.get('val_loss'), rel=1e-6, abs=0)
+    last = tt.read_checkpoint(str(program / 'ckpt_00000020'), {'params': params})['params']
+    for a, b in zip(jax.tree.leaves(params), jax.tree.leaves(last), strict=True):
+        np.testing.assert_allclose(a, b, rtol=1e-5, atol=1e-6)  # a step's update is ~lr = 1e-4
 
 
 READING_ORDER = ('train_step', 'batch_grads', 'loss_fn', 'hidden', 'block', 'attention', 'cross_entropy',
