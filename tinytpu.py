@@ -107,13 +107,14 @@ class GPTConfig:
                                  'no memory, as a CPU)')
     seq_len: int = setting(64, 'tokens per training sequence (at most context)')
     lr: float = setting(1e-3, "AdamW's peak learning rate at d_model = lr_width; any d_model: lr * lr_width / d_model")
-    lr_width: int = setting(128, 'the width --lr is for: the best AdamW rate halves as the width doubles')
+    lr_width: int = setting(128, 'the width --lr and --matrix_lr are for: the best rates halve as the width doubles')
     min_lr_frac: float = setting(0.1, 'learning rate at the end of the warmdown, as a fraction of lr')
     warmup_steps: int = setting(100, 'linear warmup steps from 0 to lr')
     warmdown_frac: float = setting(0.5, 'fraction of steps at the end that decay lr to min_lr')
     warmdown: str = setting('cosine', 'warmdown shape: linear or cosine')
     optimizer: str = setting('adamw', "adamw, or muon: Muon for the blocks' matrices, AdamW for the embedding and output")
-    matrix_lr: float = setting(0.005, "muon: peak learning rate of the blocks' matrices, at any width (--lr: the rest)")
+    matrix_lr: float = setting(0.005, "muon: peak learning rate of the blocks' matrices, scaled as --lr")
+    embed_lr: float = setting(2e-3, "muon: AdamW's peak learning rate for the embedding and output, at any width")
     momentum: float = setting(0.95, "muon: momentum of the matrices' updates (Nesterov)")
     weight_decay: float = setting(0.1, 'decoupled weight decay (lr * weight_decay * weight each step), every weight')
     beta1: float = setting(0.9, 'AdamW beta1')
@@ -384,13 +385,15 @@ def cross_entropy(logits, targets):
 # corrected moments, decoupled weight decay on every weight; and Muon for the blocks' matrices.
 
 
-def adamw_lr(c):
-    """AdamW's peak rate: --lr scaled as 1/width (muP's rule for Adam; measured: docs/optimizers.md)."""
-    return c.lr * c.lr_width / c.d_model
+def peak_lrs(c):
+    """(AdamW's, Muon's) peak rates: --lr and --matrix_lr scaled as 1/width; beside Muon, AdamW trains
+    the embedding and output at --embed_lr at any width, as muP keeps an embedding's (docs/optimizers.md)."""
+    scale = c.lr_width / c.d_model
+    return (c.embed_lr if c.optimizer == 'muon' else c.lr * scale), c.matrix_lr * scale
 
 
 def lr_schedule(step, c):
-    """AdamW's LR for update number `step` (0-based): 1) linear warmup from 0 to the peak, adamw_lr,
+    """AdamW's LR for update number `step` (0-based): 1) linear warmup from 0 to the peak (peak_lrs),
     over warmup_steps, 2) constant, 3) warmdown to min_lr_frac * peak over the last warmdown_frac of
     the run, reaching it at the last update (step = steps - 1), as the warmup reaches the peak at its last."""
     step = jnp.asarray(step, wide_dtype(compute_dtype(c)))  # fp32 (fp64 in the tests' float64 runs)
@@ -398,7 +401,7 @@ def lr_schedule(step, c):
     warmdown_steps = round(c.warmdown_frac * c.steps)  # 0: no warmdown at all
     progress = jnp.clip((step + 1 - (c.steps - warmdown_steps)) / max(warmdown_steps, 1), 0.0, 1.0)
     shape = 1 - progress if c.warmdown == 'linear' else 0.5 * (1 + jnp.cos(jnp.pi * progress))
-    return adamw_lr(c) * warmup * (c.min_lr_frac + (1 - c.min_lr_frac) * shape)
+    return peak_lrs(c)[0] * warmup * (c.min_lr_frac + (1 - c.min_lr_frac) * shape)
 
 
 def warmdown_start(c):
@@ -477,12 +480,11 @@ def muon_direction(name, u, c):
 
 
 def muon_update(params, grads, opt, lr, c):
-    """One step: Muon for the blocks' matrices at matrix_lr on the schedule's shape, AdamW
-    at lr for the rest; clipping first, decoupled weight decay on both. opt['mu'] holds Muon's
-    momentum (opt['nu'] is AdamW's, kept unused for the matrices: one state layout). -> as adamw_update"""
+    """One step: Muon for the blocks' matrices, AdamW at lr for the rest; clipping first, decoupled weight
+    decay on both. opt['mu'] holds Muon's momentum (opt['nu'], AdamW's, unused there). -> as adamw_update"""
     grads, grad_norm = clipped(grads, c)
     step = opt['step'] + 1
-    matrix_lr = lr * c.matrix_lr / adamw_lr(c)
+    matrix_lr = lr * peak_lrs(c)[1] / peak_lrs(c)[0]  # the schedule's shape at Muon's peak
 
     def muon(name, p, g, m):
         m = c.momentum * m + (1 - c.momentum) * g     # momentum, an average of past gradients
@@ -698,8 +700,7 @@ class Run:
         return float(eval_loss(params, self.vals, self.c))
 
     def evaluate(self, params, done):
-        """Validation loss every eval_every steps and at the end (and bits per byte, if meta.json
-        says the bytes per token). -> log fields"""
+        """Validation loss every eval_every steps and at the end (bits per byte too, if meta.json can). -> log fields"""
         if done % self.c.eval_every and done != self.c.steps:
             return {}
         record = {'val_loss': self.val_loss(params)}
@@ -711,8 +712,7 @@ class Run:
         return record
 
     def log(self, record):
-        self.log_file.write(json.dumps(record) + '\n')
-        self.log_file.flush()
+        print(json.dumps(record), file=self.log_file, flush=True)
 
     def stop_requested(self):  # whether to stop after this step, with a checkpoint (on a signal, say)
         return False
@@ -881,12 +881,12 @@ PRESETS = {
     'cpu': {},
     'gpt2': dict(data='data/fineweb10B', out='out/gpt2', n_layer=12, d_model=768, n_head=12,
                  n_kv_head=12, mlp='swiglu', d_ff=2048, vocab_size=50257, context=1024, seq_len=1024,
-                 batch_size=64, steps=10000, lr=1e-3, lr_width=768, matrix_lr=0.02, warmup_steps=250,
+                 batch_size=64, steps=10000, lr=1e-3, lr_width=768, matrix_lr=0.02, embed_lr=1e-3, warmup_steps=250,
                  warmdown_frac=0.3, eval_every=500, eval_batches=20, log_every=10, ckpt_every=1000),
     'tpu': dict(data='data/fineweb10B', out='out/tpu', n_layer=8, d_model=1024, n_head=4,
                 n_kv_head=1, d_head=256, mlp='swiglu', d_ff=3072, vocab_size=50257, optimizer='muon',
                 context=2048, seq_len=2048, batch_size=64, steps=10000, lr=1e-3, lr_width=1024,
-                matrix_lr=0.02, warmup_steps=250, warmdown_frac=0.3, eval_every=500, eval_batches=20,
+                matrix_lr=0.02, embed_lr=1e-3, warmup_steps=250, warmdown_frac=0.3, eval_every=500, eval_batches=20,
                 log_every=10, ckpt_every=1000),
 }
 
@@ -1039,7 +1039,7 @@ def setting_checks(c):
     yield c.batch_size >= 1 and c.grad_accum >= 0, '--batch_size must be >= 1, --grad_accum >= 0 (0 = the fewest that fit)'
     yield (c.batch_size % max(c.grad_accum, 1) == 0,
            f'--batch_size={c.batch_size} must be a multiple of --grad_accum={c.grad_accum}')
-    yield c.lr > 0, f'--lr={c.lr} must be positive'
+    yield c.lr > 0 and c.embed_lr > 0, f'--lr={c.lr} and --embed_lr={c.embed_lr} must be positive'
     yield c.lr_width >= 1, f'--lr_width={c.lr_width} must be at least 1 (the width --lr is for)'
     yield 0 <= c.min_lr_frac <= 1, f'--min_lr_frac={c.min_lr_frac} must be in [0, 1]'
     yield c.warmup_steps >= 0, f'--warmup_steps={c.warmup_steps} must be >= 0'
@@ -2003,7 +2003,7 @@ class Meter:
         record = {'step': done, **values, 'ms_per_step': 1000 * dt, 'tokens_per_sec': self.tokens_per_step / dt,
                   'mfu': self.mfu(dt), **self.clock(), 'eta': dt * (self.c.steps - done)}  # at this step's pace
         if self.c.optimizer == 'muon':
-            record['matrix_lr'] = values['lr'] * self.c.matrix_lr / adamw_lr(self.c)
+            record['matrix_lr'] = values['lr'] * peak_lrs(self.c)[1] / peak_lrs(self.c)[0]
         say(progress_text(record))
         return record
 
@@ -2166,15 +2166,19 @@ def check_finite(stats, step, c):
 
 
 def peak_rates(c):
-    """The peak learning rates in words: Muon's, and AdamW's with how --lr was scaled to this width."""
-    scaled = f' (--lr={c.lr:g} x {c.lr_width}/{c.d_model})' if c.lr_width != c.d_model else ''
-    return (f'matrices {c.matrix_lr:g}, ' if c.optimizer == 'muon' else '') + f'lr {adamw_lr(c):.3g}{scaled}'
+    """The peak learning rates in words, with how --lr or --matrix_lr was scaled to this width."""
+    adamw, muon = peak_lrs(c)
+    scaled = f' x {c.lr_width}/{c.d_model}' if c.lr_width != c.d_model else ''
+    if c.optimizer == 'muon':
+        return f'matrices {muon:.3g}{scaled and f" (--matrix_lr={c.matrix_lr:g}{scaled})"}, embedding {adamw:.3g}'
+    return f'lr {adamw:.3g}{scaled and f" (--lr={c.lr:g}{scaled})"}'
 
 
 def what_now(c):
     """After divergence: what is kept, and the settings to change (the learning rates this
     optimizer has)."""
-    lrs = f'--matrix_lr (now {c.matrix_lr:g}) or --lr (now {c.lr:g})' if c.optimizer == 'muon' else f'--lr (now {c.lr:g})'
+    lrs = (f'--matrix_lr (now {c.matrix_lr:g}) or --embed_lr (now {c.embed_lr:g})' if c.optimizer == 'muon' else
+           f'--lr (now {c.lr:g})')
     fix = f'a lower {lrs}, more --warmup_steps (now {c.warmup_steps}) or --grad_clip=1 (now {c.grad_clip:g})'
     if not list_checkpoints(c.out):
         return f'No checkpoint was written; run again with {fix}'
@@ -2427,7 +2431,8 @@ def read_checkpoint_meta(path):
         problem = f'its step {meta["step"]} is not the one its directory is named for'
     if problem:
         raise CorruptCheckpoint(f'{meta_path}: not a tinytpu checkpoint ({problem})')
-    meta['config'].setdefault('lr_width', meta['config'].get('d_model'))  # before --lr_width, --lr held at any width
+    old = meta['config']  # from before --lr_width and --embed_lr: --lr held at any width, and was Muon's AdamW's
+    old.setdefault('lr_width', old.get('d_model')), old.setdefault('embed_lr', old.get('lr'))
     return meta
 
 
@@ -2512,7 +2517,7 @@ def restore(c, template, data=None, resuming=True):
     return template, None, {}
 
 
-SCHEDULE_FIELDS = ('steps', 'lr', 'lr_width', 'min_lr_frac', 'warmup_steps', 'warmdown_frac', 'warmdown')
+SCHEDULE_FIELDS = ('steps', 'lr', 'lr_width', 'embed_lr', 'matrix_lr', 'min_lr_frac', 'warmup_steps', 'warmdown_frac', 'warmdown')
 
 
 def lr_history_agrees(saved, c, step):
@@ -2520,7 +2525,7 @@ def lr_history_agrees(saved, c, step):
     updates at the learning rates c's schedule gives them."""
     before = dataclasses.replace(c, **{k: saved[k] for k in SCHEDULE_FIELDS if k in saved})
     steps = np.arange(step)
-    same_matrix_lr = c.optimizer != 'muon' or saved.get('matrix_lr', c.matrix_lr) == c.matrix_lr
+    same_matrix_lr = c.optimizer != 'muon' or peak_lrs(before)[1] == peak_lrs(c)[1]
     return same_matrix_lr and bool(np.allclose(lr_schedule(steps, before), lr_schedule(steps, c), rtol=1e-6, atol=0))
 
 

@@ -1,4 +1,5 @@
 """AdamW by hand against optax (test-only oracle), and the learning-rate schedule."""
+import dataclasses
 import json
 import shutil
 
@@ -109,7 +110,7 @@ def muon_reference(params, grads, state, step, c, lr):
                                                parts[2].reshape(-1, K, H)], axis=1)
             else:
                 direction[l] = parts[0].reshape(p.shape[1:])
-        new['layers'][name] = p - lr * c.matrix_lr / c.lr * (direction + c.weight_decay * p)
+        new['layers'][name] = p - lr * c.matrix_lr / c.embed_lr * (direction + c.weight_decay * p)
         new_state['mu']['layers'][name] = m
     g = grads['embed'] * clip
     mu = c.beta1 * state['mu']['embed'] + (1 - c.beta1) * g
@@ -142,23 +143,26 @@ def test_muon_matches_a_float64_reference_of_the_published_algorithm():
         assert not np.allclose(ours['layers']['up'], params['layers']['up'])
 
 
-def test_adamw_lr_follows_the_width_and_presets_keep_their_own():
-    """--lr is set for a model lr_width wide and scales as 1/width (docs/optimizers.md's sweeps);
-    Muon's matrix_lr is the same at every width; each preset's rate is its own at its own width."""
+def test_learning_rates_follow_the_width_and_presets_keep_their_own():
+    """--lr and --matrix_lr are set for a model lr_width wide and scale as 1/width; beside Muon,
+    AdamW's rate for the embedding (--embed_lr) does not (docs/optimizers.md's sweeps). Each
+    preset's rates are its own at its own width."""
     peak = lambda c: float(tt.lr_schedule(c.warmup_steps, c))
-    for width, lr in [(64, 2e-3), (128, 1e-3), (256, 5e-4)]:
+    for width, lr, matrix_lr in [(64, 2e-3, 0.01), (128, 1e-3, 0.005), (256, 5e-4, 0.0025)]:
         c = tt.make_config({'d_model': width}, platform='cpu')
-        assert tt.adamw_lr(c) == lr and peak(c) == pytest.approx(lr, rel=1e-6) and c.matrix_lr == 0.005
+        assert tt.peak_lrs(c) == (lr, matrix_lr) and peak(c) == pytest.approx(lr, rel=1e-6)
+        muon = tt.make_config({'d_model': width, 'optimizer': 'muon'}, platform='cpu')
+        assert tt.peak_lrs(muon) == (2e-3, matrix_lr) and peak(muon) == pytest.approx(2e-3, rel=1e-6)
     for preset in ('gpt2', 'tpu'):
-        c = tt.make_config({'preset': preset})
-        assert tt.adamw_lr(c) == 1e-3 and c.matrix_lr == 0.02
-        wider = tt.make_config({'preset': preset, 'd_model': 2 * c.d_model})
-        assert tt.adamw_lr(wider) == 5e-4 and wider.matrix_lr == 0.02
+        c = tt.make_config({'preset': preset, 'optimizer': 'muon'})
+        assert tt.peak_lrs(c) == (1e-3, 0.02) and tt.peak_lrs(dataclasses.replace(c, optimizer='adamw'))[0] == 1e-3
+        wider = tt.make_config({'preset': preset, 'optimizer': 'muon', 'd_model': 2 * c.d_model})
+        assert tt.peak_lrs(wider) == (1e-3, 0.01)
 
 
 def test_a_checkpoint_from_before_lr_width_resumes_at_the_rate_it_trained_with(byte_data, tmp_path, capsys):
-    """Before --lr_width, --lr was the rate at any width: such a checkpoint reads as lr_width = its
-    d_model, so the same rate resumes quietly, and today's default (lr_width 128, 4x the rate for
+    """Before --lr_width, --lr was the rate at any width (and Muon's AdamW's): such a checkpoint reads as
+    lr_width = its d_model (embed_lr = its lr), so the same rate resumes quietly, and today's default (lr_width 128, 4x the rate for
     this 32-wide model) is named as a change of schedule."""
     run = tmp_path / 'run'
     flags = dict(data=byte_data, out=str(run), lr=1e-2, steps=8, ckpt_every=4, keep_ckpts=3)
@@ -166,9 +170,10 @@ def test_a_checkpoint_from_before_lr_width_resumes_at_the_rate_it_trained_with(b
     shutil.rmtree(run / 'ckpt_00000008')
     meta_path = run / 'ckpt_00000004' / 'meta.json'
     meta = json.loads(meta_path.read_text())
-    del meta['config']['lr_width']
+    del meta['config']['lr_width'], meta['config']['embed_lr']
     meta_path.write_text(json.dumps(meta))
-    assert tt.read_checkpoint_meta(str(run / 'ckpt_00000004'))['config']['lr_width'] == 32
+    old = tt.read_checkpoint_meta(str(run / 'ckpt_00000004'))['config']
+    assert old['lr_width'] == 32 and old['embed_lr'] == 1e-2  # Muon's AdamW then trained at --lr
     capsys.readouterr()
     shutil.copytree(run, tmp_path / 'before')
     train(tiny_config(**flags, lr_width=128))
