@@ -2517,7 +2517,14 @@ def restore(c, template, data=None, resuming=True):
     return template, None, {}
 
 
-SCHEDULE_FIELDS = ('steps', 'lr', 'lr_width', 'embed_lr', 'matrix_lr', 'min_lr_frac', 'warmup_steps', 'warmdown_frac', 'warmdown')
+SCHEDULE_FIELDS = ('steps', 'lr', 'lr_width', 'embed_lr', 'matrix_lr', 'min_lr_frac', 'warmup_steps', 'warmdown_frac',
+                   'warmdown')
+
+
+def schedule_fields(c):
+    """The settings of c's learning rates: AdamW alone has no --embed_lr or --matrix_lr; Muon, no --lr."""
+    unused = ('lr',) if c.optimizer == 'muon' else ('embed_lr', 'matrix_lr')
+    return [k for k in SCHEDULE_FIELDS if k not in unused]
 
 
 def lr_history_agrees(saved, c, step):
@@ -2537,7 +2544,7 @@ def same_schedule(c, template, state, path, saved):
     step, old = saved['step'], saved['config']
     if lr_history_agrees(old, c, step):
         return state, path, saved
-    changed = ', '.join(f'--{k} {old[k]} -> {getattr(c, k)}' for k in SCHEDULE_FIELDS if old.get(k) != getattr(c, k))
+    changed = ', '.join(f'--{k} {old[k]} -> {getattr(c, k)}' for k in schedule_fields(c) if old.get(k) != getattr(c, k))
     for earlier, candidate in reversed(list_checkpoints(c.out)):
         if earlier >= step:
             continue
@@ -2546,7 +2553,7 @@ def same_schedule(c, template, state, path, saved):
             if lr_history_agrees(meta['config'], c, earlier):
                 check_checkpoint(candidate, meta, template)
                 state = read_checkpoint(candidate, template)
-                if all(meta['config'].get(k) == getattr(c, k) for k in SCHEDULE_FIELDS):  # this schedule's own
+                if all(meta['config'].get(k) == getattr(c, k) for k in schedule_fields(c)):  # this schedule's own
                     say(f'{path} is of the run before, with {changed.replace(" -> ", " (now ")}); this run goes on '
                         f'from its own newest, {os.path.basename(candidate)}, and replaces {os.path.basename(path)} as '
                         'training passes its step')
