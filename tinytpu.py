@@ -948,6 +948,9 @@ def make_config(flags, platform=None):
     if 'data' in flags and 'out' not in flags:  # a run's default --out follows its data: out/<the data's name>
         flags = {**flags, 'out': os.path.join('out', os.path.basename(flags['data'].rstrip('/')) or 'run')}
     c = Config(**{**PRESETS[preset], **flags, 'preset': preset})
+    if c.optimizer == 'muon' and 'lr' in flags and 'embed_lr' not in flags:
+        say(f'note: --lr is AdamW\'s rate when it trains every weight; beside Muon it trains the embedding and '
+            f'output at --embed_lr (now {c.embed_lr:g}), and the matrices take --matrix_lr')
     if c.n_layer > MAX_UNROLLED_LAYERS and 'scan_layers' not in flags and not c.scan_layers:
         say(f'--n_layer={c.n_layer}: over {MAX_UNROLLED_LAYERS} blocks are compiled once and looped '
             '(--scan_layers=true), as compiling each one apart takes time and memory that grow with depth')

@@ -182,3 +182,13 @@ def test_a_checkpoint_from_before_lr_width_resumes_at_the_rate_it_trained_with(b
     train(tiny_config(**flags))
     out = capsys.readouterr().out
     assert 'resuming from' in out and 'schedule changed' not in out
+
+
+def test_lr_given_to_muon_says_which_rate_it_does_not_set(capsys):
+    c = tt.make_config({'optimizer': 'muon', 'lr': 3e-3}, platform='cpu')
+    assert tt.peak_lrs(c)[0] == c.embed_lr == 2e-3
+    assert 'note: --lr is AdamW\'s rate when it trains every weight; beside Muon it trains the embedding and output ' \
+           'at --embed_lr (now 0.002)' in capsys.readouterr().out
+    tt.make_config({'optimizer': 'muon', 'lr': 3e-3, 'embed_lr': 3e-3}, platform='cpu')
+    tt.make_config({'lr': 3e-3}, platform='cpu')
+    assert capsys.readouterr().out == ''
