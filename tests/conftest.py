@@ -91,6 +91,7 @@ def tiny_config(**kw):
                 seq_len=16, batch_size=4, grad_accum=1, steps=8, lr=3e-3, warmup_steps=2, eval_every=4, eval_batches=2,
                 log_every=2, ckpt_every=4, keep_ckpts=2, seed=0)
     base['lr_width'] = kw.get('d_model', base['d_model'])  # --lr as given, whatever the width
+    base['embed_lr'] = kw.get('lr', base['lr'])  # and beside Muon, AdamW's rate for the embedding too
     return tt.validate(tt.Config(**{**base, **kw}))
 
 

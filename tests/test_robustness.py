@@ -312,7 +312,7 @@ def test_muon_diverging_names_its_learning_rates_and_says_when_nothing_was_kept(
     with pytest.raises(tt.Diverged) as e:
         train(c)
     assert tt.list_checkpoints(c.out) == [] and 'No checkpoint was written; run again with a lower --matrix_lr ' \
-        '(now 1e+06) or --lr (now 0.003)' in str(e.value) and 'is kept' not in str(e.value)
+        '(now 1e+06) or --embed_lr (now 0.003)' in str(e.value) and 'is kept' not in str(e.value)
 
 
 def test_a_checkpoint_holding_a_nan_is_not_resumed_even_with_its_hashes_recomputed(tmp_path, capsys):

@@ -386,7 +386,7 @@ def test_the_lines_name_the_optimizer_and_the_progress_line_its_learning_rates_a
                                                                                         capsys):
     train(tiny_config(data=byte_data, out=str(tmp_path), optimizer='muon', steps=4, log_every=2))
     out = capsys.readouterr().out
-    assert '| muon: matrices 0.005, embedding 0.002 | dtype' in out and 'params, gradients and Muon (matrices) and AdamW' in out
+    assert '| muon: matrices 0.005, embedding 0.003 | dtype' in out and 'params, gradients and Muon (matrices) and AdamW' in out
     train(tiny_config(data=byte_data, out=str(tmp_path / 'wide'), steps=1, d_model=64, lr_width=32, lr=1e-3))
     assert '| adamw: lr 0.0005 (--lr=0.001 x 32/64) | dtype' in capsys.readouterr().out
     line = next(x for x in out.splitlines() if x.startswith('step      2 | loss'))
