@@ -442,7 +442,7 @@ def adamw_update(params, grads, opt, lr, c):
 # Muon (Keller Jordan, 2024; modded-nanogpt and nanochat train with it): for the blocks' matrices,
 # momentum, then the update replaced by the nearest matrix whose singular values are all 1 (U V^T
 # of its SVD U S V^T): every direction moves at the same rate. Newton-Schulz steps compute it
-# without an SVD. The embedding and output layer stay on AdamW at lr; the matrices get --matrix_lr.
+# without an SVD. The embedding and output layer stay on AdamW, at embed_lr; the matrices get matrix_lr.
 
 NEWTON_SCHULZ = (3.4445, -4.7750, 2.0315)  # the quintic's coefficients, from Keller Jordan's Muon
 
@@ -877,6 +877,8 @@ class Config(GPTConfig):
 # docs/performance.md), and trains with Muon (it reached AdamW's loss in 0.7x the steps on two
 # texts, for an estimated 1.7% more per step on a TPU: docs/optimizers.md). Each step is
 # split into the fewest microbatches that fit the chip (--grad_accum=0, found by compiling).
+# Each states its learning rates at its own width (lr_width), for a batch far larger than the
+# cpu preset's: Muon's matrices at nanochat's 0.02 (docs/optimizers.md).
 PRESETS = {
     'cpu': {},
     'gpt2': dict(data='data/fineweb10B', out='out/gpt2', n_layer=12, d_model=768, n_head=12,
