@@ -113,7 +113,7 @@ class GPTConfig:
     warmdown_frac: float = setting(0.5, 'fraction of steps at the end that decay lr to min_lr')
     warmdown: str = setting('cosine', 'warmdown shape: linear or cosine')
     optimizer: str = setting('adamw', "adamw, or muon: Muon for the blocks' matrices, AdamW for the embedding and output")
-    matrix_lr: float = setting(0.005, "muon: peak learning rate of the blocks' matrices, scaled as --lr")
+    matrix_lr: float = setting(0.005, "muon: the blocks' matrices' peak learning rate at d_model = lr_width, scaled as --lr")
     embed_lr: float = setting(2e-3, "muon: AdamW's peak learning rate for the embedding and output, at any width")
     momentum: float = setting(0.95, "muon: momentum of the matrices' updates (Nesterov)")
     weight_decay: float = setting(0.1, 'decoupled weight decay (lr * weight_decay * weight each step), every weight')
