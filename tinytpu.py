@@ -1044,7 +1044,8 @@ def setting_checks(c):
     yield c.batch_size >= 1 and c.grad_accum >= 0, '--batch_size must be >= 1, --grad_accum >= 0 (0 = the fewest that fit)'
     yield (c.batch_size % max(c.grad_accum, 1) == 0,
            f'--batch_size={c.batch_size} must be a multiple of --grad_accum={c.grad_accum}')
-    yield c.lr > 0 and c.embed_lr > 0, f'--lr={c.lr} and --embed_lr={c.embed_lr} must be positive'
+    yield c.lr > 0, f'--lr={c.lr} must be positive'
+    yield c.embed_lr > 0, f'--embed_lr={c.embed_lr} must be positive'
     yield c.lr_width >= 1, f'--lr_width={c.lr_width} must be at least 1 (the width --lr is for)'
     yield 0 <= c.min_lr_frac <= 1, f'--min_lr_frac={c.min_lr_frac} must be in [0, 1]'
     yield c.warmup_steps >= 0, f'--warmup_steps={c.warmup_steps} must be >= 0'
@@ -2437,7 +2438,8 @@ def read_checkpoint_meta(path):
     if problem:
         raise CorruptCheckpoint(f'{meta_path}: not a tinytpu checkpoint ({problem})')
     old = meta['config']  # from before --lr_width and --embed_lr: --lr held at any width, and was Muon's AdamW's
-    old.setdefault('lr_width', old.get('d_model')), old.setdefault('embed_lr', old.get('lr'))
+    old.setdefault('lr_width', old.get('d_model'))
+    old.setdefault('embed_lr', old.get('lr'))
     return meta
 
 

@@ -89,7 +89,8 @@ def test_short_shard_and_too_little_data(tmp_path):
 @pytest.mark.parametrize('flags, message', [
     (['--d_model=30'], 'not divisible by --n_head'),
     (['--n_kv_head=3'], 'not a multiple of --n_kv_head'),
-    (['--lr=-1'], '--lr=-1.0 and --embed_lr=0.002 must be positive'),
+    (['--lr=-1'], '--lr=-1.0 must be positive'),
+    (['--embed_lr=0'], '--embed_lr=0.0 must be positive'),
     (['--lr_width=0'], '--lr_width=0 must be at least 1'),
     (['--seq_len=128'], 'must be between 1 and the model context'),
     (['--batch_size=12', '--grad_accum=5'], 'multiple of --grad_accum'),
