@@ -161,9 +161,9 @@ def test_learning_rates_follow_the_width_and_presets_keep_their_own():
 
 
 def test_a_checkpoint_from_before_lr_width_resumes_at_the_rate_it_trained_with(byte_data, tmp_path, capsys):
-    """Before --lr_width, --lr was the rate at any width (and Muon's AdamW's): such a checkpoint reads as
-    lr_width = its d_model (embed_lr = its lr), so the same rate resumes quietly, and today's default (lr_width 128, 4x the rate for
-    this 32-wide model) is named as a change of schedule."""
+    """Before --lr_width, --lr was the rate at any width (and Muon's AdamW's): such a checkpoint reads
+    as lr_width = its d_model (embed_lr = its lr), so the same rate resumes quietly, and today's
+    default (lr_width 128, 4x the rate for this 32-wide model) is named as a change of schedule."""
     run = tmp_path / 'run'
     flags = dict(data=byte_data, out=str(run), lr=1e-2, steps=8, ckpt_every=4, keep_ckpts=3)
     train(tiny_config(**flags))
