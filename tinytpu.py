@@ -1255,8 +1255,13 @@ def topology_devices(name):
 
 
 def target_devices(c):
-    """The devices the program is compiled for: those of --topology (nothing runs), else JAX's."""
-    return topology_devices(c.topology) if c.topology else jax.devices()
+    """The devices the program is compiled for: those of --topology (nothing runs), else JAX's; on
+    one CPU host the first --cpu_devices of them (a process that started with more, as a test's
+    script may, runs each command on as many as it asks for)."""
+    if c.topology:
+        return topology_devices(c.topology)
+    one_cpu_host = jax.default_backend() == 'cpu' and jax.process_count() == 1
+    return jax.devices()[:c.cpu_devices] if one_cpu_host else jax.devices()
 
 
 def device_memory(c):
@@ -3133,21 +3138,26 @@ def flops_per_token(c):
 
 def hardware_peak(c, n_devices=1):
     """Peak FLOP/s of n_devices chips (--peak_flops, else the table), or None if unknown. On CPU:
-    measured with a large fp32 matmul, which already uses every core (however many virtual
-    devices share them)."""
+    measured (cpu_peak), for every core at once, however many virtual devices share them."""
     if c.peak_flops:
         return c.peak_flops * n_devices
     chip = this_chip()
     if chip:
         return chip.peak * n_devices
-    if jax.default_backend() != 'cpu':
-        return None
-    n = 1024
+    return cpu_peak() if jax.default_backend() == 'cpu' else None
+
+
+@functools.cache
+def cpu_peak():
+    """The CPU's FLOP/s on a 512 x 512 fp32 matmul, which already uses every core: the fastest of
+    10 runs (~20 ms; a shared VM's other tenants slow some down), measured once per process. 512
+    measured the rate 1024 does (175 against 170 GFLOP/s, 2 cores) in a thirtieth of the time."""
+    n = 512
     a = jnp.ones((n, n), jnp.float32)
     mm = jax.jit(lambda a: a @ a)
     mm(a).block_until_ready()
     times = []
-    for _ in range(40):  # ~0.3 s; the fastest run, as a shared VM's other tenants slow some down
+    for _ in range(10):
         t = time.perf_counter()
         mm(a).block_until_ready()
         times.append(time.perf_counter() - t)
@@ -3831,7 +3841,7 @@ def evaluate_task(c, explicit):
         task_file(c)  # there, before the model is loaded
     c, params, meta, enc = load_model(c, explicit)
     examples, path = task_examples(c, enc)
-    mesh = Mesh(np.array(jax.devices()), ('data',))
+    mesh = Mesh(np.array(target_devices(c)), ('data',))
     c, _ = choose_fsdp(c, mesh)
     params = place(params, state_shardings(c, mesh)['params'])
     step = meta.get('step')

@@ -4,6 +4,7 @@ has them, and a local stand-in for the Hugging Face Hub."""
 import contextlib
 import hashlib
 import http.server
+import json
 import os
 import shutil
 import subprocess
@@ -128,6 +129,40 @@ def run_cli(*args, cwd=ROOT, timeout=600, optimized=False, env=None):
     env = dict(os.environ, **(env or {}), **({'XLA_FLAGS': USER_XLA_FLAGS} if optimized else {}))
     return subprocess.run([sys.executable, os.path.join(ROOT, script), *rest], cwd=cwd, capture_output=True,
                           text=True, timeout=timeout, env=env)
+
+
+MANY = """
+import contextlib, io, json, os, sys
+sys.path.insert(0, sys.argv[1])
+import tinytpu as tt
+tt.use_cpu_devices(int(sys.argv[2]))
+assert len(tt.jax.devices()) == int(sys.argv[2])  # started: each run's --cpu_devices takes a share
+results = []
+for argv, env in json.loads(sys.argv[3]):
+    os.environ.update(env)
+    if sys.argv[4] == 'fresh':
+        tt.jax.clear_caches()  # each run traces its functions anew
+    out, err = io.StringIO(), io.StringIO()
+    with contextlib.redirect_stdout(out), contextlib.redirect_stderr(err):
+        code = tt.main(argv)
+    results.append({'returncode': code, 'stdout': out.getvalue(), 'stderr': err.getvalue()})
+print(json.dumps(results))
+"""
+
+
+def run_cli_many(*argvs, devices=8, program=ROOT, envs=None, fresh=False, timeout=600):
+    """Several command lines run as `python tinytpu.py ARGS` would run them, one after another in
+    one new process of `devices` CPU devices, each taking the first --cpu_devices of them: what
+    separate processes print and write, without a process start and JAX's import for each, and a
+    command compiled once for all the runs of the same shape. program: the directory of the
+    tinytpu.py to run; envs: variables to set before each run; fresh: each run traces (and
+    compiles) anew, as in a process of its own. -> [.returncode, .stdout, .stderr]"""
+    runs = [(list(map(str, a)), e) for a, e in zip(argvs, envs or [{}] * len(argvs), strict=True)]
+    r = subprocess.run([sys.executable, '-c', MANY, program, str(devices), json.dumps(runs),
+                        'fresh' if fresh else 'shared'],
+                       cwd=ROOT, capture_output=True, text=True, timeout=timeout)
+    assert r.returncode == 0, r.stderr[-3000:]
+    return [types.SimpleNamespace(**x) for x in json.loads(r.stdout.splitlines()[-1])]
 
 
 def train(c):

@@ -1,6 +1,7 @@
 """Scale-out on CPU: 8 virtual devices (data parallel and FSDP) and two real processes joined by
 jax.distributed over 127.0.0.1 give the losses of one device; checkpoints move between
-topologies. Each configuration runs in its own process, as device counts are fixed at start-up."""
+topologies. Device counts are fixed when JAX starts: the runs compared run one after another in a
+process of 8 CPU devices (conftest.run_cli_many), each on the first --cpu_devices of them."""
 import json
 import os
 import socket
@@ -12,7 +13,7 @@ import numpy as np
 import pytest
 
 import tinytpu as tt
-from conftest import ROOT, run_cli, tiny_config
+from conftest import ROOT, run_cli_many, run_main, tiny_config
 
 FLAGS = ['--n_layer=2', '--d_model=32', '--n_head=4', '--n_kv_head=2', '--seq_len=16', '--context=16',
          '--batch_size=8', '--eval_batches=2', '--log_every=1', '--eval_every=100000', '--lr=3e-3',
@@ -20,15 +21,27 @@ FLAGS = ['--n_layer=2', '--d_model=32', '--n_head=4', '--n_kv_head=2', '--seq_le
 
 
 def run(data, out, steps, *extra, env=None):
-    cmd = [sys.executable, os.path.join(ROOT, 'tinytpu.py'), f'--data={data}', f'--out={out}', f'--steps={steps}',
-           *FLAGS, *extra]
+    cmd = [sys.executable, os.path.join(ROOT, 'tinytpu.py'), *cli(data, out, steps, *extra)]
     return subprocess.Popen(cmd, cwd=ROOT, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True, env=env)
+
+
+def cli(data, out, steps, *extra):
+    return [f'--data={data}', f'--out={out}', f'--steps={steps}', *FLAGS, *extra]
 
 
 def finish(p):
     out, err = p.communicate(timeout=300)
     assert p.returncode == 0, err
     return out
+
+
+def runs(*argvs):
+    """Runs of the program in one process of 8 CPU devices (run_cli_many), each on its
+    --cpu_devices of them. -> their printed output"""
+    results = run_cli_many(*argvs, devices=8)
+    for r in results:
+        assert r.returncode == 0, r.stderr
+    return [r.stdout for r in results]
 
 
 def losses(out):
@@ -41,44 +54,43 @@ def assert_close(a, b):
         assert abs(a[step] - b[step]) <= 1e-5 * abs(a[step]), (step, a[step], b[step])
 
 
-@pytest.fixture(scope='module')
-def single(tmp_path_factory, request):
-    """The reference: 12 steps on one device."""
+@pytest.fixture
+def data(tmp_path):
     from conftest import SHAKESPEARE, write_shard
-    d = tmp_path_factory.mktemp('dist')
     text = open(SHAKESPEARE, 'rb').read()
-    (d / 'data').mkdir()
-    write_shard(d / 'data' / 'train_000000.bin', np.frombuffer(text[:60000], np.uint8))
-    write_shard(d / 'data' / 'val_000000.bin', np.frombuffer(text[60000:70000], np.uint8))
-    (d / 'data' / 'meta.json').write_text('{"tokenizer": "byte", "vocab_size": 257, "eot_id": 256}')
-    finish(run(d / 'data', d / 'one', 12, '--cpu_devices=1'))
-    return d, losses(d / 'one')
+    (tmp_path / 'data').mkdir()
+    write_shard(tmp_path / 'data' / 'train_000000.bin', np.frombuffer(text[:60000], np.uint8))
+    write_shard(tmp_path / 'data' / 'val_000000.bin', np.frombuffer(text[60000:70000], np.uint8))
+    (tmp_path / 'data' / 'meta.json').write_text('{"tokenizer": "byte", "vocab_size": 257, "eot_id": 256}')
+    return tmp_path / 'data'
 
 
 @pytest.mark.slow
-@pytest.mark.parametrize('fsdp', ['false', 'true'])
-def test_eight_devices_match_one(single, fsdp):
-    d, reference = single
-    out = finish(run(d / 'data', d / f'eight_{fsdp}', 12, '--cpu_devices=8', f'--fsdp={fsdp}'))
-    assert 'cpu x8' in out and ('FSDP over 8 devices' if fsdp == 'true' else 'data parallel over 8 devices') in out
-    assert_close(losses(d / f'eight_{fsdp}'), reference)
+def test_eight_devices_match_one(data, tmp_path):
+    """12 steps on 8 devices, data parallel and FSDP: the losses of one device."""
+    printed = runs(cli(data, tmp_path / 'one', 12, '--cpu_devices=1'),
+                   *(cli(data, tmp_path / f'eight_{fsdp}', 12, '--cpu_devices=8', f'--fsdp={fsdp}')
+                     for fsdp in ('false', 'true')))
+    assert 'cpu x1' in printed[0]
+    assert 'cpu x8' in printed[1] and 'data parallel over 8 devices' in printed[1]
+    assert 'cpu x8' in printed[2] and 'FSDP over 8 devices' in printed[2]
+    for fsdp in ('false', 'true'):
+        assert_close(losses(tmp_path / f'eight_{fsdp}'), losses(tmp_path / 'one'))
 
 
 @pytest.mark.slow
-def test_eight_devices_match_one_with_muon(single):
+def test_eight_devices_match_one_with_muon(data, tmp_path):
     """Muon's Newton-Schulz needs whole matrices, and each device orthogonalizes a share of the
     layers (Part I's shard annotation): the compiler moves FSDP's shards, or data parallel's whole matrices,
     there and the results back; 2 layers over 8 devices leaves some with none. The losses are
     one device's either way."""
-    d, _ = single
     muon = ['--optimizer=muon', '--matrix_lr=0.02']
-    finish(run(d / 'data', d / 'one_muon', 12, '--cpu_devices=1', *muon))
-    runs = {f'{n}_{fsdp}': run(d / 'data', d / f'muon_{n}_{fsdp}', 12, f'--cpu_devices={n}', f'--fsdp={fsdp}', *muon)
-            for n, fsdp in ((8, 'false'), (8, 'true'), (2, 'false'))}  # 2: a layer each, evenly
-    for name, p in runs.items():
-        finish(p)
-        assert_close(losses(d / f'muon_{name}'), losses(d / 'one_muon'))
-    assert losses(d / 'one_muon') != single[1]  # really another optimizer
+    shapes = ((8, 'false'), (8, 'true'), (2, 'false'))  # 2: a layer each, evenly
+    runs(cli(data, tmp_path / 'one_muon', 12, '--cpu_devices=1', *muon), cli(data, tmp_path / 'one', 12, '--cpu_devices=1'),
+         *(cli(data, tmp_path / f'muon_{n}_{fsdp}', 12, f'--cpu_devices={n}', f'--fsdp={fsdp}', *muon) for n, fsdp in shapes))
+    for n, fsdp in shapes:
+        assert_close(losses(tmp_path / f'muon_{n}_{fsdp}'), losses(tmp_path / 'one_muon'))
+    assert losses(tmp_path / 'one_muon') != losses(tmp_path / 'one')  # really another optimizer
 
 
 @pytest.mark.slow
@@ -88,7 +100,8 @@ def test_fsdp_really_shards_every_weight():
     script = '''
 import jax, numpy as np, tinytpu as tt
 tt.use_cpu_devices(8)
-c = tt.validate(tt.Config(n_layer=2, d_model=32, n_head=4, n_kv_head=2, seq_len=16, context=16, batch_size=8, fsdp='true'))
+c = tt.validate(tt.Config(n_layer=2, d_model=32, n_head=4, n_kv_head=2, seq_len=16, context=16, batch_size=8, fsdp='true',
+                          cpu_devices=8))
 mesh = tt.make_mesh(c)
 state = jax.jit(lambda: tt.fresh_state(c), out_shardings=tt.state_shardings(c, mesh))()
 batch = tt.put_batch([(d, np.ones((1, 1, 17), np.int32)) for d in mesh.devices.flat], (1, 8, 17), mesh)
@@ -130,7 +143,7 @@ tt.use_cpu_devices(8)
 for fsdp in ('false', 'true'):
     for opt in ('adamw', 'muon'):
         c = tt.validate(tt.Config(n_layer=2, d_model=32, n_head=4, n_kv_head=2, seq_len=24, context=24, batch_size=16,
-                                  grad_accum=2, fsdp=fsdp, optimizer=opt))
+                                  grad_accum=2, fsdp=fsdp, optimizer=opt, cpu_devices=8))
         mesh = tt.make_mesh(c)
         state = tt.state_shapes(c, mesh)
         with jax.set_mesh(mesh):
@@ -153,16 +166,17 @@ print('ok')
 
 
 @pytest.mark.slow
-def test_checkpoints_move_between_topologies(single):
+def test_checkpoints_move_between_topologies(data, tmp_path):
     """6 steps on 8 devices (FSDP), resumed on 1 device; and 6 on 1, resumed on 8: the losses of
     steps 7-12 are those of the uninterrupted single-device run."""
-    d, reference = single
-    for first, then, name in [('8', '1', 'a'), ('1', '8', 'b')]:
-        out = d / f'move_{name}'
-        finish(run(d / 'data', out, 6, f'--cpu_devices={first}', '--fsdp=true'))
-        text = finish(run(d / 'data', out, 12, f'--cpu_devices={then}', '--fsdp=true'))
-        assert 'resuming from' in text and 'ckpt_00000006' in text
-        assert_close(losses(out), reference)
+    moves = [('8', '1', 'a'), ('1', '8', 'b')]
+    printed = runs(cli(data, tmp_path / 'one', 12, '--cpu_devices=1'),
+                   *(cli(data, tmp_path / f'move_{name}', steps, f'--cpu_devices={n}', '--fsdp=true')
+                     for first, then, name in moves for n, steps in ((first, 6), (then, 12))))
+    for i, (first, then, name) in enumerate(moves):
+        text = printed[2 + 2 * i]
+        assert 'resuming from' in text and 'ckpt_00000006' in text and f'cpu x{then}' in text
+        assert_close(losses(tmp_path / f'move_{name}'), losses(tmp_path / 'one'))
 
 
 def free_port():
@@ -172,21 +186,22 @@ def free_port():
 
 
 @pytest.mark.slow
-def test_two_processes_match_one_and_write_one_checkpoint(single):
+def test_two_processes_match_one_and_write_one_checkpoint(data, tmp_path):
     """Two real processes of 2 CPU devices each, joined by jax.distributed (gloo collectives) on
     127.0.0.1, each reading only its half of every batch: the losses of one device, exactly one
     checkpoint (written by process 0), which a single process then resumes."""
-    d, reference = single
-    out, port = d / 'two', free_port()
-    procs = [run(d / 'data', out, 6, '--cpu_devices=2', f'--coordinator=127.0.0.1:{port}', '--num_processes=2',
+    out, port = tmp_path / 'two', free_port()
+    procs = [run(data, out, 6, '--cpu_devices=2', f'--coordinator=127.0.0.1:{port}', '--num_processes=2',
                  f'--process_id={i}') for i in range(2)]
     outputs = [finish(p) for p in procs]
     assert 'cpu x4' in outputs[0] and '2 hosts' in outputs[0] and 'saved' in outputs[0]
     ours = ('tinytpu |', 'compiled', 'step ', 'saved', 'resuming')  # gloo's own C++ logging aside,
     assert not any(marker in outputs[1] for marker in ours), outputs[1]  # only process 0 prints
     assert sorted(os.listdir(out)) == ['.lock', 'ckpt_00000006', 'log.jsonl']
-    assert_close(losses(out), {s: l for s, l in reference.items() if s <= 6})
-    finish(run(d / 'data', out, 12, '--cpu_devices=1'))
+    two = losses(out)
+    runs(cli(data, tmp_path / 'one', 12, '--cpu_devices=1'), cli(data, out, 12, '--cpu_devices=1'))
+    reference = losses(tmp_path / 'one')
+    assert_close(two, {s: l for s, l in reference.items() if s <= 6})
     assert_close(losses(out), reference)
 
 
@@ -213,8 +228,9 @@ def test_microbatches_split_evenly_over_several_chips(monkeypatch, capsys):
     (['--coordinator={busy}', '--num_processes=2', '--process_id=0', '--coordinator_timeout=2'],
      'cannot listen on port'),
 ])
-def test_coordinator_problems_are_one_line(flags, says, tmp_path):
-    """Before the fix: an IndexError traceback, or JAX waiting 5 minutes and aborting in C++."""
+def test_coordinator_problems_are_one_line(flags, says, tmp_path, capsys):
+    """Before the fix: an IndexError traceback, or JAX waiting 5 minutes and aborting in C++. Each is
+    refused before JAX is asked to join anything, so this process can ask."""
     with socket.socket() as busy:
         busy.bind(('127.0.0.1', 0))
         busy.listen()
@@ -223,7 +239,7 @@ def test_coordinator_problems_are_one_line(flags, says, tmp_path):
             free = s.getsockname()[1]
         flags = [f.format(free=f'127.0.0.1:{free}', busy=f'127.0.0.1:{busy.getsockname()[1]}') for f in flags]
         t = time.time()
-        r = run_cli(f'--out={tmp_path}/out', *flags, timeout=60)
+        r = run_main(capsys, f'--out={tmp_path}/out', *flags)
     assert r.returncode == 2 and r.stderr.count('\n') == 1 and says in r.stderr, r.stderr
     assert time.time() - t < 30
 

@@ -12,7 +12,7 @@ import jax.numpy as jnp
 import numpy as np
 import pytest
 
-from conftest import ROOT, run_main
+from conftest import ROOT, run_cli_many, run_main
 import tinytpu as tt
 
 PART_TWO = '\n# ' + '=' * 94 + '\n# Part II'
@@ -132,8 +132,6 @@ def probed_copy(directory):
 def test_a_change_to_any_function_of_the_reading_order_reaches_every_run(byte_data, tmp_path):
     """Each function a reader studies runs, changed, on the real paths: training on one device, on 8
     data parallel and on 8 with FSDP and Muon, bench, and sampling: no path compiles a copy of its own."""
-    import subprocess
-    import sys
     program = probed_copy(str(tmp_path / 'probed'))
     tiny = ['--n_layer=2', '--d_model=32', '--n_head=4', '--n_kv_head=2', '--context=16', '--seq_len=16', '--batch_size=8',
             '--steps=4', '--log_every=2', '--eval_every=2', '--eval_batches=2', '--ckpt_every=4', f'--data={byte_data}']
@@ -146,11 +144,11 @@ def test_a_change_to_any_function_of_the_reading_order_reaches_every_run(byte_da
             'bench': (['bench', '--cpu_devices=8', '--bench_steps=1'], step | {'adamw_update'}),
             'sample': (['sample', '--max_new_tokens=3', '--prompt=ab'], {'generate', 'sample_token', 'hidden', 'block',
                                                                          'attention'})}
-    for what, (flags, expected) in runs.items():
-        probe = tmp_path / f'{what}.probe'
-        out = tmp_path / ('one device' if what == 'sample' else what)  # sample: the model trained on one device
-        r = subprocess.run([sys.executable, program, *flags, *tiny, f'--out={out}'], capture_output=True,
-                           text=True, timeout=300, env=dict(os.environ, PROBE=str(probe)))
+    results = run_cli_many(*([*flags, *tiny, f"--out={tmp_path / ('one device' if what == 'sample' else what)}"]
+                             for what, (flags, _) in runs.items()),  # sample: the model trained on one device
+                           program=os.path.dirname(program), envs=[{'PROBE': str(tmp_path / f'{what}.probe')} for what in runs],
+                           fresh=True)  # each run traces Part I's functions itself, as in a process of its own
+    for (what, (_, expected)), r in zip(runs.items(), results):
         assert r.returncode == 0, (what, r.stderr[-2000:])
-        called = set(probe.read_text().split())
+        called = set((tmp_path / f'{what}.probe').read_text().split())
         assert expected <= called, (what, sorted(expected - called))
