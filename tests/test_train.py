@@ -13,7 +13,7 @@ import numpy as np
 import pytest
 
 import tinytpu as tt
-from conftest import ROOT, load_checkpoint, run_cli, run_main, save_checkpoint, tiny_config, train, write_shard
+from conftest import ROOT, load_checkpoint, run_cli, run_cli_many, run_main, save_checkpoint, tiny_config, train, write_shard
 
 
 @pytest.mark.slow
@@ -227,15 +227,15 @@ def test_resuming_a_run_trained_further_does_not_say_the_schedule_changed_again(
 def test_cli_trains_then_samples(byte_data, tmp_path, capsys):
     out = str(tmp_path / 'out')
     common = ['--n_layer=2', '--d_model=32', '--n_head=2', '--n_kv_head=1', f'--out={out}']
-    r = run_cli('--steps=20', '--log_every=10', '--eval_every=20', f'--data={byte_data}', *common)
+    sample = ['sample', f'--out={out}', '--prompt=ROMEO:', '--max_new_tokens=80', '--seed=3']
+    r, r1, r2 = run_cli_many(['--steps=20', '--log_every=10', '--eval_every=20', f'--data={byte_data}', *common],
+                             sample, sample, devices=2)
     assert r.returncode == 0, r.stderr
     assert r.stdout.splitlines()[0].startswith('tinytpu | preset cpu | cpu')
     assert 'step     20 | val loss' in r.stdout and os.path.isdir(os.path.join(out, 'ckpt_00000020'))
-    r = run_cli('sample', f'--out={out}', '--prompt=ROMEO:', '--max_new_tokens=80', '--seed=3')
-    assert r.returncode == 0, r.stderr
-    assert r.stdout.startswith('ROMEO:') and len(r.stdout) > 40
-    r2 = run_cli('sample', f'--out={out}', '--prompt=ROMEO:', '--max_new_tokens=80', '--seed=3')
-    assert r2.stdout == r.stdout  # same seed, same text
+    assert r1.returncode == 0, r1.stderr
+    assert r1.stdout.startswith('ROMEO:') and len(r1.stdout) > 40
+    assert r2.stdout == r1.stdout  # same seed, same text
     r = run_main(capsys, '--steps=20', f'--data={byte_data}', *common[:-1], '--d_model=64', f'--out={out}')
     assert r.returncode == 2 and r.stderr.count('\n') == 1 and 'trained with --d_model=32' in r.stderr
 
@@ -332,8 +332,9 @@ def test_training_with_the_splash_kernel_matches_xla(byte_data, tmp_path):
     shape = ['--n_layer=1', '--d_model=64', '--n_head=2', '--n_kv_head=1', '--d_head=128', '--seq_len=128',
              '--context=128', '--batch_size=4', '--steps=3', '--log_every=1', '--eval_batches=1', f'--data={byte_data}']
     losses = {}
-    for kernel in ('xla', 'splash'):
-        r = run_cli(*shape, f'--attention={kernel}', f'--out={tmp_path / kernel}')
+    results = run_cli_many(*([*shape, f'--attention={kernel}', f'--out={tmp_path / kernel}'] for kernel in ('xla', 'splash')),
+                           devices=2)
+    for kernel, r in zip(('xla', 'splash'), results):
         assert r.returncode == 0, r.stderr
         assert 'cpu x2 (cpu) | 0.' in r.stdout and f'| attention {kernel} |' in r.stdout
         losses[kernel] = [json.loads(line).get('loss') for line in open(tmp_path / kernel / 'log.jsonl')]
