@@ -23,7 +23,7 @@ emulator = pytest.importorskip('gcp_storage_emulator.server', reason='the tests 
 
 TINY = ['--n_layer=2', '--d_model=32', '--n_head=2', '--n_kv_head=1', '--seq_len=16', '--context=16',
         '--batch_size=4', '--eval_batches=2', '--log_every=2', '--eval_every=50', '--ckpt_every=50', '--lr=3e-3',
-        '--warmup_steps=2']
+        '--warmup_steps=2', '--cpu_devices=1']  # one device: a fifth less CPU than two for a model this small
 
 
 @pytest.fixture

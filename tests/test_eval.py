@@ -81,18 +81,18 @@ def test_a_trained_model_finds_the_held_out_continuation_and_an_untrained_one_do
     task = tmp_path / 'choices.jsonl'
     task.write_text(''.join(json.dumps(e) + '\n' for e in tt.make_choices(TEXT[100_000:300_000], n=120)))
     out = str(tmp_path / 'run')
-    r = run_cli('--preset=cpu', f'--data={byte_data}', f'--out={out}', '--steps=200', '--log_every=100',
-                '--eval_every=200', '--hellaswag_every=100', f'--task_data={task}', '--task_limit=40', optimized=True)
+    r = run_cli('--preset=cpu', f'--data={byte_data}', f'--out={out}', '--steps=120', '--lr=3e-3', '--log_every=60',
+                '--eval_every=120', '--hellaswag_every=60', f'--task_data={task}', '--task_limit=40', '--cpu_devices=1', optimized=True)
     assert r.returncode == 0, r.stderr
     logged = [json.loads(line) for line in open(os.path.join(out, 'log.jsonl'))]
-    assert [x['step'] for x in logged if 'hellaswag_acc_norm' in x] == [100, 200]
+    assert [x['step'] for x in logged if 'hellaswag_acc_norm' in x] == [60, 120]
     assert all(x['tokens'] == x['step'] * 12 * 64 for x in logged if 'summary' not in x)
 
     r = run_main(capsys, 'eval', f'--out={out}', '--task=choices', f'--task_data={task}')
     assert r.returncode == 0, r.stderr
     trained = json.loads(r.stdout.strip().splitlines()[-1])
-    assert trained['task'] == 'choices' and trained['examples'] == 120 and trained['step'] == 200
-    assert trained['acc_norm'] > 0.45, trained  # chance is 0.25; 0.555 after 200 steps, 0.625 after 300
+    assert trained['task'] == 'choices' and trained['examples'] == 120 and trained['step'] == 120
+    assert trained['acc_norm'] > 0.45, trained  # chance is 0.25; 0.508 after these 120 steps (0.542 after 200 at 1e-3)
 
     c = tt.validate(tt.make_config({'preset': 'cpu', 'out': out}))
     untrained = jax.jit(tt.init_params, static_argnums=0)(c, jax.random.key(0))  # compiled whole: faster

@@ -22,7 +22,8 @@ import tinytpu as tt
 from conftest import ROOT, run_cli, run_main, save_checkpoint, tiny_config, train, write_shard
 
 TINY = ['--n_layer=2', '--d_model=32', '--n_head=2', '--n_kv_head=1', '--seq_len=16', '--context=16',
-        '--batch_size=4', '--eval_batches=2', '--log_every=1', '--eval_every=100000', '--ckpt_every=100000']
+        '--batch_size=4', '--eval_batches=2', '--log_every=1', '--eval_every=100000', '--ckpt_every=100000',
+        '--cpu_devices=1']  # one device: a fifth less CPU than two for a model this small
 
 
 def snapshot(directory):
