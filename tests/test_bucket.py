@@ -16,7 +16,7 @@ import numpy as np
 import pytest
 
 import tinytpu as tt
-from conftest import ROOT, run_cli, tiny_config, train
+from conftest import ROOT, run_cli, run_main, tiny_config, train
 
 storage = pytest.importorskip('google.cloud.storage', reason='google-cloud-storage is an optional extra')
 emulator = pytest.importorskip('gcp_storage_emulator.server', reason='the tests need gcp-storage-emulator')
@@ -104,19 +104,19 @@ def test_a_half_uploaded_checkpoint_is_never_loaded_and_is_cleaned(byte_data, tm
 
 
 @pytest.mark.slow
-def test_one_run_per_bucket_path_and_a_stale_lock_is_taken_over(byte_data, bucket):
+def test_one_run_per_bucket_path_and_a_stale_lock_is_taken_over(byte_data, bucket, capsys):
     out = 'gs://runs/locked'
     lock = bucket.blob('locked/.lock')
     lock.upload_from_string(json.dumps({'host': 'vm-1', 'pid': 42, 'time': time.time()}))
-    r = run_cli(f'--data={byte_data}', f'--out={out}', '--steps=2', *TINY)
+    r = run_main(capsys, f'--data={byte_data}', f'--out={out}', '--steps=2', *TINY)
     assert r.returncode == 2 and r.stderr.count('\n') == 1, r.stderr
     assert f'--out={out} is in use by another training run (host vm-1, pid 42' in r.stderr
     assert names(bucket, 'locked/') == ['locked/.lock']
     lock.upload_from_string(json.dumps({'host': 'vm-1', 'pid': 42, 'time': time.time() - 3600}))  # a dead VM's
-    r = run_cli(f'--data={byte_data}', f'--out={out}', '--steps=2', *TINY)
+    r = run_main(capsys, f'--data={byte_data}', f'--out={out}', '--steps=2', *TINY)
     assert r.returncode == 0 and 'taking over the lock of a run that stopped 36' in r.stdout, r.stderr
     lock.upload_from_string(json.dumps({'host': socket.gethostname(), 'pid': 2**22 + 7, 'time': time.time()}))
-    r = run_cli(f'--data={byte_data}', f'--out={out}', '--steps=4', *TINY)  # this machine's, its process gone
+    r = run_main(capsys, f'--data={byte_data}', f'--out={out}', '--steps=4', *TINY)  # this machine's, its process gone
     assert r.returncode == 0 and 'taking over the lock of a run that stopped (its process is gone)' in r.stdout, r.stderr
     assert 'locked/.lock' not in names(bucket, 'locked/')  # released at the end
 

@@ -251,9 +251,10 @@ def test_sample_retries_when_the_checkpoint_it_reads_is_rotated_away(tmp_path, m
 
 
 @pytest.mark.slow
-def test_one_run_per_output_directory(byte_data, tmp_path):
+def test_one_run_per_output_directory(byte_data, tmp_path, capsys):
     """A second run on a locked --out is one line naming it, and touches nothing there (before
-    the fix it deleted the first run's in-progress checkpoint)."""
+    the fix it deleted the first run's in-progress checkpoint). (flock's lock belongs to the open
+    file, not the process: this process's second open of the lock meets it as another run's would.)"""
     out = tmp_path / 'out'
     out.mkdir()
     (out / '.tmp_ckpt_00000004_1').mkdir()  # the first run's checkpoint being written
@@ -261,12 +262,12 @@ def test_one_run_per_output_directory(byte_data, tmp_path):
         fcntl.flock(held, fcntl.LOCK_EX | fcntl.LOCK_NB)
         held.write('4242\n')
         held.flush()
-        r = run_cli(f'--data={byte_data}', f'--out={out}', *TINY, '--steps=2')
+        r = run_main(capsys, f'--data={byte_data}', f'--out={out}', *TINY, '--steps=2')
     assert r.returncode == 2 and r.stderr.strip().splitlines() == [
         f'error: --out={out} is in use by another training run (pid 4242); wait for it to finish, stop it, '
         'or choose another --out'], r.stderr
     assert (out / '.tmp_ckpt_00000004_1').exists() and not (out / 'log.jsonl').exists()
-    r = run_cli(f'--data={byte_data}', f'--out={out}', *TINY, '--steps=2')  # released: runs
+    r = run_main(capsys, f'--data={byte_data}', f'--out={out}', *TINY, '--steps=2')  # released: runs
     assert r.returncode == 0, r.stderr
 
 
