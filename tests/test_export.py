@@ -81,7 +81,7 @@ def test_transformers_gives_tinytpus_logits_and_greedy_tokens(byte_data, tmp_pat
 
 @needs_gpt2
 def test_a_gpt2_model_exports_in_bfloat16_with_its_tokenizer(gpt2_data, tmp_path):
-    out = train(gpt2_data, str(tmp_path / 'run'), '--n_kv_head=2')
+    out = train(gpt2_data, str(tmp_path / 'run'), '--n_kv_head=2', '--steps=10', '--eval_every=10')  # 50,304 logits: 0.3 s a step
     hf_dir = export(out, tmp_path / 'hf')  # the default: bfloat16
     config = json.load(open(os.path.join(hf_dir, 'config.json')))
     assert config['vocab_size'] == 50257 and config['torch_dtype'] == 'bfloat16' and config['eos_token_id'] == 50256
