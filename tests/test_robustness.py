@@ -19,7 +19,7 @@ import numpy as np
 import pytest
 
 import tinytpu as tt
-from conftest import ROOT, run_cli, run_main, save_checkpoint, tiny_config, train, write_shard
+from conftest import ROOT, run_cli, run_cli_many, run_main, save_checkpoint, tiny_config, train, write_shard
 
 TINY = ['--n_layer=2', '--d_model=32', '--n_head=2', '--n_kv_head=1', '--seq_len=16', '--context=16',
         '--batch_size=4', '--eval_batches=2', '--log_every=1', '--eval_every=100000', '--ckpt_every=100000',
@@ -295,9 +295,9 @@ def test_crash_mid_save_leaves_previous_checkpoint(byte_data, tmp_path, monkeypa
 
 
 @pytest.mark.slow
-def test_divergence_stops_with_advice_and_no_nan_checkpoint(byte_data, tmp_path):
+def test_divergence_stops_with_advice_and_no_nan_checkpoint(byte_data, tmp_path, capsys):
     out = tmp_path / 'out'
-    r = run_cli(f'--data={byte_data}', f'--out={out}', '--steps=50', *TINY, '--ckpt_every=1', '--lr=1e30',
+    r = run_main(capsys, f'--data={byte_data}', f'--out={out}', '--steps=50', *TINY, '--ckpt_every=1', '--lr=1e30',
                 '--warmup_steps=0')
     assert r.returncode == 3, r.stderr
     assert r.stderr.count('\n') == 1 and 'training diverged at step' in r.stderr and '--lr' in r.stderr
@@ -512,13 +512,15 @@ def test_a_step_too_big_for_the_device_gets_smaller_microbatches(how, byte_data,
         assert np.array_equal(a, b)
 
 
-@pytest.mark.parametrize('flag', ['--d_model=1000000', '--n_layer=100000', '--batch_size=100000000',
-                                  '--eval_batches=1000000000'])
-def test_absurd_sizes_fail_fast_before_allocating(flag, byte_data, tmp_path):
-    """Before the fix, these ran until the kernel killed them (or hung compiling)."""
-    r = run_cli(f'--data={byte_data}', f'--out={tmp_path}/out', flag, timeout=60)
-    assert r.returncode == 2 and r.stderr.count('\n') == 1, r.stderr
-    assert 'need at least' in r.stderr and 'but this machine has' in r.stderr, r.stderr
+def test_absurd_sizes_fail_fast_before_allocating(byte_data, tmp_path):
+    """Before the fix, these ran until the kernel killed them (or hung compiling): in a process of
+    their own, one after another, each a one-line refusal."""
+    flags = ['--d_model=1000000', '--n_layer=100000', '--batch_size=100000000', '--eval_batches=1000000000']
+    results = run_cli_many(*([f'--data={byte_data}', f'--out={tmp_path}/out', flag] for flag in flags), devices=2,
+                           timeout=120)
+    for flag, r in zip(flags, results):
+        assert r.returncode == 2 and r.stderr.count('\n') == 1, (flag, r.stderr)
+        assert 'need at least' in r.stderr and 'but this machine has' in r.stderr, (flag, r.stderr)
 
 
 def test_the_memory_floor_is_checked_against_the_device(byte_data, tmp_path, monkeypatch):
