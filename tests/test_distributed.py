@@ -9,7 +9,6 @@ import subprocess
 import sys
 import time
 
-import numpy as np
 import pytest
 
 import tinytpu as tt
@@ -54,22 +53,11 @@ def assert_close(a, b):
         assert abs(a[step] - b[step]) <= 1e-5 * abs(a[step]), (step, a[step], b[step])
 
 
-@pytest.fixture
-def data(tmp_path):
-    from conftest import SHAKESPEARE, write_shard
-    text = open(SHAKESPEARE, 'rb').read()
-    (tmp_path / 'data').mkdir()
-    write_shard(tmp_path / 'data' / 'train_000000.bin', np.frombuffer(text[:60000], np.uint8))
-    write_shard(tmp_path / 'data' / 'val_000000.bin', np.frombuffer(text[60000:70000], np.uint8))
-    (tmp_path / 'data' / 'meta.json').write_text('{"tokenizer": "byte", "vocab_size": 257, "eot_id": 256}')
-    return tmp_path / 'data'
-
-
 @pytest.mark.slow
-def test_eight_devices_match_one(data, tmp_path):
+def test_eight_devices_match_one(byte_data, tmp_path):
     """12 steps on 8 devices, data parallel and FSDP: the losses of one device."""
-    printed = runs(cli(data, tmp_path / 'one', 12, '--cpu_devices=1'),
-                   *(cli(data, tmp_path / f'eight_{fsdp}', 12, '--cpu_devices=8', f'--fsdp={fsdp}')
+    printed = runs(cli(byte_data, tmp_path / 'one', 12, '--cpu_devices=1'),
+                   *(cli(byte_data, tmp_path / f'eight_{fsdp}', 12, '--cpu_devices=8', f'--fsdp={fsdp}')
                      for fsdp in ('false', 'true')))
     assert 'cpu x1' in printed[0]
     assert 'cpu x8' in printed[1] and 'data parallel over 8 devices' in printed[1]
@@ -79,15 +67,17 @@ def test_eight_devices_match_one(data, tmp_path):
 
 
 @pytest.mark.slow
-def test_eight_devices_match_one_with_muon(data, tmp_path):
+def test_eight_devices_match_one_with_muon(byte_data, tmp_path):
     """Muon's Newton-Schulz needs whole matrices, and each device orthogonalizes a share of the
     layers (Part I's shard annotation): the compiler moves FSDP's shards, or data parallel's whole matrices,
     there and the results back; 2 layers over 8 devices leaves some with none. The losses are
     one device's either way."""
     muon = ['--optimizer=muon', '--matrix_lr=0.02']
     shapes = ((8, 'false'), (8, 'true'), (2, 'false'))  # 2: a layer each, evenly
-    runs(cli(data, tmp_path / 'one_muon', 12, '--cpu_devices=1', *muon), cli(data, tmp_path / 'one', 12, '--cpu_devices=1'),
-         *(cli(data, tmp_path / f'muon_{n}_{fsdp}', 12, f'--cpu_devices={n}', f'--fsdp={fsdp}', *muon) for n, fsdp in shapes))
+    runs(cli(byte_data, tmp_path / 'one_muon', 12, '--cpu_devices=1', *muon),
+         cli(byte_data, tmp_path / 'one', 12, '--cpu_devices=1'),
+         *(cli(byte_data, tmp_path / f'muon_{n}_{fsdp}', 12, f'--cpu_devices={n}', f'--fsdp={fsdp}', *muon)
+           for n, fsdp in shapes))
     for n, fsdp in shapes:
         assert_close(losses(tmp_path / f'muon_{n}_{fsdp}'), losses(tmp_path / 'one_muon'))
     assert losses(tmp_path / 'one_muon') != losses(tmp_path / 'one')  # really another optimizer
@@ -166,12 +156,12 @@ print('ok')
 
 
 @pytest.mark.slow
-def test_checkpoints_move_between_topologies(data, tmp_path):
+def test_checkpoints_move_between_topologies(byte_data, tmp_path):
     """6 steps on 8 devices (FSDP), resumed on 1 device; and 6 on 1, resumed on 8: the losses of
     steps 7-12 are those of the uninterrupted single-device run."""
     moves = [('8', '1', 'a'), ('1', '8', 'b')]
-    printed = runs(cli(data, tmp_path / 'one', 12, '--cpu_devices=1'),
-                   *(cli(data, tmp_path / f'move_{name}', steps, f'--cpu_devices={n}', '--fsdp=true')
+    printed = runs(cli(byte_data, tmp_path / 'one', 12, '--cpu_devices=1'),
+                   *(cli(byte_data, tmp_path / f'move_{name}', steps, f'--cpu_devices={n}', '--fsdp=true')
                      for first, then, name in moves for n, steps in ((first, 6), (then, 12))))
     for i, (first, then, name) in enumerate(moves):
         text = printed[2 + 2 * i]
@@ -186,12 +176,12 @@ def free_port():
 
 
 @pytest.mark.slow
-def test_two_processes_match_one_and_write_one_checkpoint(data, tmp_path):
+def test_two_processes_match_one_and_write_one_checkpoint(byte_data, tmp_path):
     """Two real processes of 2 CPU devices each, joined by jax.distributed (gloo collectives) on
     127.0.0.1, each reading only its half of every batch: the losses of one device, exactly one
     checkpoint (written by process 0), which a single process then resumes."""
     out, port = tmp_path / 'two', free_port()
-    procs = [run(data, out, 6, '--cpu_devices=2', f'--coordinator=127.0.0.1:{port}', '--num_processes=2',
+    procs = [run(byte_data, out, 6, '--cpu_devices=2', f'--coordinator=127.0.0.1:{port}', '--num_processes=2',
                  f'--process_id={i}') for i in range(2)]
     outputs = [finish(p) for p in procs]
     assert 'cpu x4' in outputs[0] and '2 hosts' in outputs[0] and 'saved' in outputs[0]
@@ -199,7 +189,7 @@ def test_two_processes_match_one_and_write_one_checkpoint(data, tmp_path):
     assert not any(marker in outputs[1] for marker in ours), outputs[1]  # only process 0 prints
     assert sorted(os.listdir(out)) == ['.lock', 'ckpt_00000006', 'log.jsonl']
     two = losses(out)
-    runs(cli(data, tmp_path / 'one', 12, '--cpu_devices=1'), cli(data, out, 12, '--cpu_devices=1'))
+    runs(cli(byte_data, tmp_path / 'one', 12, '--cpu_devices=1'), cli(byte_data, out, 12, '--cpu_devices=1'))
     reference = losses(tmp_path / 'one')
     assert_close(two, {s: l for s, l in reference.items() if s <= 6})
     assert_close(losses(out), reference)

@@ -82,7 +82,8 @@ def test_a_trained_model_finds_the_held_out_continuation_and_an_untrained_one_do
     task.write_text(''.join(json.dumps(e) + '\n' for e in tt.make_choices(TEXT[100_000:300_000], n=120)))
     out = str(tmp_path / 'run')
     r = run_cli('--preset=cpu', f'--data={byte_data}', f'--out={out}', '--steps=120', '--lr=3e-3', '--log_every=60',
-                '--eval_every=120', '--hellaswag_every=60', f'--task_data={task}', '--task_limit=40', '--cpu_devices=1', optimized=True)
+                '--eval_every=120', '--hellaswag_every=60', f'--task_data={task}', '--task_limit=40', '--cpu_devices=1',
+                optimized=True)
     assert r.returncode == 0, r.stderr
     logged = [json.loads(line) for line in open(os.path.join(out, 'log.jsonl'))]
     assert [x['step'] for x in logged if 'hellaswag_acc_norm' in x] == [60, 120]
