@@ -53,31 +53,25 @@ def assert_close(a, b):
         assert abs(a[step] - b[step]) <= 1e-5 * abs(a[step]), (step, a[step], b[step])
 
 
-@pytest.mark.slow
-def test_eight_devices_match_one(byte_data, tmp_path):
-    """12 steps on 8 devices, data parallel and FSDP: the losses of one device."""
+@pytest.mark.slow(seconds=30)
+def test_eight_devices_match_one_with_adamw_and_muon(byte_data, tmp_path):
+    """12 steps on 8 devices, data parallel and FSDP: the losses of one device. With Muon too:
+    its Newton-Schulz needs whole matrices, and each device orthogonalizes a share of the layers
+    (Part I's shard annotation): the compiler moves FSDP's shards, or data parallel's whole
+    matrices, there and the results back; 2 layers over 8 devices leaves some with none."""
+    muon = ['--optimizer=muon', '--matrix_lr=0.02']
+    shapes = ((8, 'false'), (8, 'true'), (2, 'false'))  # 2: a layer each, evenly
     printed = runs(cli(byte_data, tmp_path / 'one', 12, '--cpu_devices=1'),
                    *(cli(byte_data, tmp_path / f'eight_{fsdp}', 12, '--cpu_devices=8', f'--fsdp={fsdp}')
-                     for fsdp in ('false', 'true')))
+                     for fsdp in ('false', 'true')),
+                   cli(byte_data, tmp_path / 'one_muon', 12, '--cpu_devices=1', *muon),
+                   *(cli(byte_data, tmp_path / f'muon_{n}_{fsdp}', 12, f'--cpu_devices={n}', f'--fsdp={fsdp}', *muon)
+                     for n, fsdp in shapes))
     assert 'cpu x1' in printed[0]
     assert 'cpu x8' in printed[1] and 'data parallel over 8 devices' in printed[1]
     assert 'cpu x8' in printed[2] and 'FSDP over 8 devices' in printed[2]
     for fsdp in ('false', 'true'):
         assert_close(losses(tmp_path / f'eight_{fsdp}'), losses(tmp_path / 'one'))
-
-
-@pytest.mark.slow
-def test_eight_devices_match_one_with_muon(byte_data, tmp_path):
-    """Muon's Newton-Schulz needs whole matrices, and each device orthogonalizes a share of the
-    layers (Part I's shard annotation): the compiler moves FSDP's shards, or data parallel's whole matrices,
-    there and the results back; 2 layers over 8 devices leaves some with none. The losses are
-    one device's either way."""
-    muon = ['--optimizer=muon', '--matrix_lr=0.02']
-    shapes = ((8, 'false'), (8, 'true'), (2, 'false'))  # 2: a layer each, evenly
-    runs(cli(byte_data, tmp_path / 'one_muon', 12, '--cpu_devices=1', *muon),
-         cli(byte_data, tmp_path / 'one', 12, '--cpu_devices=1'),
-         *(cli(byte_data, tmp_path / f'muon_{n}_{fsdp}', 12, f'--cpu_devices={n}', f'--fsdp={fsdp}', *muon)
-           for n, fsdp in shapes))
     for n, fsdp in shapes:
         assert_close(losses(tmp_path / f'muon_{n}_{fsdp}'), losses(tmp_path / 'one_muon'))
     assert losses(tmp_path / 'one_muon') != losses(tmp_path / 'one')  # really another optimizer
