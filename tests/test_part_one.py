@@ -68,24 +68,24 @@ def test_part_one_trains_alone_resumes_and_is_the_program_on_one_device(byte_dat
     Called again on a copy of its first checkpoint, it resumes and ends on the same weights. And it
     is the program: `python tinytpu.py` on one device takes the same steps on the same batches."""
     m = part_one()
-    short = dict(steps=20, log_every=5, eval_every=10, eval_batches=4, ckpt_every=10)
+    short = dict(steps=12, log_every=3, eval_every=6, eval_batches=4, ckpt_every=6)
     out = tmp_path / 'alone'
     params = m.train(m.GPTConfig(data=byte_data, out=str(out), **short))
     printed = capsys.readouterr().out
-    assert 'step     20 | val loss' in printed and 'done: 20 steps' in printed, printed
-    assert sorted(os.listdir(out)) == ['ckpt_00000010', 'ckpt_00000020', 'log.jsonl']
+    assert 'step     12 | val loss' in printed and 'done: 12 steps' in printed, printed
+    assert sorted(os.listdir(out)) == ['ckpt_00000006', 'ckpt_00000012', 'log.jsonl']
     log = [json.loads(line) for line in open(out / 'log.jsonl')]
-    assert [r['step'] for r in log] == [5, 10, 15, 20] and 'val_loss' in log[1] and 'val_loss' in log[3]
+    assert [r['step'] for r in log] == [3, 6, 9, 12] and 'val_loss' in log[1] and 'val_loss' in log[3]
 
     resumed = tmp_path / 'resumed'
     resumed.mkdir()
-    shutil.copytree(out / 'ckpt_00000010', resumed / 'ckpt_00000010')
+    shutil.copytree(out / 'ckpt_00000006', resumed / 'ckpt_00000006')
     again = m.train(m.GPTConfig(data=byte_data, out=str(resumed), **short))
     capsys.readouterr()
     for a, b in zip(jax.tree.leaves(params), jax.tree.leaves(again), strict=True):
         np.testing.assert_array_equal(a, b)
     assert m.train(m.GPTConfig(data=byte_data, out=str(resumed), **short)) is not None
-    assert 'already trained 20 steps' in capsys.readouterr().out
+    assert 'already trained 12 steps' in capsys.readouterr().out
 
     program = tmp_path / 'program'
     flags = [f'--{k}={v}' for k, v in short.items()]
@@ -98,7 +98,7 @@ def test_part_one_trains_alone_resumes_and_is_the_program_on_one_device(byte_dat
     for ours, theirs in zip(whole, log):
         assert ours.get('loss') == pytest.approx(theirs.get('loss'), rel=1e-6, abs=0)
         assert ours.get('val_loss') == pytest.approx(theirs.get('val_loss'), rel=1e-6, abs=0)
-    last = tt.read_checkpoint(str(program / 'ckpt_00000020'), {'params': params})['params']
+    last = tt.read_checkpoint(str(program / 'ckpt_00000012'), {'params': params})['params']
     for a, b in zip(jax.tree.leaves(params), jax.tree.leaves(last), strict=True):
         np.testing.assert_allclose(a, b, rtol=1e-5, atol=1e-6)  # a step's update is ~lr = 1e-4
 
