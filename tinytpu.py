@@ -3967,9 +3967,10 @@ def plot(c):
 # setting given a comma-separated list (--lr=3e-4,1e-3,3e-3 --matrix_lr=0.005,0.02) is swept, the
 # grid being their product, each point in OUT/NAME=VALUE+... (so it resumes, runs on any backend
 # and in a bucket). The same command again skips the finished points and continues an interrupted
-# one. At the end: the table of the runs, the best point, the command for the hero run, and the
-# validation loss against the first swept setting (OUT/sweep.svg), one curve per value of the
-# others: where the good basin is, and whether it moved. `plot --out=A,B` prints the same table.
+# one; its ETA fits the times of the points so far to their FLOPs. At the end: the table of the runs, the best
+# point, the command for the hero run, and the validation loss against the first swept setting
+# (OUT/sweep.svg), one curve per value of the others: where the good basin is, and whether it
+# moved. `plot --out=A,B` prints the same table.
 
 
 def sweep_grid(argv):
@@ -4008,16 +4009,17 @@ def sweep(fixed, swept):
     root, points = sweep_points(flags, swept)
     say(f'sweep: {len(points)} points ({" x ".join(str(len(v)) for _, v in swept)}) in {root}')
     left = [in_bucket(c.out) or not finished(c) for _, c, _ in points]  # (a bucket's: train says if it is)
-    seconds = []
+    work = [point_work(c) if todo else 0 for (_, c, _), todo in zip(points, left)]
+    timed = []  # (work, seconds) of each point trained by this command
     for i, (name, c, _) in enumerate(points):
         if not left[i]:
             say(f'sweep: point {i + 1} of {len(points)}, {name}: finished before')
             continue
-        eta = f' (ETA {duration(sum(left[i:]) * sum(seconds) / len(seconds))})' if seconds else ''
+        eta = f' (ETA {duration(sweep_eta(timed, [w for w in work[i:] if w]))})' if timed else ''
         say(f'sweep: point {i + 1} of {len(points)}, {name}{eta}', flush=True)
         t = time.time()
         train(c, TrainingRun(c))
-        seconds.append(time.time() - t)
+        timed.append((work[i], time.time() - t))
     outs = [fetch_run(c).out for _, c, _ in points]  # a bucket's: their local copies
     results = [run_result(out) for out in outs]
     grid = [values for _, _, values in points]
@@ -4034,6 +4036,28 @@ def sweep(fixed, swept):
     say(json.dumps({'sweep': root, 'best': points[best][0], 'hero': hero, 'points': [
         {'name': name, **dict(zip([s for s, _ in swept], values)), **r}
         for (name, _, values), r in zip(points, results)]}))
+
+
+def point_work(c):
+    """The training FLOPs a point has still to do (the steps its local log has not reached), which
+    its time is estimated from (sweep_eta): a wider or longer point takes longer."""
+    done = 0 if in_bucket(c.out) else run_result(c.out, quiet=True).get('steps', 0)
+    return max(c.steps - done, 0) * c.batch_size * c.seq_len * flops_per_token(c)
+
+
+def sweep_eta(timed, left):
+    """Seconds for the points left, given their work and the (work, seconds) of the points trained:
+    seconds = a + b * work, fitted by least squares once the points trained differ in work (a point
+    also starts, compiles and evaluates); before that, or if the fit says less for more work, in
+    proportion to the work."""
+    works, seconds = zip(*timed)
+    mean_w, mean_s = sum(works) / len(works), sum(seconds) / len(seconds)
+    spread = sum((w - mean_w) ** 2 for w in works)
+    b = sum((w - mean_w) * (s - mean_s) for w, s in zip(works, seconds)) / spread if spread else 0
+    a = mean_s - b * mean_w
+    if b <= 0 or a < 0:
+        a, b = 0, sum(seconds) / max(sum(works), 1)
+    return sum(a + b * w for w in left)
 
 
 def finished(c):

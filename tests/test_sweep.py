@@ -82,6 +82,21 @@ def test_a_sweep_cut_during_its_second_point_finishes_it_without_retraining_the_
     assert val_loss(root / 'lr=1e-2') == val_loss(whole)  # resumed bitwise
 
 
+def test_the_eta_weighs_the_points_left_by_their_work(byte_data, tmp_path, capsys, monkeypatch):
+    """A point of twice the steps (or FLOPs per step) takes about twice as long, plus what every
+    point costs (start, compile): the ETA says so, where the mean time of the points so far would
+    say 2:10 and then 1:35."""
+    clock = [1e9]
+    monkeypatch.setattr(tt.time, 'time', lambda: clock[0])
+    monkeypatch.setattr(tt, 'TrainingRun', lambda c: None)
+    monkeypatch.setattr(tt, 'train', lambda c, run: clock.__setitem__(0, clock[0] + 5 + 10 * c.steps))
+    flags = [a for a in TINY if not a.startswith('--steps=')]
+    r = run_main(capsys, 'sweep', f'--data={byte_data}', f'--out={tmp_path / "s"}', '--steps=6,12,24', *flags)
+    assert 'point 1 of 3, steps=6\n' in r.stdout, r.stdout
+    assert 'point 2 of 3, steps=12 (ETA 0:06:30)' in r.stdout  # 65 s for 6 steps, 36 steps left: in proportion
+    assert 'point 3 of 3, steps=24 (ETA 0:04:05)' in r.stdout  # 65 s and 125 s: 5 s + 10 s a step
+
+
 @pytest.mark.parametrize('flags, says', [
     (['--lr=1e-3'], 'sweep: give at least one setting a comma-separated list'),
     (['--lr=1e-3,1e-3'], '--lr=1e-3,1e-3: give a setting one list of distinct values'),
