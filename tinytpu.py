@@ -3967,10 +3967,10 @@ def plot(c):
 # setting given a comma-separated list (--lr=3e-4,1e-3,3e-3 --matrix_lr=0.005,0.02) is swept, the
 # grid being their product, each point in OUT/NAME=VALUE+... (so it resumes, runs on any backend
 # and in a bucket). The same command again skips the finished points and continues an interrupted
-# one; its ETA fits the times of the points so far to their FLOPs. At the end: the table of the runs, the best
-# point, the command for the hero run, and the validation loss against the first swept setting
-# (OUT/sweep.svg), one curve per value of the others: where the good basin is, and whether it
-# moved. `plot --out=A,B` prints the same table.
+# one; its ETA fits the times of the points so far to their FLOPs. At the end: the table of the
+# runs, the best point, the command for the hero run, and the validation loss against the first
+# swept setting (OUT/sweep.svg), one curve per value of the others: where the good basin is, and
+# whether it moved. `plot --out=A,B` prints the same table.
 
 
 def sweep_grid(argv):
