@@ -4008,8 +4008,10 @@ def sweep(fixed, swept):
     flags = parse_flags(fixed)
     root, points = sweep_points(flags, swept)
     say(f'sweep: {len(points)} points ({" x ".join(str(len(v)) for _, v in swept)}) in {root}')
-    left = [in_bucket(c.out) or not finished(c) for _, c, _ in points]  # (a bucket's: train says if it is)
-    work = [point_work(c) if todo else 0 for (_, c, _), todo in zip(points, left)]
+    # what each point's log says (a point in a bucket: train says whether it is finished)
+    logged = [{} if in_bucket(c.out) else run_result(c.out, quiet=True) for _, c, _ in points]
+    left = [not (r.get('finished') and r.get('steps') == c.steps) for (_, c, _), r in zip(points, logged)]
+    work = [point_work(c, r.get('steps', 0)) if todo else 0 for (_, c, _), r, todo in zip(points, logged, left)]
     timed = []  # (work, seconds) of each point trained by this command
     for i, (name, c, _) in enumerate(points):
         if not left[i]:
@@ -4038,10 +4040,9 @@ def sweep(fixed, swept):
         for (name, _, values), r in zip(points, results)]}))
 
 
-def point_work(c):
-    """The training FLOPs a point has still to do (the steps its local log has not reached), which
-    its time is estimated from (sweep_eta): a wider or longer point takes longer."""
-    done = 0 if in_bucket(c.out) else run_result(c.out, quiet=True).get('steps', 0)
+def point_work(c, done):
+    """The training FLOPs a point has still to do after the `done` steps its log reached, which its
+    time is estimated from (sweep_eta): a wider or longer point takes longer."""
     return max(c.steps - done, 0) * c.batch_size * c.seq_len * flops_per_token(c)
 
 
@@ -4058,12 +4059,6 @@ def sweep_eta(timed, left):
     if b <= 0 or a < 0:
         a, b = 0, sum(seconds) / max(sum(works), 1)
     return sum(a + b * w for w in left)
-
-
-def finished(c):
-    """Whether the run in c.out ended at step c.steps (its log's summary says so)."""
-    r = run_result(c.out, quiet=True)
-    return r.get('finished') and r.get('steps') == c.steps
 
 
 def run_result(out, quiet=False):
