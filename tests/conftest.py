@@ -113,12 +113,12 @@ def byte_data(tmp_path):
     return byte_shards(tmp_path / 'data', SHAKESPEARE)
 
 
-def byte_shards(d, text_file):
+def byte_shards(d, text_file, train_bytes=60000, val_bytes=10000):
     """A data directory of a text's first 60 KB (train) and next 10 KB (val) as byte tokens. -> its path"""
     text = open(text_file, 'rb').read()
     d.mkdir()
-    write_shard(d / 'train_000000.bin', np.frombuffer(text[:60000], np.uint8))
-    write_shard(d / 'val_000000.bin', np.frombuffer(text[60000:70000], np.uint8))
+    write_shard(d / 'train_000000.bin', np.frombuffer(text[:train_bytes], np.uint8))
+    write_shard(d / 'val_000000.bin', np.frombuffer(text[train_bytes:train_bytes + val_bytes], np.uint8))
     (d / 'meta.json').write_text('{"tokenizer": "byte", "vocab_size": 257, "eot_id": 256, "bytes_per_token": 1.0}')
     return str(d)
 

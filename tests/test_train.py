@@ -4,7 +4,6 @@ import importlib.util
 import json
 import os
 import re
-import shutil
 import subprocess
 import sys
 
@@ -14,7 +13,8 @@ import numpy as np
 import pytest
 
 import tinytpu as tt
-from conftest import ROOT, load_checkpoint, run_cli, run_cli_many, run_main, save_checkpoint, tiny_config, train, write_shard
+from conftest import (ROOT, SHAKESPEARE, byte_shards, load_checkpoint, run_cli, run_cli_many, run_main, save_checkpoint,
+                      tiny_config, train, write_shard)
 
 
 @pytest.mark.slow
@@ -370,13 +370,8 @@ def test_no_libtpu_noise_on_a_machine_without_a_tpu(tmp_path):
 def test_training_says_when_it_will_see_its_data_more_than_once(byte_data, tmp_path, capsys):
     train(tiny_config(data=byte_data, out=str(tmp_path / 'a'), steps=2))     # 2 x 4 x 16 tokens of 60,000
     assert 'sees its data more than once' not in capsys.readouterr().out
-    small = tmp_path / 'small'  # 900 training tokens
-    small.mkdir()
-    text = np.frombuffer(open(os.path.join(byte_data, 'train_000000.bin'), 'rb').read()[1024:], np.uint8)
-    write_shard(small / 'train_000000.bin', text[:900])
-    write_shard(small / 'val_000000.bin', text[900:1800])
-    shutil.copy(os.path.join(byte_data, 'meta.json'), small)
-    train(tiny_config(data=str(small), out=str(tmp_path / 'b'), steps=2, batch_size=32, eval_batches=1))
+    small = byte_shards(tmp_path / 'small', SHAKESPEARE, train_bytes=900, val_bytes=900)
+    train(tiny_config(data=small, out=str(tmp_path / 'b'), steps=2, batch_size=32, eval_batches=1))
     assert ('note: 2 steps of 32 x 16 tokens read 1,024 tokens, 1.1 times the 900 training tokens in '
             f'{small}: the model sees its data more than once') in capsys.readouterr().out
 
