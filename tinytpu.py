@@ -311,18 +311,56 @@ def output_logits(x, out, c):
     return jnp.where(jnp.arange(logits.shape[-1]) < c.vocab_size, logits, -jnp.inf)
 
 
-def shard(x, *spec):
-    """A sharding annotation: on a mesh of several devices (Part II's), x is split along the axes
-    spec names (P('data'): the first; P(): whole on each), and XLA places every other array of the
-    step from such annotations and the inputs'. On one device it changes nothing."""
-    mesh = jax.sharding.get_abstract_mesh()
-    return x if mesh.empty or mesh.size == 1 else jax.lax.with_sharding_constraint(x, P(*spec))
+def n_devices(x):
+    """How many devices x is spread over by its sharding (Part II's mesh): 1 off a mesh."""
+    mesh = jax.typeof(x).sharding.mesh
+    return 1 if mesh.empty else mesh.size
 
 
-def embed_tokens(table, tokens, dtype):
-    """The table's rows for tokens (B,T) -> (B,T,D) in dtype, looked up in fp32 so that their
-    gradient sums the rows of a repeated token in fp32 (a bf16 scatter-add rounds at every add)."""
-    return table.astype(wide_dtype(table.dtype))[tokens].astype(dtype)
+def shard(x, *spec, reduced=()):
+    """Where x lives on a mesh of several devices (Part II's; every array's sharding is part of its
+    type, JAX's explicit mode): shard(x, 'data') splits its first axis over the devices, shard(x)
+    puts it whole on each, and reduced={'data'} whole to compute with, its gradient then summed over
+    the devices once, where it meets the weight's own sharding (whole). On one device: x."""
+    return jax.reshard(x, P(*spec, reduced=frozenset(reduced))) if n_devices(x) > 1 else x
+
+
+def whole(w):
+    """A weight whole on every device, `reduced`: each device's gradient of it stays its own partial
+    sum (`unreduced`) through the step until one reshard sums it, instead of a reduction at each use."""
+    return shard(w, *[None] * w.ndim, reduced={'data'})
+
+
+def partial_sums(w):
+    """The sharding of w's gradient: for a `whole` w, each device's own partial sum (`unreduced`)."""
+    return jax.typeof(w).sharding.spec.to_ct_spec() if n_devices(w) > 1 else None
+
+
+def summed(g, like, c):
+    """A gradient of partial sums summed over the devices, in the compute dtype (bf16: half the bytes
+    move), and placed as the weight `like`; any other gradient as it is."""
+    if n_devices(g) == 1 or not jax.typeof(g).sharding.spec.unreduced:
+        return g
+    return shard(g.astype(compute_dtype(c)), *jax.typeof(like).sharding.spec).astype(g.dtype)
+
+
+@jax.custom_vjp
+def lookup(table, tokens):
+    """The table's rows for tokens (B,T) -> (B,T,D), in fp32 so that the gradient sums the rows of a
+    repeated token in fp32 (a bf16 scatter-add rounds at every add). Its own gradient (lookup_bwd):
+    JAX's would sum a `reduced` table's over the devices here, and the output layer's again."""
+    rows = P(*jax.typeof(tokens).sharding.spec, None) if n_devices(tokens) > 1 else None
+    return shard(table).astype(wide_dtype(table.dtype)).at[tokens].get(out_sharding=rows)
+
+
+def lookup_bwd(saved, g):  # each row's gradient scatter-added into its token's; unreduced on a mesh
+    table, tokens = saved
+    sums = partial_sums(table)
+    grad = jnp.zeros(table.shape, g.dtype, out_sharding=sums).at[tokens].add(g, out_sharding=sums)
+    return grad.astype(table.dtype), None
+
+
+lookup.defvjp(lambda table, tokens: (lookup(table, tokens), (table, tokens)), lookup_bwd)
 
 
 def hidden(params, tokens, c, cache=None, pos0=0):
@@ -334,12 +372,12 @@ def hidden(params, tokens, c, cache=None, pos0=0):
     layers = jax.tree.map(lambda w: w.astype(dt), params['layers'])
 
     def block_fn(x, w, pos, rot, cache):  # each device: the layer's whole weights, its rows of x
-        x, cache = block(x, jax.tree.map(shard, w), c, pos, rot, cache)
+        x, cache = block(x, jax.tree.map(whole, w), c, pos, rot, cache)
         return shard(x, 'data'), cache
     if c.remat != 'none':
         block_fn = jax.checkpoint(block_fn, policy=REMAT[c.remat])
-    embed = shard(params['embed'].astype(dt))                            # whole on every device
-    x = shard(embed_tokens(embed, tokens, dt), 'data')                   # (B,T,D), each device its rows
+    embed = whole(params['embed'].astype(dt))                            # whole on every device
+    x = shard(lookup(embed, tokens).astype(dt), 'data')                  # (B,T,D), each device its rows
     if c.scan_layers:  # one compiled block, looped L times: compile time independent of depth
         def body(x, layer):
             w, layer_cache = layer
@@ -466,9 +504,11 @@ def muon_direction(name, u, c):
     """The orthogonalized update of one stacked weight (L, ...), as L matrices (in, out): qkv as
     three (q, k, v), o as (N*H, D); each scaled by sqrt(max(1, out / in)), Muon's rule, which keeps
     the update's size per output the same for the MLP's wider up projection."""
-    def orth(m):  # (L, in, out); on several devices each orthogonalizes its share of the L
+    def orth(m):  # (L, in, out); on a mesh each device orthogonalizes its share of the L (padded to split evenly)
         scale = max(1.0, m.shape[-1] / m.shape[-2]) ** 0.5
-        return orthogonalize(shard(m.astype(compute_dtype(c)), 'data')).astype(m.dtype) * scale
+        L, n = m.shape[0], n_devices(m)
+        split = shard(jnp.pad(m.astype(compute_dtype(c)), [(0, -L % n), (0, 0), (0, 0)]), 'data')
+        return shard(orthogonalize(split), *jax.typeof(m).sharding.spec)[:L].astype(m.dtype) * scale
 
     if name == 'qkv':  # (L, D, J, H): the q, k and v heads
         L, D, _, H = u.shape
@@ -514,13 +554,18 @@ def train_step(params, opt, batch, c):
 
 def batch_grads(params, batch, c):
     """The mean loss and gradient of a batch of microbatches (grad_accum, B, T+1), summed under
-    lax.scan: grad_accum=4 gives the update of a 4x larger batch at a quarter of the memory."""
+    lax.scan: grad_accum=4 gives the update of a 4x larger batch at a quarter of the memory. On a
+    mesh, weights whole on each device are made `whole` before the loop: each device sums its own
+    rows' gradients, and they are summed over the devices once, after it."""
+    weights = jax.tree.map(lambda p: p if any(jax.typeof(p).sharding.spec) else whole(p), params)
+
     def micro(grad_sum, mb):
-        loss, grads = jax.value_and_grad(loss_fn)(params, mb, c)
+        loss, grads = jax.value_and_grad(loss_fn)(weights, mb, c)
         return jax.tree.map(jnp.add, grad_sum, grads), loss
 
-    grads, losses = jax.lax.scan(micro, jax.tree.map(jnp.zeros_like, params), batch)
-    return jnp.mean(losses), jax.tree.map(lambda g: g / batch.shape[0], grads)
+    zeros = jax.tree.map(lambda w: jnp.zeros_like(w, out_sharding=partial_sums(w)), weights)
+    grads, losses = jax.lax.scan(micro, zeros, batch)
+    return jnp.mean(losses), jax.tree.map(lambda g, p: summed(g, p, c) / batch.shape[0], grads, params)
 
 
 def optimizer_step(params, opt, loss, grads, c):
@@ -1312,7 +1357,9 @@ def make_mesh(c):
                         f'sequences per microbatch do not split evenly over {len(devices)} devices')
     else:
         n = len(devices)
-    return Mesh(np.array(devices[:n]), ('data',))
+    # several devices: JAX's explicit sharding, each array's sharding part of its type (Part I's shard)
+    kind = jax.sharding.AxisType.Explicit if n > 1 else jax.sharding.AxisType.Auto
+    return Mesh(np.array(devices[:n]), ('data',), axis_types=(kind,))
 
 
 def setup_devices(c):

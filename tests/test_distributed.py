@@ -97,7 +97,8 @@ def check(tree):
         assert len(x.addressable_shards) == 8, x.sharding
         assert all(s.data.shape == tuple(local) for s in x.addressable_shards), (shape, x.sharding)
 check(state['params'])
-params, opt, _ = tt.train_step(state['params'], state['opt'], batch, c)  # donates the old state
+with jax.set_mesh(mesh):  # the mesh Part I's shard() statements name
+    params, opt, _ = tt.train_step(state['params'], state['opt'], batch, c)  # donates the old state
 for tree in (params, opt['mu'], opt['nu']):
     check(tree)
 fsdp = tt.state_bytes_per_device(c, mesh)
@@ -118,9 +119,11 @@ print('ok')
 @pytest.mark.slow
 def test_what_moves_between_devices_is_weights_and_gradients_never_activations():
     """Part I's train_step compiled for 8 virtual devices, 2 microbatches per step, AdamW and
-    Muon: data parallel gathers nothing and all-reduces gradients; FSDP all-gathers weights (one
-    layer's or the embedding's, whole) and sums their gradients back. No collective moves an
-    activation: none has the sequence length (24, which no weight has) among its dimensions."""
+    Muon: data parallel sums the gradients once, after the microbatch loop (inside it only the
+    loss), and gathers only Muon's orthogonalized updates; FSDP all-gathers weights (one layer's or
+    the embedding's, whole) and sums their gradients back. Either way the tied embedding's two
+    gradients (lookup, output layer) are added on each device and summed over the devices once.
+    No collective moves an activation: none has the sequence length (24, which no weight has)."""
     script = '''
 import math, re, jax, tinytpu as tt
 tt.use_cpu_devices(8)
@@ -133,15 +136,22 @@ for fsdp in ('false', 'true'):
         with jax.set_mesh(mesh):
             hlo = tt.compile_step(state['params'], state['opt'], mesh, c).as_text()
         comps, _ = tt.hlo_computations(hlo)
-        found = [(op.removesuffix('-start'), [tuple(int(d) for d in dims.split(',') if d) for dims in re.findall(r'\\[([\\d,]*)\\]', t)])
-                 for ops in comps.values() for _, t, op, _ in ops if op.removesuffix('-start') in tt.COLLECTIVES]
+        loops = {body for ops in comps.values() for *_, text in ops for body in re.findall(r'body=%([\\w.\\-]+)', text)}
+        found = [(op.removesuffix('-start'), [tuple(int(d) for d in dims.split(',') if d) for dims in re.findall(r'\\[([\\d,]*)\\]', t)], name in loops)
+                 for name, ops in comps.items() for _, t, op, _ in ops if op.removesuffix('-start') in tt.COLLECTIVES]
         assert found, (fsdp, opt)
         assert not [f for f in found if any(24 in shape or 25 in shape for shape in f[1])], ('an activation moves', found)
+        if fsdp == 'false':
+            assert [f for f in found if f[2]] and all(shape == () for f in found if f[2] for shape in f[1]), found
+        embed = tt.param_specs(c)['embed'].shape
+        assert sum(s in (embed, (embed[0] // 8, embed[1])) for op, shapes, _ in found if op != 'all-gather' for s in shapes) == 1, found
         weights = {w.shape[1:] for w in jax.tree.leaves(tt.param_specs(c)['layers'], is_leaf=lambda w: isinstance(w, tt.Weight))} \\
             | {tt.param_specs(c)['embed'].shape}
-        gathered = [s[1:] if s[0] == 1 else s for op, shapes in found if op == 'all-gather' for s in shapes]
-        assert bool(gathered) == (fsdp == 'true') and set(gathered) <= weights, (fsdp, gathered, weights)
-        summed = [s for op, shapes in found if op in ('all-reduce', 'reduce-scatter') for s in shapes]
+        gathered = [s[1:] if s[0] == 1 else s for op, shapes, _ in found if op == 'all-gather' for s in shapes]
+        if fsdp == 'false' and opt == 'muon':  # each device's share of the layers (2, padded to 8), orthogonalized
+            weights = {(8, *w[-2:]) for w in [(32, 32), (32, 16), (32, 128), (128, 32)]}
+        assert bool(gathered) == (fsdp == 'true' or opt == 'muon') and set(gathered) <= weights, (fsdp, gathered, weights)
+        summed = [s for op, shapes, _ in found if op in ('all-reduce', 'reduce-scatter') for s in shapes]
         assert sum(map(math.prod, summed)) >= tt.count_params(state['params']) // 8, (fsdp, opt, summed)
 print('ok')
 '''
