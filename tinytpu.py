@@ -311,18 +311,11 @@ def output_logits(x, out, c):
     return jnp.where(jnp.arange(logits.shape[-1]) < c.vocab_size, logits, -jnp.inf)
 
 
-def n_devices(x):
-    """How many devices x is spread over by its sharding (Part II's mesh): 1 off a mesh."""
-    mesh = jax.typeof(x).sharding.mesh
-    return 1 if mesh.empty else mesh.size
-
-
 def shard(x, *spec, reduced=()):
     """Where x lives on a mesh of several devices (Part II's; every array's sharding is part of its
     type, JAX's explicit mode): shard(x, 'data') splits its first axis over the devices, shard(x)
-    puts it whole on each, and reduced={'data'} whole to compute with, its gradient then summed over
-    the devices once, where it meets the weight's own sharding (whole). On one device: x."""
-    return jax.reshard(x, P(*spec, reduced=frozenset(reduced))) if n_devices(x) > 1 else x
+    puts it whole on each; XLA derives the collectives. On one device: x."""
+    return jax.reshard(x, P(*spec, reduced=frozenset(reduced))) if jax.typeof(x).sharding.mesh.size > 1 else x
 
 
 def whole(w):
@@ -331,17 +324,9 @@ def whole(w):
     return shard(w, *[None] * w.ndim, reduced={'data'})
 
 
-def partial_sums(w):
-    """The sharding of w's gradient: for a `whole` w, each device's own partial sum (`unreduced`)."""
-    return jax.typeof(w).sharding.spec.to_ct_spec() if n_devices(w) > 1 else None
-
-
-def summed(g, like, c):
-    """A gradient of partial sums summed over the devices, in the compute dtype (bf16: half the bytes
-    move), and placed as the weight `like`; any other gradient as it is."""
-    if n_devices(g) == 1 or not jax.typeof(g).sharding.spec.unreduced:
-        return g
-    return shard(g.astype(compute_dtype(c)), *jax.typeof(like).sharding.spec).astype(g.dtype)
+def grad_sharding(w):
+    """How w's gradient lies: as w, but a `whole` weight's as each device's partial sum (`unreduced`)."""
+    return jax.typeof(w).sharding.update(spec=jax.typeof(w).sharding.spec.to_ct_spec())
 
 
 @jax.custom_vjp
@@ -349,13 +334,13 @@ def lookup(table, tokens):
     """The table's rows for tokens (B,T) -> (B,T,D), in fp32 so that the gradient sums the rows of a
     repeated token in fp32 (a bf16 scatter-add rounds at every add). Its own gradient (lookup_bwd):
     JAX's would sum a `reduced` table's over the devices here, and the output layer's again."""
-    rows = P(*jax.typeof(tokens).sharding.spec, None) if n_devices(tokens) > 1 else None
+    rows = jax.typeof(tokens).sharding.update(spec=P(*jax.typeof(tokens).sharding.spec, None))  # as the tokens
     return shard(table).astype(wide_dtype(table.dtype)).at[tokens].get(out_sharding=rows)
 
 
 def lookup_bwd(saved, g):  # each row's gradient scatter-added into its token's; unreduced on a mesh
     table, tokens = saved
-    sums = partial_sums(table)
+    sums = grad_sharding(table)
     grad = jnp.zeros(table.shape, g.dtype, out_sharding=sums).at[tokens].add(g, out_sharding=sums)
     return grad.astype(table.dtype), None
 
@@ -506,7 +491,7 @@ def muon_direction(name, u, c):
     the update's size per output the same for the MLP's wider up projection."""
     def orth(m):  # (L, in, out); on a mesh each device orthogonalizes its share of the L (padded to split evenly)
         scale = max(1.0, m.shape[-1] / m.shape[-2]) ** 0.5
-        L, n = m.shape[0], n_devices(m)
+        L, n = m.shape[0], max(jax.typeof(m).sharding.mesh.size, 1)
         split = shard(jnp.pad(m.astype(compute_dtype(c)), [(0, -L % n), (0, 0), (0, 0)]), 'data')
         return shard(orthogonalize(split), *jax.typeof(m).sharding.spec)[:L].astype(m.dtype) * scale
 
@@ -555,17 +540,22 @@ def train_step(params, opt, batch, c):
 def batch_grads(params, batch, c):
     """The mean loss and gradient of a batch of microbatches (grad_accum, B, T+1), summed under
     lax.scan: grad_accum=4 gives the update of a 4x larger batch at a quarter of the memory. On a
-    mesh, weights whole on each device are made `whole` before the loop: each device sums its own
-    rows' gradients, and they are summed over the devices once, after it."""
+    mesh, weights whole on each device are made `whole` before the loop: each device sums its rows'
+    gradients, and they are summed over the devices once, after it (in bf16: half the bytes move)."""
     weights = jax.tree.map(lambda p: p if any(jax.typeof(p).sharding.spec) else whole(p), params)
 
     def micro(grad_sum, mb):
         loss, grads = jax.value_and_grad(loss_fn)(weights, mb, c)
         return jax.tree.map(jnp.add, grad_sum, grads), loss
 
-    zeros = jax.tree.map(lambda w: jnp.zeros_like(w, out_sharding=partial_sums(w)), weights)
+    def mean(g, p):
+        if jax.typeof(g).sharding.spec.unreduced:  # each device's partial sum: summed, placed as p
+            g = shard(g.astype(compute_dtype(c)), *jax.typeof(p).sharding.spec).astype(g.dtype)
+        return g / batch.shape[0]
+
+    zeros = jax.tree.map(lambda w: jnp.zeros_like(w, out_sharding=grad_sharding(w)), weights)
     grads, losses = jax.lax.scan(micro, zeros, batch)
-    return jnp.mean(losses), jax.tree.map(lambda g, p: summed(g, p, c) / batch.shape[0], grads, params)
+    return jnp.mean(losses), jax.tree.map(mean, grads, params)
 
 
 def optimizer_step(params, opt, loss, grads, c):
@@ -656,12 +646,9 @@ def unflatten_like(template, flat, prefix=''):
 
 def list_checkpoints(out):
     """Finished checkpoints in `out`, oldest first, as (step, path): ckpt_<digits>/ with a meta.json."""
-    found = []
-    for path in glob.glob(os.path.join(out, 'ckpt_*')):
-        name = os.path.basename(path)
-        if re.fullmatch('ckpt_[0-9]+', name) and os.path.isfile(os.path.join(path, 'meta.json')):
-            found.append((int(name[5:]), path))
-    return sorted(found)
+    paths = glob.glob(os.path.join(out, 'ckpt_*'))
+    return sorted((int(os.path.basename(p)[5:]), p) for p in paths
+                  if re.fullmatch('ckpt_[0-9]+', os.path.basename(p)) and os.path.isfile(os.path.join(p, 'meta.json')))
 
 
 def checkpoint_name(step):
