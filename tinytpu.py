@@ -152,8 +152,7 @@ def ff_dim(c):
 
 
 def padded_vocab(c):
-    # A multiple of 128 keeps the output matmul on full matrix-unit tiles; the extra logits
-    # are masked to -inf, so they take no probability in the loss or in sampling.
+    # A multiple of 128 keeps the output matmul on full matrix-unit tiles; extra logits are -inf.
     return -(-c.vocab_size // 128) * 128
 
 
@@ -244,9 +243,8 @@ def rope(x, sin, cos):
 
 
 def attention(q, k, v, q_pos, k_pos):
-    """Causal grouped-query attention, heads first. q (B,N,T,H), k and v (B,K,S,H) -> (B,N,T,H).
-    Position arrays say which keys each query may see: k_pos <= q_pos. Each K head serves
-    N/K query heads; repeating it to N heads keeps every matmul a plain batched one."""
+    """Causal grouped-query attention, heads first. q (B,N,T,H), k and v (B,K,S,H) -> (B,N,T,H). A
+    query sees the keys with k_pos <= q_pos. Each K head serves N/K query heads, repeated to N."""
     N, K, H = q.shape[1], k.shape[1], q.shape[3]
     k, v = jnp.repeat(k, N // K, axis=1), jnp.repeat(v, N // K, axis=1)
     scores = jnp.einsum('BNTH,BNSH->BNTS', q, k, preferred_element_type=wide_dtype(q.dtype))  # fp32 for the softmax
@@ -312,9 +310,8 @@ def output_logits(x, out, c):
 
 
 def shard(x, *spec, reduced=()):
-    """Where x lives on a mesh of several devices (Part II's; every array's sharding is part of its
-    type, JAX's explicit mode): shard(x, 'data') splits its first axis over the devices, shard(x)
-    puts it whole on each; XLA derives the collectives. On one device: x."""
+    """Where x lives on a mesh of several devices (Part II's; JAX's explicit sharding, part of x's type):
+    shard(x, 'data') splits its first axis over the devices, shard(x) puts it whole on each. Else x."""
     return jax.reshard(x, P(*spec, reduced=frozenset(reduced))) if jax.typeof(x).sharding.mesh.size > 1 else x
 
 
@@ -331,9 +328,8 @@ def grad_sharding(w):
 
 @jax.custom_vjp
 def lookup(table, tokens):
-    """The table's rows for tokens (B,T) -> (B,T,D), in fp32 so that the gradient sums the rows of a
-    repeated token in fp32 (a bf16 scatter-add rounds at every add). Its own gradient (lookup_bwd):
-    JAX's would sum a `reduced` table's over the devices here, and the output layer's again."""
+    """The table's rows for tokens (B,T) -> (B,T,D), in fp32: the gradient sums a repeated token's in
+    fp32. Its own (lookup_bwd), as JAX's would sum a `whole` table's over the devices right here."""
     rows = jax.typeof(tokens).sharding.update(spec=P(*jax.typeof(tokens).sharding.spec, None))  # as the tokens
     return shard(table).astype(wide_dtype(table.dtype)).at[tokens].get(out_sharding=rows)
 
@@ -356,26 +352,17 @@ def hidden(params, tokens, c, cache=None, pos0=0):
     rot = rope_table(pos, head_dim(c), c.rope_theta)
     layers = jax.tree.map(lambda w: w.astype(dt), params['layers'])
 
-    def block_fn(x, w, pos, rot, cache):  # each device: the layer's whole weights, its rows of x
+    def body(x, layer):  # one block; each device: the layer's whole weights, its rows of x
+        w, cache = layer
         x, cache = block(x, jax.tree.map(whole, w), c, pos, rot, cache)
         return shard(x, 'data'), cache
     if c.remat != 'none':
-        block_fn = jax.checkpoint(block_fn, policy=REMAT[c.remat])
+        body = jax.checkpoint(body, policy=REMAT[c.remat])
     embed = whole(params['embed'].astype(dt))                            # whole on every device
     x = shard(lookup(embed, tokens).astype(dt), 'data')                  # (B,T,D), each device its rows
-    if c.scan_layers:  # one compiled block, looped L times: compile time independent of depth
-        def body(x, layer):
-            w, layer_cache = layer
-            return block_fn(x, w, pos, rot, layer_cache)
-        x, cache = jax.lax.scan(body, x, (layers, cache))
-    else:              # L copies of the block: longer compile, lets XLA fuse across layers
-        caches = []
-        for l in range(c.n_layer):
-            w = jax.tree.map(lambda a: a[l], layers)
-            x, layer_cache = block_fn(x, w, pos, rot, None if cache is None else (cache[0][l], cache[1][l]))
-            caches.append(layer_cache)
-        if cache is not None:
-            cache = tuple(jnp.stack(kv) for kv in zip(*caches))
+    # The L blocks in a loop over the stacked layers (and their caches): scan_layers compiles one
+    # block looped L times (compile time independent of depth), else L copies (XLA fuses across them)
+    x, cache = jax.lax.scan(body, x, (layers, cache), unroll=not c.scan_layers)
     out = embed.T if c.tie_embed else params['unembed'].astype(dt)
     return rms_norm(x), out, cache
 
@@ -633,10 +620,8 @@ def val_indices(windows, c):
 
 def flatten(tree, prefix=''):
     """{'a': {'b': x}} -> {'a/b': x}"""
-    out = {}
-    for k, v in tree.items():
-        out |= flatten(v, f'{prefix}{k}/') if isinstance(v, dict) else {f'{prefix}{k}': v}
-    return out
+    return {name: x for k, v in tree.items()
+            for name, x in (flatten(v, f'{prefix}{k}/') if isinstance(v, dict) else {f'{prefix}{k}': v}).items()}
 
 
 def unflatten_like(template, flat, prefix=''):
@@ -821,25 +806,20 @@ def generate(params, prompt_ids, c, eot_id=None):
     """Yield new token ids one at a time (batch of one), stopping at eot_id. The model sees at most
     `context` tokens: each new one is added to the cache; when it is full, the window slides to its
     last context/2 tokens, prefilled again (nanoGPT crops every token; this, every context/2)."""
-    tokens = list(prompt_ids)
-    key = jax.random.key(c.seed)
-    window = tokens[-c.context:]
-    logits, cache = decode(params, jnp.asarray([window], jnp.int32), init_cache(c, 1), 0, c)  # prefill
-    pos = len(window)  # tokens in the cache
+    tokens, key = list(prompt_ids), jax.random.key(c.seed)
+    new, pos, cache = tokens[-c.context:], 0, init_cache(c, 1)  # to feed (first the prompt), at pos
     for _ in range(c.max_new_tokens):
+        logits, cache = decode(params, jnp.asarray([new], jnp.int32), cache, pos, c)
+        pos += len(new)
         key, sub = jax.random.split(key)
-        token = sample_token(logits, sub, c)
-        if int(token[0]) == eot_id:
+        token = int(sample_token(logits, sub, c)[0])
+        if token == eot_id:
             return
-        tokens.append(int(token[0]))
-        yield tokens[-1]
-        if pos < c.context:
-            logits, cache = decode(params, token[:, None], cache, pos, c)
-            pos += 1
-        else:  # full: slide the window to the last context/2 tokens, this new one included
-            window = tokens[-(c.context // 2):]
-            logits, cache = decode(params, jnp.asarray([window], jnp.int32), init_cache(c, 1), 0, c)
-            pos = len(window)
+        tokens.append(token)
+        yield token
+        new = [token]
+        if pos == c.context:  # full: slide the window to the last context/2 tokens, this new one included
+            new, pos, cache = tokens[-(c.context // 2):], 0, init_cache(c, 1)
 
 
 # ==============================================================================================
