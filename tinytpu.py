@@ -192,11 +192,8 @@ def param_specs(c):
     residual-output projections (o, down) scaled by 1/sqrt(2L)."""
     L, D, N, K, H, F, V = c.n_layer, c.d_model, c.n_head, c.n_kv_head, head_dim(c), ff_dim(c), padded_vocab(c)
     out_std = 0.02 / math.sqrt(2 * L)
-    layers = {
-        'qkv': Weight((L, D, N + 2 * K, H), 0.02, 1),  # q, k and v heads side by side: one matmul
-        'o': Weight((L, N, H, D), out_std, 3),
-        'up': Weight((L, D, F), 0.02, 2), 'down': Weight((L, F, D), out_std, 1),
-    }
+    layers = {'qkv': Weight((L, D, N + 2 * K, H), 0.02, 1),  # q, k and v heads side by side: one matmul
+              'o': Weight((L, N, H, D), out_std, 3), 'up': Weight((L, D, F), 0.02, 2), 'down': Weight((L, F, D), out_std, 1)}
     if c.mlp == 'swiglu':
         layers['gate'] = Weight((L, D, F), 0.02, 2)
     specs = {'layers': layers, 'embed': Weight((V, D), 0.02, 0)}
@@ -258,12 +255,6 @@ def attention(q, k, v, q_pos, k_pos):
 FUSED_ATTENTION = {}
 
 
-def causal_attention(q, k, v, pos, c):
-    """Attention within one chunk of positions pos (no KV cache), by the kernel c.attention names."""
-    kernel = FUSED_ATTENTION.get(c.attention)
-    return kernel(q, k, v, c) if kernel else attention(q, k, v, pos, pos)
-
-
 def block(x, w, c, pos, rot, cache=None):
     """One pre-norm transformer block. x (B,T,D); w holds this layer's weights (cast to x.dtype);
     rot = rope_table(pos). With a KV cache (k, v of shape (B, K, context, H)), this chunk's keys
@@ -273,8 +264,8 @@ def block(x, w, c, pos, rot, cache=None):
     qkv = jnp.einsum('BTD,DJH->BJTH', h, w['qkv'])                     # J = N + 2K heads
     qk = rope(rms_norm(qkv[:, :N + K]), *rot)                            # QK-norm, then RoPE
     q, k, v = qk[:, :N], qk[:, N:], qkv[:, N + K:]
-    if cache is None:
-        out = causal_attention(q, k, v, pos, c)
+    if cache is None:  # by the fused kernel c.attention names, if Part II gave one
+        out = FUSED_ATTENTION.get(c.attention, lambda q, k, v, c: attention(q, k, v, pos, pos))(q, k, v, c)
     else:  # write this chunk into the cache, then attend over all of it
         k = jax.lax.dynamic_update_slice_in_dim(cache[0], k, pos[0], axis=2)
         v = jax.lax.dynamic_update_slice_in_dim(cache[1], v, pos[0], axis=2)
@@ -527,18 +518,16 @@ def train_step(params, opt, batch, c):
 def batch_grads(params, batch, c):
     """The mean loss and gradient of a batch of microbatches (grad_accum, B, T+1), summed under
     lax.scan: grad_accum=4 gives the update of a 4x larger batch at a quarter of the memory. On a
-    mesh, weights whole on each device are made `whole` before the loop: each device sums its rows'
-    gradients, and they are summed over the devices once, after it (in bf16: half the bytes move)."""
+    mesh, weights whole on each device are `whole` here: each sums its rows' gradients, then once, all."""
     weights = jax.tree.map(lambda p: p if any(jax.typeof(p).sharding.spec) else whole(p), params)
 
     def micro(grad_sum, mb):
         loss, grads = jax.value_and_grad(loss_fn)(weights, mb, c)
         return jax.tree.map(jnp.add, grad_sum, grads), loss
 
-    def mean(g, p):
-        if jax.typeof(g).sharding.spec.unreduced:  # each device's partial sum: summed, placed as p
-            g = shard(g.astype(compute_dtype(c)), *jax.typeof(p).sharding.spec).astype(g.dtype)
-        return g / batch.shape[0]
+    def mean(g, p):  # partial sums (`unreduced`) summed over the devices in bf16 (half the bytes), placed as p
+        summed = lambda g: shard(g.astype(compute_dtype(c)), *jax.typeof(p).sharding.spec).astype(g.dtype)
+        return (summed(g) if jax.typeof(g).sharding.spec.unreduced else g) / batch.shape[0]
 
     zeros = jax.tree.map(lambda w: jnp.zeros_like(w, out_sharding=grad_sharding(w)), weights)
     grads, losses = jax.lax.scan(micro, zeros, batch)
@@ -1512,7 +1501,7 @@ def per_device(kernel):
     return run
 
 
-# Part I's causal_attention calls them by --attention's name (auto = xla until pick_attention
+# Part I's block calls them by --attention's name (auto = xla until pick_attention
 # resolves it). Splash is built for the platform c compiles for: interpreted off a TPU.
 FUSED_ATTENTION['splash'] = per_device(lambda q, k, v, c: splash_attention(q, k, v, interpret=backend(c) != 'tpu'))
 FUSED_ATTENTION['cudnn'] = per_device(lambda q, k, v, c: cudnn_attention(q, k, v))
