@@ -326,8 +326,7 @@ def lookup(table, tokens):
 
 
 def lookup_bwd(saved, g):  # each row's gradient scatter-added into its token's; unreduced on a mesh
-    table, tokens = saved
-    sums = grad_sharding(table)
+    (table, tokens), sums = saved, grad_sharding(saved[0])
     grad = jnp.zeros(table.shape, g.dtype, out_sharding=sums).at[tokens].add(g, out_sharding=sums)
     return grad.astype(table.dtype), None
 
@@ -1220,9 +1219,9 @@ def drop_output(stream):
 # either replicated (the gradients all-reduced) or, with FSDP (ZeRO-3), split along one large
 # axis per weight (param_specs' fsdp_axis): the weights are all-gathered for the forward pass and
 # their gradients summed back to the shards, so a model too big for one chip trains on several.
-# choose_fsdp picks by memory. Either way the step is Part I's train_step, compiled by XLA for the
-# mesh (GSPMD) from these shardings and Part I's `shard` annotations (each device computes its rows
-# of the batch with whole weights): no device code here repeats it (docs/multi-chip.md). On CPU
+# choose_fsdp picks by memory. Either way the step is Part I's train_step, compiled for the mesh
+# in JAX's explicit sharding mode from these shardings and Part I's `shard` and `whole` (each device
+# computes its rows of the batch with whole weights): no device code here repeats it (docs/multi-chip.md). On CPU
 # the mesh pays off too: XLA threads small matmuls poorly, and splitting the batch over one
 # virtual device per core (--cpu_devices) ran the quickstart 1.4x faster on 2 cores.
 
