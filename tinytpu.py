@@ -307,8 +307,7 @@ def shard(x, *spec, reduced=()):
 
 
 def whole(w):
-    """A weight whole on every device, `reduced`: each device's gradient of it stays its own partial
-    sum (`unreduced`) through the step until one reshard sums it, instead of a reduction at each use."""
+    """A weight whole on every device, `reduced`: its gradient stays each device's partial sum until a reshard."""
     return shard(w, *[None] * w.ndim, reduced={'data'})
 
 
@@ -346,13 +345,16 @@ def hidden(params, tokens, c, cache=None, pos0=0):
         w, cache = layer
         x, cache = block(x, jax.tree.map(whole, w), c, pos, rot, cache)
         return shard(x, 'data'), cache
-    if c.remat != 'none':
-        body = jax.checkpoint(body, policy=REMAT[c.remat])
+    body = jax.checkpoint(body, policy=REMAT[c.remat]) if c.remat != 'none' else body
     embed = whole(params['embed'].astype(dt))                            # whole on every device
     x = shard(lookup(embed, tokens).astype(dt), 'data')                  # (B,T,D), each device its rows
-    # The L blocks in a loop over the stacked layers (and their caches): scan_layers compiles one
-    # block looped L times (compile time independent of depth), else L copies (XLA fuses across them)
-    x, cache = jax.lax.scan(body, x, (layers, cache), unroll=not c.scan_layers)
+    if c.scan_layers:  # one compiled block, looped L times: compile time independent of depth
+        x, cache = jax.lax.scan(body, x, (layers, cache))
+    else:              # L copies of the block: longer compile, lets XLA fuse across layers
+        caches = [None] * c.n_layer
+        for l in range(c.n_layer):
+            x, caches[l] = body(x, jax.tree.map(lambda a: a[l], (layers, cache)))
+        cache = jax.tree.map(lambda *kv: jnp.stack(kv), *caches)  # None without a cache
     out = embed.T if c.tie_embed else params['unembed'].astype(dt)
     return rms_norm(x), out, cache
 
@@ -463,9 +465,8 @@ def orthogonalize(g, steps=5):
 
 
 def muon_direction(name, u, c):
-    """The orthogonalized update of one stacked weight (L, ...), as L matrices (in, out): qkv as
-    three (q, k, v), o as (N*H, D); each scaled by sqrt(max(1, out / in)), Muon's rule, which keeps
-    the update's size per output the same for the MLP's wider up projection."""
+    """The orthogonalized update of a stacked weight (L, ...) as L matrices (in, out), qkv as three (q, k, v),
+    o as (N*H, D); each scaled by sqrt(max(1, out / in)), Muon's rule: per output, the MLP's wider up's as the rest."""
     def orth(m):  # (L, in, out); on a mesh each device orthogonalizes its share of the L (padded to split evenly)
         scale = max(1.0, m.shape[-1] / m.shape[-2]) ** 0.5
         L, n = m.shape[0], max(jax.typeof(m).sharding.mesh.size, 1)
@@ -497,8 +498,7 @@ def muon_update(params, grads, opt, lr, c):
     for name, p in params['layers'].items():
         new['layers'][name], mu['layers'][name] = muon(name, p, grads['layers'][name], opt['mu']['layers'][name])
     for name in sorted(params.keys() - {'layers'}):  # embed, unembed
-        new[name], mu[name], nu[name] = adamw_leaf(params[name], grads[name], opt['mu'][name], opt['nu'][name],
-                                                   step, lr, c)
+        new[name], mu[name], nu[name] = adamw_leaf(params[name], grads[name], opt['mu'][name], opt['nu'][name], step, lr, c)
     return new, {'step': step, 'mu': mu, 'nu': nu}, grad_norm
 
 
