@@ -180,8 +180,7 @@ def compute_dtype(c):
 
 
 class Weight(NamedTuple):
-    """One weight: its shape, its initialization, and (as picodo writes it, beside the shape) the
-    axis Part II splits it along when params are sharded (FSDP)."""
+    """One weight: its shape, its init, and (beside the shape, as picodo writes it) the axis FSDP splits."""
     shape: tuple    # block weights are stacked on a leading L axis
     std: float      # initialized from Normal(0, std)
     fsdp_axis: int  # the large axis along which the weight is split over devices (FSDP)
@@ -301,9 +300,10 @@ def output_logits(x, out, c):
 
 
 def shard(x, *spec, reduced=()):
-    """Where x lives on a mesh of several devices (Part II's; JAX's explicit sharding, part of x's type):
-    shard(x, 'data') splits its first axis over the devices, shard(x) puts it whole on each. Else x."""
-    return jax.reshard(x, P(*spec, reduced=frozenset(reduced))) if jax.typeof(x).sharding.mesh.size > 1 else x
+    """Where x lives on a mesh of devices (Part II's, in JAX's explicit sharding mode: part of x's type):
+    shard(x, 'data') splits its first axis over the devices, shard(x) puts it whole on each."""
+    explicit = jax.sharding.AxisType.Explicit in jax.typeof(x).sharding.mesh.axis_types  # else: x as it is
+    return jax.reshard(x, P(*spec, reduced=frozenset(reduced))) if explicit else x
 
 
 def whole(w):
@@ -3843,7 +3843,7 @@ def evaluate_task(c, explicit):
         task_file(c)  # there, before the model is loaded
     c, params, meta, enc = load_model(c, explicit)
     examples, path = task_examples(c, enc)
-    mesh = Mesh(np.array(target_devices(c)), ('data',))
+    mesh = Mesh(np.array(target_devices(c)), ('data',), axis_types=(jax.sharding.AxisType.Explicit,))  # as make_mesh's
     c, _ = choose_fsdp(c, mesh)
     params = place(params, state_shardings(c, mesh)['params'])
     step = meta.get('step')
