@@ -466,7 +466,7 @@ def orthogonalize(g, steps=5):
 
 def muon_direction(name, u, c):
     """The orthogonalized update of a stacked weight (L, ...) as L matrices (in, out), qkv as three (q, k, v),
-    o as (N*H, D); each scaled by sqrt(max(1, out / in)), Muon's rule: per output, the MLP's wider up's as the rest."""
+    o as (N*H, D); each scaled by sqrt(max(1, out / in)), Muon's rule (the wider up: the same size per output)."""
     def orth(m):  # (L, in, out); on a mesh each device orthogonalizes its share of the L (padded to split evenly)
         scale = max(1.0, m.shape[-1] / m.shape[-2]) ** 0.5
         L, n = m.shape[0], max(jax.typeof(m).sharding.mesh.size, 1)
@@ -515,9 +515,9 @@ def train_step(params, opt, batch, c):
 
 
 def batch_grads(params, batch, c):
-    """The mean loss and gradient of a batch of microbatches (grad_accum, B, T+1), summed under
-    lax.scan: grad_accum=4 gives the update of a 4x larger batch at a quarter of the memory. On a
-    mesh, weights whole on each device are `whole` here: each sums its rows' gradients, then once, all."""
+    """The mean loss and gradient of a batch of microbatches (grad_accum, B, T+1), summed under lax.scan:
+    grad_accum=4 gives the update of a 4x larger batch at a quarter of the memory. On a mesh, replicated
+    weights are made `whole` first: each device sums its rows' gradients, the devices once, after the loop."""
     weights = jax.tree.map(lambda p: p if any(jax.typeof(p).sharding.spec) else whole(p), params)
 
     def micro(grad_sum, mb):
