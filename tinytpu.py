@@ -1312,9 +1312,14 @@ def make_mesh(c):
                         f'sequences per microbatch do not split evenly over {len(devices)} devices')
     else:
         n = len(devices)
-    # several devices: JAX's explicit sharding, each array's sharding part of its type (Part I's shard)
-    kind = jax.sharding.AxisType.Explicit if n > 1 else jax.sharding.AxisType.Auto
-    return Mesh(np.array(devices[:n]), ('data',), axis_types=(kind,))
+    return device_mesh(devices[:n])
+
+
+def device_mesh(devices):
+    """A mesh of these devices with one axis, 'data'. On several, JAX's explicit sharding: each
+    array's sharding is part of its type, as Part I's shard and whole state it. One device: as Part I alone."""
+    kind = jax.sharding.AxisType.Explicit if len(devices) > 1 else jax.sharding.AxisType.Auto
+    return Mesh(np.array(devices), ('data',), axis_types=(kind,))
 
 
 def setup_devices(c):
@@ -1520,7 +1525,7 @@ def pick_attention(c, device=None):
     elif want == 'cudnn' and (platform != 'gpu' or dt not in (jnp.bfloat16, jnp.float16)):
         problem = f'needs a GPU and --dtype=bfloat16 (here: {platform}, {jnp.dtype(dt).name})'
     elif want != 'xla':
-        one = NamedSharding(Mesh(np.array([device or jax.devices()[0]]), ('data',)), P())
+        one = NamedSharding(device_mesh([device or jax.devices()[0]]), P())
         q = jax.ShapeDtypeStruct((1, c.n_head, c.seq_len, head_dim(c)), dt, sharding=one)
         kv = jax.ShapeDtypeStruct((1, c.n_kv_head, c.seq_len, head_dim(c)), dt, sharding=one)
         loss = lambda q, k, v: jnp.sum(FUSED_ATTENTION[want](q, k, v, c).astype(jnp.float32))
@@ -3843,7 +3848,7 @@ def evaluate_task(c, explicit):
         task_file(c)  # there, before the model is loaded
     c, params, meta, enc = load_model(c, explicit)
     examples, path = task_examples(c, enc)
-    mesh = Mesh(np.array(target_devices(c)), ('data',), axis_types=(jax.sharding.AxisType.Explicit,))  # as make_mesh's
+    mesh = device_mesh(target_devices(c))
     c, _ = choose_fsdp(c, mesh)
     params = place(params, state_shardings(c, mesh)['params'])
     step = meta.get('step')

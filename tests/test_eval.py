@@ -59,7 +59,7 @@ examples = [(' '.join(rng.choice(words, rng.integers(1, 9))),
 rows = tt.task_rows(examples, prepare.get_encoding('byte'), c.context)
 lengths = [len(ids) for ids, _ in rows]
 assert max(lengths) == c.context + 1 and min(lengths) <= 17  # some cut from the left; two buckets
-mesh = jax.sharding.Mesh(np.array(jax.devices()), ('data',), axis_types=(jax.sharding.AxisType.Explicit,))
+mesh = tt.device_mesh(jax.devices())
 assert mesh.size == 2
 got = tt.ending_logprob_sums(params, rows, c, mesh, tokens_per_device=32, what='test')
 forward = jax.jit(tt.forward, static_argnames='c')  # compiled once per length: faster than op by op
@@ -97,7 +97,7 @@ def test_a_trained_model_finds_the_held_out_continuation_and_an_untrained_one_do
 
     c = tt.validate(tt.make_config({'preset': 'cpu', 'out': out}))
     untrained = jax.jit(tt.init_params, static_argnums=0)(c, jax.random.key(0))  # compiled whole: faster
-    mesh = jax.sharding.Mesh(np.array(jax.devices()[:1]), ('data',), axis_types=(jax.sharding.AxisType.Explicit,))
+    mesh = tt.device_mesh(jax.devices()[:1])
     r = tt.score_task(untrained, tt.read_task(str(task)), prepare.get_encoding('byte'), c, mesh)
     assert 0.15 < r['acc_norm'] < 0.35, r
 
