@@ -229,9 +229,8 @@ def rope_table(pos, H, theta):
 
 
 def rope(x, sin, cos):
-    """RoPE: rotate each pair (x[i], x[i + H/2]) of x (B,heads,T,H) by its position's angle:
-    x * cos + rotate_half(x) * sin, where rotate_half(x1, x2) = (-x2, x1) is a fixed signed
-    permutation of the H entries, applied as a matmul (docs/performance.md, "Part I's code")."""
+    """RoPE: rotate each pair (x[i], x[i + H/2]) of x (B,heads,T,H) by its position's angle: x * cos +
+    rotate_half(x) * sin; rotate_half(x1, x2) = (-x2, x1), a signed permutation applied as a matmul."""
     H = x.shape[-1]
     half, zero = jnp.eye(H // 2, dtype=x.dtype), jnp.zeros((H // 2, H // 2), x.dtype)
     rotate_half = jnp.block([[zero, half], [-half, zero]])               # (H, H)
@@ -284,15 +283,14 @@ REMAT = {'none': None, 'full': jax.checkpoint_policies.nothing_saveable,
 
 
 def forward(params, tokens, c, cache=None, pos0=0):
-    """tokens (B,T) int32 -> logits (B,T,V) fp32, padded vocab at -inf. Decoding, tokens at positions
-    pos0.. also attend over those before, whose k, v (L,B,K,context,H) `cache` holds. -> (logits, cache)"""
+    """tokens (B,T) int32 -> logits (B,T,V) fp32, padded vocab at -inf; decoding, with a cache: (logits, cache)."""
     x, out, new_cache = hidden(params, tokens, c, cache, pos0)
     return output_logits(x, out, c) if cache is None else (output_logits(x, out, c), new_cache)
 
 
 def output_logits(x, out, c):
-    """x (B,T,D) @ out (D,V): logits in the compute dtype (as under PyTorch's autocast), then in fp32
-    for the softmax; soft-capped if c says so, padded vocab entries at -inf."""
+    """x (B,T,D) @ out (D,V): logits in the compute dtype (as PyTorch's autocast), then fp32 for the softmax;
+    soft-capped if c says so, padded vocab entries at -inf."""
     logits = jnp.einsum('BTD,DV->BTV', x, out).astype(wide_dtype(x.dtype))
     if c.logit_softcap:
         logits = c.logit_softcap * jnp.tanh(logits / c.logit_softcap)
@@ -318,16 +316,20 @@ def grad_sharding(w):
 
 @jax.custom_vjp
 def lookup(table, tokens):
-    """The table's rows for tokens (B,T) -> (B,T,D), in fp32: the gradient sums a repeated token's in
-    fp32. Its own (lookup_bwd), as JAX's would sum a `whole` table's over the devices right here."""
+    """The table's rows for tokens (B,T) -> (B,T,D), in fp32, with a gradient of its own (lookup_bwd)."""
     rows = jax.typeof(tokens).sharding.update(spec=P(*jax.typeof(tokens).sharding.spec, None))  # as the tokens
     return shard(table).astype(wide_dtype(table.dtype)).at[tokens].get(out_sharding=rows)
 
 
-def lookup_bwd(saved, g):  # each row's gradient scatter-added into its token's; unreduced on a mesh
-    (table, tokens), sums = saved, grad_sharding(saved[0])
-    grad = jnp.zeros(table.shape, g.dtype, out_sharding=sums).at[tokens].add(g, out_sharding=sums)
-    return grad.astype(table.dtype), None
+def lookup_bwd(saved, g):  # each device sums its distinct tokens' rows in fp32, then adds them into the table
+    (table, tokens), sums = saved, grad_sharding(saved[0])  # (JAX's sums in bf16, and over the devices here)
+    n = max(jax.typeof(tokens).sharding.mesh.size, 1)  # devices splitting the batch
+    def distinct(ids, rows):  # (b,T), (b,T,D) -> the distinct ids (padded past the table), each one's rows summed
+        ids, where = jnp.unique(ids.ravel(), size=ids.size, fill_value=len(table), return_inverse=True)
+        return ids, jnp.zeros((ids.size, rows.shape[-1]), rows.dtype).at[where].add(rows.reshape(ids.size, -1))
+    ids, rows = jax.vmap(distinct)(tokens.reshape(n, -1, tokens.shape[-1]), g.reshape(n, -1, *g.shape[1:]))
+    grad = jnp.zeros(table.shape, table.dtype, out_sharding=sums)  # the padding ids fall off its end
+    return grad.at[ids].add(rows.astype(table.dtype), mode='drop', out_sharding=sums), None
 
 
 lookup.defvjp(lambda table, tokens: (lookup(table, tokens), (table, tokens)), lookup_bwd)
@@ -395,9 +397,8 @@ def peak_lrs(c):
 
 
 def lr_schedule(step, c):
-    """AdamW's LR for update number `step` (0-based): 1) linear warmup from 0 to the peak (peak_lrs),
-    over warmup_steps, 2) constant, 3) warmdown to min_lr_frac * peak over the last warmdown_frac of
-    the run, reaching it at the last update (step = steps - 1), as the warmup reaches the peak at its last."""
+    """AdamW's LR for update `step` (0-based): 1) linear warmup from 0 to the peak (peak_lrs) over warmup_steps,
+    2) constant, 3) warmdown to min_lr_frac * peak over the last warmdown_frac, reached at the last update."""
     step = jnp.asarray(step, wide_dtype(compute_dtype(c)))  # fp32 (fp64 in the tests' float64 runs)
     warmup = jnp.minimum(1.0, (step + 1) / max(c.warmup_steps, 1))
     warmdown_steps = round(c.warmdown_frac * c.steps)  # 0: no warmdown at all
@@ -629,8 +630,7 @@ def checkpoint_name(step):
 
 
 def write_checkpoint(out, state, c, meta_extra):
-    """Write state = {'params', 'opt'} as OUT/ckpt_<step>: state.npz, then meta.json, in a
-    temporary directory renamed into place. -> its path"""
+    """Write state = {'params', 'opt'} as OUT/ckpt_<step> (state.npz, then meta.json), renamed into place. -> its path"""
     step = int(state['opt']['step'])
     final = os.path.join(out, checkpoint_name(step))
     tmp = os.path.join(out, f'.tmp_{checkpoint_name(step)}_{os.getpid()}')

@@ -170,16 +170,19 @@ def test_large_presets_trace(preset):
 
 
 def test_the_embedding_gradient_sums_repeated_tokens_in_fp32():
-    """A bf16 table, 4,096 lookups of one row: the gradient is the fp32 sum, rounded once to bf16
-    (JAX's own bf16 scatter-add drifts: each add rounds)."""
-    tokens = jnp.full((1, 4096), 3)
-    g = (1 + jnp.arange(4096 * 8).reshape(1, 4096, 8) % 7 / 1000).astype(jnp.bfloat16)
+    """A bf16 table, 2 x 4,096 lookups of rows 1 and 3 (row 3 three times as often; rows 0, 2, 4 never):
+    each row's gradient is the fp32 sum of its tokens' rows, rounded once to bf16 (JAX's own bf16
+    scatter-add drifts: each add rounds); rows never looked up get exactly zero."""
+    tokens = jnp.where(jnp.arange(2 * 4096).reshape(2, 4096) % 4 == 0, 1, 3)
+    g = (1 + jnp.arange(2 * 4096 * 8).reshape(2, 4096, 8) % 7 / 1000).astype(jnp.bfloat16)
     table = jnp.zeros((5, 8), jnp.bfloat16)
     ours = jax.jit(jax.grad(lambda t: jnp.sum(tt.lookup(t, tokens).astype(jnp.bfloat16).astype(jnp.float32) * g)))(table)
-    exact = jnp.sum(g[0].astype(jnp.float32), 0).astype(jnp.bfloat16).astype(jnp.float32)
-    np.testing.assert_array_equal(ours[3].astype(jnp.float32), exact)
+    rows = g.astype(jnp.float32).reshape(-1, 8)
+    exact = jnp.stack([jnp.sum(jnp.where(tokens.reshape(-1, 1) == i, rows, 0), 0) for i in range(5)])
+    np.testing.assert_array_equal(ours.astype(jnp.float32), exact.astype(jnp.bfloat16).astype(jnp.float32))
+    assert not np.any(ours[jnp.array([0, 2, 4])])
     theirs = jax.jit(jax.grad(lambda t: jnp.sum(t[tokens].astype(jnp.float32) * g)))(table)
-    assert not np.array_equal(theirs[3].astype(jnp.float32), exact)  # what looking up in fp32 avoids
+    assert not np.array_equal(theirs[3].astype(jnp.float32), exact[3].astype(jnp.bfloat16).astype(jnp.float32))
 
 
 @pytest.mark.slow
