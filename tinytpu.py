@@ -1335,7 +1335,7 @@ def setup_devices(c):
 
 def choose_fsdp(c, mesh):
     """Resolve --fsdp=auto. On several TPUs, FSDP: libtpu estimated the tpu preset's step on a
-    v6e:2x4 at 52.6 ms with FSDP against 62.3 data parallel (AdamW: 51.5 against 56.4), as each
+    v6e:2x4 at 52.0 ms with FSDP against 62.3 data parallel (AdamW: 51.5 against 56.4), as each
     chip updates only its shard of the weights (docs/multi-chip.md). On GPUs, data parallel
     (params and AdamW state replicated: one gradient all-reduce per step) while params,
     gradients and AdamW moments, 16 bytes per parameter, take at most half of a device's memory,
