@@ -321,10 +321,10 @@ def lookup(table, tokens):
     return shard(table).astype(wide_dtype(table.dtype)).at[tokens].get(out_sharding=rows)
 
 
-def lookup_bwd(saved, g):  # each device sums its distinct tokens' rows in fp32, then adds them into the table
-    (table, tokens), sums = saved, grad_sharding(saved[0])  # (JAX's sums in bf16, and over the devices here)
-    n = max(jax.typeof(tokens).sharding.mesh.size, 1)  # devices splitting the batch
-    def distinct(ids, rows):  # (b,T), (b,T,D) -> the distinct ids (padded past the table), each one's rows summed
+def lookup_bwd(saved, g):  # JAX's would add repeated tokens' rows in bf16, and sum over the devices right here
+    (table, tokens), sums = saved, grad_sharding(saved[0])
+    n = max(jax.typeof(tokens).sharding.mesh.size, 1)  # devices splitting the batch, each summing its own rows
+    def distinct(ids, rows):  # (b,T), (b,T,D) -> distinct ids (padded past the table), each one's rows' fp32 sum
         ids, where = jnp.unique(ids.ravel(), size=ids.size, fill_value=len(table), return_inverse=True)
         return ids, jnp.zeros((ids.size, rows.shape[-1]), rows.dtype).at[where].add(rows.reshape(ids.size, -1))
     ids, rows = jax.vmap(distinct)(tokens.reshape(n, -1, tokens.shape[-1]), g.reshape(n, -1, *g.shape[1:]))
