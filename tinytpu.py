@@ -325,8 +325,8 @@ def lookup_bwd(saved, g):  # JAX's would add repeated tokens' rows in bf16, and 
     (table, tokens), sums = saved, grad_sharding(saved[0])
     n = max(jax.typeof(tokens).sharding.mesh.size, 1)  # devices splitting the batch, each summing its own rows
     def distinct(ids, rows):  # (b,T), (b,T,D) -> distinct ids (padded past the table), each one's rows' fp32 sum
-        ids, where = jnp.unique(ids.ravel(), size=ids.size, fill_value=len(table), return_inverse=True)
-        return ids, jnp.zeros((ids.size, rows.shape[-1]), rows.dtype).at[where].add(rows.reshape(ids.size, -1))
+        unique, where = jnp.unique(ids.ravel(), size=ids.size, fill_value=len(table), return_inverse=True)
+        return unique, jax.ops.segment_sum(rows.reshape(ids.size, -1), where.ravel(), num_segments=ids.size)
     ids, rows = jax.vmap(distinct)(tokens.reshape(n, -1, tokens.shape[-1]), g.reshape(n, -1, *g.shape[1:]))
     grad = jnp.zeros(table.shape, table.dtype, out_sharding=sums)  # the padding ids fall off its end
     return grad.at[ids].add(rows.astype(table.dtype), mode='drop', out_sharding=sums), None
